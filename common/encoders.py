@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from common.errors import GenofedError
+
 DNA_ALPHABET = "ACGTN"
 N_CODE = 4
 IUPAC_AMBIGUITY = frozenset("RYSWKMBDHVN")
@@ -30,7 +32,7 @@ for _b in IUPAC_AMBIGUITY:
 _COMPLEMENT = np.array([3, 2, 1, 0, 4], dtype=np.uint8)
 
 
-class SequenceEncodingError(ValueError):
+class SequenceEncodingError(GenofedError, ValueError):
     """A sequence has the wrong length or a symbol that is not DNA."""
 
     def __init__(self, index: int, message: str) -> None:

@@ -59,12 +59,14 @@ from typing import Any, Literal
 
 import tomli_w
 
+from common.errors import GenofedError
+
 MODALITIES = ("sequences", "variants", "omics", "clinical", "events")
 SPLIT_NAMES = ("train", "validation", "test")
 SCHEMA_VERSION = 1
 
 
-class SpecError(ValueError):
+class SpecError(GenofedError, ValueError):
     """A cohort spec is invalid. The message names the file and the key."""
 
 
