@@ -219,7 +219,7 @@ class _Reader:
         unknown = sorted(set(table) - allowed)
         if unknown:
             raise SpecError(
-                f"{source}: unknown key {self._key(unknown[0])}; allowed keys: {', '.join(sorted(allowed))}"
+                f"{source}: {self._key(unknown[0])}: unknown key; allowed keys: {', '.join(sorted(allowed))}"
             )
 
     def _key(self, key: str) -> str:
@@ -236,7 +236,7 @@ class _Reader:
         value = self.table[key]
         if not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, float, (int, float))):
             name = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-            raise self.fail(key, f"must be a {name}, got {value!r}")
+            raise self.fail(key, f"must be of type {name}, got {value!r}")
         return value
 
     def choice(self, key: str, options: tuple[str, ...], default: str) -> str:

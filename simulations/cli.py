@@ -1,0 +1,82 @@
+"""The ``genofed`` console script: one entry point, subcommands grouped by role.
+
+Each package contributes its own commands through a ``register(subparsers)`` function; this
+module only composes them (it lives in ``simulations`` because that is the one package allowed
+to import both the hospital side and the coordinator side). Errors a user can fix are printed
+as one line without a traceback; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from common.errors import GenofedError
+
+DESCRIPTION = """\
+genofed: privacy-preserving federated learning for genomic medicine.
+
+Hospital IT:   genofed keygen, genofed vault import|inspect|verify|rekey
+Researchers:   genofed cohort synth|split|recipe
+Run `genofed COMMAND --help` for the options of each command."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser, with every role's commands registered."""
+    # Imported here so that `genofed --help` stays fast and a broken optional part names itself.
+    from client import vault_cli
+    from simulations import cohort_cli
+
+    parser = argparse.ArgumentParser(prog="genofed", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"genofed {_version()}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail to stderr")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    vault_cli.register(sub)
+    cohort_cli.register(sub)
+    return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("genofed")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one ``genofed`` command; returns the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        # A group given without its subcommand (e.g. `genofed vault`): show that group's help.
+        (getattr(args, "_group_parser", None) or parser).print_help(sys.stderr)
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except GenofedError as exc:
+        print(f"genofed: error: {_one_line_first(exc)}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("genofed: interrupted; nothing half-written was kept", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # Output piped into `head` and the like: not an error worth a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _one_line_first(exc: BaseException) -> str:
+    """The error text; multi-problem errors keep one problem per line after the first line."""
+    return str(exc).strip() or exc.__class__.__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())
