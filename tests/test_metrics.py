@@ -1,0 +1,87 @@
+"""Metrics from sufficient statistics agree with scikit-learn and add up across sites."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sklearn import metrics as skm
+
+from common.metrics import EvalStats, compute_metrics, compute_stats, metrics_from_stats
+
+
+def _predictions(rng: np.random.Generator, n: int, k: int, signal: float) -> tuple[np.ndarray, np.ndarray]:
+    y = rng.integers(0, k, n)
+    logits = rng.normal(size=(n, k)) + signal * np.eye(k)[y]
+    p = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return y, p / p.sum(axis=1, keepdims=True)
+
+
+def _sklearn(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
+    k = p.shape[1]
+    pred = p.argmax(axis=1)
+    if k == 2:
+        cm = skm.confusion_matrix(y, pred, labels=[0, 1])
+        return {"accuracy": skm.accuracy_score(y, pred), "precision": skm.precision_score(y, pred, zero_division=0),
+                "recall": skm.recall_score(y, pred, zero_division=0), "f1": skm.f1_score(y, pred, zero_division=0),
+                "specificity": cm[0, 0] / cm[0].sum(), "auc": skm.roc_auc_score(y, p[:, 1]),
+                "auprc": skm.average_precision_score(y, p[:, 1])}
+    onehot = np.eye(k)[y]
+    spec = []
+    for c in range(k):
+        neg = y != c
+        spec.append(np.mean(pred[neg] != c))
+    return {"accuracy": skm.accuracy_score(y, pred),
+            "precision": skm.precision_score(y, pred, average="macro", zero_division=0),
+            "recall": skm.recall_score(y, pred, average="macro", zero_division=0),
+            "f1": skm.f1_score(y, pred, average="macro", zero_division=0), "specificity": float(np.mean(spec)),
+            "auc": skm.roc_auc_score(y, p, multi_class="ovr", average="macro"),
+            "auprc": skm.average_precision_score(onehot, p, average="macro")}
+
+
+@pytest.mark.parametrize("k", [2, 3, 5])
+@pytest.mark.parametrize("signal", [0.3, 1.5, 6.0])
+def test_matches_sklearn(k: int, signal: float) -> None:
+    y, p = _predictions(np.random.default_rng(k * 10 + int(signal)), 3000, k, signal)
+    ours, ref = compute_metrics(y, p), _sklearn(y, p)
+    for name in ("accuracy", "precision", "recall", "f1", "specificity"):
+        assert ours[name] == pytest.approx(ref[name], abs=1e-12), name
+    assert abs(ours["auc"] - ref["auc"]) <= 0.002
+    assert abs(ours["auc"] - ref["auc"]) <= ours["auc_bound"] + 1e-12
+    assert abs(ours["auprc"] - ref["auprc"]) <= 0.002
+
+
+def test_binary_probability_vector_is_accepted() -> None:
+    y, p = _predictions(np.random.default_rng(0), 500, 2, 1.0)
+    assert compute_metrics(y, p[:, 1]) == compute_metrics(y, p)
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 10_000), cut=st.floats(0.05, 0.95), k=st.integers(2, 4))
+def test_site_statistics_add_up_to_pooled(seed: int, cut: float, k: int) -> None:
+    y, p = _predictions(np.random.default_rng(seed), 400, k, 1.0)
+    m = int(len(y) * cut)
+    summed = compute_stats(y[:m], p[:m], n_classes=k) + compute_stats(y[m:], p[m:], n_classes=k)
+    pooled = compute_stats(y, p, n_classes=k)
+    assert np.array_equal(summed.confusion, pooled.confusion)
+    assert np.array_equal(summed.hist_pos, pooled.hist_pos)
+    assert metrics_from_stats(summed) == metrics_from_stats(pooled)
+
+
+def test_round_trip_through_arrays() -> None:
+    y, p = _predictions(np.random.default_rng(1), 200, 3, 1.0)
+    s = compute_stats(y, p)
+    assert metrics_from_stats(EvalStats.from_arrays(s.to_arrays())) == metrics_from_stats(s)
+    with pytest.raises(ValueError, match="inconsistent"):
+        EvalStats.from_arrays({"confusion": s.confusion, "hist_pos": s.hist_pos[:2], "hist_neg": s.hist_neg})
+
+
+def test_extreme_scores_keep_resolution() -> None:
+    # Confident models: probabilities within 1e-5 of 0 or 1 must not collapse into one bin.
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 2, 2000)
+    logit = np.where(y == 1, 13.0, 11.0) + rng.normal(scale=0.5, size=2000)
+    p = 1 / (1 + np.exp(-logit))
+    ours = compute_metrics(y, p)
+    assert abs(ours["auc"] - skm.roc_auc_score(y, p)) <= 0.002
