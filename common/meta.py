@@ -1,0 +1,219 @@
+"""Stacking meta-classifier: logistic regression fitted by Newton's method from summed statistics.
+
+The fit only ever needs, at the current coefficients, each data holder's log-loss, gradient and
+Hessian (:func:`newton_terms`). Those add up across sites, so the same :class:`NewtonSolver`
+fits on pooled data (one holder) and in the federation (the server sums the sites' terms), and
+converges to the pooled-data solution. The objective is scikit-learn's::
+
+    sum_i logloss_i(W) + 1 / (2 C) * ||W without intercept||^2     (penalty="l2")
+    sum_i logloss_i(W)                                              (penalty=None)
+
+Binary problems use one coefficient vector (as scikit-learn does); K > 2 classes use the
+multinomial model with K vectors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from scipy.special import log_softmax, softmax
+
+
+@dataclass
+class NewtonTerms:
+    """One holder's contribution at the current coefficients (all additive)."""
+
+    loss: float
+    grad: np.ndarray
+    hess: np.ndarray
+    n: int
+
+    def __add__(self, other: NewtonTerms) -> NewtonTerms:
+        return NewtonTerms(self.loss + other.loss, self.grad + other.grad, self.hess + other.hess, self.n + other.n)
+
+
+def _design(x: np.ndarray) -> np.ndarray:
+    """Features with a trailing intercept column."""
+    x = np.asarray(x, dtype=np.float64)
+    return np.hstack([x, np.ones((x.shape[0], 1))])
+
+
+def n_params(n_features: int, n_classes: int) -> int:
+    """Length of the flat coefficient vector (intercepts included)."""
+    return (n_features + 1) * (1 if n_classes == 2 else n_classes)
+
+
+def newton_terms(coef: np.ndarray, x: np.ndarray, y: np.ndarray, *, n_classes: int) -> NewtonTerms:
+    """Log-loss, gradient and Hessian of the *unpenalized* objective on (x, y) at ``coef``.
+
+    ``coef`` is flat: for binary, ``[w_1..w_d, b]``; for K classes, K such blocks.
+    """
+    z = _design(x)
+    y = np.asarray(y, dtype=np.int64)
+    d = z.shape[1]
+    if n_classes == 2:
+        eta = z @ coef
+        p = 1.0 / (1.0 + np.exp(-eta))
+        loss = float(np.sum(np.logaddexp(0.0, eta) - y * eta))
+        grad = z.T @ (p - y)
+        hess = (z * (p * (1.0 - p))[:, None]).T @ z
+        return NewtonTerms(loss, grad, hess, len(y))
+    w = coef.reshape(n_classes, d)
+    eta = z @ w.T
+    logp = log_softmax(eta, axis=1)
+    p = np.exp(logp)
+    onehot = np.eye(n_classes)[y]
+    loss = float(-np.sum(logp[np.arange(len(y)), y]))
+    grad = ((p - onehot).T @ z).ravel()
+    hess = np.zeros((n_classes * d, n_classes * d))
+    for a in range(n_classes):
+        for b in range(a, n_classes):
+            weight = p[:, a] * ((a == b) - p[:, b])
+            block = (z * weight[:, None]).T @ z
+            hess[a * d:(a + 1) * d, b * d:(b + 1) * d] = block
+            hess[b * d:(b + 1) * d, a * d:(a + 1) * d] = block
+    return NewtonTerms(loss, grad, hess, len(y))
+
+
+@dataclass
+class NewtonSolver:
+    """Server-side Newton iteration with step halving, driven by summed :class:`NewtonTerms`.
+
+    Call :meth:`step` with the terms summed over all holders at :attr:`coef`; it returns the
+    next coefficients to evaluate. A step that raised the objective is halved back towards
+    the last accepted point, so each round needs exactly one exchange with the holders.
+    The state is plain data (``state_dict`` / ``load_state_dict``) so it can be checkpointed.
+    """
+
+    n_features: int
+    n_classes: int
+    penalty: Literal["l2"] | None = "l2"
+    C: float = 1.0
+    tol: float = 1e-10
+    coef: np.ndarray = field(init=False)
+    best_coef: np.ndarray = field(init=False)
+    best_objective: float = field(init=False, default=np.inf)
+    step_size: float = field(init=False, default=1.0)
+    direction: np.ndarray | None = field(init=False, default=None)
+    converged: bool = field(init=False, default=False)
+    iterations: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        self.coef = np.zeros(n_params(self.n_features, self.n_classes))
+        self.best_coef = self.coef.copy()
+
+    def _penalty_mask(self) -> np.ndarray:
+        d = self.n_features + 1
+        blocks = 1 if self.n_classes == 2 else self.n_classes
+        mask = np.ones((blocks, d))
+        mask[:, -1] = 0.0  # intercepts are not penalized, as in scikit-learn
+        return mask.ravel()
+
+    def objective(self, terms: NewtonTerms) -> tuple[float, np.ndarray, np.ndarray]:
+        """Penalized objective, gradient and Hessian at :attr:`coef`."""
+        if self.penalty is None:
+            return terms.loss, terms.grad, terms.hess
+        mask = self._penalty_mask()
+        lam = 1.0 / self.C
+        obj = terms.loss + 0.5 * lam * float(np.sum(mask * self.coef**2))
+        return obj, terms.grad + lam * mask * self.coef, terms.hess + lam * np.diag(mask)
+
+    def step(self, terms: NewtonTerms) -> np.ndarray:
+        """Take the summed terms at :attr:`coef` and move to the next point to evaluate."""
+        obj, grad, hess = self.objective(terms)
+        self.iterations += 1
+        if obj > self.best_objective + 1e-12 * max(1.0, abs(self.best_objective)) and self.direction is not None:
+            # The last step overshot: go back half-way along it from the accepted point.
+            self.step_size *= 0.5
+            self.coef = self.best_coef + self.step_size * self.direction
+            if self.step_size < 1e-8:
+                self.coef, self.converged = self.best_coef.copy(), True
+            return self.coef
+        self.best_coef, self.best_objective = self.coef.copy(), obj
+        # lstsq copes with the singular Hessian of the unpenalized multinomial model.
+        direction = -np.linalg.lstsq(hess, grad, rcond=None)[0]
+        decrement = float(-grad @ direction)
+        if decrement / 2.0 <= self.tol * max(1.0, terms.n):
+            self.converged = True
+            return self.coef
+        self.direction, self.step_size = direction, 1.0
+        self.coef = self.best_coef + direction
+        return self.coef
+
+    def state_dict(self) -> dict[str, Any]:
+        """Serialisable state (lists and numbers only)."""
+        return {"coef": self.coef.tolist(), "best_coef": self.best_coef.tolist(),
+                "best_objective": self.best_objective, "step_size": self.step_size,
+                "direction": None if self.direction is None else self.direction.tolist(),
+                "converged": self.converged, "iterations": self.iterations}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore from :meth:`state_dict`."""
+        self.coef, self.best_coef = np.asarray(state["coef"]), np.asarray(state["best_coef"])
+        self.best_objective, self.step_size = float(state["best_objective"]), float(state["step_size"])
+        self.direction = None if state["direction"] is None else np.asarray(state["direction"])
+        self.converged, self.iterations = bool(state["converged"]), int(state["iterations"])
+
+
+class StackingMetaClassifier:
+    """Logistic regression over base-model scores, fitted by Newton from summed terms.
+
+    A scikit-learn estimator: ``fit`` returns self; learned attributes end in ``_``.
+
+    Parameters
+    ----------
+    penalty : "l2" or None
+    C : inverse regularisation strength, as in scikit-learn.
+    max_iter : Newton iterations at most.
+    """
+
+    def __init__(self, *, penalty: Literal["l2"] | None = "l2", C: float = 1.0, max_iter: int = 100,
+                 tol: float = 1e-10) -> None:
+        self.penalty, self.C, self.max_iter, self.tol = penalty, C, max_iter, tol
+
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        return {"penalty": self.penalty, "C": self.C, "max_iter": self.max_iter, "tol": self.tol}
+
+    def set_params(self, **params: Any) -> StackingMetaClassifier:
+        for k, v in params.items():
+            setattr(self, k, v)
+        return self
+
+    def fit(self, X: np.ndarray, y: np.ndarray) -> StackingMetaClassifier:
+        """Fit on pooled data: the one-holder case of the federated fit."""
+        X = np.asarray(X, dtype=np.float64)
+        self.classes_ = np.unique(y)
+        y_idx = np.searchsorted(self.classes_, y)
+        k = max(2, len(self.classes_))
+        solver = NewtonSolver(n_features=X.shape[1], n_classes=k, penalty=self.penalty, C=self.C, tol=self.tol)
+        for _ in range(self.max_iter):
+            solver.step(newton_terms(solver.coef, X, y_idx, n_classes=k))
+            if solver.converged:
+                break
+        self.set_coef(solver.best_coef if solver.converged else solver.coef, n_features=X.shape[1])
+        self.n_iter_ = solver.iterations
+        self.converged_ = solver.converged
+        return self
+
+    def set_coef(self, coef: np.ndarray, *, n_features: int) -> StackingMetaClassifier:
+        """Install flat coefficients (e.g. from the federated solver) in scikit-learn's layout."""
+        blocks = np.asarray(coef, dtype=np.float64).reshape(-1, n_features + 1)
+        self.coef_, self.intercept_ = blocks[:, :-1].copy(), blocks[:, -1].copy()
+        self.n_features_in_ = n_features
+        return self
+
+    def decision_function(self, X: np.ndarray) -> np.ndarray:
+        scores = np.asarray(X, dtype=np.float64) @ self.coef_.T + self.intercept_
+        return scores.ravel() if scores.shape[1] == 1 else scores
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        scores = self.decision_function(X)
+        if scores.ndim == 1:
+            p = 1.0 / (1.0 + np.exp(-scores))
+            return np.column_stack([1.0 - p, p])
+        return softmax(scores, axis=1)
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return self.classes_[self.predict_proba(X).argmax(axis=1)]
