@@ -1,0 +1,161 @@
+"""The deep model: 1D convolutional towers over genomic tracks, an optional dense branch, one logit per class.
+
+Every site and the coordinator build the same network from the same :class:`DeepModelConfig`,
+so the federation only ever exchanges its ``state_dict``. Design constraints:
+
+- GroupNorm, never BatchNorm: Opacus computes per-sample gradients, and batch statistics would
+  mix samples (and leak across them).
+- Global pooling (max and mean) after the convolutions, so the head does not depend on L.
+- One tower per track (DNA one-hot, genotype dosages): tracks have different lengths.
+- ``arch = "lstm"`` swaps each convolutional tower for an Opacus ``DPLSTM`` over the track; the
+  rest of the network is the same. A cohort with no track at all gets the dense branch alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class TrackShape:
+    """One input track: its name, channel count and length."""
+
+    name: str
+    channels: int
+    length: int
+
+
+@dataclass(frozen=True)
+class DeepModelConfig:
+    """Architecture of the deep model; plain data, so it travels in run config and checkpoints."""
+
+    n_classes: int
+    tracks: tuple[TrackShape, ...] = ()
+    n_tabular: int = 0
+    arch: Literal["cnn", "lstm"] = "cnn"
+    filters: tuple[int, ...] = (64, 64)
+    kernel_sizes: tuple[int, ...] = (15, 7)
+    dilations: tuple[int, ...] = (1, 2)
+    pool: int = 2
+    groups: int = 8
+    lstm_hidden: int = 32
+    dense_hidden: int = 64
+    head_hidden: int = 64
+    dropout: float = 0.1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.tracks and self.n_tabular == 0:
+            raise ValueError("the deep model needs at least one track or tabular input")
+        if not len(self.filters) == len(self.kernel_sizes) == len(self.dilations):
+            raise ValueError("filters, kernel_sizes and dilations must have the same length")
+        for f in self.filters:
+            if f % self.groups:
+                raise ValueError(f"filters ({f}) must be a multiple of groups ({self.groups}) for GroupNorm")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form."""
+        d = dataclasses.asdict(self)
+        d["tracks"] = [dataclasses.asdict(t) for t in self.tracks]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DeepModelConfig:
+        """Inverse of :meth:`to_dict`."""
+        d = dict(d)
+        d["tracks"] = tuple(TrackShape(**t) for t in d.get("tracks", ()))
+        for key in ("filters", "kernel_sizes", "dilations"):
+            if key in d:
+                d[key] = tuple(d[key])
+        return cls(**d)
+
+
+class ConvTower(nn.Module):
+    """Conv1d -> GroupNorm -> ReLU -> MaxPool blocks, then global max and mean pooling."""
+
+    def __init__(self, channels: int, cfg: DeepModelConfig) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = channels
+        for i, (f, k, d) in enumerate(zip(cfg.filters, cfg.kernel_sizes, cfg.dilations)):
+            layers += [nn.Conv1d(c_in, f, k, dilation=d, padding=d * (k - 1) // 2),
+                       nn.GroupNorm(cfg.groups, f), nn.ReLU()]
+            if cfg.pool > 1 and i < len(cfg.filters) - 1:
+                layers.append(nn.MaxPool1d(cfg.pool, ceil_mode=True))
+            c_in = f
+        self.body = nn.Sequential(*layers)
+        self.out_features = 2 * c_in
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.body(x)
+        return torch.cat([h.amax(dim=2), h.mean(dim=2)], dim=1)
+
+    def embed_positions(self, x: torch.Tensor) -> torch.Tensor:
+        """Feature maps before global pooling (for attribution profiles)."""
+        return self.body(x)
+
+
+class LSTMTower(nn.Module):
+    """A DP-compatible LSTM over the track's positions; last and mean hidden states."""
+
+    def __init__(self, channels: int, cfg: DeepModelConfig) -> None:
+        super().__init__()
+        from opacus.layers import DPLSTM
+
+        self.lstm = DPLSTM(channels, cfg.lstm_hidden, batch_first=True)
+        self.out_features = 2 * cfg.lstm_hidden
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, _ = self.lstm(x.transpose(1, 2))
+        return torch.cat([h[:, -1, :], h.mean(dim=1)], dim=1)
+
+
+class GenomicNet(nn.Module):
+    """Towers over tracks plus a dense branch over tabular inputs, joined by a small head.
+
+    ``forward(tracks, tabular)`` takes a list of (n, C_t, L_t) tensors in config order and an
+    (n, n_tabular) tensor (or None); it returns (n, n_classes) logits.
+    """
+
+    def __init__(self, cfg: DeepModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        tower = LSTMTower if cfg.arch == "lstm" else ConvTower
+        self.towers = nn.ModuleList(tower(t.channels, cfg) for t in cfg.tracks)
+        width = sum(t.out_features for t in self.towers)
+        self.dense: nn.Module | None = None
+        if cfg.n_tabular:
+            self.dense = nn.Sequential(nn.Linear(cfg.n_tabular, cfg.dense_hidden), nn.ReLU(),
+                                       nn.Dropout(cfg.dropout))
+            width += cfg.dense_hidden
+        self.head = nn.Sequential(nn.Linear(width, cfg.head_hidden), nn.ReLU(), nn.Dropout(cfg.dropout))
+        self.out = nn.Linear(cfg.head_hidden, cfg.n_classes)
+
+    def embed(self, tracks: list[torch.Tensor], tabular: torch.Tensor | None = None) -> torch.Tensor:
+        """The penultimate embedding (what the forest can be fed as extra features)."""
+        parts = [tower(x) for tower, x in zip(self.towers, tracks)]
+        if self.dense is not None:
+            if tabular is None:
+                raise ValueError("this model has a dense branch: pass the tabular inputs")
+            parts.append(self.dense(tabular))
+        return self.head(torch.cat(parts, dim=1))
+
+    def forward(self, tracks: list[torch.Tensor], tabular: torch.Tensor | None = None) -> torch.Tensor:
+        return self.out(self.embed(tracks, tabular))
+
+
+def build_model(cfg: DeepModelConfig, *, seed: int | None = None) -> GenomicNet:
+    """The network for ``cfg``; with a seed, the initial weights are reproducible."""
+    if seed is not None:
+        gen_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        try:
+            return GenomicNet(cfg)
+        finally:
+            torch.random.set_rng_state(gen_state)
+    return GenomicNet(cfg)
