@@ -1,0 +1,92 @@
+"""DP training: it learns, and the epsilon it reports is the accountant's, across processes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from opacus.accountants import RDPAccountant
+
+from client.dp_training import DeepData, DPConfig, TrainConfig, predict_proba, train_deep_model
+from common.encoders import one_hot
+from common.models import DeepModelConfig, TrackShape, build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+MOTIF = np.array([0, 1, 2, 3, 3, 2])  # ACGTTG
+
+
+def motif_data(n: int, seed: int, length: int = 40) -> DeepData:
+    """Random DNA; class 1 carries the motif at a random position."""
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, 4, size=(n, length)).astype(np.uint8)
+    y = rng.integers(0, 2, n)
+    for i in np.flatnonzero(y == 1):
+        pos = rng.integers(0, length - len(MOTIF))
+        codes[i, pos:pos + len(MOTIF)] = MOTIF
+    return DeepData(tracks=[one_hot(codes)], tabular=None, y=y)
+
+
+CFG = DeepModelConfig(n_classes=2, tracks=(TrackShape("dna", 4, 40),), filters=(16, 16), kernel_sizes=(7, 3),
+                      dilations=(1, 1), groups=4, head_hidden=16, dropout=0.0)
+
+
+def test_non_dp_training_learns_the_motif() -> None:
+    model = build_model(CFG, seed=0)
+    result = train_deep_model(model, motif_data(600, 0), val=motif_data(200, 1),
+                              config=TrainConfig(epochs=15, batch_size=32, lr=5e-3, patience=5))
+    test = motif_data(300, 2)
+    acc = float(np.mean(predict_proba(model, test).argmax(1) == test.y))
+    assert acc > 0.9, acc
+    assert result.epsilon is None and result.best_epoch >= 1
+
+
+def _independent_epsilon(sigma: float, q: float, steps: int, delta: float) -> float:
+    acc = RDPAccountant()
+    acc.history = [(sigma, q, steps)]
+    return acc.get_epsilon(delta=delta)
+
+
+def test_dp_epsilon_matches_an_independent_accountant() -> None:
+    dp = DPConfig(target_epsilon=4.0, target_delta=1e-4, max_grad_norm=1.0, total_epochs=3)
+    model = build_model(CFG, seed=0)
+    result = train_deep_model(model, motif_data(400, 0), config=TrainConfig(epochs=3, batch_size=40, patience=10),
+                              dp=dp)
+    assert result.steps > 0 and result.noise_multiplier > 0
+    q = result.accountant_state["sample_rate"]
+    expected = _independent_epsilon(result.noise_multiplier, q, result.steps, dp.target_delta)
+    assert result.epsilon == pytest.approx(expected, rel=1e-9)
+    # Calibrated to the whole training: spending all planned epochs lands on the target.
+    planned = _independent_epsilon(result.noise_multiplier, q, 3 * 10, dp.target_delta)
+    assert planned == pytest.approx(dp.target_epsilon, abs=0.02)
+
+
+CHILD = """
+import json, sys
+sys.path.insert(0, {root!r})
+from tests.test_dp_training import CFG, motif_data
+from client.dp_training import DPConfig, TrainConfig, train_deep_model
+from common.models import build_model
+dp = DPConfig(target_epsilon=4.0, target_delta=1e-4, total_epochs=4)
+r = train_deep_model(build_model(CFG, seed=0), motif_data(400, 0), config=TrainConfig(epochs=2, batch_size=40,
+                     patience=10), dp=dp)
+json.dump({{"state": r.accountant_state, "steps": r.steps, "epsilon": r.epsilon}}, open(sys.argv[1], "w"))
+"""
+
+
+def test_accountant_survives_a_new_process(tmp_path: Path) -> None:
+    out = tmp_path / "acc.json"
+    subprocess.run([sys.executable, "-c", CHILD.format(root=str(ROOT)), str(out)], check=True, cwd=ROOT)
+    first = json.loads(out.read_text())
+    dp = DPConfig(target_epsilon=4.0, target_delta=1e-4, total_epochs=4)
+    second = train_deep_model(build_model(CFG, seed=1), motif_data(400, 0),
+                              config=TrainConfig(epochs=2, batch_size=40, patience=10), dp=dp,
+                              accountant_state=first["state"])
+    sigma, q = first["state"]["noise_multiplier"], first["state"]["sample_rate"]
+    assert second.noise_multiplier == sigma  # calibrated once, reused
+    total = first["steps"] + second.steps
+    assert second.epsilon == pytest.approx(_independent_epsilon(sigma, q, total, 1e-4), rel=1e-9)
+    assert second.epsilon > first["epsilon"]
