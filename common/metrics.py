@@ -159,3 +159,46 @@ def metrics_from_stats(stats: EvalStats) -> dict[str, float]:
 def compute_metrics(y_true: np.ndarray, proba: np.ndarray, *, n_classes: int | None = None) -> dict[str, float]:
     """Metrics of one set of predictions, through the same statistics a site would send."""
     return metrics_from_stats(compute_stats(y_true, proba, n_classes=n_classes))
+
+
+def bootstrap_ci(y_true: np.ndarray, proba: np.ndarray, *, n_boot: int = 1000, level: float = 0.95,
+                 seed: int = 0, n_classes: int | None = None) -> dict[str, list[float]]:
+    """Percentile bootstrap confidence intervals of every metric in ``METRIC_NAMES``.
+
+    Patients are resampled with replacement; a resample missing a class gives NaN for the
+    metrics that need it and is left out of that metric's interval.
+    """
+    y, p = np.asarray(y_true), np.asarray(proba)
+    k = n_classes or (p.shape[1] if p.ndim == 2 else 2)
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {m: [] for m in METRIC_NAMES}
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(y), len(y))
+        m = compute_metrics(y[idx], p[idx], n_classes=k)
+        for name in METRIC_NAMES:
+            draws[name].append(m[name])
+    lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
+    out = {}
+    for name, values in draws.items():
+        v = np.asarray(values, dtype=np.float64)
+        v = v[~np.isnan(v)]
+        out[name] = [float(np.percentile(v, lo)), float(np.percentile(v, hi))] if v.size else [float("nan")] * 2
+    return out
+
+
+def paired_tests(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
+    """Wilcoxon signed-rank and paired t-test p-values for per-fold scores of two models.
+
+    With fewer than 2 pairs, or identical scores, the p-values are NaN / 1.0 as SciPy defines.
+    """
+    from scipy import stats
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    diff = a - b
+    out = {"mean_difference": float(diff.mean()) if diff.size else float("nan"), "pairs": int(diff.size)}
+    if diff.size < 2 or np.allclose(diff, 0):
+        out.update(wilcoxon_p=1.0 if diff.size else float("nan"), ttest_p=1.0 if diff.size else float("nan"))
+        return out
+    out["wilcoxon_p"] = float(stats.wilcoxon(a, b).pvalue)
+    out["ttest_p"] = float(stats.ttest_rel(a, b).pvalue)
+    return out

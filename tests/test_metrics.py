@@ -85,3 +85,28 @@ def test_extreme_scores_keep_resolution() -> None:
     p = 1 / (1 + np.exp(-logit))
     ours = compute_metrics(y, p)
     assert abs(ours["auc"] - skm.roc_auc_score(y, p)) <= 0.002
+
+
+def test_bootstrap_interval_covers_the_point_estimate() -> None:
+    from common.metrics import bootstrap_ci
+
+    y, p = _predictions(np.random.default_rng(5), 400, 2, 1.0)
+    ci = bootstrap_ci(y, p, n_boot=200)
+    point = compute_metrics(y, p)
+    for name, (lo, hi) in ci.items():
+        assert lo <= point[name] <= hi, name
+        assert hi - lo < 0.25
+
+
+def test_paired_tests_agree_with_scipy() -> None:
+    from scipy import stats
+
+    from common.metrics import paired_tests
+
+    a = np.array([0.81, 0.84, 0.79, 0.88, 0.83])
+    b = np.array([0.78, 0.80, 0.80, 0.84, 0.79])
+    out = paired_tests(a, b)
+    assert out["wilcoxon_p"] == stats.wilcoxon(a, b).pvalue
+    assert out["ttest_p"] == stats.ttest_rel(a, b).pvalue
+    assert out["mean_difference"] == pytest.approx(np.mean(a - b))
+    assert paired_tests(a, a)["wilcoxon_p"] == 1.0

@@ -1,0 +1,150 @@
+"""The site-local learning steps, shared by pooled evaluation and the federation.
+
+A :class:`SiteData` is one cohort (a site's, or several pooled) cut into the model inputs. The
+steps below (train the deep model, fit the forest, make meta-features, fit the classical
+baseline) are what a site runs; pooled evaluation runs the very same functions on the union of
+the sites, which is what makes it the reference for the federation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+
+from client.dp_training import DeepData, DPConfig, TrainConfig, TrainResult, predict_proba, train_deep_model
+from client.features import TabularFrame, deep_tracks, sequence_features, tabular_frame
+from client.forest import SiteForest
+from client.preprocess import TabularPreprocessor
+from common.cohort import Cohort
+from common.models import DeepModelConfig, GenomicNet, TrackShape, build_model
+
+SPLITS = ("train", "validation", "test")
+
+
+@dataclass
+class SiteData:
+    """A cohort cut into model inputs, with its split masks."""
+
+    y: np.ndarray
+    classes: tuple[str, ...]
+    masks: dict[str, np.ndarray]
+    tracks: list[np.ndarray]
+    track_shapes: tuple[TrackShape, ...]
+    frame: TabularFrame
+    seq_features: np.ndarray | None
+    seq_feature_names: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_cohort(cls, cohort: Cohort, *, kmer: int = 3) -> SiteData:
+        tracks, shapes = deep_tracks(cohort)
+        seq, seq_names = (None, [])
+        if cohort.sequences is not None:
+            seq, seq_names = sequence_features(cohort.sequences, k=kmer)
+        return cls(y=np.asarray(cohort.labels, dtype=np.int64), classes=tuple(cohort.classes),
+                   masks={s: cohort.split_mask(s) for s in SPLITS}, tracks=tracks, track_shapes=shapes,
+                   frame=tabular_frame(cohort), seq_features=seq, seq_feature_names=seq_names)
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def has_tabular(self) -> bool:
+        return self.frame.width > 0
+
+
+@dataclass
+class SiteModels:
+    """What a site fits and keeps: preprocessing, forest, deep model, baseline."""
+
+    preprocessor: TabularPreprocessor | None = None
+    forest: SiteForest | None = None
+    deep: GenomicNet | None = None
+    deep_preprocessor: TabularPreprocessor | None = None
+    logreg: LogisticRegression | None = None
+    logreg_preprocessor: TabularPreprocessor | None = None
+    train_result: TrainResult | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def deep_config(data: SiteData, **arch: Any) -> DeepModelConfig:
+    """The deep model for this data: towers over its tracks; the dense branch only without tracks.
+
+    Keeping tabular data out of the deep model when tracks exist keeps the two base models
+    complementary (sequence vs tabular), which is what the stacking combines.
+    """
+    n_tab = 0 if data.track_shapes else data.frame.width
+    return DeepModelConfig(n_classes=data.n_classes, tracks=data.track_shapes, n_tabular=n_tab, **arch)
+
+
+def deep_data(data: SiteData, split: str, cfg: DeepModelConfig, pre: TabularPreprocessor | None) -> DeepData:
+    """Inputs of the deep model for one split."""
+    mask = data.masks[split]
+    tab = pre.transform(data.frame.rows(mask)).astype(np.float32) if cfg.n_tabular else None
+    return DeepData(tracks=[t[mask] for t in data.tracks], tabular=tab, y=data.y[mask])
+
+
+def forest_matrix(data: SiteData, split: str, pre: TabularPreprocessor | None) -> np.ndarray:
+    """The forest's features: preprocessed tabular columns plus sequence-derived features."""
+    mask = data.masks[split]
+    parts = []
+    if pre is not None:
+        parts.append(pre.transform(data.frame.rows(mask)))
+    if data.seq_features is not None:
+        parts.append(data.seq_features[mask])
+    return np.hstack(parts)
+
+
+def train_deep(data: SiteData, *, cfg: DeepModelConfig, train: TrainConfig, dp: DPConfig | None,
+               initial: dict | None = None, accountant_state: dict | None = None, seed: int = 0,
+               pre: TabularPreprocessor | None = None, proximal_mu: float = 0.0,
+               on_epoch: Any = None) -> tuple[GenomicNet, TrainResult]:
+    """Train the deep model on the train split (early stopping on validation)."""
+    model = build_model(cfg, seed=seed)
+    if initial is not None:
+        model.load_state_dict(initial)
+    rc = next((i for i, t in enumerate(cfg.tracks) if t.name == "dna"), None)
+    tc = TrainConfig(**{**train.__dict__, "reverse_complement_track": rc})
+    result = train_deep_model(model, deep_data(data, "train", cfg, pre), val=deep_data(data, "validation", cfg, pre),
+                              config=tc, dp=dp, accountant_state=accountant_state, proximal_mu=proximal_mu,
+                              on_epoch=on_epoch)
+    return model, result
+
+
+def fit_tabular_preprocessor(data: SiteData, **kw: Any) -> TabularPreprocessor | None:
+    """Preprocessing fitted on the train split (None when the cohort has no tabular features)."""
+    if not data.has_tabular:
+        return None
+    return TabularPreprocessor(**kw).fit(data.frame.rows(data.masks["train"]))
+
+
+def fit_forest(data: SiteData, pre: TabularPreprocessor | None, **kw: Any) -> SiteForest:
+    """The site forest on the train split."""
+    return SiteForest(**kw).fit(forest_matrix(data, "train", pre), data.y[data.masks["train"]])
+
+
+def fit_logreg(data: SiteData, pre: TabularPreprocessor, *, C: float = 0.1) -> LogisticRegression:
+    """The classical baseline: L2-penalized logistic regression on the tabular features."""
+    x = pre.transform(data.frame.rows(data.masks["train"]))
+    return LogisticRegression(C=C, max_iter=2000).fit(x, data.y[data.masks["train"]])
+
+
+def meta_features(*probas: np.ndarray) -> np.ndarray:
+    """Stacking inputs from base-model class probabilities: log-odds (binary) or log-probabilities.
+
+    Working on the logit scale makes the meta-classifier a proper combination of evidence
+    (a weighted sum of log-odds) rather than of probabilities.
+    """
+    cols = []
+    for p in probas:
+        p = np.clip(p, 1e-6, 1 - 1e-6)
+        cols.append(np.log(p[:, 1:2] / p[:, 0:1]) if p.shape[1] == 2 else np.log(p))
+    return np.hstack(cols)
+
+
+def deep_proba(model: GenomicNet, data: SiteData, split: str, pre: TabularPreprocessor | None) -> np.ndarray:
+    """Deep model probabilities on one split."""
+    return predict_proba(model, deep_data(data, split, model.cfg, pre))
