@@ -179,3 +179,40 @@ def cohort_from_blobs(blobs: dict[str, bytes]) -> Cohort:
 
 
 COHORT_ROLES = ("cohort/meta", "cohort/index") + tuple(f"cohort/{m}" for m in MODALITIES)
+
+
+def concat_cohorts(cohorts: list[Cohort]) -> Cohort:
+    """Pool several sites' cohorts (same schema) into one, keeping each patient's stored split.
+
+    Raises
+    ------
+    ValueError
+        If the schema hashes differ: pooling incompatible sites would silently misalign features.
+    """
+    if not cohorts:
+        raise ValueError("no cohorts to pool")
+    first = cohorts[0]
+    for c in cohorts[1:]:
+        if c.schema_hash != first.schema_hash:
+            raise ValueError(f"cannot pool cohorts with different schemas ({first.schema_hash[:12]} vs "
+                             f"{c.schema_hash[:12]})")
+
+    def cat(get):  # noqa: ANN001, ANN202 - small local helper
+        parts = [get(c) for c in cohorts]
+        return None if parts[0] is None else np.concatenate(parts)
+
+    pooled = Cohort(patient_ids=cat(lambda c: c.patient_ids), labels=cat(lambda c: c.labels), classes=first.classes,
+                    split=cat(lambda c: c.split), schema=first.schema,
+                    groups=cat(lambda c: c.groups) if all(c.groups is not None for c in cohorts) else None,
+                    sequences=cat(lambda c: c.sequences), report={"pooled_from": len(cohorts)})
+    for name in ("variants", "omics", "events"):
+        part = getattr(first, name)
+        if part is not None:
+            setattr(pooled, name, FeatureMatrix(np.concatenate([getattr(c, name).values for c in cohorts]),
+                                                part.features))
+    if first.clinical is not None:
+        cl = first.clinical
+        pooled.clinical = ClinicalTable(np.concatenate([c.clinical.numeric for c in cohorts]), cl.numeric_names,
+                                        np.concatenate([c.clinical.categorical for c in cohorts]),
+                                        cl.categorical_names, cl.categories)
+    return pooled

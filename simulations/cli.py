@@ -20,7 +20,7 @@ DESCRIPTION = """\
 genofed: privacy-preserving federated learning for genomic medicine.
 
 Hospital IT:   genofed keygen, genofed vault import|inspect|verify|rekey
-Researchers:   genofed cohort synth|split|recipe
+Researchers:   genofed cohort synth|split|recipe, genofed evaluate, genofed demo
 Run `genofed COMMAND --help` for the options of each command."""
 
 
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The full argument parser, with every role's commands registered."""
     # Imported here so that `genofed --help` stays fast and a broken optional part names itself.
     from client import vault_cli
-    from simulations import cohort_cli
+    from simulations import cohort_cli, demo, evaluate
 
     parser = argparse.ArgumentParser(prog="genofed", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     vault_cli.register(sub)
     cohort_cli.register(sub)
+    evaluate.register(sub)
+    demo.register(sub)
     return parser
 
 

@@ -1,0 +1,293 @@
+"""``genofed evaluate``: every model trained on pooled data, the reference the federation is judged by.
+
+It runs the site-local steps of :mod:`client.pipeline` on one cohort (a spec's files, one vault,
+or the union of several sites' vaults with the splits stored in them) and writes
+``RUNDIR/metrics.json`` and ``RUNDIR/metrics.md``:
+
+- ``models``: ``hybrid``, ``cnn``, ``forest``, ``logreg``, each with ``auc``, ``accuracy``,
+  ``precision``, ``recall``, ``specificity``, ``f1``, ``auprc`` (test split) and ``ci`` (bootstrap
+  95% intervals of each);
+- ``privacy``: ``epsilon``, ``delta``, ``accountant`` (or ``dp: false``);
+- ``folds`` (with ``--folds K``): per-fold AUCs and paired tests of the hybrid against each model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from client.dp_training import DPConfig, TrainConfig
+from client.pipeline import (
+    SiteData,
+    deep_config,
+    deep_proba,
+    fit_forest,
+    fit_logreg,
+    fit_tabular_preprocessor,
+    forest_matrix,
+    meta_features,
+    train_deep,
+)
+from common.cohort import Cohort, concat_cohorts
+from common.errors import GenofedError
+from common.meta import StackingMetaClassifier
+from common.metrics import METRIC_NAMES, bootstrap_ci, compute_metrics, paired_tests
+from common.progress import progress_bar
+
+MODELS = ("hybrid", "cnn", "forest", "logreg")
+
+
+class EvaluateError(GenofedError):
+    """Bad input for ``genofed evaluate``."""
+
+
+@dataclass(frozen=True)
+class EvaluateSettings:
+    """What ``genofed evaluate`` trains and how."""
+
+    epsilon: float | None = 8.0
+    delta: float | None = None
+    max_grad_norm: float = 1.0
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 2e-3
+    patience: int = 4
+    grad_sample_mode: str = "hooks"
+    folds: int = 0
+    seed: int = 0
+    n_boot: int = 1000
+    forest_trees: int = 200
+    meta_C: float = 1.0
+
+    def delta_for(self, n_train: int) -> float:
+        """The DP delta: as given, or below 1/n (the usual requirement) by a factor of 10 at least."""
+        return self.delta if self.delta is not None else min(1e-5, 0.1 / max(n_train, 1))
+
+
+def evaluate_split(data: SiteData, settings: EvaluateSettings, *, label: str = "") -> dict[str, Any]:
+    """Train every model on the stored train/validation split; test probabilities and privacy facts."""
+    n_train = int(data.masks["train"].sum())
+    delta = settings.delta_for(n_train)
+    dp = None
+    if settings.epsilon is not None:
+        dp = DPConfig(target_epsilon=settings.epsilon, target_delta=delta, max_grad_norm=settings.max_grad_norm,
+                      total_epochs=settings.epochs, grad_sample_mode=settings.grad_sample_mode)
+    pre = fit_tabular_preprocessor(data)
+    cfg = deep_config(data)
+    train = TrainConfig(epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr,
+                        patience=settings.patience, seed=settings.seed)
+    timing: dict[str, float] = {}
+    t0 = time.perf_counter()
+    with progress_bar() as bar:
+        task = bar.add_task(f"deep model{label}", total=settings.epochs)
+        model, result = train_deep(data, cfg=cfg, train=train, dp=dp, seed=settings.seed, pre=pre,
+                                   on_epoch=lambda rec: bar.advance(task))
+        bar.update(task, completed=settings.epochs)
+    timing["deep_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    forest = fit_forest(data, pre, n_estimators=settings.forest_trees, random_state=settings.seed)
+    timing["forest_s"] = time.perf_counter() - t0
+    logreg = fit_logreg(data, pre)
+    proba = {s: {"cnn": deep_proba(model, data, s, pre),
+                 "forest": forest.predict_proba(forest_matrix(data, s, pre)),
+                 "logreg": logreg.predict_proba(forest_matrix(data, s, pre))} for s in ("validation", "test")}
+    val_y = data.y[data.masks["validation"]]
+    meta = StackingMetaClassifier(penalty="l2", C=settings.meta_C).fit(
+        meta_features(proba["validation"]["cnn"], proba["validation"]["forest"]), val_y)
+    test = dict(proba["test"])
+    test["hybrid"] = meta.predict_proba(meta_features(test["cnn"], test["forest"]))
+    privacy = {"dp": dp is not None}
+    if dp is not None:
+        privacy.update(epsilon=result.epsilon, delta=delta, accountant=dp.accountant,
+                       noise_multiplier=result.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+                       target_epsilon=dp.target_epsilon, steps=result.steps)
+    return {"test_proba": test, "y_test": data.y[data.masks["test"]], "privacy": privacy, "timing": timing,
+            "deep": {"epochs_run": result.epochs_run, "best_epoch": result.best_epoch, "config": cfg.to_dict()},
+            "forest": {"best_params": forest.best_params_, "cv_auc": forest.cv_score_},
+            "meta": {"coef": meta.coef_.tolist(), "intercept": meta.intercept_.tolist()}}
+
+
+def _fold_masks(data: SiteData, folds: int, seed: int, groups: np.ndarray | None) -> list[dict[str, np.ndarray]]:
+    """k folds: each fold is the test split once; the rest is cut 85/15 into train/validation."""
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+    n = len(data.y)
+    idx = np.arange(n)
+    if groups is not None:
+        outer = StratifiedGroupKFold(folds, shuffle=True, random_state=seed).split(idx, data.y, groups)
+    else:
+        outer = StratifiedKFold(folds, shuffle=True, random_state=seed).split(idx, data.y)
+    out = []
+    for f, (rest, test) in enumerate(outer):
+        inner_k = max(2, round(1 / 0.15))
+        if groups is not None:
+            inner = StratifiedGroupKFold(inner_k, shuffle=True, random_state=seed + f).split(rest, data.y[rest], groups[rest])
+        else:
+            inner = StratifiedKFold(inner_k, shuffle=True, random_state=seed + f).split(rest, data.y[rest])
+        tr, va = next(inner)
+        masks = {s: np.zeros(n, dtype=bool) for s in ("train", "validation", "test")}
+        masks["train"][rest[tr]], masks["validation"][rest[va]], masks["test"][test] = True, True, True
+        out.append(masks)
+    return out
+
+
+def _model_metrics(y: np.ndarray, proba: np.ndarray, k: int, n_boot: int, seed: int) -> dict[str, Any]:
+    m = compute_metrics(y, proba, n_classes=k)
+    out: dict[str, Any] = {name: m[name] for name in METRIC_NAMES}
+    out["auc_bound"] = m["auc_bound"]
+    out["n"] = m["n"]
+    out["ci"] = bootstrap_ci(y, proba, n_boot=n_boot, seed=seed, n_classes=k)
+    return out
+
+
+def run_evaluate(cohort: Cohort, settings: EvaluateSettings, out: Path, *, source: str) -> dict[str, Any]:
+    """Train and evaluate every model on ``cohort``; write ``out/metrics.json`` and ``out/metrics.md``."""
+    t_start = time.perf_counter()
+    data = SiteData.from_cohort(cohort)
+    k = data.n_classes
+    main = evaluate_split(data, settings)
+    report: dict[str, Any] = {
+        "source": source, "classes": list(data.classes),
+        "cohort": {"patients": int(len(data.y)), "splits": {s: int(m.sum()) for s, m in data.masks.items()},
+                   "schema_hash": cohort.schema_hash},
+        "models": {name: _model_metrics(main["y_test"], main["test_proba"][name], k, settings.n_boot, settings.seed)
+                   for name in MODELS},
+        "privacy": main["privacy"], "details": {key: main[key] for key in ("deep", "forest", "meta", "timing")},
+        "settings": asdict(settings),
+    }
+    if settings.folds >= 2:
+        report["folds"] = _cross_validate(data, cohort.groups, settings)
+    report["timing"] = {"total_s": round(time.perf_counter() - t_start, 2)}
+    _write(out, report)
+    return report
+
+
+def _cross_validate(data: SiteData, groups: np.ndarray | None, settings: EvaluateSettings) -> dict[str, Any]:
+    per_fold: dict[str, list[float]] = {m: [] for m in MODELS}
+    eps = []
+    for f, masks in enumerate(_fold_masks(data, settings.folds, settings.seed, groups)):
+        fold = replace(data, masks=masks)
+        res = evaluate_split(fold, replace(settings, seed=settings.seed + f), label=f" (fold {f + 1})")
+        for name in MODELS:
+            per_fold[name].append(compute_metrics(res["y_test"], res["test_proba"][name], n_classes=data.n_classes)["auc"])
+        if res["privacy"].get("epsilon") is not None:
+            eps.append(res["privacy"]["epsilon"])
+    tests = {f"hybrid_vs_{m}": paired_tests(per_fold["hybrid"], per_fold[m]) for m in MODELS if m != "hybrid"}
+    return {"k": settings.folds, "metric": "auc", "per_fold": per_fold,
+            "mean": {m: float(np.mean(v)) for m, v in per_fold.items()}, "paired_tests": tests,
+            "epsilon_per_fold": eps}
+
+
+def _fmt(x: float) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+
+
+def render_table(report: dict[str, Any]) -> str:
+    """The metrics as a Markdown table, with intervals, privacy and fold tests."""
+    lines = ["| model | " + " | ".join(METRIC_NAMES) + " |", "|---|" + "---|" * len(METRIC_NAMES)]
+    for name, m in report["models"].items():
+        cells = [f"{_fmt(m[k])} [{_fmt(m['ci'][k][0])}, {_fmt(m['ci'][k][1])}]" for k in METRIC_NAMES]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    p = report["privacy"]
+    lines.append("")
+    if p["dp"]:
+        lines.append(f"Deep model trained with DP-SGD: epsilon {p['epsilon']:.3f}, delta {p['delta']:.2e} "
+                     f"({p['accountant']} accountant, noise multiplier {p['noise_multiplier']:.3f}, clip {p['max_grad_norm']}); "
+                     "unit: one training record. The forest, logistic baseline and meta-classifier are not DP.")
+    else:
+        lines.append("No differential privacy (--no-dp): the non-private reference.")
+    if "folds" in report:
+        f = report["folds"]
+        lines += ["", f"{f['k']}-fold cross-validation, test AUC per fold:"]
+        for m, v in f["per_fold"].items():
+            lines.append(f"- {m}: mean {_fmt(f['mean'][m])} ({', '.join(_fmt(x) for x in v)})")
+        for name, t in f["paired_tests"].items():
+            lines.append(f"- {name}: mean difference {t['mean_difference']:+.4f}, Wilcoxon p = {_fmt(t['wilcoxon_p'])}, "
+                         f"paired t p = {_fmt(t['ttest_p'])}")
+    return "\n".join(lines) + "\n"
+
+
+def _write(out: Path, report: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in (("metrics.json", json.dumps(report, indent=2, default=_json_default)),
+                       ("metrics.md", render_table(report))):
+        tmp = out / f".{name}.tmp"
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(out / name)
+
+
+def _json_default(x: Any) -> Any:
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    raise TypeError(f"not JSON-serialisable: {type(x).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``genofed evaluate``."""
+    p = subparsers.add_parser("evaluate", help="train every model on pooled data: the reference for the federation",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--spec", type=Path, help="a cohort spec: its files are imported in memory")
+    src.add_argument("--vault", type=Path, help="one vault (with --key-file)")
+    src.add_argument("--sites-dir", type=Path, help="pool every DIR/<site>/vault with its DIR/<site>/key")
+    p.add_argument("--key-file", type=Path, help="key of --vault")
+    p.add_argument("--out", type=Path, required=True, help="run directory for metrics.json and metrics.md")
+    dp = p.add_mutually_exclusive_group()
+    dp.add_argument("--epsilon", type=float, default=8.0, help="DP target epsilon for the deep model (default 8)")
+    dp.add_argument("--no-dp", action="store_true", help="train without differential privacy (reference)")
+    p.add_argument("--delta", type=float, help="DP delta (default: min(1e-5, 0.1/n_train))")
+    p.add_argument("--folds", type=int, default=0, help="also run K-fold cross-validation with paired tests")
+    p.add_argument("--epochs", type=int, default=20, help="deep model epochs at most (default 20)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
+    p.set_defaults(func=_command)
+
+
+def load_input_cohort(args: argparse.Namespace) -> tuple[Cohort, str]:
+    """The cohort named by --spec, --vault or --sites-dir."""
+    from client.cohort_store import load_cohort
+    from client.vault import KeySource
+
+    if args.spec is not None:
+        from client.importers import import_cohort
+        from common.spec import load_spec
+
+        return import_cohort(load_spec(args.spec)), f"spec {args.spec}"
+    if args.vault is not None:
+        if args.key_file is None:
+            raise EvaluateError("--vault needs --key-file")
+        return load_cohort(args.vault, KeySource.from_key_file(args.key_file)), f"vault {args.vault}"
+    sites = sorted(p for p in Path(args.sites_dir).iterdir() if (p / "vault").is_dir()) if args.sites_dir.is_dir() else []
+    if not sites:
+        raise EvaluateError(f"{args.sites_dir}: no DIR/<site>/vault folders; make them with `genofed cohort split --vaults`")
+    cohorts = [load_cohort(s / "vault", KeySource.from_key_file(s / "key")) for s in sites]
+    try:
+        return concat_cohorts(cohorts), f"sites {', '.join(s.name for s in sites)} (pooled)"
+    except ValueError as exc:
+        raise EvaluateError(f"{args.sites_dir}: {exc}") from None
+
+
+def _command(args: argparse.Namespace) -> int:
+    cohort, source = load_input_cohort(args)
+    settings = EvaluateSettings(epsilon=None if args.no_dp else args.epsilon, delta=args.delta, epochs=args.epochs,
+                                batch_size=args.batch_size, lr=args.lr, folds=args.folds, seed=args.seed,
+                                n_boot=args.bootstrap)
+    report = run_evaluate(cohort, settings, args.out, source=source)
+    print(render_table(report))
+    print(f"wrote {args.out / 'metrics.json'} and {args.out / 'metrics.md'}")
+    return 0
