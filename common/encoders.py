@@ -33,11 +33,16 @@ _COMPLEMENT = np.array([3, 2, 1, 0, 4], dtype=np.uint8)
 
 
 class SequenceEncodingError(GenofedError, ValueError):
-    """A sequence has the wrong length or a symbol that is not DNA."""
+    """A sequence has the wrong length or a symbol that is not DNA.
 
-    def __init__(self, index: int, message: str) -> None:
+    ``index`` is the sequence's position in a batch; ``position`` is the 0-based offset of the
+    offending symbol within the sequence (None for a length error).
+    """
+
+    def __init__(self, index: int, message: str, position: int | None = None) -> None:
         super().__init__(message)
         self.index = index
+        self.position = position
 
 
 @dataclass
@@ -64,7 +69,7 @@ def encode_sequence(seq: str, length: int) -> tuple[np.ndarray, Counter]:
     bad = np.flatnonzero(codes == _UNKNOWN)
     if bad.size:
         pos = int(bad[0])
-        raise SequenceEncodingError(0, f"unknown symbol {seq[pos]!r} at position {pos + 1}")
+        raise SequenceEncodingError(0, f"unknown symbol {seq[pos]!r} at position {pos + 1}", pos)
     ambiguous = Counter()
     if (codes == N_CODE).any():
         ambiguous.update(seq[i].upper() for i in np.flatnonzero(codes == N_CODE))
@@ -84,7 +89,7 @@ def encode_dna(sequences: Iterable[str], length: int) -> EncodedSequences:
         try:
             codes, amb = encode_sequence(seq, length)
         except SequenceEncodingError as exc:
-            raise SequenceEncodingError(i, str(exc)) from None
+            raise SequenceEncodingError(i, str(exc), exc.position) from None
         rows.append(codes)
         if amb:
             total.update(amb)
