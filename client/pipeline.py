@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from client.dp_training import DeepData, DPConfig, TrainConfig, TrainResult, predict_proba, train_deep_model
 from client.features import TabularFrame, deep_tracks, sequence_features, tabular_frame
@@ -64,8 +66,7 @@ class SiteModels:
     forest: SiteForest | None = None
     deep: GenomicNet | None = None
     deep_preprocessor: TabularPreprocessor | None = None
-    logreg: LogisticRegression | None = None
-    logreg_preprocessor: TabularPreprocessor | None = None
+    logreg: Pipeline | None = None
     train_result: TrainResult | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -126,10 +127,14 @@ def fit_forest(data: SiteData, pre: TabularPreprocessor | None, **kw: Any) -> Si
     return SiteForest(**kw).fit(forest_matrix(data, "train", pre), data.y[data.masks["train"]])
 
 
-def fit_logreg(data: SiteData, pre: TabularPreprocessor, *, C: float = 0.1) -> LogisticRegression:
-    """The classical baseline: L2-penalized logistic regression on the tabular features."""
-    x = pre.transform(data.frame.rows(data.masks["train"]))
-    return LogisticRegression(C=C, max_iter=2000).fit(x, data.y[data.masks["train"]])
+def fit_logreg(data: SiteData, pre: TabularPreprocessor | None, *, C: float = 0.1) -> Pipeline:
+    """The classical baseline: L2-penalized logistic regression on the forest's features.
+
+    That is the tabular genomic and clinical features (the polygenic-score style model) and,
+    for a cohort with sequences, the same k-mer / positional features the forest sees.
+    """
+    model = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=5000))
+    return model.fit(forest_matrix(data, "train", pre), data.y[data.masks["train"]])
 
 
 def meta_features(*probas: np.ndarray) -> np.ndarray:
