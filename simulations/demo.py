@@ -61,7 +61,7 @@ def run_demo(*, out: Path, patients: int, sites: int, seed: int) -> dict[str, An
     cohort_dir = out / "cohort"
     synthetic.write_synthetic_cohort(out=cohort_dir, patients=patients, seed=seed)
     sites_dir = out / "sites"
-    site_layout.split_cohort(spec_path=cohort_dir / "spec.toml", sites=sites, by="dirichlet", alpha=2.0,
+    site_layout.split_cohort(spec_path=cohort_dir / "spec.toml", sites=sites, by="dirichlet", alpha=5.0,
                              column=None, seed=seed, out=sites_dir, vaults=True)
     rows = []
     for site_dir in sorted(p for p in sites_dir.iterdir() if (p / "vault").is_dir()):
