@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The full argument parser, with every role's commands registered."""
     # Imported here so that `genofed --help` stays fast and a broken optional part names itself.
     from client import vault_cli
-    from simulations import cohort_cli, demo, evaluate
+    from simulations import cohort_cli, demo, evaluate_cli
 
     parser = argparse.ArgumentParser(prog="genofed", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     vault_cli.register(sub)
     cohort_cli.register(sub)
-    evaluate.register(sub)
+    evaluate_cli.register(sub)
     demo.register(sub)
     return parser
 

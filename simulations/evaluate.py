@@ -13,7 +13,6 @@ or the union of several sites' vaults with the splits stored in them) and writes
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -36,16 +35,11 @@ from client.pipeline import (
     train_deep,
 )
 from common.cohort import Cohort, concat_cohorts
-from common.errors import GenofedError
 from common.meta import StackingMetaClassifier
 from common.metrics import METRIC_NAMES, bootstrap_ci, compute_metrics, paired_tests
 from common.progress import progress_bar
 
 MODELS = ("hybrid", "cnn", "forest", "logreg")
-
-
-class EvaluateError(GenofedError):
-    """Bad input for ``genofed evaluate``."""
 
 
 @dataclass(frozen=True)
@@ -229,65 +223,3 @@ def _json_default(x: Any) -> Any:
     if isinstance(x, np.ndarray):
         return x.tolist()
     raise TypeError(f"not JSON-serialisable: {type(x).__name__}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Command line
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``genofed evaluate``."""
-    p = subparsers.add_parser("evaluate", help="train every model on pooled data: the reference for the federation",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--spec", type=Path, help="a cohort spec: its files are imported in memory")
-    src.add_argument("--vault", type=Path, help="one vault (with --key-file)")
-    src.add_argument("--sites-dir", type=Path, help="pool every DIR/<site>/vault with its DIR/<site>/key")
-    p.add_argument("--key-file", type=Path, help="key of --vault")
-    p.add_argument("--out", type=Path, required=True, help="run directory for metrics.json and metrics.md")
-    dp = p.add_mutually_exclusive_group()
-    dp.add_argument("--epsilon", type=float, default=8.0, help="DP target epsilon for the deep model (default 8)")
-    dp.add_argument("--no-dp", action="store_true", help="train without differential privacy (reference)")
-    p.add_argument("--delta", type=float, help="DP delta (default: min(1e-5, 0.1/n_train))")
-    p.add_argument("--folds", type=int, default=0, help="also run K-fold cross-validation with paired tests")
-    p.add_argument("--epochs", type=int, default=20, help="deep model epochs at most (default 20)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
-    p.set_defaults(func=_command)
-
-
-def load_input_cohort(args: argparse.Namespace) -> tuple[Cohort, str]:
-    """The cohort named by --spec, --vault or --sites-dir."""
-    from client.cohort_store import load_cohort
-    from client.vault import KeySource
-
-    if args.spec is not None:
-        from client.importers import import_cohort
-        from common.spec import load_spec
-
-        return import_cohort(load_spec(args.spec)), f"spec {args.spec}"
-    if args.vault is not None:
-        if args.key_file is None:
-            raise EvaluateError("--vault needs --key-file")
-        return load_cohort(args.vault, KeySource.from_key_file(args.key_file)), f"vault {args.vault}"
-    sites = sorted(p for p in Path(args.sites_dir).iterdir() if (p / "vault").is_dir()) if args.sites_dir.is_dir() else []
-    if not sites:
-        raise EvaluateError(f"{args.sites_dir}: no DIR/<site>/vault folders; make them with `genofed cohort split --vaults`")
-    cohorts = [load_cohort(s / "vault", KeySource.from_key_file(s / "key")) for s in sites]
-    try:
-        return concat_cohorts(cohorts), f"sites {', '.join(s.name for s in sites)} (pooled)"
-    except ValueError as exc:
-        raise EvaluateError(f"{args.sites_dir}: {exc}") from None
-
-
-def _command(args: argparse.Namespace) -> int:
-    cohort, source = load_input_cohort(args)
-    settings = EvaluateSettings(epsilon=None if args.no_dp else args.epsilon, delta=args.delta, epochs=args.epochs,
-                                batch_size=args.batch_size, lr=args.lr, folds=args.folds, seed=args.seed,
-                                n_boot=args.bootstrap)
-    report = run_evaluate(cohort, settings, args.out, source=source)
-    print(render_table(report))
-    print(f"wrote {args.out / 'metrics.json'} and {args.out / 'metrics.md'}")
-    return 0
