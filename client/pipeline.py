@@ -38,6 +38,7 @@ class SiteData:
     frame: TabularFrame
     seq_features: np.ndarray | None
     seq_feature_names: list[str] = field(default_factory=list)
+    orientation_free: bool = False
 
     @classmethod
     def from_cohort(cls, cohort: Cohort, *, kmer: int = 3) -> SiteData:
@@ -47,7 +48,8 @@ class SiteData:
             seq, seq_names = sequence_features(cohort.sequences, k=kmer)
         return cls(y=np.asarray(cohort.labels, dtype=np.int64), classes=tuple(cohort.classes),
                    masks={s: cohort.split_mask(s) for s in SPLITS}, tracks=tracks, track_shapes=shapes,
-                   frame=tabular_frame(cohort), seq_features=seq, seq_feature_names=seq_names)
+                   frame=tabular_frame(cohort), seq_features=seq, seq_feature_names=seq_names,
+                   orientation_free=cohort.schema.get("sequences", {}).get("strand") == "either")
 
     @property
     def n_classes(self) -> int:
@@ -107,7 +109,8 @@ def train_deep(data: SiteData, *, cfg: DeepModelConfig, train: TrainConfig, dp: 
     model = build_model(cfg, seed=seed)
     if initial is not None:
         model.load_state_dict(initial)
-    rc = next((i for i, t in enumerate(cfg.tracks) if t.name == "dna"), None)
+    # Reverse-complement augmentation only where the spec says orientation carries no meaning.
+    rc = next((i for i, t in enumerate(cfg.tracks) if t.name == "dna"), None) if data.orientation_free else None
     tc = TrainConfig(**{**train.__dict__, "reverse_complement_track": rc})
     result = train_deep_model(model, deep_data(data, "train", cfg, pre), val=deep_data(data, "validation", cfg, pre),
                               config=tc, dp=dp, accountant_state=accountant_state, proximal_mu=proximal_mu,

@@ -38,15 +38,16 @@ class DeepModelConfig:
     tracks: tuple[TrackShape, ...] = ()
     n_tabular: int = 0
     arch: Literal["cnn", "lstm"] = "cnn"
-    filters: tuple[int, ...] = (64, 64)
-    kernel_sizes: tuple[int, ...] = (15, 7)
-    dilations: tuple[int, ...] = (1, 2)
+    filters: tuple[int, ...] = (32,)
+    kernel_sizes: tuple[int, ...] = (11,)
+    dilations: tuple[int, ...] = (1,)
     pool: int = 2
+    positional_max_length: int = 100
     groups: int = 8
     lstm_hidden: int = 32
     dense_hidden: int = 64
-    head_hidden: int = 64
-    dropout: float = 0.1
+    head_hidden: int = 32
+    dropout: float = 0.3
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -76,9 +77,14 @@ class DeepModelConfig:
 
 
 class ConvTower(nn.Module):
-    """Conv1d -> GroupNorm -> ReLU -> MaxPool blocks, then global max and mean pooling."""
+    """Conv1d -> GroupNorm -> ReLU -> MaxPool blocks, then global max and mean pooling.
 
-    def __init__(self, channels: int, cfg: DeepModelConfig) -> None:
+    Tracks no longer than ``positional_max_length`` are flattened instead of pooled, so the head
+    sees where along the track a pattern is: short aligned sequences (splice sites, promoters
+    around a TSS) carry their signal in position; long tracks only in content.
+    """
+
+    def __init__(self, channels: int, cfg: DeepModelConfig, length: int) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         c_in = channels
@@ -89,10 +95,17 @@ class ConvTower(nn.Module):
                 layers.append(nn.MaxPool1d(cfg.pool, ceil_mode=True))
             c_in = f
         self.body = nn.Sequential(*layers)
-        self.out_features = 2 * c_in
+        self.positional = length <= cfg.positional_max_length
+        if self.positional:
+            with torch.no_grad():
+                self.out_features = int(self.body(torch.zeros(1, channels, length)).numel())
+        else:
+            self.out_features = 2 * c_in
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.body(x)
+        if self.positional:
+            return h.flatten(start_dim=1)
         return torch.cat([h.amax(dim=2), h.mean(dim=2)], dim=1)
 
     def embed_positions(self, x: torch.Tensor) -> torch.Tensor:
@@ -103,7 +116,7 @@ class ConvTower(nn.Module):
 class LSTMTower(nn.Module):
     """A DP-compatible LSTM over the track's positions; last and mean hidden states."""
 
-    def __init__(self, channels: int, cfg: DeepModelConfig) -> None:
+    def __init__(self, channels: int, cfg: DeepModelConfig, length: int) -> None:
         super().__init__()
         from opacus.layers import DPLSTM
 
@@ -126,7 +139,7 @@ class GenomicNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         tower = LSTMTower if cfg.arch == "lstm" else ConvTower
-        self.towers = nn.ModuleList(tower(t.channels, cfg) for t in cfg.tracks)
+        self.towers = nn.ModuleList(tower(t.channels, cfg, t.length) for t in cfg.tracks)
         width = sum(t.out_features for t in self.towers)
         self.dense: nn.Module | None = None
         if cfg.n_tabular:

@@ -24,6 +24,7 @@ relative to the spec file. Example::
     format = "fasta"                  # or "csv" / "tsv" with column = "..."
     file = "sequences.fa"
     length = 200
+    strand = "forward"                # or "either": orientation-free, train with reverse complements
 
     [modalities.variants]
     file = "variants.vcf.gz"
@@ -96,13 +97,19 @@ class SplitSpec:
 
 @dataclass(frozen=True)
 class SequencesSpec:
-    """Fixed-length DNA sequences, from FASTA (record id = patient id) or a table column."""
+    """Fixed-length DNA sequences, from FASTA (record id = patient id) or a table column.
+
+    ``strand = "forward"`` says the sequences are oriented (splice sites, promoters: the other
+    strand means something else), so no reverse-complement augmentation is done; ``"either"``
+    says orientation carries no meaning, and training adds reverse complements.
+    """
 
     file: Path
     length: int
     format: Literal["fasta", "csv", "tsv"] = "fasta"
     column: str | None = None
     id_column: str | None = None
+    strand: Literal["forward", "either"] = "forward"
 
 
 @dataclass(frozen=True)
@@ -202,7 +209,7 @@ _ALLOWED_KEYS: dict[str, set[str]] = {
     "label": {"file", "column", "classes", "positive", "id-column"},
     "split": {"policy", "train", "validation", "test", "seed", "group-column", "group-file"},
     "modalities": set(MODALITIES),
-    "sequences": {"file", "length", "format", "column", "id-column"},
+    "sequences": {"file", "length", "format", "column", "id-column", "strand"},
     "variants": {"file", "multiallelic", "missing", "sites"},
     "omics": {"file", "features", "id-column", "allow-missing"},
     "clinical": {"file", "numeric", "categorical", "id-column", "allow-missing"},
@@ -345,7 +352,8 @@ def _parse_sequences(r: _Reader) -> SequencesSpec:
     if fmt != "fasta" and column is None:
         raise r.fail("column", f"is required when format = {fmt!r} (the column that holds the sequence)")
     return SequencesSpec(file=r.path("file"), length=length, format=fmt, column=column,
-                         id_column=r.optional_str("id-column"))
+                         id_column=r.optional_str("id-column"),
+                         strand=r.choice("strand", ("forward", "either"), "forward"))
 
 
 def _parse_variants(r: _Reader) -> VariantsSpec:
@@ -419,7 +427,7 @@ def spec_to_dict(spec: CohortSpec, *, relative_to: Path | None = None) -> dict[s
     mods = out["modalities"]
     if (s := spec.sequences) is not None:
         mods["sequences"] = clean({"format": s.format, "file": rel(s.file), "length": s.length, "column": s.column,
-                                   "id-column": s.id_column})
+                                   "id-column": s.id_column, "strand": s.strand})
     if (v := spec.variants) is not None:
         mods["variants"] = clean({"file": rel(v.file), "multiallelic": v.multiallelic, "missing": v.missing,
                                   "sites": list(v.sites) if v.sites is not None else None})
@@ -460,7 +468,7 @@ def spec_schema(spec: CohortSpec) -> dict[str, Any]:
         "modalities": list(spec.modalities),
     }
     if (s := spec.sequences) is not None:
-        schema["sequences"] = {"length": s.length, "alphabet": "ACGT", "ambiguity": "N"}
+        schema["sequences"] = {"length": s.length, "alphabet": "ACGT", "ambiguity": "N", "strand": s.strand}
     if (v := spec.variants) is not None:
         schema["variants"] = {"multiallelic": v.multiallelic, "missing": v.missing,
                               "sites": list(v.sites) if v.sites is not None else None}

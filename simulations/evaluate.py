@@ -49,10 +49,11 @@ class EvaluateSettings:
     epsilon: float | None = 8.0
     delta: float | None = None
     max_grad_norm: float = 1.0
-    epochs: int = 20
+    epochs: int = 30
     batch_size: int = 64
-    lr: float = 2e-3
-    patience: int = 4
+    lr: float = 1e-3
+    weight_decay: float = 1e-3
+    patience: int = 8
     grad_sample_mode: str = "hooks"
     folds: int = 0
     seed: int = 0
@@ -76,7 +77,7 @@ def evaluate_split(data: SiteData, settings: EvaluateSettings, *, label: str = "
     pre = fit_tabular_preprocessor(data)
     cfg = deep_config(data)
     train = TrainConfig(epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr,
-                        patience=settings.patience, seed=settings.seed)
+                        weight_decay=settings.weight_decay, patience=settings.patience, seed=settings.seed)
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
     with progress_bar() as bar:
