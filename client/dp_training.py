@@ -140,10 +140,9 @@ def _rc_augment(batch: list[torch.Tensor], track: int | None, gen: torch.Generat
     return [*batch[:track], x, *batch[track + 1:]]
 
 
-def _split_batch(batch: list[torch.Tensor], n_tracks: int, has_tab: bool) -> tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor]:
-    tracks = list(batch[:n_tracks])
-    tab = batch[n_tracks] if has_tab else None
-    return tracks, tab, batch[-1]
+def _split_batch(batch: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Model inputs (tracks then tabular, as ``GenomicNet.forward`` takes them) and labels."""
+    return list(batch[:-1]), batch[-1]
 
 
 @torch.no_grad()
@@ -153,8 +152,8 @@ def predict_proba(model: GenomicNet, data: DeepData, *, batch_size: int = 512) -
     loader = DataLoader(TensorDataset(*data.tensors()), batch_size=batch_size, shuffle=False)
     out = []
     for batch in loader:
-        tracks, tab, _ = _split_batch(list(batch), len(data.tracks), data.tabular is not None)
-        out.append(torch.softmax(model(tracks, tab), dim=1))
+        inputs, _ = _split_batch(list(batch))
+        out.append(torch.softmax(model(*inputs), dim=1))
     return torch.cat(out).numpy() if out else np.zeros((0, model.cfg.n_classes))
 
 
@@ -188,13 +187,12 @@ def train_deep_model(model: GenomicNet, train: DeepData, *, val: DeepData | None
     if dp is not None:
         net, optimizer, criterion, loader, engine, sigma, q = _make_private(model, optimizer, criterion, loader,
                                                                             train, config, dp, accountant_state)
-    n_tracks, has_tab = len(train.tracks), train.tabular is not None
     best = (math.inf, 0, copy.deepcopy(model.state_dict()))
     history: list[dict[str, float]] = []
     bad_epochs = steps = 0
     for epoch in range(1, config.epochs + 1):
-        loss_sum, seen, steps_epoch = _run_epoch(net, optimizer, criterion, loader, config, dp, n_tracks, has_tab,
-                                                 gen, start, proximal_mu)
+        loss_sum, seen, steps_epoch = _run_epoch(net, optimizer, criterion, loader, config, dp, gen, start,
+                                                 proximal_mu)
         steps += steps_epoch
         record = {"epoch": epoch, "train_loss": loss_sum / max(seen, 1)}
         if val is not None and len(val):
@@ -243,7 +241,7 @@ def _make_private(model, optimizer, criterion, loader, train, config, dp, accoun
     return net, optimizer, criterion, loader, engine, sigma, q
 
 
-def _run_epoch(net, optimizer, criterion, loader, config, dp, n_tracks, has_tab, gen, start, mu):
+def _run_epoch(net, optimizer, criterion, loader, config, dp, gen, start, mu):
     from opacus.utils.batch_memory_manager import BatchMemoryManager
 
     net.train()
@@ -256,11 +254,11 @@ def _run_epoch(net, optimizer, criterion, loader, config, dp, n_tracks, has_tab,
     with ctx as batches:
         for batch in batches:
             batch = _rc_augment(list(batch), config.reverse_complement_track, gen)
-            tracks, tab, y = _split_batch(batch, n_tracks, has_tab)
+            inputs, y = _split_batch(batch)
             if y.shape[0] == 0:
                 continue  # Poisson sampling can draw an empty batch
             optimizer.zero_grad(set_to_none=True)
-            loss = criterion(net(tracks, tab), y)
+            loss = criterion(net(*inputs), y)
             loss.backward()
             optimizer.step()
             if dp is None or not getattr(optimizer, "_is_last_step_skipped", False):

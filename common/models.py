@@ -131,8 +131,10 @@ class LSTMTower(nn.Module):
 class GenomicNet(nn.Module):
     """Towers over tracks plus a dense branch over tabular inputs, joined by a small head.
 
-    ``forward(tracks, tabular)`` takes a list of (n, C_t, L_t) tensors in config order and an
-    (n, n_tabular) tensor (or None); it returns (n, n_classes) logits.
+    ``forward(*inputs)`` takes the (n, C_t, L_t) track tensors in config order, then the
+    (n, n_tabular) tabular tensor when the model has a dense branch; it returns (n, n_classes)
+    logits. Inputs are positional tensors (not a list) because Opacus' expanded-weights mode
+    reads the batch size from the first one.
     """
 
     def __init__(self, cfg: DeepModelConfig) -> None:
@@ -149,17 +151,23 @@ class GenomicNet(nn.Module):
         self.head = nn.Sequential(nn.Linear(width, cfg.head_hidden), nn.ReLU(), nn.Dropout(cfg.dropout))
         self.out = nn.Linear(cfg.head_hidden, cfg.n_classes)
 
-    def embed(self, tracks: list[torch.Tensor], tabular: torch.Tensor | None = None) -> torch.Tensor:
+    @property
+    def n_inputs(self) -> int:
+        """How many tensors ``forward`` takes."""
+        return len(self.towers) + (1 if self.dense is not None else 0)
+
+    def embed(self, *inputs: torch.Tensor) -> torch.Tensor:
         """The penultimate embedding (what the forest can be fed as extra features)."""
-        parts = [tower(x) for tower, x in zip(self.towers, tracks)]
+        if len(inputs) != self.n_inputs:
+            raise ValueError(f"expected {self.n_inputs} input tensors ({len(self.towers)} tracks"
+                             f"{' + tabular' if self.dense is not None else ''}), got {len(inputs)}")
+        parts = [tower(x) for tower, x in zip(self.towers, inputs)]
         if self.dense is not None:
-            if tabular is None:
-                raise ValueError("this model has a dense branch: pass the tabular inputs")
-            parts.append(self.dense(tabular))
+            parts.append(self.dense(inputs[-1]))
         return self.head(torch.cat(parts, dim=1))
 
-    def forward(self, tracks: list[torch.Tensor], tabular: torch.Tensor | None = None) -> torch.Tensor:
-        return self.out(self.embed(tracks, tabular))
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.out(self.embed(*inputs))
 
 
 def build_model(cfg: DeepModelConfig, *, seed: int | None = None) -> GenomicNet:
