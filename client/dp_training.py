@@ -59,6 +59,9 @@ class DPConfig:
     ``total_epochs`` is the number of passes over the training split the *whole* training will
     make (in the federation: rounds x local epochs); the noise is calibrated to spend the
     target epsilon exactly at its end.
+
+    ``grad_sample_mode`` defaults to Opacus' expanded weights ("ew"), the fastest correct mode
+    on our network (``python -m simulations.benchmarks.dp_modes``: see docs/learning.md).
     """
 
     target_epsilon: float = 8.0
@@ -66,7 +69,7 @@ class DPConfig:
     max_grad_norm: float = 1.0
     total_epochs: int = 10
     accountant: Literal["rdp", "prv", "gdp"] = "rdp"
-    grad_sample_mode: GradSampleMode = "hooks"
+    grad_sample_mode: GradSampleMode = "ew"
 
 
 @dataclass(frozen=True)

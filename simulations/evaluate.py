@@ -54,7 +54,7 @@ class EvaluateSettings:
     lr: float = 1e-3
     weight_decay: float = 1e-3
     patience: int = 8
-    grad_sample_mode: str = "hooks"
+    grad_sample_mode: str = "ew"
     folds: int = 0
     seed: int = 0
     n_boot: int = 1000
