@@ -106,8 +106,11 @@ def calibrate_noise(*, n_train: int, dp: DPConfig, batch_size: int) -> tuple[flo
     """Noise multiplier reaching ``dp.target_epsilon`` after ``dp.total_epochs``; returns (sigma, q)."""
     from opacus.accountants.utils import get_noise_multiplier
 
-    q = min(1.0, batch_size / n_train)
-    steps = dp.total_epochs * math.ceil(1.0 / q)
+    # Opacus' Poisson loader samples each record with rate 1 / (batches per epoch) and draws
+    # that many batches per epoch; calibrating with anything else would miss the target.
+    batches = math.ceil(n_train / batch_size)
+    q = 1.0 / batches
+    steps = dp.total_epochs * batches
     sigma = get_noise_multiplier(target_epsilon=dp.target_epsilon, target_delta=dp.target_delta, sample_rate=q,
                                  steps=steps, accountant=dp.accountant)
     return float(sigma), q
@@ -228,11 +231,13 @@ def _make_private(model, optimizer, criterion, loader, train, config, dp, accoun
         sigma, q = float(accountant_state["noise_multiplier"]), float(accountant_state["sample_rate"])
     else:
         sigma, q = calibrate_noise(n_train=len(train), dp=dp, batch_size=config.batch_size)
-    engine = PrivacyEngine(accountant=dp.accountant)
+    with warnings.catch_warnings():
+        # Opacus warns about the insecure RNG on every call; the module docstring states it once.
+        warnings.filterwarnings("ignore", message="Secure RNG turned off", category=UserWarning)
+        engine = PrivacyEngine(accountant=dp.accountant)
     if accountant_state:
         engine.accountant.load_state_dict(_accountant_from_json(accountant_state))
     with warnings.catch_warnings():
-        # Opacus warns about the insecure RNG on every call; the module docstring states it once.
         warnings.simplefilter("ignore", UserWarning)
         wrapped = engine.make_private(module=model, optimizer=optimizer, criterion=criterion, data_loader=loader,
                                       noise_multiplier=sigma, max_grad_norm=dp.max_grad_norm, poisson_sampling=True,

@@ -54,7 +54,7 @@ def deep_tracks(cohort: Cohort) -> tuple[list[np.ndarray], tuple[TrackShape, ...
         shapes.append(TrackShape("dna", 4, int(cohort.sequences.shape[1])))
     if cohort.variants is not None:
         arrays.append(dosage_track(cohort.variants.values))
-        shapes.append(TrackShape("dosage", 2, int(cohort.variants.values.shape[1])))
+        shapes.append(TrackShape("dosage", 2, int(cohort.variants.values.shape[1]), positional=True))
     return arrays, tuple(shapes)
 
 

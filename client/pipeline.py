@@ -73,21 +73,30 @@ class SiteModels:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def deep_config(data: SiteData, **arch: Any) -> DeepModelConfig:
-    """The deep model for this data: towers over its tracks; the dense branch only without tracks.
+def deep_config(data: SiteData, *, pre: TabularPreprocessor | None = None, tracks: str = "auto",
+                **arch: Any) -> DeepModelConfig:
+    """The deep model for this data.
 
-    Keeping tabular data out of the deep model when tracks exist keeps the two base models
-    complementary (sequence vs tabular), which is what the stacking combines.
+    ``tracks = "auto"`` reads the DNA track when there is one, else the genotype dosage track,
+    else (no track at all) the tabular features, preprocessed by ``pre``, through the dense
+    branch; ``"all"`` reads
+    every track. Keeping tabular data and variants out of the deep model when DNA exists keeps
+    the two base models complementary (sequence vs tabular), which is what stacking combines;
+    on our synthetic cohorts a second, dosage tower also stalled the DNA tower's training.
     """
-    n_tab = 0 if data.track_shapes else data.frame.width
-    return DeepModelConfig(n_classes=data.n_classes, tracks=data.track_shapes, n_tabular=n_tab, **arch)
+    shapes = data.track_shapes
+    if tracks == "auto" and shapes:
+        shapes = tuple(s for s in shapes if s.name == "dna") or shapes[:1]
+    n_tab = 0 if shapes or pre is None else len(pre.feature_names_out_)
+    return DeepModelConfig(n_classes=data.n_classes, tracks=shapes, n_tabular=n_tab, **arch)
 
 
 def deep_data(data: SiteData, split: str, cfg: DeepModelConfig, pre: TabularPreprocessor | None) -> DeepData:
-    """Inputs of the deep model for one split."""
+    """Inputs of the deep model for one split (the tracks ``cfg`` reads, in its order)."""
     mask = data.masks[split]
+    by_name = {s.name: t for s, t in zip(data.track_shapes, data.tracks)}
     tab = pre.transform(data.frame.rows(mask)).astype(np.float32) if cfg.n_tabular else None
-    return DeepData(tracks=[t[mask] for t in data.tracks], tabular=tab, y=data.y[mask])
+    return DeepData(tracks=[by_name[s.name][mask] for s in cfg.tracks], tabular=tab, y=data.y[mask])
 
 
 def forest_matrix(data: SiteData, split: str, pre: TabularPreprocessor | None) -> np.ndarray:

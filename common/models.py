@@ -23,11 +23,17 @@ from torch import nn
 
 @dataclass(frozen=True)
 class TrackShape:
-    """One input track: its name, channel count and length."""
+    """One input track: its name, channel count and length.
+
+    ``positional`` says whether position along the track carries meaning: True for genotype
+    dosages (position = which variant), None to decide by length (short aligned sequences are
+    positional, long ones are read for content only).
+    """
 
     name: str
     channels: int
     length: int
+    positional: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -38,16 +44,17 @@ class DeepModelConfig:
     tracks: tuple[TrackShape, ...] = ()
     n_tabular: int = 0
     arch: Literal["cnn", "lstm"] = "cnn"
-    filters: tuple[int, ...] = (32,)
-    kernel_sizes: tuple[int, ...] = (11,)
-    dilations: tuple[int, ...] = (1,)
+    filters: tuple[int, ...] = (64, 64)
+    kernel_sizes: tuple[int, ...] = (9, 5)
+    dilations: tuple[int, ...] = (1, 1)
     pool: int = 2
     positional_max_length: int = 100
+    positional_bins: int = 64
     groups: int = 8
     lstm_hidden: int = 32
     dense_hidden: int = 64
     head_hidden: int = 32
-    dropout: float = 0.3
+    dropout: float = 0.5
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -77,17 +84,18 @@ class DeepModelConfig:
 
 
 class ConvTower(nn.Module):
-    """Conv1d -> GroupNorm -> ReLU -> MaxPool blocks, then global max and mean pooling.
+    """Conv1d -> GroupNorm -> ReLU -> MaxPool blocks, then a read-out that keeps or drops position.
 
-    Tracks no longer than ``positional_max_length`` are flattened instead of pooled, so the head
-    sees where along the track a pattern is: short aligned sequences (splice sites, promoters
-    around a TSS) carry their signal in position; long tracks only in content.
+    Content read-out (long DNA): global max and mean pooling, so a motif counts wherever it is.
+    Positional read-out (short aligned DNA, e.g. splice sites; genotype dosages, where position
+    is the variant): the feature maps are flattened, after max pooling to at most
+    ``positional_bins`` positions so a long panel does not make the head huge.
     """
 
-    def __init__(self, channels: int, cfg: DeepModelConfig, length: int) -> None:
+    def __init__(self, track: TrackShape, cfg: DeepModelConfig) -> None:
         super().__init__()
         layers: list[nn.Module] = []
-        c_in = channels
+        c_in = track.channels
         for i, (f, k, d) in enumerate(zip(cfg.filters, cfg.kernel_sizes, cfg.dilations)):
             layers += [nn.Conv1d(c_in, f, k, dilation=d, padding=d * (k - 1) // 2),
                        nn.GroupNorm(cfg.groups, f), nn.ReLU()]
@@ -95,17 +103,23 @@ class ConvTower(nn.Module):
                 layers.append(nn.MaxPool1d(cfg.pool, ceil_mode=True))
             c_in = f
         self.body = nn.Sequential(*layers)
-        self.positional = length <= cfg.positional_max_length
+        self.positional = track.positional if track.positional is not None else \
+            track.length <= cfg.positional_max_length
+        self.readout: nn.Module = nn.Identity()
         if self.positional:
             with torch.no_grad():
-                self.out_features = int(self.body(torch.zeros(1, channels, length)).numel())
+                out_len = int(self.body(torch.zeros(1, track.channels, track.length)).shape[2])
+            if out_len > cfg.positional_bins:
+                self.readout = nn.AdaptiveMaxPool1d(cfg.positional_bins)
+                out_len = cfg.positional_bins
+            self.out_features = c_in * out_len
         else:
             self.out_features = 2 * c_in
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.body(x)
         if self.positional:
-            return h.flatten(start_dim=1)
+            return self.readout(h).flatten(start_dim=1)
         return torch.cat([h.amax(dim=2), h.mean(dim=2)], dim=1)
 
     def embed_positions(self, x: torch.Tensor) -> torch.Tensor:
@@ -116,11 +130,11 @@ class ConvTower(nn.Module):
 class LSTMTower(nn.Module):
     """A DP-compatible LSTM over the track's positions; last and mean hidden states."""
 
-    def __init__(self, channels: int, cfg: DeepModelConfig, length: int) -> None:
+    def __init__(self, track: TrackShape, cfg: DeepModelConfig) -> None:
         super().__init__()
         from opacus.layers import DPLSTM
 
-        self.lstm = DPLSTM(channels, cfg.lstm_hidden, batch_first=True)
+        self.lstm = DPLSTM(track.channels, cfg.lstm_hidden, batch_first=True)
         self.out_features = 2 * cfg.lstm_hidden
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -141,7 +155,7 @@ class GenomicNet(nn.Module):
         super().__init__()
         self.cfg = cfg
         tower = LSTMTower if cfg.arch == "lstm" else ConvTower
-        self.towers = nn.ModuleList(tower(t.channels, cfg, t.length) for t in cfg.tracks)
+        self.towers = nn.ModuleList(tower(t, cfg) for t in cfg.tracks)
         width = sum(t.out_features for t in self.towers)
         self.dense: nn.Module | None = None
         if cfg.n_tabular:

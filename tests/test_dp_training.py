@@ -50,18 +50,23 @@ def _independent_epsilon(sigma: float, q: float, steps: int, delta: float) -> fl
     return acc.get_epsilon(delta=delta)
 
 
-def test_dp_epsilon_matches_an_independent_accountant() -> None:
+@pytest.mark.parametrize("n", [400, 413])
+def test_dp_epsilon_matches_an_independent_accountant(n: int) -> None:
     dp = DPConfig(target_epsilon=4.0, target_delta=1e-4, max_grad_norm=1.0, total_epochs=3)
     model = build_model(CFG, seed=0)
-    result = train_deep_model(model, motif_data(400, 0), config=TrainConfig(epochs=3, batch_size=40, patience=10),
+    result = train_deep_model(model, motif_data(n, 0), config=TrainConfig(epochs=3, batch_size=40, patience=10),
                               dp=dp)
     assert result.steps > 0 and result.noise_multiplier > 0
     q = result.accountant_state["sample_rate"]
     expected = _independent_epsilon(result.noise_multiplier, q, result.steps, dp.target_delta)
     assert result.epsilon == pytest.approx(expected, rel=1e-9)
     # Calibrated to the whole training: spending all planned epochs lands on the target.
-    planned = _independent_epsilon(result.noise_multiplier, q, 3 * 10, dp.target_delta)
+    batches = -(-n // 40)
+    assert q == pytest.approx(1 / batches)
+    planned = _independent_epsilon(result.noise_multiplier, q, 3 * batches, dp.target_delta)
     assert planned == pytest.approx(dp.target_epsilon, abs=0.02)
+    # All planned epochs ran, so the reported spend is the target.
+    assert result.epsilon == pytest.approx(dp.target_epsilon, abs=0.02)
 
 
 CHILD = """

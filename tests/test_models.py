@@ -29,6 +29,8 @@ CONFIGS = {
     "cnn-dna-pooled": DeepModelConfig(n_classes=2, tracks=(DNA,), positional_max_length=10, groups=4),
     "cnn-two-tracks-dense": DeepModelConfig(n_classes=2, tracks=(DNA, DOSAGE), n_tabular=5, filters=(8, 16),
                                             kernel_sizes=(7, 3), dilations=(1, 1), groups=4),
+    "dosage-binned": DeepModelConfig(n_classes=2, tracks=(TrackShape("dosage", 2, 300, positional=True),),
+                                     positional_bins=16, filters=(8,), kernel_sizes=(5,), dilations=(1,), groups=4),
     "dense-only": DeepModelConfig(n_classes=2, n_tabular=7),
     "lstm": DeepModelConfig(n_classes=2, tracks=(TrackShape("dna", 4, 20),), arch="lstm", lstm_hidden=8,
                             filters=(8,), kernel_sizes=(3,), dilations=(1,), groups=4),
@@ -53,6 +55,13 @@ def test_seeded_build_is_deterministic_and_config_round_trips() -> None:
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert ka == kb and torch.equal(va, vb)
     assert not torch.equal(next(build_model(cfg, seed=8).parameters()), next(a.parameters()))
+
+
+def test_long_positional_track_is_binned() -> None:
+    model = build_model(CONFIGS["dosage-binned"], seed=0)
+    assert model.towers[0].positional and model.towers[0].out_features == 8 * 16
+    pooled = build_model(CONFIGS["cnn-dna-pooled"], seed=0)
+    assert not pooled.towers[0].positional
 
 
 def test_config_rejects_groupnorm_mismatch_and_empty_inputs() -> None:

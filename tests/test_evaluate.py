@@ -1,0 +1,99 @@
+"""`genofed evaluate`: the pooled reference, its metrics.json contract, and the hybrid's advantage."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from client.importers import import_cohort
+from common.metrics import METRIC_NAMES
+from common.spec import load_spec, write_spec
+from simulations.cli import main
+from simulations.evaluate import EvaluateSettings, run_evaluate
+from simulations.synthetic import write_synthetic_cohort
+
+FAST = dict(epochs=4, n_boot=30, forest_trees=30)
+
+
+@pytest.fixture(scope="module")
+def small_spec(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("eval") / "cohort"
+    write_synthetic_cohort(out=out, patients=400, seed=3)
+    return out / "spec.toml"
+
+
+def _check_contract(report: dict, out: Path) -> None:
+    on_disk = json.loads((out / "metrics.json").read_text())
+    assert set(on_disk["models"]) == {"hybrid", "cnn", "forest", "logreg"}
+    for name, m in on_disk["models"].items():
+        for key in METRIC_NAMES:
+            assert isinstance(m[key], float) and 0.0 <= m[key] <= 1.0, (name, key)
+            lo, hi = m["ci"][key]
+            assert lo <= hi, (name, key)
+    assert "| hybrid |" in (out / "metrics.md").read_text()
+    assert on_disk["privacy"] == json.loads(json.dumps(report["privacy"]))
+
+
+def test_non_dp_run_writes_the_metrics_contract(small_spec: Path, tmp_path: Path) -> None:
+    cohort = import_cohort(load_spec(small_spec))
+    report = run_evaluate(cohort, EvaluateSettings(epsilon=None, **FAST), tmp_path, source="test")
+    _check_contract(report, tmp_path)
+    assert report["privacy"] == {"dp": False}
+    assert report["cohort"]["patients"] == 400
+
+
+def test_dp_run_reports_epsilon_delta_and_accountant(small_spec: Path, tmp_path: Path) -> None:
+    cohort = import_cohort(load_spec(small_spec))
+    report = run_evaluate(cohort, EvaluateSettings(epsilon=3.0, **FAST), tmp_path, source="test")
+    _check_contract(report, tmp_path)
+    p = report["privacy"]
+    n_train = report["cohort"]["splits"]["train"]
+    assert p["dp"] and p["accountant"] == "rdp"
+    assert 0 < p["epsilon"] <= 3.0 + 0.02  # spent at most the target (calibrated to every planned epoch)
+    assert p["delta"] < 1 / n_train
+
+
+def test_cohort_without_sequences_gets_a_dense_deep_model(small_spec: Path, tmp_path: Path) -> None:
+    spec = load_spec(small_spec)
+    tabular_only = write_spec(dataclasses.replace(spec, sequences=None, variants=None), tmp_path / "tab" / "spec.toml")
+    out = tmp_path / "run"
+    assert main(["evaluate", "--spec", str(tabular_only), "--out", str(out), "--no-dp", "--epochs", "3",
+                 "--bootstrap", "20"]) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    deep = report["details"]["deep"]["config"]
+    assert deep["tracks"] == [] and deep["n_tabular"] > 0
+    assert not math.isnan(report["models"]["hybrid"]["auc"])
+
+
+def test_folds_give_paired_tests(small_spec: Path, tmp_path: Path) -> None:
+    cohort = import_cohort(load_spec(small_spec))
+    report = run_evaluate(cohort, EvaluateSettings(epsilon=None, folds=3, **FAST), tmp_path, source="test")
+    folds = report["folds"]
+    assert folds["k"] == 3 and all(len(v) == 3 for v in folds["per_fold"].values())
+    for name in ("hybrid_vs_cnn", "hybrid_vs_forest", "hybrid_vs_logreg"):
+        t = folds["paired_tests"][name]
+        assert t["pairs"] == 3 and 0.0 <= t["ttest_p"] <= 1.0 and 0.0 <= t["wilcoxon_p"] <= 1.0
+
+
+def test_cli_input_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["evaluate", "--vault", str(tmp_path), "--out", str(tmp_path / "o")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "genofed: error: --vault needs --key-file"
+    (tmp_path / "empty").mkdir()
+    assert main(["evaluate", "--sites-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "o")]) == 1
+    assert "no DIR/<site>/vault folders" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_hybrid_beats_each_base_model_on_a_synthetic_cohort(tmp_path: Path) -> None:
+    """The planted signal is split across modalities: stacking must beat CNN and forest by 0.02 AUC."""
+    write_synthetic_cohort(out=tmp_path / "cohort", patients=2000, seed=0)
+    cohort = import_cohort(load_spec(tmp_path / "cohort" / "spec.toml"))
+    report = run_evaluate(cohort, EvaluateSettings(epsilon=None, n_boot=50), tmp_path / "run", source="test")
+    auc = {m: report["models"][m]["auc"] for m in ("hybrid", "cnn", "forest")}
+    assert auc["hybrid"] >= auc["cnn"] + 0.02, auc
+    assert auc["hybrid"] >= auc["forest"] + 0.02, auc
