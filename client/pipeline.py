@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -99,15 +100,33 @@ def deep_data(data: SiteData, split: str, cfg: DeepModelConfig, pre: TabularPrep
     return DeepData(tracks=[by_name[s.name][mask] for s in cfg.tracks], tabular=tab, y=data.y[mask])
 
 
-def forest_matrix(data: SiteData, split: str, pre: TabularPreprocessor | None) -> np.ndarray:
-    """The forest's features: preprocessed tabular columns plus sequence-derived features."""
+def forest_matrix(data: SiteData, split: str, pre: TabularPreprocessor | None,
+                  embedding: GenomicNet | None = None) -> np.ndarray:
+    """The forest's features: preprocessed tabular columns plus sequence-derived features.
+
+    With ``embedding`` (a trained deep model), its penultimate-layer embedding of the split is
+    appended: the seed's "CNN features into a forest" variant.
+    """
     mask = data.masks[split]
     parts = []
     if pre is not None:
         parts.append(pre.transform(data.frame.rows(mask)))
     if data.seq_features is not None:
         parts.append(data.seq_features[mask])
+    if embedding is not None:
+        parts.append(deep_embedding(embedding, data, split, pre))
     return np.hstack(parts)
+
+
+@torch.no_grad()
+def deep_embedding(model: GenomicNet, data: SiteData, split: str, pre: TabularPreprocessor | None) -> np.ndarray:
+    """The deep model's penultimate embedding of one split."""
+    model.eval()
+    d = deep_data(data, split, model.cfg, pre)
+    inputs = [torch.as_tensor(t, dtype=torch.float32) for t in d.tracks]
+    if d.tabular is not None:
+        inputs.append(torch.as_tensor(d.tabular, dtype=torch.float32))
+    return model.embed(*inputs).numpy().astype(np.float64)
 
 
 def train_deep(data: SiteData, *, cfg: DeepModelConfig, train: TrainConfig, dp: DPConfig | None,
@@ -134,9 +153,10 @@ def fit_tabular_preprocessor(data: SiteData, **kw: Any) -> TabularPreprocessor |
     return TabularPreprocessor(**kw).fit(data.frame.rows(data.masks["train"]))
 
 
-def fit_forest(data: SiteData, pre: TabularPreprocessor | None, **kw: Any) -> SiteForest:
-    """The site forest on the train split."""
-    return SiteForest(**kw).fit(forest_matrix(data, "train", pre), data.y[data.masks["train"]])
+def fit_forest(data: SiteData, pre: TabularPreprocessor | None, *, embedding: GenomicNet | None = None,
+               **kw: Any) -> SiteForest:
+    """The site forest on the train split (optionally with the deep model's embedding as features)."""
+    return SiteForest(**kw).fit(forest_matrix(data, "train", pre, embedding), data.y[data.masks["train"]])
 
 
 def fit_logreg(data: SiteData, pre: TabularPreprocessor | None, *, C: float = 0.1) -> Pipeline:

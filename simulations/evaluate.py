@@ -59,6 +59,8 @@ class EvaluateSettings:
     seed: int = 0
     n_boot: int = 1000
     forest_trees: int = 200
+    forest_cnn_features: bool = False
+    arch: str = "cnn"
     meta_C: float = 1.0
 
     @property
@@ -83,7 +85,7 @@ def evaluate_split(data: SiteData, settings: EvaluateSettings, *, label: str = "
         dp = DPConfig(target_epsilon=settings.epsilon, target_delta=delta, max_grad_norm=settings.max_grad_norm,
                       total_epochs=settings.planned_epochs, grad_sample_mode=settings.grad_sample_mode)
     pre = fit_tabular_preprocessor(data)
-    cfg = deep_config(data, pre=pre)
+    cfg = deep_config(data, pre=pre, arch=settings.arch)
     train = TrainConfig(epochs=settings.planned_epochs, batch_size=settings.batch_size, lr=settings.lr,
                         weight_decay=settings.weight_decay, patience=settings.patience, seed=settings.seed)
     timing: dict[str, float] = {}
@@ -95,11 +97,12 @@ def evaluate_split(data: SiteData, settings: EvaluateSettings, *, label: str = "
         bar.update(task, completed=settings.planned_epochs)
     timing["deep_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    forest = fit_forest(data, pre, n_estimators=settings.forest_trees, random_state=settings.seed)
+    emb = model if settings.forest_cnn_features else None
+    forest = fit_forest(data, pre, embedding=emb, n_estimators=settings.forest_trees, random_state=settings.seed)
     timing["forest_s"] = time.perf_counter() - t0
     logreg = fit_logreg(data, pre)
     proba = {s: {"cnn": deep_proba(model, data, s, pre),
-                 "forest": forest.predict_proba(forest_matrix(data, s, pre)),
+                 "forest": forest.predict_proba(forest_matrix(data, s, pre, emb)),
                  "logreg": logreg.predict_proba(forest_matrix(data, s, pre))} for s in ("validation", "test")}
     val_y = data.y[data.masks["validation"]]
     meta = StackingMetaClassifier(penalty="l2", C=settings.meta_C).fit(

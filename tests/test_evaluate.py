@@ -97,3 +97,13 @@ def test_hybrid_beats_each_base_model_on_a_synthetic_cohort(tmp_path: Path) -> N
     auc = {m: report["models"][m]["auc"] for m in ("hybrid", "cnn", "forest")}
     assert auc["hybrid"] >= auc["cnn"] + 0.02, auc
     assert auc["hybrid"] >= auc["forest"] + 0.02, auc
+
+
+def test_lstm_and_cnn_features_into_the_forest(tmp_path: Path) -> None:
+    # DPLSTM steps through positions in Python: a short-sequence cohort keeps this test quick.
+    write_synthetic_cohort(out=tmp_path / "short", patients=200, seed=4, sequence_length=60)
+    cohort = import_cohort(load_spec(tmp_path / "short" / "spec.toml"))
+    settings = EvaluateSettings(epsilon=None, arch="lstm", forest_cnn_features=True, **{**FAST, "epochs": 1})
+    report = run_evaluate(cohort, settings, tmp_path, source="test")
+    assert report["details"]["deep"]["config"]["arch"] == "lstm"
+    _check_contract(report, tmp_path)
