@@ -22,6 +22,7 @@ from client.features import TabularFrame, deep_tracks, sequence_features, tabula
 from client.forest import SiteForest
 from client.preprocess import TabularPreprocessor
 from common.cohort import Cohort
+from common.model_config import deep_config_for_schema
 from common.models import DeepModelConfig, GenomicNet, TrackShape, build_model
 
 SPLITS = ("train", "validation", "test")
@@ -40,6 +41,7 @@ class SiteData:
     seq_features: np.ndarray | None
     seq_feature_names: list[str] = field(default_factory=list)
     orientation_free: bool = False
+    schema: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_cohort(cls, cohort: Cohort, *, kmer: int = 3) -> SiteData:
@@ -50,7 +52,8 @@ class SiteData:
         return cls(y=np.asarray(cohort.labels, dtype=np.int64), classes=tuple(cohort.classes),
                    masks={s: cohort.split_mask(s) for s in SPLITS}, tracks=tracks, track_shapes=shapes,
                    frame=tabular_frame(cohort), seq_features=seq, seq_feature_names=seq_names,
-                   orientation_free=cohort.schema.get("sequences", {}).get("strand") == "either")
+                   orientation_free=cohort.schema.get("sequences", {}).get("strand") == "either",
+                   schema=cohort.schema)
 
     @property
     def n_classes(self) -> int:
@@ -76,20 +79,22 @@ class SiteModels:
 
 def deep_config(data: SiteData, *, pre: TabularPreprocessor | None = None, tracks: str = "auto",
                 **arch: Any) -> DeepModelConfig:
-    """The deep model for this data.
+    """The deep model for this data: :func:`common.model_config.deep_config_for_schema`.
 
-    ``tracks = "auto"`` reads the DNA track when there is one, else the genotype dosage track,
-    else (no track at all) the tabular features, preprocessed by ``pre``, through the dense
-    branch; ``"all"`` reads
-    every track. Keeping tabular data and variants out of the deep model when DNA exists keeps
-    the two base models complementary (sequence vs tabular), which is what stacking combines;
-    on our synthetic cohorts a second, dosage tower also stalled the DNA tower's training.
+    Raises
+    ------
+    ValueError
+        If the data does not have the shapes its schema promises (a corrupted vault, or a
+        preprocessor fitted on other columns).
     """
-    shapes = data.track_shapes
-    if tracks == "auto" and shapes:
-        shapes = tuple(s for s in shapes if s.name == "dna") or shapes[:1]
-    n_tab = 0 if shapes or pre is None else len(pre.feature_names_out_)
-    return DeepModelConfig(n_classes=data.n_classes, tracks=shapes, n_tabular=n_tab, **arch)
+    cfg = deep_config_for_schema(data.schema, tracks=tracks, **arch)
+    have = {s.name: s for s in data.track_shapes}
+    for t in cfg.tracks:
+        if t.name not in have or (have[t.name].channels, have[t.name].length) != (t.channels, t.length):
+            raise ValueError(f"track {t.name!r}: the data does not match the schema ({have.get(t.name)} vs {t})")
+    if cfg.n_tabular and pre is not None and len(pre.feature_names_out_) != cfg.n_tabular:
+        raise ValueError(f"dense branch: {len(pre.feature_names_out_)} preprocessed columns, schema says {cfg.n_tabular}")
+    return cfg
 
 
 def deep_data(data: SiteData, split: str, cfg: DeepModelConfig, pre: TabularPreprocessor | None) -> DeepData:
