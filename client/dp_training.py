@@ -74,7 +74,12 @@ class DPConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation settings."""
+    """Optimisation settings.
+
+    ``select_best`` keeps the weights of the epoch with the lowest validation loss and stops
+    after ``patience`` epochs without improvement (pooled training). Federated local training
+    turns it off: a round returns the weights after exactly ``epochs`` epochs.
+    """
 
     epochs: int = 10
     batch_size: int = 64
@@ -84,6 +89,7 @@ class TrainConfig:
     patience: int = 3
     seed: int = 0
     reverse_complement_track: int | None = None
+    select_best: bool = True
 
 
 @dataclass
@@ -208,6 +214,8 @@ def train_deep_model(model: GenomicNet, train: DeepData, *, val: DeepData | None
         history.append(record)
         if on_epoch:
             on_epoch(record)
+        if not config.select_best:
+            continue
         score = record.get("val_loss", record["train_loss"])
         if score < best[0] - 1e-6:
             best, bad_epochs = (score, epoch, copy.deepcopy(model.state_dict())), 0
@@ -215,8 +223,13 @@ def train_deep_model(model: GenomicNet, train: DeepData, *, val: DeepData | None
             bad_epochs += 1
             if bad_epochs >= config.patience:
                 break
-    model.load_state_dict(best[2])
-    result = TrainResult(state_dict=best[2], epochs_run=len(history), best_epoch=best[1], history=history, steps=steps)
+    if config.select_best:
+        model.load_state_dict(best[2])
+        weights, best_epoch = best[2], best[1]
+    else:
+        weights, best_epoch = copy.deepcopy(model.state_dict()), len(history)
+    result = TrainResult(state_dict=weights, epochs_run=len(history), best_epoch=best_epoch, history=history,
+                         steps=steps)
     if engine is not None:
         result.accountant_state = _accountant_to_json(engine.accountant.state_dict(), sigma, q)
         result.epsilon = epsilon_of(result.accountant_state, delta=dp.target_delta)

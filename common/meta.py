@@ -157,6 +157,11 @@ class NewtonSolver:
         self.converged, self.iterations = bool(state["converged"]), int(state["iterations"])
 
 
+def flat_coef(model: StackingMetaClassifier) -> np.ndarray:
+    """A fitted model's coefficients in the solver's flat layout (per class: weights, intercept)."""
+    return np.hstack([model.coef_, model.intercept_[:, None]]).ravel()
+
+
 class StackingMetaClassifier:
     """Logistic regression over base-model scores, fitted by Newton from summed terms.
 

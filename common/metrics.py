@@ -202,3 +202,37 @@ def paired_tests(a: np.ndarray, b: np.ndarray) -> dict[str, float]:
     out["wilcoxon_p"] = float(stats.wilcoxon(a, b).pvalue)
     out["ttest_p"] = float(stats.ttest_rel(a, b).pvalue)
     return out
+
+
+def bootstrap_ci_from_stats(stats: EvalStats, *, n_boot: int = 1000, level: float = 0.95,
+                            seed: int = 0) -> dict[str, list[float]]:
+    """Intervals of every metric from pooled statistics alone (no per-patient scores).
+
+    A parametric bootstrap: the confusion matrix is resampled as one multinomial over its
+    cells, and each class's score histograms (patients of the class, the others) as
+    multinomials over their bins, all with the observed totals. Confusion and histograms are
+    resampled independently, so the count-based and ranking-based metrics each get their own
+    valid interval; joint quantities across the two are not modelled.
+    """
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {m: [] for m in METRIC_NAMES}
+    conf = stats.confusion.ravel()
+
+    def resample(counts: np.ndarray) -> np.ndarray:
+        total = int(counts.sum())
+        return rng.multinomial(total, counts / total) if total else counts
+
+    for _ in range(n_boot):
+        c = resample(conf).reshape(stats.confusion.shape)
+        pos = np.stack([resample(h) for h in stats.hist_pos])
+        neg = np.stack([resample(h) for h in stats.hist_neg])
+        m = metrics_from_stats(EvalStats(c, pos, neg))
+        for name in METRIC_NAMES:
+            draws[name].append(m[name])
+    lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
+    out = {}
+    for name, values in draws.items():
+        v = np.asarray(values, dtype=np.float64)
+        v = v[~np.isnan(v)]
+        out[name] = [float(np.percentile(v, lo)), float(np.percentile(v, hi))] if v.size else [float("nan")] * 2
+    return out

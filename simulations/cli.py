@@ -20,7 +20,7 @@ DESCRIPTION = """\
 genofed: privacy-preserving federated learning for genomic medicine.
 
 Hospital IT:   genofed keygen, genofed vault import|inspect|verify|rekey
-Researchers:   genofed cohort synth|split|recipe, genofed evaluate, genofed demo
+Researchers:   genofed cohort synth|split|recipe, genofed evaluate, genofed simulate, genofed demo
 Run `genofed COMMAND --help` for the options of each command."""
 
 
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The full argument parser, with every role's commands registered."""
     # Imported here so that `genofed --help` stays fast and a broken optional part names itself.
     from client import vault_cli
-    from simulations import cohort_cli, demo, evaluate_cli
+    from simulations import cohort_cli, demo, evaluate_cli, simulate_cli
 
     parser = argparse.ArgumentParser(prog="genofed", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     vault_cli.register(sub)
     cohort_cli.register(sub)
     evaluate_cli.register(sub)
+    simulate_cli.register(sub)
     demo.register(sub)
     return parser
 

@@ -110,3 +110,17 @@ def test_paired_tests_agree_with_scipy() -> None:
     assert out["ttest_p"] == stats.ttest_rel(a, b).pvalue
     assert out["mean_difference"] == pytest.approx(np.mean(a - b))
     assert paired_tests(a, a)["wilcoxon_p"] == 1.0
+
+
+def test_interval_from_statistics_is_close_to_the_patient_bootstrap() -> None:
+    from common.metrics import bootstrap_ci, bootstrap_ci_from_stats
+
+    y, p = _predictions(np.random.default_rng(6), 1500, 2, 1.0)
+    from_stats = bootstrap_ci_from_stats(compute_stats(y, p), n_boot=300)
+    from_patients = bootstrap_ci(y, p, n_boot=300)
+    point = compute_metrics(y, p)
+    for name in ("auc", "accuracy", "recall", "f1"):
+        lo, hi = from_stats[name]
+        assert lo <= point[name] <= hi
+        width, ref = hi - lo, from_patients[name][1] - from_patients[name][0]
+        assert 0.6 * ref <= width <= 1.6 * ref, (name, width, ref)

@@ -1,0 +1,90 @@
+"""The hospital's Flower ClientApp: Flower records in, :mod:`client.handlers` out.
+
+Message types
+-------------
+``query.census``    schema hash, counts, privacy budget                  (phase 0)
+``train``           one round of local DP-SGD from the global CNN         (phase 1)
+``train.meta``      forest + meta-features, Newton terms of the meta LR   (phases 2-3)
+``evaluate``        test statistics of every model; stores final models   (phase 4)
+
+Imports stay light at module level: Flower starts a fresh ClientApp process for every message
+in deployment, so torch and scikit-learn are imported inside the handlers that need them.
+Errors a site raises on purpose (budget exceeded, wrong schema) become Flower error replies
+whose reason the coordinator logs with the site's name.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.site import resolve_site
+
+log = logging.getLogger("genofed.client")
+app = ClientApp()
+
+
+def _arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def _record(arrays: dict[str, Any]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(np.asarray(v))) for k, v in arrays.items()})
+
+
+def _config(msg: Message) -> dict[str, Any]:
+    return dict(msg.content.config_records.get("config", ConfigRecord()))
+
+
+def _site(context: Context) -> Any:
+    return resolve_site(dict(context.node_config), dict(context.run_config))
+
+
+def _run_config(msg: Message, context: Context) -> dict[str, Any]:
+    # The coordinator's per-message settings win over the run config (both are run-wide).
+    return {**dict(context.run_config), **_config(msg)}
+
+
+@app.query("census")
+def census(msg: Message, context: Context) -> Message:
+    from client import handlers
+
+    info = handlers.census(_site(context), _run_config(msg, context))
+    return Message(RecordDict({"census": ConfigRecord(info),
+                               "metrics": MetricRecord({"num-examples": int(info["n-train"])})}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    from client import handlers
+
+    site = _site(context)
+    weights, metrics = handlers.train_round(site, _arrays(msg.content.array_records["arrays"]),
+                                            _run_config(msg, context))
+    log.info("site %s: round %s trained", site.name, _config(msg).get("server-round"))
+    return Message(RecordDict({"arrays": _record(weights), "metrics": MetricRecord(metrics),
+                               "site": ConfigRecord({"site": site.name})}), reply_to=msg)
+
+
+@app.train("meta")
+def train_meta(msg: Message, context: Context) -> Message:
+    from client import handlers
+
+    out = handlers.meta_round(_site(context), _arrays(msg.content.array_records["cnn"]), _run_config(msg, context))
+    arrays = {k: np.asarray(v, dtype=np.float64) for k, v in out.items() if k not in ("loss", "n")}
+    return Message(RecordDict({"terms": _record(arrays),
+                               "metrics": MetricRecord({"num-examples": int(out["n"]), "loss": float(out["loss"])})}),
+                   reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    from client import handlers
+
+    arrays, metrics = handlers.evaluate(_site(context), _arrays(msg.content.array_records["cnn"]),
+                                        _run_config(msg, context))
+    return Message(RecordDict({"stats": _record(arrays), "metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -1,0 +1,262 @@
+"""What a site does for each phase of a federated run, on plain Python and numpy values.
+
+The ClientApp (``client/client_app.py``) only converts Flower records to and from these
+functions, so the protocol logic is testable without Flower. Every function opens the site's
+vault, decrypts what it needs in memory, and writes anything it must keep (fitted forest, DP
+accountant, privacy ledger, final models) back into the vault. Nothing about a patient leaves:
+the return values are model weights, aggregate statistics and counts.
+
+Privacy: every release that is charged (DP-SGD updates) is charged to the site's ledger *before*
+the reply is returned, and a round that would exceed the site's budget is refused before any
+training happens.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import numpy as np
+
+from client.site import SiteRef
+
+MODEL_NAMES = ("hybrid", "cnn", "forest", "logreg")
+
+
+def _load(site: SiteRef) -> tuple[Any, Any]:
+    from client.cohort_store import load_cohort
+
+    vault = site.open_vault()
+    return vault, load_cohort(vault)
+
+
+def _ledger(vault: Any, site: SiteRef, cfg: dict[str, Any]) -> Any:
+    from client.ledger import PrivacyLedger
+
+    return PrivacyLedger.open(vault, site=site.name, default_epsilon=float(cfg.get("site-epsilon-budget", 10.0)),
+                              default_delta=float(cfg.get("site-delta", 1e-5)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Phase 0: census
+
+
+def census(site: SiteRef, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Schema, counts and privacy budget: what the coordinator checks before any training."""
+    vault, cohort = _load(site)
+    ledger = _ledger(vault, site, cfg)
+    summary = cohort.summary()
+    return {"site": site.name, "schema-hash": cohort.schema_hash, "schema-json": json.dumps(cohort.schema),
+            "n-train": summary["splits"]["train"]["patients"],
+            "n-validation": summary["splits"]["validation"]["patients"],
+            "n-test": summary["splits"]["test"]["patients"],
+            "class-counts": [int(v) for v in summary["classes"].values()],
+            "ledger-spent": float(ledger.spent_epsilon()), "ledger-budget": float(ledger.budget_epsilon),
+            "ledger-delta": float(ledger.delta)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Phase 1: a CNN round
+
+
+def _site_data(cohort: Any) -> tuple[Any, Any]:
+    from client.pipeline import SiteData, fit_tabular_preprocessor
+
+    data = SiteData.from_cohort(cohort)
+    return data, fit_tabular_preprocessor(data)
+
+
+def _model_config(cfg: dict[str, Any]) -> Any:
+    from common.models import DeepModelConfig
+
+    return DeepModelConfig.from_dict(json.loads(str(cfg["model-config"])))
+
+
+def _dp_config(cfg: dict[str, Any], n_train: int) -> Any:
+    from client.dp_training import DPConfig
+
+    if not bool(cfg.get("dp", True)):
+        return None
+    delta = float(cfg.get("delta", 0.0)) or min(1e-5, 0.1 / max(n_train, 1))
+    return DPConfig(target_epsilon=float(cfg["epsilon"]), target_delta=delta,
+                    max_grad_norm=float(cfg.get("max-grad-norm", 1.0)),
+                    total_epochs=int(cfg["total-rounds"]) * int(cfg.get("local-epochs", 1)))
+
+
+def _planned_release(dp: Any, state: dict | None, n_train: int, cfg: dict[str, Any], run_id: str, rnd: int) -> Any:
+    """The DP-SGD release this round will make, known before training (for the budget check)."""
+    from client.dp_training import calibrate_noise
+    from client.ledger import Release
+
+    batch = int(cfg.get("batch-size", 128))
+    if state:
+        sigma, q = float(state["noise_multiplier"]), float(state["sample_rate"])
+    else:
+        sigma, q = calibrate_noise(n_train=n_train, dp=dp, batch_size=batch)
+    steps = int(cfg.get("local-epochs", 1)) * math.ceil(n_train / batch)
+    return Release(kind="dp-sgd", noise_multiplier=sigma, sample_rate=q, steps=steps, label="cnn-update",
+                   run_id=run_id, round=rnd)
+
+
+def train_round(site: SiteRef, global_weights: dict[str, np.ndarray], cfg: dict[str, Any]) -> tuple[dict, dict]:
+    """Local (DP-)SGD from the global weights; returns the new weights and round metrics.
+
+    Raises
+    ------
+    client.ledger.PrivacyBudgetExceeded
+        Before any training, when this round's release would exceed the site's budget.
+    """
+    import torch
+
+    from client.dp_training import TrainConfig
+    from client.model_store import get_json, put_json, run_role
+    from client.pipeline import deep_config, train_deep
+
+    vault, cohort = _load(site)
+    data, pre = _site_data(cohort)
+    model_cfg = _model_config(cfg)
+    if deep_config(data, pre=pre, arch=model_cfg.arch).to_dict()["tracks"] != model_cfg.to_dict()["tracks"]:
+        raise ValueError(f"site {site.name}: its data does not fit the coordinator's model")
+    run_id, rnd = str(cfg["run-id"]), int(cfg["server-round"])
+    n_train = int(data.masks["train"].sum())
+    dp = _dp_config(cfg, n_train)
+    ledger = _ledger(vault, site, cfg)
+    state_role = run_role(run_id, "dpsgd")
+    state = get_json(vault, state_role)
+    if dp is not None:
+        _refuse_if_over_budget(ledger, _planned_release(dp, state, n_train, cfg, run_id, rnd), site, run_id, rnd)
+    epochs = int(cfg.get("local-epochs", 1))
+    train_cfg = TrainConfig(epochs=epochs, batch_size=int(cfg.get("batch-size", 128)), lr=float(cfg.get("lr", 2e-3)),
+                            weight_decay=float(cfg.get("weight-decay", 1e-2)), patience=epochs + 1,
+                            seed=int(cfg.get("seed", 0)) + rnd, select_best=False)
+    initial = {k: torch.as_tensor(v) for k, v in global_weights.items()}
+    model, result = train_deep(data, cfg=model_cfg, train=train_cfg, dp=dp, initial=initial, accountant_state=state,
+                               pre=pre, proximal_mu=float(cfg.get("proximal-mu", 0.0)))
+    metrics = {"num-examples": n_train, "train-loss": float(result.history[-1]["train_loss"]),
+               "val-loss": float(result.history[-1].get("val_loss", float("nan")))}
+    if dp is not None:
+        new = result.accountant_state["history"][len(state["history"]) if state else 0:]
+        releases = [_release(h, run_id, rnd) for h in new]
+        metrics["epsilon"] = float(ledger.charge(releases))
+        metrics["run-epsilon"] = float(result.epsilon)
+        metrics["delta"] = float(dp.target_delta)
+        put_json(vault, state_role, result.accountant_state)
+    weights = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+    return weights, metrics
+
+
+def _refuse_if_over_budget(ledger: Any, planned: Any, site: SiteRef, run_id: str, rnd: int) -> None:
+    """Refuse the round before training when its planned release would exceed the budget."""
+    from client.ledger import PrivacyBudgetExceeded
+
+    after = ledger.would_spend([planned])
+    if after > ledger.budget_epsilon:
+        raise PrivacyBudgetExceeded(site=site.name, labels=[planned.label], run_id=run_id, round=rnd,
+                                    spent=ledger.spent_epsilon(), would_reach=after, budget=ledger.budget_epsilon,
+                                    delta=ledger.delta)
+
+
+def _release(entry: list, run_id: str, rnd: int) -> Any:
+    from client.ledger import Release
+
+    sigma, q, steps = entry
+    return Release(kind="dp-sgd", noise_multiplier=float(sigma), sample_rate=float(q), steps=int(steps),
+                   label="cnn-update", run_id=run_id, round=rnd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Phases 2-3: forest, meta-features, Newton terms of the meta-classifier
+
+
+def _meta_features(site: SiteRef, vault: Any, cohort: Any, cnn_weights: dict | None, cfg: dict[str, Any],
+                   split: str) -> tuple[np.ndarray, np.ndarray]:
+    """Stacking inputs (CNN and forest log-odds) on one split, fitting the forest once per run."""
+    import torch
+
+    from client.model_store import load_forest, save_forest
+    from client.pipeline import deep_proba, fit_forest, forest_matrix, meta_features
+    from common.models import build_model
+
+    data, pre = _site_data(cohort)
+    run_id = str(cfg["run-id"])
+    stored = load_forest(vault)
+    if stored is None or stored.get("run_id") != run_id:
+        forest = fit_forest(data, pre, n_estimators=int(cfg.get("forest-trees", 200)),
+                            random_state=int(cfg.get("seed", 0)))
+        save_forest(vault, forest, pre, run_id=run_id)
+    else:
+        forest, pre = stored["forest"], stored["preprocessor"]
+    model = build_model(_model_config(cfg))
+    model.load_state_dict({k: torch.as_tensor(v) for k, v in cnn_weights.items()})
+    x = meta_features(deep_proba(model, data, split, pre), forest.predict_proba(forest_matrix(data, split, pre)))
+    return x, data.y[data.masks[split]]
+
+
+def meta_round(site: SiteRef, cnn_weights: dict[str, np.ndarray], cfg: dict[str, Any]) -> dict[str, Any]:
+    """Log-loss, gradient and Hessian of the meta-classifier at the coordinator's coefficients.
+
+    On the first meta round the site also fits its forest and, when ``warm-start`` is set,
+    returns its local penalized fit and that fit's Hessian, from which the coordinator builds
+    a starting point close to the pooled solution (so two Newton steps usually suffice).
+    """
+    from common.meta import StackingMetaClassifier, flat_coef, newton_terms
+
+    vault, cohort = _load(site)
+    x, y = _meta_features(site, vault, cohort, cnn_weights, cfg, "validation")
+    k = len(cohort.classes)
+    coef = np.asarray(cfg["coef"], dtype=np.float64)
+    terms = newton_terms(coef, x, y, n_classes=max(k, 2))
+    out = {"loss": terms.loss, "grad": terms.grad, "hess": terms.hess, "n": terms.n}
+    if bool(cfg.get("warm-start", False)):
+        local = StackingMetaClassifier(penalty="l2", C=float(cfg.get("meta-C", 1.0))).fit(x, y)
+        local_coef = flat_coef(local)
+        local_terms = newton_terms(local_coef, x, y, n_classes=max(k, 2))
+        out.update(local_coef=local_coef, local_hess=local_terms.hess)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Phase 4: evaluation and the final models
+
+
+def evaluate(site: SiteRef, cnn_weights: dict[str, np.ndarray], cfg: dict[str, Any]) -> tuple[dict, dict]:
+    """Test-split statistics of every model (additive) and this site's own metrics.
+
+    Also stores the final global models in the vault: this message is the one that hands them
+    to the site.
+    """
+    import torch
+
+    from client.model_store import load_forest, save_final_models
+    from client.pipeline import deep_proba, fit_logreg, forest_matrix, meta_features
+    from common.meta import StackingMetaClassifier
+    from common.metrics import compute_metrics, compute_stats
+    from common.models import build_model
+
+    vault, cohort = _load(site)
+    data, _ = _site_data(cohort)
+    stored = load_forest(vault)
+    forest, pre = stored["forest"], stored["preprocessor"]
+    model = build_model(_model_config(cfg))
+    model.load_state_dict({k: torch.as_tensor(v) for k, v in cnn_weights.items()})
+    k = len(cohort.classes)
+    n_feat = 2 * (1 if k == 2 else k)
+    meta = StackingMetaClassifier().set_coef(np.asarray(cfg["coef"], dtype=np.float64), n_features=n_feat)
+    y = data.y[data.masks["test"]]
+    proba = {"cnn": deep_proba(model, data, "test", pre),
+             "forest": forest.predict_proba(forest_matrix(data, "test", pre))}
+    proba["hybrid"] = meta.predict_proba(meta_features(proba["cnn"], proba["forest"]))
+    proba["logreg"] = fit_logreg(data, pre).predict_proba(forest_matrix(data, "test", pre))
+    arrays, metrics = {}, {"num-examples": int(len(y))}
+    for name in MODEL_NAMES:
+        stats = compute_stats(y, proba[name], n_classes=k)
+        for key, value in stats.to_arrays().items():
+            arrays[f"{name}.{key}"] = value
+        for metric, value in compute_metrics(y, proba[name], n_classes=k).items():
+            if metric != "n":
+                metrics[f"{name}.{metric}"] = float(value)
+    save_final_models(vault, cnn=cnn_weights, cnn_config=json.loads(str(cfg["model-config"])),
+                      meta={"coef": list(map(float, cfg["coef"])), "classes": list(cohort.classes)},
+                      run_id=str(cfg["run-id"]))
+    return arrays, metrics

@@ -1,0 +1,71 @@
+"""Models fitted or received on site, kept in the site's vault (they encode patient data).
+
+Roles
+-----
+``model/forest``            the site forest (and its tabular preprocessor), pickled
+``model/cnn``               the final global deep model: weights (.npz) + its config (JSON inside)
+``model/meta``              the final meta-classifier coefficients (JSON)
+``run/<run-id>/...``        per-run working state (DP-SGD accountant, meta-features cache)
+
+The forest is stored with ``pickle``: loading it is safe only because every blob a vault returns
+has been authenticated with the site's key, so it can only be a blob this site wrote.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import pickle
+from typing import Any
+
+import numpy as np
+
+from client.vault import Vault
+
+FOREST_ROLE = "model/forest"
+CNN_ROLE = "model/cnn"
+META_ROLE = "model/meta"
+
+
+def run_role(run_id: str, name: str) -> str:
+    """A per-run working role (the run id is a Flower run id or a simulation id: digits/letters)."""
+    safe = "".join(c if c.isalnum() or c in "-_" else "-" for c in str(run_id))
+    return f"run/{safe}/{name}"
+
+
+def put_json(vault: Vault, role: str, obj: Any) -> None:
+    vault.update({role: json.dumps(obj, sort_keys=True).encode("utf-8")})
+
+
+def get_json(vault: Vault, role: str, default: Any = None) -> Any:
+    return json.loads(vault.read(role).decode("utf-8")) if role in vault.roles else default
+
+
+def arrays_to_bytes(arrays: dict[str, np.ndarray], meta: dict[str, Any] | None = None) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, __meta__=np.asarray(json.dumps(meta or {})), **arrays)
+    return buf.getvalue()
+
+
+def arrays_from_bytes(blob: bytes) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    with np.load(io.BytesIO(blob), allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files if k != "__meta__"}
+        meta = json.loads(str(z["__meta__"])) if "__meta__" in z.files else {}
+    return arrays, meta
+
+
+def save_forest(vault: Vault, forest: Any, preprocessor: Any, *, run_id: str) -> None:
+    vault.update({FOREST_ROLE: pickle.dumps({"forest": forest, "preprocessor": preprocessor, "run_id": run_id})})
+
+
+def load_forest(vault: Vault) -> dict[str, Any] | None:
+    if FOREST_ROLE not in vault.roles:
+        return None
+    return pickle.loads(vault.read(FOREST_ROLE))  # noqa: S301 - authenticated blob written by this site
+
+
+def save_final_models(vault: Vault, *, cnn: dict[str, np.ndarray], cnn_config: dict[str, Any],
+                      meta: dict[str, Any], run_id: str) -> None:
+    """The global models a run ends with, written together in one atomic vault update."""
+    vault.update({CNN_ROLE: arrays_to_bytes(cnn, {"config": cnn_config, "run_id": run_id}),
+                  META_ROLE: json.dumps({**meta, "run_id": run_id}, sort_keys=True).encode("utf-8")})

@@ -1,0 +1,78 @@
+"""One exchange with the sites: push a message to each, pull the replies, account for every site.
+
+Flower's ``Grid.send_and_receive`` sleeps 3 s between polls in deployment; pushing and then
+pulling every 0.1 s with the public ``push_messages`` / ``pull_messages`` returns as soon as the
+last reply lands. Every exchange has a timeout; a site whose reply is missing when it expires,
+or that sent an error reply, is named with the reason, and the run goes on with the others.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from flwr.app import Message, RecordDict
+from flwr.serverapp import Grid
+
+from common.errors import GenofedError
+
+log = logging.getLogger("genofed.server")
+POLL_S = 0.1
+
+
+class TooFewSitesError(GenofedError):
+    """Fewer sites than the run's minimum answered (or were online)."""
+
+
+@dataclass
+class ExchangeResult:
+    """Replies by node id, and the sites that failed with their reasons."""
+
+    replies: dict[int, Message] = field(default_factory=dict)
+    failures: dict[int, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def wait_for_nodes(grid: Grid, *, minimum: int, timeout: float) -> list[int]:
+    """Node ids online once at least ``minimum`` are; a clear error after ``timeout`` seconds."""
+    start = time.monotonic()
+    while True:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= minimum:
+            return nodes
+        if time.monotonic() - start > timeout:
+            raise TooFewSitesError(f"only {len(nodes)} site(s) online after {timeout:.0f} s; the run needs at least "
+                                   f"{minimum} (min-sites). Start more SuperNodes or lower min-sites.")
+        time.sleep(0.5)
+
+
+def exchange(grid: Grid, nodes: Iterable[int], content_for: Callable[[int], RecordDict], *, message_type: str,
+             group_id: str, timeout: float) -> ExchangeResult:
+    """Send ``content_for(node)`` to every node and collect replies until all arrive or ``timeout``."""
+    t0 = time.monotonic()
+    sent = {}
+    messages = [Message(content_for(n), dst_node_id=n, message_type=message_type, group_id=group_id) for n in nodes]
+    for msg, mid in zip(messages, grid.push_messages(messages)):
+        sent[mid] = msg.metadata.dst_node_id
+    start = time.monotonic()  # the timeout counts from the moment every message is out
+    result = ExchangeResult()
+    pending = set(sent)
+    while pending and time.monotonic() - start < timeout:
+        for reply in grid.pull_messages(list(pending)):
+            mid = reply.metadata.reply_to_message_id
+            if mid not in pending:
+                continue
+            pending.discard(mid)
+            node = sent[mid]  # error replies from the SuperLink carry node id 1: map by message id
+            if reply.has_error():
+                result.failures[node] = f"error code {reply.error.code}: {reply.error.reason}"
+            else:
+                result.replies[node] = reply
+        if pending:
+            time.sleep(POLL_S)
+    for mid in pending:
+        result.failures[sent[mid]] = f"no reply within {timeout:.0f} s"
+    result.seconds = time.monotonic() - t0
+    return result

@@ -1,0 +1,299 @@
+"""The coordinator's phases (DESIGN: "The federated run"), one function each.
+
+Exchanges per run: census (1) + CNN rounds (R) + meta rounds (3 by default: a warm start and two
+Newton steps) + evaluation with distribution of the final models (1) = R + 5. Explanations
+(phase 5) will be inserted between the meta rounds and the evaluation; see ``run_phases``.
+
+All server state lives in :class:`RunState`, checkpointed after every completed exchange;
+``resume`` restarts from the last checkpoint with the same genofed run id, so sites continue
+the same DP accountant and ledger.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.serverapp import Grid
+
+from common.errors import GenofedError
+from common.spec import diff_schemas
+from server.exchange import TooFewSitesError, exchange, wait_for_nodes
+from server.runlog import RunLog
+from server.settings import RunSettings
+
+
+class CensusError(GenofedError):
+    """Sites cannot federate (schema mismatch, exhausted budget, too few sites)."""
+
+
+@dataclass
+class RunState:
+    """Everything the coordinator knows between exchanges (checkpointed as plain data)."""
+
+    run_id: str
+    phase: str = "census"
+    sites: dict[str, str] = field(default_factory=dict)          # node id (str) -> site name
+    census: dict[str, dict] = field(default_factory=dict)         # site -> census reply
+    schema: dict[str, Any] = field(default_factory=dict)
+    model_config: dict[str, Any] = field(default_factory=dict)
+    cnn_round: int = 0
+    aggregator: dict[str, Any] = field(default_factory=dict)
+    meta_round: int = 0
+    meta_solver: dict[str, Any] = field(default_factory=dict)
+    meta_coef: list[float] = field(default_factory=list)
+    rounds: list[dict[str, Any]] = field(default_factory=list)    # per exchange: sites, rejections, epsilon
+    excluded: dict[str, str] = field(default_factory=dict)        # site -> why it left the run
+
+    def active_nodes(self) -> list[int]:
+        return sorted(int(n) for n, s in self.sites.items() if s not in self.excluded)
+
+    def site_of(self, node: int) -> str:
+        return self.sites.get(str(node), f"node-{node}")
+
+
+def _records(arrays: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+def _np(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def _note_failures(state: RunState, log: RunLog, failures: dict[int, str], where: str) -> None:
+    for node, reason in failures.items():
+        site = state.site_of(node)
+        state.excluded.setdefault(site, f"{where}: {reason}")
+        log.warning(f"{where}: site {site} failed and leaves the run: {reason}")
+
+
+def _require_quorum(state: RunState, settings: RunSettings, where: str) -> list[int]:
+    nodes = state.active_nodes()
+    if len(nodes) < settings.min_sites:
+        gone = "; ".join(f"{s}: {r}" for s, r in state.excluded.items())
+        raise TooFewSitesError(f"{where}: only {len(nodes)} site(s) left, min-sites is {settings.min_sites} ({gone})")
+    return nodes
+
+
+# ---------------------------------------------------------------------------------------------
+# Phase 0
+
+
+def run_census(grid: Grid, settings: RunSettings, state: RunState, log: RunLog) -> dict[str, np.ndarray]:
+    """Who is there, do their schemas agree, do they have budget left; returns the initial weights."""
+    from common.model_config import deep_config_for_schema
+    from common.models import build_model
+
+    nodes = wait_for_nodes(grid, minimum=settings.min_sites, timeout=settings.wait_timeout)
+    cfg = ConfigRecord({**settings.client_config(), "run-id": state.run_id})
+    res = exchange(grid, nodes, lambda n: RecordDict({"config": cfg}), message_type="query.census",
+                   group_id=f"{state.run_id}-census", timeout=settings.round_timeout)
+    for node, reason in res.failures.items():
+        log.warning(f"census: node {node} did not answer: {reason}")
+    infos = {node: dict(r.content.config_records["census"]) for node, r in res.replies.items()}
+    if len(infos) < settings.min_sites:
+        raise TooFewSitesError(f"census: {len(infos)} site(s) answered, min-sites is {settings.min_sites}")
+    _check_schemas(infos)
+    _check_budgets(infos, settings)
+    state.sites = {str(n): str(i["site"]) for n, i in infos.items()}
+    state.census = {str(i["site"]): {k: v for k, v in i.items() if k != "schema-json"} for i in infos.values()}
+    state.schema = json.loads(next(iter(infos.values()))["schema-json"])
+    model_cfg = deep_config_for_schema(state.schema, arch=settings.arch)
+    state.model_config = model_cfg.to_dict()
+    state.phase = "cnn"
+    log.info(f"census: {len(infos)} sites agree on schema {next(iter(infos.values()))['schema-hash'][:12]}: "
+             + ", ".join(f"{i['site']} ({i['n-train']} train)" for i in sorted(infos.values(), key=lambda i: i["site"])))
+    log.event("census", sites={i["site"]: {k: i[k] for k in ("n-train", "n-validation", "n-test", "ledger-spent",
+                                                            "ledger-budget")} for i in infos.values()},
+              seconds=res.seconds)
+    return {k: v.detach().numpy() for k, v in build_model(model_cfg, seed=settings.seed).state_dict().items()}
+
+
+def _check_schemas(infos: dict[int, dict]) -> None:
+    by_hash: dict[str, list[dict]] = {}
+    for info in infos.values():
+        by_hash.setdefault(str(info["schema-hash"]), []).append(info)
+    if len(by_hash) == 1:
+        return
+    groups = sorted(by_hash.values(), key=len, reverse=True)
+    ref, other = groups[0][0], groups[1][0]
+    lines = diff_schemas(json.loads(ref["schema-json"]), json.loads(other["schema-json"]),
+                         names=(str(ref["site"]), str(other["site"])))
+    raise CensusError(f"census: sites do not share one schema ({len(by_hash)} different hashes); "
+                      f"{ref['site']} vs {other['site']}: " + "; ".join(lines[:5]))
+
+
+def _check_budgets(infos: dict[int, dict], settings: RunSettings) -> None:
+    if not settings.dp:
+        return
+    for info in infos.values():
+        left = float(info["ledger-budget"]) - float(info["ledger-spent"])
+        if left <= 0:
+            raise CensusError(f"census: site {info['site']} has no privacy budget left (spent "
+                              f"{float(info['ledger-spent']):.3f} of {float(info['ledger-budget']):.3f})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Phase 1
+
+
+def run_cnn_rounds(grid: Grid, settings: RunSettings, state: RunState, log: RunLog,
+                   weights: dict[str, np.ndarray], checkpoint: Any) -> dict[str, np.ndarray]:
+    """FedAvg (or the configured strategy) over validated DP-SGD updates, one checkpoint per round."""
+    from server.validation import UpdateSpec, validate_update
+
+    agg = _aggregator(settings)
+    if state.aggregator:
+        agg.load_state_dict(state.aggregator)
+    spec = UpdateSpec.from_arrays(weights, max_norm=settings.max_update_norm)
+    base_cfg = {**settings.client_config(), **agg.client_config(), "run-id": state.run_id,
+                "model-config": json.dumps(state.model_config)}
+    while state.cnn_round < settings.cnn_rounds:
+        rnd = state.cnn_round + 1
+        nodes = _require_quorum(state, settings, f"CNN round {rnd}")
+        content = RecordDict({"arrays": _records(weights), "config": ConfigRecord({**base_cfg, "server-round": rnd})})
+        res = exchange(grid, nodes, lambda n: content, message_type="train", group_id=f"{state.run_id}-cnn-{rnd}",
+                       timeout=settings.round_timeout)
+        _note_failures(state, log, res.failures, f"CNN round {rnd}")
+        accepted, record = [], {"phase": "cnn", "round": rnd, "seconds": round(res.seconds, 2), "sites": {},
+                                "rejected": {}}
+        for node in sorted(res.replies, key=state.site_of):
+            site, reply = state.site_of(node), res.replies[node]
+            arrays, metrics = _np(reply.content.array_records["arrays"]), dict(reply.content.metric_records["metrics"])
+            verdict = validate_update(spec, global_arrays=weights, update_arrays=arrays,
+                                      num_examples=metrics.get("num-examples"))
+            if not verdict.ok:
+                record["rejected"][site] = verdict.reason
+                log.warning(f"CNN round {rnd}: update of site {site} rejected: {verdict.reason}")
+                continue
+            accepted.append((arrays, int(metrics["num-examples"])))
+            record["sites"][site] = {k: metrics[k] for k in ("train-loss", "epsilon", "run-epsilon", "num-examples")
+                                     if k in metrics}
+        if accepted:
+            weights = agg.aggregate(weights, accepted)
+        else:
+            log.warning(f"CNN round {rnd}: no valid update; the global model is unchanged")
+        state.cnn_round, state.aggregator = rnd, agg.state_dict()
+        state.rounds.append(record)
+        eps = ", ".join(f"{s} {v['epsilon']:.3f}" for s, v in record["sites"].items() if "epsilon" in v)
+        log.info(f"CNN round {rnd}/{settings.cnn_rounds}: {len(accepted)} updates aggregated "
+                 f"({res.seconds:.1f} s)" + (f"; epsilon spent per site: {eps}" if eps else ""))
+        log.event("cnn-round", **record)
+        checkpoint(weights)
+    state.phase = "meta"
+    return weights
+
+
+def _aggregator(settings: RunSettings) -> Any:
+    from dataclasses import asdict
+
+    from server.aggregation import make_aggregator, params_from_run_config
+
+    kebab = {k.replace("_", "-"): v for k, v in asdict(settings).items()}
+    return make_aggregator(settings.strategy, **params_from_run_config(settings.strategy, kebab))
+
+
+# ---------------------------------------------------------------------------------------------
+# Phases 2-3
+
+
+def run_meta_rounds(grid: Grid, settings: RunSettings, state: RunState, log: RunLog,
+                    weights: dict[str, np.ndarray], checkpoint: Any) -> list[float]:
+    """Federated Newton on the stacking meta-classifier (the first round also fits the forests)."""
+    from common.meta import NewtonSolver, NewtonTerms
+
+    k = len(state.schema["label"]["classes"])
+    n_feat = 2 * (1 if k == 2 else k)
+    solver = NewtonSolver(n_features=n_feat, n_classes=max(k, 2), penalty="l2", C=settings.meta_c,
+                          tol=settings.meta_tol)
+    if state.meta_solver:
+        solver.load_state_dict(state.meta_solver)
+    base_cfg = {**settings.client_config(), "run-id": state.run_id, "model-config": json.dumps(state.model_config)}
+    cnn = _records(weights)
+    while state.meta_round < settings.meta_rounds and not solver.converged:
+        rnd = state.meta_round + 1
+        nodes = _require_quorum(state, settings, f"meta round {rnd}")
+        warm = rnd == 1
+        cfg = ConfigRecord({**base_cfg, "server-round": rnd, "coef": [float(c) for c in solver.coef],
+                            "warm-start": warm})
+        res = exchange(grid, nodes, lambda n: RecordDict({"cnn": cnn, "config": cfg}), message_type="train.meta",
+                       group_id=f"{state.run_id}-meta-{rnd}", timeout=settings.round_timeout)
+        _note_failures(state, log, res.failures, f"meta round {rnd}")
+        if len(res.replies) < settings.min_sites:
+            raise TooFewSitesError(f"meta round {rnd}: {len(res.replies)} site(s) answered")
+        replies = [_np(r.content.array_records["terms"]) | dict(r.content.metric_records["metrics"])
+                   for _, r in sorted(res.replies.items(), key=lambda kv: state.site_of(kv[0]))]
+        terms = [NewtonTerms(float(r["loss"]), r["grad"], r["hess"], int(r["num-examples"])) for r in replies]
+        total = sum(terms[1:], terms[0])
+        if warm:
+            solver.coef = _warm_start(replies, settings.meta_c)
+            solver.best_objective = np.inf
+            log.info(f"meta round 1: forests fitted on {len(replies)} sites; warm start from their local fits")
+        else:
+            solver.step(total)
+            log.info(f"meta round {rnd}: Newton step, objective {solver.best_objective:.6f}"
+                     + (" (converged)" if solver.converged else ""))
+        state.meta_round, state.meta_solver = rnd, solver.state_dict()
+        state.rounds.append({"phase": "meta", "round": rnd, "seconds": round(res.seconds, 2),
+                             "sites": sorted(state.site_of(n) for n in res.replies)})
+        log.event("meta-round", round=rnd, seconds=res.seconds, converged=solver.converged)
+        checkpoint(weights)
+    state.meta_coef = [float(c) for c in (solver.best_coef if solver.converged else solver.coef)]
+    state.phase = "evaluate"
+    return state.meta_coef
+
+
+def _warm_start(replies: list[dict[str, Any]], C: float) -> np.ndarray:
+    """Hessian-weighted combination of the sites' local fits: close to the pooled solution."""
+    h = sum(r["local_hess"] for r in replies)
+    b = sum(r["local_hess"] @ r["local_coef"] for r in replies)
+    ridge = 1e-6 * np.eye(h.shape[0])
+    return np.linalg.solve(h + ridge, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# Phase 4
+
+
+def run_evaluation(grid: Grid, settings: RunSettings, state: RunState, log: RunLog,
+                   weights: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Every site evaluates every model on its test split and stores the final models."""
+    from common.metrics import EvalStats
+
+    nodes = _require_quorum(state, settings, "evaluation")
+    cfg = ConfigRecord({**settings.client_config(), "run-id": state.run_id, "coef": state.meta_coef,
+                        "model-config": json.dumps(state.model_config)})
+    res = exchange(grid, nodes, lambda n: RecordDict({"cnn": _records(weights), "config": cfg}),
+                   message_type="evaluate", group_id=f"{state.run_id}-evaluate", timeout=settings.round_timeout)
+    _note_failures(state, log, res.failures, "evaluation")
+    pooled: dict[str, EvalStats] = {}
+    per_site: dict[str, dict[str, Any]] = {}
+    for node in sorted(res.replies, key=state.site_of):
+        site, reply = state.site_of(node), res.replies[node]
+        arrays, metrics = _np(reply.content.array_records["stats"]), dict(reply.content.metric_records["metrics"])
+        per_site[site] = metrics
+        for name in ("hybrid", "cnn", "forest", "logreg"):
+            stats = EvalStats.from_arrays({key: arrays[f"{name}.{key}"] for key in ("confusion", "hist_pos", "hist_neg")})
+            pooled[name] = pooled[name] + stats if name in pooled else stats
+    state.rounds.append({"phase": "evaluate", "seconds": round(res.seconds, 2), "sites": sorted(per_site)})
+    log.event("evaluate", seconds=res.seconds, sites=sorted(per_site))
+    state.phase = "done"
+    log.info(f"evaluation: {len(per_site)} sites returned test statistics; final models stored at every site")
+    return {"pooled": pooled, "sites": per_site}
+
+
+def new_state() -> RunState:
+    """A fresh run with its own genofed run id (sites key their per-run state by it)."""
+    return RunState(run_id=uuid.uuid4().hex[:12])
+
+
+def state_to_dict(state: RunState) -> dict[str, Any]:
+    return asdict(state)
+
+
+def state_from_dict(d: dict[str, Any]) -> RunState:
+    return RunState(**d)

@@ -1,0 +1,205 @@
+"""``genofed simulate``: N hospitals on one machine through Flower's Simulation Engine.
+
+It starts a private SuperLink in simulation mode (free ports, its own FLWR_HOME and log under
+``RUNDIR/.flower``, no runtime dependency installation), submits this app with ``flwr run``,
+with ``num-supernodes`` = the number of site folders and ``sites-dir`` in the run config (each
+simulated SuperNode binds to the site folder of its partition: see ``client/site.py``), follows
+the run's events to show progress, and stops the SuperLink at the end, also on failure or
+Ctrl-C. The same app runs unchanged under a real SuperLink with SuperNodes (see the README).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common.errors import GenofedError
+from common.progress import progress_bar
+
+APP_DIR = Path(__file__).resolve().parents[1]
+QUIET_ENV = {"FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_TELEMETRY_ENABLED": "0",
+             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "GENOFED_NO_PROGRESS": "1",
+             "RAY_DEDUP_LOGS": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+
+
+class SimulationError(GenofedError):
+    """The simulation could not start or did not complete."""
+
+
+@dataclass
+class SimulationRequest:
+    """What to simulate: the site layout, where results go, and run-config overrides."""
+
+    sites_dir: Path
+    out: Path
+    run_config: dict[str, Any] = field(default_factory=dict)
+    cpus_per_site: int = 1
+    timeout: float = 3600.0
+
+
+def free_port() -> int:
+    """An unused TCP port on 127.0.0.1 (so parallel runs never collide)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return json.dumps(v)
+    return repr(v)
+
+
+def run_config_arg(cfg: dict[str, Any]) -> str:
+    """``--run-config`` text: space-separated ``key=value`` with TOML values."""
+    return " ".join(f"{k}={_toml_value(v)}" for k, v in cfg.items())
+
+
+def _env(home: Path) -> dict[str, str]:
+    env = {**os.environ, **QUIET_ENV, "FLWR_HOME": str(home)}
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")  # flwr launches its tools by bare name
+    return env
+
+
+def _sites(sites_dir: Path) -> list[Path]:
+    from client.site import site_dirs
+
+    if not sites_dir.is_dir():
+        raise SimulationError(f"{sites_dir}: not a folder; make one with `genofed cohort split --vaults` "
+                              "or `genofed cohort recipe ... --vaults`")
+    sites = site_dirs(sites_dir)
+    if len(sites) < 2:
+        raise SimulationError(f"{sites_dir}: {len(sites)} site folder(s) with vault/ and key; a federation needs 2+")
+    return sites
+
+
+class LocalSuperLink:
+    """A private SuperLink in simulation mode; a context manager that always stops it."""
+
+    def __init__(self, home: Path) -> None:
+        self.home, self.port, self.proc = home, free_port(), None
+
+    def __enter__(self) -> LocalSuperLink:
+        self.home.mkdir(parents=True, exist_ok=True)
+        (self.home / "config.toml").write_text(
+            f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n')
+        cmd = ["flower-superlink", "--insecure", "--simulation", "--host", "127.0.0.1", "--port", str(self.port),
+               "--disable-runtime-dependency-installation", "--database", str(self.home / "state.db")]
+        self.log = open(self.home / "superlink.log", "ab")
+        self.proc = subprocess.Popen(cmd, env=_env(self.home), stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        self._wait_healthy(timeout=60.0)
+        return self
+
+    def _wait_healthy(self, timeout: float) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SimulationError(f"SuperLink exited with code {self.proc.returncode}; see {self.home}/superlink.log")
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1.0).is_success:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise SimulationError(f"SuperLink not healthy after {timeout:.0f} s; see {self.home}/superlink.log")
+
+    def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
+        return subprocess.run(["flwr", *args], env=_env(self.home), capture_output=True, text=True, timeout=timeout,
+                              cwd=APP_DIR)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log.close()
+
+
+def simulate(req: SimulationRequest) -> dict[str, Any]:
+    """Run the federation on ``req.sites_dir``; returns the run's ``metrics.json``."""
+    sites = _sites(req.sites_dir)
+    resume = bool(req.run_config.get("resume", False))
+    if req.out.exists() and any(req.out.iterdir()) and not resume:
+        raise SimulationError(f"{req.out}: already exists; give a new --out (or --resume to continue that run)")
+    req.out.mkdir(parents=True, exist_ok=True)
+    cfg = {**req.run_config, "run-dir": str(req.out.resolve()), "sites-dir": str(req.sites_dir.resolve())}
+    cfg.setdefault("min-sites", min(len(sites), 2))
+    fed = f"num-supernodes={len(sites)} client-resources-num-cpus={req.cpus_per_site}"
+    with LocalSuperLink(req.out / ".flower") as link:
+        started = link.flwr("run", str(APP_DIR), "sim", "--format", "json", "--run-config", run_config_arg(cfg),
+                            "--federation-config", fed)
+        if started.returncode != 0:
+            raise SimulationError("flwr run failed: " + _last_line(started.stderr or started.stdout))
+        run_id = int(json.loads(started.stdout)["run-id"])
+        status = _follow(link, run_id, req, n_rounds=int(cfg.get("cnn-rounds", 5)))
+        (req.out / "flower.log").write_text(link.flwr("log", str(run_id), "sim", "--show").stdout)
+    if status != "finished:completed" or not (req.out / "metrics.json").exists():
+        reason = _failure_reason(req.out)
+        raise SimulationError(f"run {run_id} ended as {status}: {reason} (see {req.out / 'run.log'})")
+    return json.loads((req.out / "metrics.json").read_text())
+
+
+def _follow(link: LocalSuperLink, run_id: int, req: SimulationRequest, *, n_rounds: int) -> str:
+    """Poll the run's status until it finishes, showing progress from the run's events."""
+    deadline = time.monotonic() + req.timeout
+    with progress_bar() as bar:
+        task = bar.add_task("federation", total=n_rounds + 5)
+        while time.monotonic() < deadline:
+            bar.update(task, completed=_events_done(req.out))
+            out = link.flwr("ls", "sim", "--run-id", str(run_id), "--format", "json")
+            if out.returncode == 0:
+                runs = json.loads(out.stdout).get("runs", [])
+                if runs and str(runs[0].get("status", "")).startswith("finished"):
+                    bar.update(task, completed=_events_done(req.out))
+                    return str(runs[0]["status"])
+            time.sleep(1.0)
+    link.flwr("stop", str(run_id), "sim")
+    raise SimulationError(f"run {run_id} did not finish within {req.timeout:.0f} s; stopped")
+
+
+def _events_done(run_dir: Path) -> int:
+    path = run_dir / "events.jsonl"
+    if not path.exists():
+        return 0
+    return sum(1 for line in path.read_text().splitlines() if line.strip())
+
+
+def _failure_reason(run_dir: Path) -> str:
+    path = run_dir / "events.jsonl"
+    if path.exists():
+        for line in reversed(path.read_text().splitlines()):
+            event = json.loads(line)
+            if event.get("event") == "failed":
+                return str(event.get("reason"))
+    log = run_dir / "run.log"
+    if log.exists() and log.read_text().strip():
+        return log.read_text().strip().splitlines()[-1]
+    return "no report was written"
+
+
+def _last_line(text: str) -> str:
+    lines = [ln for ln in (text or "").strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else "no output"
+
+
+def remove_flower_home(out: Path) -> None:
+    """Drop the private SuperLink's state (kept by default for debugging a failed run)."""
+    shutil.rmtree(out / ".flower", ignore_errors=True)

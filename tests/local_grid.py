@@ -1,0 +1,76 @@
+"""An in-process Grid for fast tests of the ServerApp phases (no Ray, no SuperLink).
+
+It hands each Message synchronously to the real ClientApp with a per-node Context, so the
+real handlers, vaults and ledgers run; only Flower's transport is skipped. It touches two
+Flower internals (``TaskIdentity`` and the message id in ``metadata``), which is why it lives
+in tests only; end-to-end tests use the real Simulation Engine and a real SuperLink.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+
+TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+
+
+class LocalGrid(Grid):
+    """Nodes 101, 102, ... each bound to one node config; ``fail`` can make a node misbehave."""
+
+    def __init__(self, client_app: Any, node_configs: list[dict[str, Any]], run_config: dict[str, Any],
+                 *, fail: Callable[[int, Message], str | None] | None = None) -> None:
+        self.app = client_app
+        self.ctx = {101 + i: Context(run_id=1, node_id=101 + i, node_config=cfg, state=RecordDict(),
+                                     run_config=run_config) for i, cfg in enumerate(node_configs)}
+        self.fail = fail
+        self.offline: set[int] = set()
+        self._replies: dict[str, Message] = {}
+        self.exchanges = 0
+
+    def set_run(self, run_id: int) -> None:  # noqa: D102 - Grid API
+        pass
+
+    @property
+    def run(self) -> Run:  # noqa: D102 - Grid API
+        return Run.create_empty(run_id=1)
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:  # noqa: D102 - Grid API
+        return Message(content, dst_node_id, message_type, group_id=group_id, ttl=ttl)
+
+    def get_node_ids(self) -> Iterable[int]:  # noqa: D102 - Grid API
+        return [n for n in self.ctx if n not in self.offline]
+
+    def get_nodes(self) -> Iterable[Any]:  # noqa: D102 - Grid API
+        return []
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # noqa: D102 - Grid API
+        self.exchanges += 1
+        ids = []
+        for m in messages:
+            mid = uuid.uuid4().hex
+            m.metadata.__dict__["_message_id"] = mid
+            node = m.metadata.dst_node_id
+            ids.append(mid)
+            if node in self.offline:
+                continue  # a dead node never answers
+            reason = self.fail(node, m) if self.fail else None
+            if reason == "silent":
+                continue
+            if reason:
+                self._replies[mid] = Message(Error(code=2, reason=reason), reply_to=m)
+                continue
+            self._replies[mid] = self.app(m, self.ctx[node])
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # noqa: D102 - Grid API
+        return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self.pull_messages(self.push_messages(messages))  # noqa: D102 - Grid API

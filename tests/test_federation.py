@@ -1,0 +1,203 @@
+"""The federated run in process: the real ServerApp phases and ClientApp handlers over a LocalGrid.
+
+Covers the protocol (exchange count, metrics.json), exactness (meta-classifier equals a pooled
+fit; pooled metrics equal metrics on the union of the sites' test splits), faults (a site that
+raises, a site that goes silent, too few sites, schema mismatch), the privacy ledger (refusal,
+continuation across runs) and resume from a checkpoint. The real engines (Ray simulation, a
+TLS SuperLink with SuperNodes) are exercised in test_simulate.py and test_deployment.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from client.client_app import app as client_app
+from client.cohort_store import load_cohort
+from client.model_store import CNN_ROLE, arrays_from_bytes, load_forest
+from client.pipeline import SiteData, deep_proba, forest_matrix, meta_features
+from client.vault import KeySource, Vault
+from common.meta import StackingMetaClassifier, flat_coef
+from common.metrics import compute_metrics
+from common.models import DeepModelConfig, build_model
+from server.exchange import TooFewSitesError
+from server.phases import CensusError
+from server.server_app import run_federation
+from server.settings import RunSettings
+from simulations.site_layout import split_cohort
+from simulations.synthetic import write_synthetic_cohort
+from tests.local_grid import LocalGrid
+
+FAST = dict(cnn_rounds=2, forest_trees=20, wait_timeout=2.0, round_timeout=60.0)
+
+
+@pytest.fixture(scope="module")
+def sites_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("fed")
+    write_synthetic_cohort(out=root / "cohort", patients=360, seed=5)
+    split_cohort(spec_path=root / "cohort" / "spec.toml", sites=3, by="iid", out=root / "sites", seed=0,
+                 vaults=True, show_progress=False)
+    return root / "sites"
+
+
+@pytest.fixture()
+def sites(sites_template: Path, tmp_path: Path) -> Path:
+    """A fresh copy per test: vaults and ledgers change during a run."""
+    import shutil
+
+    shutil.copytree(sites_template, tmp_path / "sites")
+    return tmp_path / "sites"
+
+
+def _node_configs(sites: Path) -> list[dict]:
+    return [{"vault": str(p / "vault"), "key-file": str(p / "key"), "site": p.name}
+            for p in sorted(q for q in sites.iterdir() if (q / "vault").is_dir())]
+
+
+def _run(sites: Path, run_dir: Path, *, fail=None, **settings) -> tuple[dict, LocalGrid]:
+    grid = LocalGrid(client_app, _node_configs(sites), run_config={}, fail=fail)
+    doc = run_federation(grid, RunSettings(run_dir=str(run_dir), **{**FAST, **settings}))
+    return doc, grid
+
+
+def _site_vaults(sites: Path) -> list[tuple[str, Vault]]:
+    return [(p.name, Vault.open(p / "vault", KeySource.from_key_file(p / "key")))
+            for p in sorted(q for q in sites.iterdir() if (q / "vault").is_dir())]
+
+
+def test_run_writes_metrics_with_r_plus_5_exchanges(sites: Path, tmp_path: Path) -> None:
+    doc, grid = _run(sites, tmp_path / "run", dp=False)
+    assert grid.exchanges == FAST["cnn_rounds"] + 5
+    on_disk = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert set(on_disk["models"]) == {"hybrid", "cnn", "forest", "logreg"}
+    for m in on_disk["models"].values():
+        assert all(0.0 <= m[k] <= 1.0 for k in ("auc", "accuracy", "precision", "recall", "specificity", "f1", "auprc"))
+        assert set(m["ci"]) >= {"auc", "f1"}
+    assert set(on_disk["sites"]) == {"site-1", "site-2", "site-3"}
+    assert on_disk["missing_sites"] == {}
+    assert len(re.findall(r"CNN round \d/2: 3 updates aggregated", (tmp_path / "run" / "run.log").read_text())) == 2
+    for _, vault in _site_vaults(sites):
+        assert CNN_ROLE in vault.roles and "model/meta" in vault.roles
+
+
+def _union_predictions(sites: Path, meta_coef: list[float], split: str) -> tuple[np.ndarray, dict, np.ndarray]:
+    """Per-patient predictions a site could compute locally, pooled here only for the test's check."""
+    ys, probas, xs = [], {"cnn": [], "forest": [], "hybrid": []}, []
+    for _, vault in _site_vaults(sites):
+        data = SiteData.from_cohort(load_cohort(vault))
+        arrays, meta = arrays_from_bytes(vault.read(CNN_ROLE))
+        model = build_model(DeepModelConfig.from_dict(meta["config"]))
+        model.load_state_dict({k: torch.as_tensor(v) for k, v in arrays.items()})
+        stored = load_forest(vault)
+        cnn = deep_proba(model, data, split, stored["preprocessor"])
+        forest = stored["forest"].predict_proba(forest_matrix(data, split, stored["preprocessor"]))
+        x = meta_features(cnn, forest)
+        hybrid = StackingMetaClassifier().set_coef(np.asarray(meta_coef), n_features=x.shape[1]).predict_proba(x)
+        ys.append(data.y[data.masks[split]])
+        xs.append(x)
+        for name, p in (("cnn", cnn), ("forest", forest), ("hybrid", hybrid)):
+            probas[name].append(p)
+    return np.concatenate(ys), {k: np.concatenate(v) for k, v in probas.items()}, np.concatenate(xs)
+
+
+def test_meta_matches_pooled_fit_and_pooled_metrics_match_the_union(sites: Path, tmp_path: Path) -> None:
+    doc, _ = _run(sites, tmp_path / "run", dp=False)
+    coef = doc["meta"]["coef"]
+    y_val, _, x_val = _union_predictions(sites, coef, "validation")
+    pooled = StackingMetaClassifier(penalty="l2", C=1.0).fit(x_val, y_val)
+    np.testing.assert_allclose(np.asarray(coef), flat_coef(pooled), atol=1e-4)
+    y_test, proba, _ = _union_predictions(sites, coef, "test")
+    for name in ("cnn", "forest", "hybrid"):
+        union = compute_metrics(y_test, proba[name])
+        fed = doc["models"][name]
+        for key in ("accuracy", "precision", "recall", "specificity", "f1"):
+            assert fed[key] == pytest.approx(union[key], abs=1e-12), (name, key)
+        assert fed["auc"] == pytest.approx(union["auc"], abs=1e-12)  # same bins: identical statistics
+
+
+def test_a_site_that_raises_leaves_the_run_named_with_its_reason(sites: Path, tmp_path: Path) -> None:
+    def fail(node: int, msg) -> str | None:
+        if node == 102 and msg.metadata.message_type == "train":
+            return "<class 'RuntimeError'>:<'disk full'>"
+        return None
+
+    doc, _ = _run(sites, tmp_path / "run", dp=False, fail=fail)
+    assert set(doc["missing_sites"]) == {"site-2"}
+    assert "disk full" in doc["missing_sites"]["site-2"]
+    assert set(doc["sites"]) == {"site-1", "site-3"}
+    log = (tmp_path / "run" / "run.log").read_text()
+    assert "site site-2 failed and leaves the run" in log and "disk full" in log
+
+
+def test_a_silent_site_times_out_and_the_run_completes(sites: Path, tmp_path: Path) -> None:
+    def fail(node: int, msg) -> str | None:
+        return "silent" if node == 103 and msg.metadata.message_type == "train.meta" else None
+
+    doc, _ = _run(sites, tmp_path / "run", dp=False, fail=fail, round_timeout=1.0)
+    assert "no reply within 1 s" in doc["missing_sites"]["site-3"]
+    assert set(doc["sites"]) == {"site-1", "site-2"}
+
+
+def test_too_few_sites_is_a_clear_timeout(sites: Path, tmp_path: Path) -> None:
+    with pytest.raises(TooFewSitesError, match=r"only 3 site\(s\) online after 2 s; the run needs at least 4"):
+        _run(sites, tmp_path / "run", dp=False, min_sites=4)
+    assert "run failed" in (tmp_path / "run" / "run.log").read_text()
+
+
+def test_schema_mismatch_stops_the_run_before_training(sites: Path, tmp_path: Path) -> None:
+    from client.cohort_store import save_cohort
+
+    p = sites / "site-3"
+    key = KeySource.from_key_file(p / "key")
+    cohort = load_cohort(p / "vault", key)
+    schema = json.loads(json.dumps(cohort.schema))
+    schema["label"]["classes"] = ["control", "disease"]
+    save_cohort(p / "vault", dataclasses.replace(cohort, schema=schema), key, overwrite=True)
+    with pytest.raises(CensusError, match=r"do not share one schema.*label.classes"):
+        _run(sites, tmp_path / "run", dp=False)
+
+
+def test_ledger_refuses_over_budget_and_continues_across_runs(sites: Path, tmp_path: Path) -> None:
+    first, _ = _run(sites, tmp_path / "run1", dp=True, epsilon=3.0, site_epsilon_budget=5.0)
+    spent = {s: p["epsilon"] for s, p in first["privacy"].items()}
+    assert all(0 < e <= 5.0 for e in spent.values())
+    # The same sites again: the ledger continues, and the new run would exceed the budget of 5.
+    second, _ = _run(sites, tmp_path / "run2", dp=True, epsilon=3.0, site_epsilon_budget=5.0, min_sites=1)
+    assert second["census"]["site-1"]["ledger-spent"] == pytest.approx(spent["site-1"])
+    assert all("refused to release cnn-update" in r for r in second["missing_sites"].values())
+
+
+def test_resumed_run_ends_at_the_same_model(sites: Path, sites_template: Path, tmp_path: Path) -> None:
+    import shutil
+
+    reference, _ = _run(sites, tmp_path / "ref", dp=True, epsilon=4.0, cnn_rounds=3)
+
+    other = tmp_path / "sites-b"
+    shutil.copytree(sites_template, other)
+
+    class Stop(Exception):
+        pass
+
+    def stop_in_round_3(node: int, msg) -> str | None:
+        if msg.metadata.message_type == "train" and msg.content.config_records["config"]["server-round"] == 3:
+            raise Stop()  # the ServerApp process dies mid-round
+        return None
+
+    with pytest.raises(Stop):
+        _run(other, tmp_path / "run", dp=True, epsilon=4.0, cnn_rounds=3, fail=stop_in_round_3)
+    resumed, _ = _run(other, tmp_path / "run", dp=True, epsilon=4.0, cnn_rounds=3, resume=True)
+    assert resumed["run"]["run_id"] != reference["run"]["run_id"]
+    np.testing.assert_allclose(resumed["meta"]["coef"], reference["meta"]["coef"], atol=1e-10)
+    for (_, a), (_, b) in zip(_site_vaults(sites), _site_vaults(other)):
+        wa, _ = arrays_from_bytes(a.read(CNN_ROLE))
+        wb, _ = arrays_from_bytes(b.read(CNN_ROLE))
+        for k in wa:
+            np.testing.assert_array_equal(wa[k], wb[k])
+    log = (tmp_path / "run" / "run.log").read_text()
+    assert "resuming run" in log
