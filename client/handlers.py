@@ -136,8 +136,11 @@ def train_round(site: SiteRef, global_weights: dict[str, np.ndarray], cfg: dict[
     metrics = {"num-examples": n_train, "train-loss": float(result.history[-1]["train_loss"]),
                "val-loss": float(result.history[-1].get("val_loss", float("nan")))}
     if dp is not None:
-        new = result.accountant_state["history"][len(state["history"]) if state else 0:]
-        releases = [_release(h, run_id, rnd) for h in new]
+        from client.ledger import Release
+
+        # Opacus folds steps with the same (sigma, q) into its last history entry: diff the states.
+        releases = Release.from_accountant_state(result.accountant_state, previous=state, label="cnn-update",
+                                                 run_id=run_id, round=rnd)
         metrics["epsilon"] = float(ledger.charge(releases))
         metrics["run-epsilon"] = float(result.epsilon)
         metrics["delta"] = float(dp.target_delta)
@@ -155,14 +158,6 @@ def _refuse_if_over_budget(ledger: Any, planned: Any, site: SiteRef, run_id: str
         raise PrivacyBudgetExceeded(site=site.name, labels=[planned.label], run_id=run_id, round=rnd,
                                     spent=ledger.spent_epsilon(), would_reach=after, budget=ledger.budget_epsilon,
                                     delta=ledger.delta)
-
-
-def _release(entry: list, run_id: str, rnd: int) -> Any:
-    from client.ledger import Release
-
-    sigma, q, steps = entry
-    return Release(kind="dp-sgd", noise_multiplier=float(sigma), sample_rate=float(q), steps=int(steps),
-                   label="cnn-update", run_id=run_id, round=rnd)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -350,7 +350,7 @@ def _epsilon_of(steps_by_mechanism: Mapping[tuple[float, float], int], *, delta:
         total = [t + steps * r for t, r in zip(total, unit(sigma, q), strict=True)]
     with warnings.catch_warnings():
         # Opacus warns when the best order is the first or last one: the bound is then looser
-        # than it could be (never wrong); Opacus' own accountant and calibration use these orders.
+        # than more orders would make it, never wrong.
         warnings.filterwarnings("ignore", message="Optimal order is the", category=UserWarning)
         eps, _ = _rdp_module().get_privacy_spent(orders=list(ORDERS), rdp=total, delta=delta)
     return max(0.0, float(eps))

@@ -20,6 +20,8 @@ DESCRIPTION = """\
 genofed: privacy-preserving federated learning for genomic medicine.
 
 Hospital IT:   genofed keygen, genofed vault import|inspect|verify|rekey
+Privacy:       genofed ledger show|set-budget
+Coordinator:   genofed certs (then flower-superlink / flwr run: see the README)
 Researchers:   genofed cohort synth|split|recipe, genofed evaluate, genofed simulate, genofed demo
 Run `genofed COMMAND --help` for the options of each command."""
 
@@ -27,7 +29,8 @@ Run `genofed COMMAND --help` for the options of each command."""
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser, with every role's commands registered."""
     # Imported here so that `genofed --help` stays fast and a broken optional part names itself.
-    from client import vault_cli
+    from client import ledger_cli, vault_cli
+    from server import certs_cli
     from simulations import cohort_cli, demo, evaluate_cli, simulate_cli
 
     parser = argparse.ArgumentParser(prog="genofed", description=DESCRIPTION,
@@ -36,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug detail to stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     vault_cli.register(sub)
+    ledger_cli.register(sub)
+    certs_cli.register(sub)
     cohort_cli.register(sub)
     evaluate_cli.register(sub)
     simulate_cli.register(sub)

@@ -167,6 +167,12 @@ def test_ledger_refuses_over_budget_and_continues_across_runs(sites: Path, tmp_p
     first, _ = _run(sites, tmp_path / "run1", dp=True, epsilon=3.0, site_epsilon_budget=5.0)
     spent = {s: p["epsilon"] for s, p in first["privacy"].items()}
     assert all(0 < e <= 5.0 for e in spent.values())
+    # Every round is charged (Opacus folds later rounds into one history entry: they must still count).
+    from client.ledger import PrivacyLedger
+
+    for site, vault in _site_vaults(sites):
+        rounds = {r.round for r in PrivacyLedger.load(vault).releases if r.label == "cnn-update"}
+        assert rounds == {1, 2}, site
     # The same sites again: the ledger continues, and the new run would exceed the budget of 5.
     second, _ = _run(sites, tmp_path / "run2", dp=True, epsilon=3.0, site_epsilon_budget=5.0, min_sites=1)
     assert second["census"]["site-1"]["ledger-spent"] == pytest.approx(spent["site-1"])

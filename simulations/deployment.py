@@ -1,0 +1,972 @@
+"""A real Flower deployment on this machine: one SuperLink with TLS and SuperNode authentication,
+N SuperNodes, and the ``flwr`` CLI wired to them; for end-to-end tests and for trying a deployment.
+
+Everything the harness starts is a real Flower 1.42 process (``flower-superlink``,
+``flower-supernode``, ``flwr``), launched exactly as a coordinator and hospitals would launch
+them, with these local choices:
+
+- TLS with credentials from :func:`server.certs.generate_certs` (made in ``WORKDIR/certs`` unless
+  an existing folder is given), ``--enable-supernode-auth`` and
+  ``--disable-runtime-dependency-installation`` on the SuperLink (no ``uv sync``, no network).
+- Free ports chosen by the OS at run time, never fixed ones, so parallel runs do not collide: one
+  for the SuperLink (Fleet, Control and Runtime APIs share it in 1.42) and one per SuperNode
+  (its local Runtime API, ``--port``). A start that loses a port race is retried on a new port.
+- Every process has its own ``FLWR_HOME`` and working directory under ``WORKDIR`` (so FABs,
+  relative writes and logs never mix), the SuperLink a SQLite ``--database``, and every process
+  the environment ``FLWR_DISABLE_UPDATE_CHECK=1``, ``FLWR_TELEMETRY_ENABLED=0``,
+  ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.2`` and a ``PATH`` that starts with this Python's
+  ``bin/`` (Flower launches ``flower-superexec``, ``flwr-serverapp`` and ``flwr-clientapp`` by
+  bare name).
+- The ``flwr`` CLI gets its own ``FLWR_HOME`` whose ``config.toml`` holds one connection
+  (``[superlink.<name>] address, root-certificates``); :meth:`LocalDeployment.flwr_env` returns
+  that environment for running further ``flwr`` commands by hand.
+
+Layout of ``WORKDIR``::
+
+    certs/                  CA, SuperLink certificate, site keys (unless ``certs=`` was given)
+    superlink/              cwd + FLWR_HOME of the SuperLink; state.db; superlink.log
+    supernodes/<name>/      cwd + FLWR_HOME of each SuperNode; supernode.log (ClientApp output too)
+    cli/                    FLWR_HOME of the flwr CLI (config.toml); flwr.log (every CLI call)
+    keys/                   extra SuperNode keys made by :meth:`LocalDeployment.new_supernode_key`
+
+Every wait has a timeout, and a failure raises :class:`DeploymentError` naming the process, its
+log file and the last lines of that log. Processes start in their own sessions and are torn down
+by :meth:`LocalDeployment.close` (also on leaving the ``with`` block, on an exception, and at
+interpreter exit): SIGTERM to each process group and to every descendant recorded from ``/proc``
+(the SuperLink's SuperExec runs detached, in its own session), then SIGKILL after a grace period,
+and a last sweep for any process whose environment holds one of the deployment's FLWR_HOMEs.
+On Linux each daemon also gets ``PR_SET_PDEATHSIG`` so that it dies with the harness even if the
+harness is killed with SIGKILL; Flower's own child processes follow their parent (``--parent-pid``).
+
+Example (also what the end-to-end test does)::
+
+    with LocalDeployment(tmp_path / "deploy") as dep:
+        dep.start({"site-1": {"vault": "/v1"}, "site-2": {"vault": "/v2"}, "site-3": {"vault": "/v3"}})
+        result = dep.run(app_dir, run_config={"rounds": 2}, timeout=180)
+        assert result.status.completed, result.log
+
+Command line (a local TLS federation for people)::
+
+    python -m simulations.deployment WORKDIR --sites 3 \
+        [--certs DIR] [--node-config site-1 'vault="/abs/v1" key-file="/abs/k1"' ...] \
+        [--app DIR [--run-config 'k=v ...'] [--timeout S]]
+
+Without ``--app`` it starts the federation, prints the ``flwr`` commands to use it and waits for
+Ctrl-C; with ``--app`` it submits one run, prints its status and ServerApp log, and tears down.
+
+Timings, measured on a 2-core x86_64 Linux VM (this project's development machine; Python 3.11,
+flwr 1.42.0), 3 SuperNodes, TLS + SuperNode authentication, the test's query-only app (one
+exchange, push/pull polled every 0.1 s), four runs:
+
+- SuperLink healthy (HTTPS ``/health`` answers) 1.2-2.4 s after launch (notes/flower-1.42.md
+  measured 4-8.5 s);
+- 3 SuperNodes registered (in parallel), started and ``online``: 7.2-8.7 s more; each ``flwr``
+  CLI call costs 0.8-2.9 s (Python start-up and imports), which dominates this step;
+- ``flwr run`` submission 1.2-2.3 s; run wall time from submission to ``finished:completed``
+  10.6-13.7 s (``elapsed`` as the SuperLink reports it: 6.5 s);
+- an unregistered SuperNode is refused 1.6-2.9 s after launch: it logs "Exit Code: 305 ...
+  [code: 2004] Failed to activate SuperNode" and exits with status 1;
+- teardown 0.8-1.8 s; the whole end-to-end test 22-30 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import contextlib
+import ctypes
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+import urllib.error
+import urllib.request
+import weakref
+from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from common.errors import GenofedError
+from server.certs import CertBundle, generate_certs, write_supernode_key
+
+HOST = "127.0.0.1"
+DEFAULT_CONNECTION = "genofed-local"
+FLWR_ENV = {
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2",
+    "PYTHONUNBUFFERED": "1",
+}
+"""Environment every process of the deployment gets (on top of the caller's)."""
+RUN_FINISHED_PREFIX = "finished:"
+STATUS_COMPLETED = "finished:completed"
+REFUSED_MARKERS = ("Exit Code: 305", "Failed to activate SuperNode")
+"""What a refused (unregistered) SuperNode logs before it exits. Flower's "exit code" 305 is
+only logged: the process itself exits with status 1, as for every Flower error exit (1.42)."""
+_PORT_IN_USE = re.compile(r"address already in use|errno 98|only one usage of each socket", re.IGNORECASE)
+_LOG_TAIL_LINES = 30
+_EXECUTABLES = ("flwr", "flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp",
+                "flwr-clientapp")
+_ACTIVATED = "SuperNode ID:"
+"""What flower-supernode logs once the SuperLink has accepted it (1.42)."""
+
+
+class DeploymentError(GenofedError):
+    """A deployment process failed, exited early, or did not reach a state in time."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes
+
+
+@dataclass
+class ManagedProcess:
+    """One daemon the harness started: its command, log file, home and port."""
+
+    name: str
+    argv: list[str]
+    log_path: Path
+    home: Path
+    port: int
+    popen: subprocess.Popen[bytes]
+    started_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    @property
+    def returncode(self) -> int | None:
+        """Exit code, or None while it runs."""
+        return self.popen.poll()
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, lines: int = _LOG_TAIL_LINES) -> str:
+        return _tail(self.log_text(), lines)
+
+    def describe(self) -> str:
+        state = "running" if self.alive() else f"exited with code {self.returncode}"
+        return f"{self.name} (pid {self.pid}, {state}, log {self.log_path})"
+
+    def wait_exit(self, timeout: float) -> int:
+        """Wait for the process to exit by itself; returns its exit code."""
+        try:
+            return self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise DeploymentError(f"{self.describe()} still running after {timeout:.0f} s; "
+                                  f"last log lines:\n{self.log_tail()}") from None
+
+
+@dataclass
+class SuperNode(ManagedProcess):
+    """A SuperNode process plus what identifies it to the SuperLink."""
+
+    private_key: Path = Path()
+    node_config: str = ""
+    node_id: int | None = None
+
+    @property
+    def refused(self) -> bool:
+        """Whether the node has exited because the SuperLink refused its key (not registered)."""
+        return not self.alive() and all(marker in self.log_text() for marker in REFUSED_MARKERS)
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    """A run's status as ``flwr ls --run-id N --format json`` reports it."""
+
+    run_id: int
+    status: str
+    details: str
+    raw: dict[str, Any]
+
+    @property
+    def finished(self) -> bool:
+        return self.status.startswith(RUN_FINISHED_PREFIX)
+
+    @property
+    def completed(self) -> bool:
+        return self.status == STATUS_COMPLETED
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """A finished run: its final status, the ServerApp log, and the wall time from submission."""
+
+    run_id: int
+    status: RunStatus
+    log: str
+    seconds: float
+
+
+# ---------------------------------------------------------------------------------------------
+# The harness
+
+
+class LocalDeployment(contextlib.AbstractContextManager["LocalDeployment"]):
+    """A SuperLink (TLS + SuperNode authentication) and SuperNodes on 127.0.0.1, plus the flwr CLI.
+
+    Parameters
+    ----------
+    workdir : path
+        Folder for all state and logs (created; reuse across instances is not supported).
+    certs : path or CertBundle, optional
+        Existing credentials from ``genofed certs``; by default new ones are made in
+        ``workdir/certs`` with ``sites`` site keys.
+    sites : int
+        Number of site keys to generate when ``certs`` is not given.
+    connection : str
+        Name of the SuperLink connection in the CLI's ``config.toml``.
+    env : mapping, optional
+        Extra environment for every process (after :data:`FLWR_ENV`).
+    die_with_parent : bool
+        On Linux, have every daemon killed when the thread that started it exits (PR_SET_PDEATHSIG),
+        so that nothing outlives a harness killed by SIGKILL. Start the deployment from a thread
+        that lives as long as it (the main thread, normally).
+    """
+
+    def __init__(self, workdir: Path | str, *, certs: Path | str | CertBundle | None = None, sites: int = 3,
+                 connection: str = DEFAULT_CONNECTION, env: Mapping[str, str] | None = None,
+                 die_with_parent: bool = True) -> None:
+        self.workdir = Path(workdir).expanduser().absolute()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if certs is None:
+            certs = self.workdir / "certs"
+            self.certs = CertBundle.load(certs) if certs.is_dir() and any(certs.iterdir()) \
+                else generate_certs(certs, sites=sites)
+        else:
+            self.certs = certs if isinstance(certs, CertBundle) else CertBundle.load(certs)
+        self.connection = connection
+        self.die_with_parent = die_with_parent
+        self.superlink: ManagedProcess | None = None
+        self.supernodes: dict[str, SuperNode] = {}
+        self.node_ids: dict[str, int] = {}
+        self.timings: dict[str, float] = {}
+        self._reserved_ports: set[int] = set()
+        self._seen: dict[int, int | None] = {}  # pid -> start time (clock ticks), for safe kills
+        self._closed = False
+        self._lock = threading.Lock()
+        bin_dir = str(Path(sys.executable).parent)
+        self.env = {**os.environ, **FLWR_ENV, **(env or {})}
+        self.env["PATH"] = os.pathsep.join([bin_dir, self.env.get("PATH", "")])
+        missing = [exe for exe in _EXECUTABLES if shutil.which(exe, path=self.env["PATH"]) is None]
+        if missing:
+            raise DeploymentError(f"{', '.join(missing)} not found next to {sys.executable} or on PATH; "
+                                  "install flwr 1.42 into this environment")
+        self.cli_home = self.workdir / "cli"
+        self.cli_log = self.cli_home / "flwr.log"
+        _OPEN.add(self)
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def start(self, supernodes: Mapping[str, Mapping[str, Any] | str | None] | Sequence[str] | int | None = None,
+              *, timeout: float = 90.0) -> LocalDeployment:
+        """Start the SuperLink, register and start SuperNodes, and wait until all are online.
+
+        ``supernodes`` names the sites to start: a mapping ``{name: node_config}``, a list of
+        names, or a count ``n`` (``site-1`` .. ``site-n``); by default every site of the
+        credentials. Node configs are passed to ``--node-config`` (see :func:`format_config`).
+        """
+        deadline = time.monotonic() + timeout
+        if supernodes is None:
+            supernodes = list(self.certs.sites)
+        if isinstance(supernodes, int):
+            supernodes = [f"site-{i}" for i in range(1, supernodes + 1)]
+        configs = dict(supernodes) if isinstance(supernodes, Mapping) else {n: None for n in supernodes}
+        self.start_superlink(timeout=_left(deadline))
+        t0 = time.monotonic()
+        # Registration is one short `flwr` process per site: run them side by side. The daemons
+        # themselves are started from this thread (PR_SET_PDEATHSIG follows the forking thread).
+        with ThreadPoolExecutor(max_workers=min(4, max(1, len(configs)))) as pool:
+            futures = [pool.submit(self.register_supernode, self.certs.site_public_key(name), name=name,
+                                   timeout=_left(deadline)) for name in configs]
+            for future in futures:
+                future.result()
+        for name, node_config in configs.items():
+            self.start_supernode(name, node_config=node_config)
+        self.wait_supernodes_online(list(configs), timeout=_left(deadline))
+        self.timings["supernodes_online_s"] = time.monotonic() - t0
+        return self
+
+    def start_superlink(self, *, timeout: float = 60.0) -> ManagedProcess:
+        """Start ``flower-superlink`` with TLS, SuperNode auth and a SQLite DB; wait until healthy."""
+        if self.superlink is not None:
+            raise DeploymentError(f"the SuperLink already runs: {self.superlink.describe()}")
+        deadline = time.monotonic() + timeout
+        home = self.workdir / "superlink"
+        home.mkdir(parents=True, exist_ok=True)
+        for attempt in range(3):
+            port = self._free_port()
+            argv = ["flower-superlink",
+                    "--ssl-ca-certfile", str(self.certs.ca_cert),
+                    "--ssl-certfile", str(self.certs.server_cert),
+                    "--ssl-keyfile", str(self.certs.server_key),
+                    "--enable-supernode-auth",
+                    "--disable-runtime-dependency-installation",
+                    "--database", str(home / "state.db"),
+                    "--host", HOST, "--port", str(port)]
+            proc = self._launch("SuperLink", argv, home, home / "superlink.log", port)
+            self.superlink = proc
+            try:
+                self._wait_healthy(proc, deadline)
+            except DeploymentError:
+                if not proc.alive() and _PORT_IN_USE.search(proc.log_text()) and attempt < 2:
+                    self.superlink = None
+                    continue  # lost a port race: try another port
+                raise
+            self.timings["superlink_healthy_s"] = time.monotonic() - proc.started_at
+            self._write_cli_config()
+            return proc
+        raise AssertionError("unreachable")
+
+    @property
+    def address(self) -> str:
+        """``host:port`` of the SuperLink (Fleet, Control and Runtime APIs)."""
+        if self.superlink is None:
+            raise DeploymentError("the SuperLink has not been started")
+        return f"{HOST}:{self.superlink.port}"
+
+    def register_supernode(self, public_key: Path | str, *, name: str, timeout: float = 30.0) -> int:
+        """``flwr supernode register KEY.pub CONNECTION --name NAME``; returns the new node id."""
+        if not Path(public_key).is_file():
+            raise DeploymentError(f"SuperNode {name}: public key {public_key} does not exist")
+        out = self.flwr(["supernode", "register", str(public_key), self.connection, "--name", name,
+                         "--format", "json"], timeout=timeout)
+        data = _last_json(out.stdout)
+        if not (data and data.get("success") and data.get("node-id")):
+            raise DeploymentError(f"could not register SuperNode {name} ({public_key}): "
+                                  f"{_cli_failure(out, data)}")
+        node_id = int(data["node-id"])
+        self.node_ids[name] = node_id
+        return node_id
+
+    def start_supernode(self, name: str, *, private_key: Path | str | None = None,
+                        node_config: Mapping[str, Any] | str | None = None) -> SuperNode:
+        """Start ``flower-supernode`` for site ``name`` (not waiting for it to come online).
+
+        ``private_key`` defaults to the site's key in the credentials folder. The node gets its
+        own FLWR_HOME, working directory and Runtime API port.
+        """
+        if self.superlink is None:
+            raise DeploymentError("start the SuperLink before any SuperNode")
+        old = self.supernodes.get(name)
+        if old is not None and old.alive():
+            raise DeploymentError(f"SuperNode {old.describe()} already runs")
+        key = Path(private_key) if private_key is not None else self.certs.site_key(name)
+        if not key.is_file():
+            raise DeploymentError(f"SuperNode {name}: private key {key} does not exist")
+        config = format_config(node_config)
+        home = self.workdir / "supernodes" / name
+        home.mkdir(parents=True, exist_ok=True)
+        port = self._free_port()
+        argv = ["flower-supernode",
+                "--superlink", self.address,
+                "--root-certificates", str(self.certs.ca_cert),
+                "--auth-supernode-private-key", str(key),
+                "--host", HOST, "--port", str(port)]
+        if config:
+            argv += ["--node-config", config]
+        proc = self._launch(f"SuperNode {name}", argv, home, home / "supernode.log", port)
+        node = SuperNode(name=proc.name, argv=argv, log_path=proc.log_path, home=home, port=port,
+                         popen=proc.popen, started_at=proc.started_at, private_key=key, node_config=config,
+                         node_id=self.node_ids.get(name))
+        self.supernodes[name] = node
+        return node
+
+    def new_supernode_key(self, name: str) -> tuple[Path, Path]:
+        """A fresh (unregistered) SuperNode key pair in ``workdir/keys``: (private, public)."""
+        return write_supernode_key(self.workdir / "keys", name)
+
+    def wait_supernodes_online(self, names: Iterable[str] | None = None, *, timeout: float = 60.0) -> None:
+        """Wait until the named SuperNodes (default: all started) are ``online`` at the SuperLink.
+
+        A SuperNode that exits meanwhile fails the wait with its log tail, except one that lost
+        the race for its Runtime API port, which is restarted on another port.
+        """
+        names = list(names) if names is not None else list(self.supernodes)
+        deadline = time.monotonic() + timeout
+        restarts = 0
+        while True:
+            for name in names:
+                node = self.supernodes.get(name)
+                if node is None:
+                    raise DeploymentError(f"SuperNode {name} was never started")
+                if not node.alive():
+                    if _PORT_IN_USE.search(node.log_text()) and restarts < 3:
+                        restarts += 1
+                        self.start_supernode(name, private_key=node.private_key, node_config=node.node_config)
+                        continue
+                    raise DeploymentError(f"{node.describe()} exited before coming online; "
+                                          f"last log lines:\n{node.log_tail()}")
+            self._check_superlink()
+            self.pids()
+            if not all(_ACTIVATED in self.supernodes[n].log_text() for n in names) \
+                    and time.monotonic() < deadline:
+                time.sleep(0.2)  # not activated yet by their own logs: skip the (slow) CLI call
+                continue
+            statuses = self.supernode_statuses(timeout=max(5.0, min(30.0, _left(deadline))))
+            missing = [n for n in names if statuses.get(self.node_ids.get(n, -1)) != "online"]
+            if not missing:
+                return
+            if time.monotonic() > deadline:
+                tails = "\n".join(f"--- {self.supernodes[n].describe()}\n{self.supernodes[n].log_tail(10)}"
+                                  for n in missing)
+                raise DeploymentError(f"SuperNodes {', '.join(missing)} not online after {timeout:.0f} s "
+                                      f"(SuperLink reports {statuses}); last log lines:\n{tails}")
+            time.sleep(0.3)
+
+    def supernode_statuses(self, *, timeout: float = 30.0) -> dict[int, str]:
+        """``{node_id: status}`` from ``flwr supernode ls --format json`` (online, offline, registered, ...)."""
+        out = self.flwr(["supernode", "ls", self.connection, "--format", "json"], timeout=timeout)
+        data = _last_json(out.stdout)
+        if not (data and data.get("success")):
+            raise DeploymentError(f"`flwr supernode ls` failed: {_cli_failure(out, data)}")
+        return {int(n["node-id"]): str(n["status"]) for n in data.get("nodes", [])}
+
+    # -- runs -------------------------------------------------------------------------------
+
+    def submit_run(self, app_dir: Path | str, *, run_config: Mapping[str, Any] | str | Path | None = None,
+                   timeout: float = 120.0) -> int:
+        """``flwr run APP_DIR CONNECTION --format json [--run-config ...]``; returns the run id.
+
+        ``run_config`` is a mapping (formatted with :func:`format_config`), a ready
+        ``'k=v k2="s"'`` string, or a TOML file. The app's ``pyproject.toml`` must not hold
+        ``[tool.flwr.federations]`` (``flwr run`` would rewrite it).
+        """
+        app_dir = Path(app_dir).expanduser().absolute()
+        _check_app(app_dir)
+        self._check_superlink()
+        argv = ["run", str(app_dir), self.connection, "--format", "json"]
+        if isinstance(run_config, Path):
+            argv += ["--run-config", str(run_config.absolute())]
+        elif run_config:
+            argv += ["--run-config", format_config(run_config)]
+        out = self.flwr(argv, timeout=timeout, cwd=app_dir)
+        data = _last_json(out.stdout)
+        if not (data and data.get("success") and data.get("run-id")):
+            raise DeploymentError(f"`flwr run {app_dir}` failed: {_cli_failure(out, data)}")
+        return int(data["run-id"])
+
+    def run_status(self, run_id: int, *, timeout: float = 30.0) -> RunStatus:
+        """The run's status from ``flwr ls CONNECTION --run-id N --format json``."""
+        out = self.flwr(["ls", self.connection, "--run-id", str(run_id), "--format", "json"], timeout=timeout)
+        data = _last_json(out.stdout)
+        runs = (data or {}).get("runs") or []
+        if not (data and data.get("success") and runs):
+            raise DeploymentError(f"`flwr ls --run-id {run_id}` failed: {_cli_failure(out, data)}")
+        run = runs[0]
+        details = str(run.get("status-details") or "")
+        return RunStatus(run_id=run_id, status=str(run.get("status", "")),
+                         details="" if details == "N/A" else details, raw=run)
+
+    def wait_run(self, run_id: int, *, timeout: float = 300.0, poll: float = 0.5) -> RunStatus:
+        """Poll until the run is ``finished:*`` (completed, failed or stopped); returns that status.
+
+        Raises :class:`DeploymentError` with the ServerApp log tail when ``timeout`` passes, or
+        at once with the SuperLink's log tail if the SuperLink exits.
+        """
+        deadline = time.monotonic() + timeout
+        status = None
+        while True:
+            self._check_superlink()
+            self.pids()  # record descendants (ServerApp, ClientApps) for teardown
+            status = self.run_status(run_id, timeout=max(5.0, min(30.0, _left(deadline) + 5.0)))
+            if status.finished:
+                return status
+            if time.monotonic() > deadline:
+                try:
+                    where, log = "ServerApp log", self.run_log(run_id, timeout=20.0)
+                except DeploymentError as exc:
+                    where, log = f"SuperLink log ({exc})", self.superlink.log_text() if self.superlink else ""
+                raise DeploymentError(f"run {run_id} still {status.status!r} after {timeout:.0f} s; "
+                                      f"last {where} lines:\n{_tail(log, _LOG_TAIL_LINES)}")
+            time.sleep(poll)
+
+    def run_log(self, run_id: int, *, timeout: float = 30.0) -> str:
+        """The ServerApp's log of a run (``flwr log RUN_ID CONNECTION --show``)."""
+        out = self.flwr(["log", str(run_id), self.connection, "--show"], timeout=timeout)
+        if out.returncode != 0:
+            raise DeploymentError(f"`flwr log {run_id}` failed: {_cli_failure(out, None)}")
+        return out.stdout
+
+    def run(self, app_dir: Path | str, *, run_config: Mapping[str, Any] | str | Path | None = None,
+            timeout: float = 300.0) -> RunResult:
+        """Submit a run, wait for it to finish, and fetch its ServerApp log (any final status)."""
+        t0 = time.monotonic()
+        run_id = self.submit_run(app_dir, run_config=run_config, timeout=min(timeout, 120.0))
+        self.timings["submit_s"] = time.monotonic() - t0
+        status = self.wait_run(run_id, timeout=max(1.0, timeout - (time.monotonic() - t0)))
+        seconds = time.monotonic() - t0
+        self.timings["run_s"] = seconds
+        return RunResult(run_id=run_id, status=status, log=self.run_log(run_id), seconds=seconds)
+
+    def stop_run(self, run_id: int, *, timeout: float = 30.0) -> None:
+        """``flwr stop RUN_ID CONNECTION``."""
+        out = self.flwr(["stop", str(run_id), self.connection], timeout=timeout)
+        if out.returncode != 0:
+            raise DeploymentError(f"`flwr stop {run_id}` failed: {_cli_failure(out, None)}")
+
+    # -- faults and teardown ----------------------------------------------------------------
+
+    def kill_supernode(self, name: str, sig: int = signal.SIGKILL, *, timeout: float = 10.0) -> int:
+        """Send ``sig`` (default SIGKILL, a crash) to SuperNode ``name`` and its processes; returns its exit code.
+
+        The SuperLink notices a killed node only when its heartbeats stop (about a minute in
+        1.42); a SIGTERM lets the node leave gracefully.
+        """
+        node = self.supernodes.get(name)
+        if node is None:
+            raise DeploymentError(f"no SuperNode named {name!r} (started: {', '.join(self.supernodes) or 'none'})")
+        self._terminate([node], sig, grace=timeout)
+        return node.popen.wait(timeout=1.0)
+
+    def pids(self) -> set[int]:
+        """Process ids of every live process the deployment runs (daemons and their descendants).
+
+        Each call also records them, so that teardown finds descendants whose parent died first.
+        """
+        procs = self._processes()
+        found = {p.pid for p in procs if p.alive()}
+        for proc in procs:
+            found |= _descendants(proc.pid)
+        for pid in found:
+            if pid not in self._seen:
+                self._seen[pid] = _start_time(pid)
+        return {pid for pid in found if _alive(pid)}
+
+    def close(self, *, grace: float = 5.0) -> None:
+        """Stop every process (SuperNodes first), SIGKILL whatever outlives ``grace`` seconds. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        t0 = time.monotonic()
+        try:
+            nodes = list(self.supernodes.values())
+            self._terminate(nodes, signal.SIGTERM, grace=grace)
+            if self.superlink is not None:
+                self._terminate([self.superlink], signal.SIGTERM, grace=grace)
+            # Anything recorded earlier that is still around (e.g. re-parented grandchildren).
+            leftovers = [pid for pid in self._seen if self._same_process(pid)]
+            _signal_pids(leftovers, signal.SIGKILL)
+            _wait_gone(leftovers, 2.0)
+            # Last sweep: a process born while its parent was being stopped was never recorded,
+            # but it carries one of our FLWR_HOMEs in its environment (Linux).
+            marker = f"FLWR_HOME={self.workdir}{os.sep}".encode()
+            for _ in range(3):
+                strays = _pids_with_environ(marker)
+                if not strays:
+                    break
+                _signal_pids(strays, signal.SIGKILL)
+                _wait_gone(strays, 2.0)
+        finally:
+            self.timings["teardown_s"] = time.monotonic() - t0
+            _OPEN.discard(self)
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- CLI --------------------------------------------------------------------------------
+
+    def flwr_env(self) -> dict[str, str]:
+        """Environment for running ``flwr`` against this deployment (its FLWR_HOME, PATH, flags)."""
+        return {**self.env, "FLWR_HOME": str(self.cli_home)}
+
+    def flwr(self, args: Sequence[str], *, timeout: float = 60.0, cwd: Path | None = None,
+             ) -> subprocess.CompletedProcess[str]:
+        """Run ``flwr ARGS`` with the deployment's CLI home; output is returned and appended to ``cli/flwr.log``."""
+        argv = ["flwr", *args]
+        self.cli_home.mkdir(parents=True, exist_ok=True)
+        t0 = time.monotonic()
+        try:
+            out = subprocess.run(argv, env=self.flwr_env(), cwd=cwd or self.cli_home, capture_output=True,
+                                 text=True, timeout=timeout, stdin=subprocess.DEVNULL, start_new_session=True)
+        except subprocess.TimeoutExpired as exc:
+            raise DeploymentError(f"`{' '.join(argv)}` did not return within {timeout:.0f} s; output:\n"
+                                  f"{_tail(_text(exc.stdout) + _text(exc.stderr), 20)}") from None
+        with self.cli_log.open("a", encoding="utf-8") as log:
+            log.write(f"$ {' '.join(argv)}  # rc={out.returncode} {time.monotonic() - t0:.2f}s\n"
+                      f"{out.stdout}{out.stderr}\n")
+        return out
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _write_cli_config(self) -> None:
+        self.cli_home.mkdir(parents=True, exist_ok=True)
+        text = (f'[superlink]\ndefault = "{self.connection}"\n\n'
+                f'[superlink.{self.connection}]\naddress = "{self.address}"\n'
+                f"root-certificates = {_toml_str(str(self.certs.ca_cert))}\n")
+        (self.cli_home / "config.toml").write_text(text, encoding="utf-8")
+
+    def _launch(self, name: str, argv: list[str], home: Path, log_path: Path, port: int) -> ManagedProcess:
+        if self._closed:
+            raise DeploymentError("this deployment has been closed")
+        env = {**self.env, "FLWR_HOME": str(home)}
+        with log_path.open("ab") as log:
+            log.write(f"# {' '.join(argv)}\n".encode())
+            log.flush()
+            popen = subprocess.Popen(argv, cwd=home, env=env, stdin=subprocess.DEVNULL, stdout=log,
+                                     stderr=subprocess.STDOUT, start_new_session=True,
+                                     preexec_fn=_PREEXEC if self.die_with_parent else None)
+        proc = ManagedProcess(name=name, argv=argv, log_path=log_path, home=home, port=port, popen=popen)
+        self._seen[popen.pid] = _start_time(popen.pid)
+        return proc
+
+    def _wait_healthy(self, proc: ManagedProcess, deadline: float) -> None:
+        url = f"https://{HOST}:{proc.port}/health"
+        context = ssl.create_default_context(cafile=str(self.certs.ca_cert))
+        last = ""
+        while True:
+            if not proc.alive():
+                raise DeploymentError(f"{proc.describe()} exited before becoming healthy; "
+                                      f"last log lines:\n{proc.log_tail()}")
+            try:
+                with urllib.request.urlopen(url, context=context, timeout=2.0) as response:
+                    if response.status == 200:
+                        return
+                    last = f"HTTP {response.status}"
+            except (urllib.error.URLError, OSError) as exc:
+                last = str(getattr(exc, "reason", exc))
+            if time.monotonic() > deadline:
+                raise DeploymentError(f"{proc.describe()} not healthy at {url} in time (last: {last}); "
+                                      f"last log lines:\n{proc.log_tail()}")
+            time.sleep(0.2)
+
+    def _check_superlink(self) -> None:
+        if self.superlink is None:
+            raise DeploymentError("the SuperLink has not been started")
+        if not self.superlink.alive():
+            raise DeploymentError(f"{self.superlink.describe()} is gone; last log lines:\n"
+                                  f"{self.superlink.log_tail()}")
+
+    def _free_port(self) -> int:
+        for _ in range(50):
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+                sock.bind((HOST, 0))
+                port = sock.getsockname()[1]
+            if port not in self._reserved_ports:
+                self._reserved_ports.add(port)
+                return port
+        raise DeploymentError("no free TCP port found on 127.0.0.1")
+
+    def _processes(self) -> list[ManagedProcess]:
+        procs: list[ManagedProcess] = list(self.supernodes.values())
+        return procs + ([self.superlink] if self.superlink is not None else [])
+
+    def _same_process(self, pid: int) -> bool:
+        """Whether ``pid`` is alive and still the process recorded under it (not a reused pid)."""
+        return _alive(pid) and _start_time(pid) == self._seen.get(pid)
+
+    def _terminate(self, procs: Sequence[ManagedProcess], sig: int, *, grace: float) -> None:
+        """Signal each daemon's process group and every recorded descendant; SIGKILL what outlives grace."""
+        pids: set[int] = set()
+        for proc in procs:
+            for pid in _descendants(proc.pid):
+                self._seen.setdefault(pid, _start_time(pid))
+                pids.add(pid)
+        for proc in procs:
+            if proc.alive():
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, sig)  # its own session: pgid == pid
+        _signal_pids([p for p in pids if self._same_process(p)], sig)
+        deadline = time.monotonic() + grace
+        for proc in procs:
+            try:
+                proc.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.popen.wait(timeout=5.0)
+        rest = [p for p in pids if self._same_process(p)]
+        _wait_gone(rest, max(0.0, deadline - time.monotonic()))
+        rest = [p for p in rest if self._same_process(p)]
+        _signal_pids(rest, signal.SIGKILL)
+        _wait_gone(rest, 2.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Config strings
+
+
+def format_config(config: Mapping[str, Any] | str | None) -> str:
+    """``{"vault": "/a b", "rounds": 2, "dp": True}`` -> ``vault='/a b' rounds=2 dp=true``.
+
+    The syntax is what ``--node-config`` and ``--run-config`` parse (space-separated ``key=value``
+    with TOML values). Strings become TOML literal strings (``'...'``, no escapes, so Windows
+    paths survive) or, if they contain a single quote, basic strings; a string with both quote
+    kinds, or a newline, cannot be expressed and raises ``ValueError``. A str is passed through.
+    """
+    if config is None:
+        return ""
+    if isinstance(config, str):
+        return config.strip()
+    parts = []
+    for key, value in config.items():
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(key)):
+            raise ValueError(f"config key {key!r}: use letters, digits, '-', '_' and '.' only")
+        parts.append(f"{key}={_toml_value(value)}")
+    return " ".join(parts)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ValueError(f"config value {value!r} is not finite")
+        return repr(value)
+    if isinstance(value, (str, Path)):
+        return _toml_str(str(value))
+    raise ValueError(f"config value {value!r}: only bool, int, float and str are supported")
+
+
+def _toml_str(text: str) -> str:
+    if "\n" in text or "\r" in text:
+        raise ValueError(f"config string {text!r} contains a line break")
+    if "'" not in text:
+        return f"'{text}'"
+    if '"' not in text:
+        return json.dumps(text)  # JSON string escapes are valid TOML basic-string escapes
+    raise ValueError(f"config string {text!r} contains both quote characters")
+
+
+def _check_app(app_dir: Path) -> None:
+    pyproject = app_dir / "pyproject.toml"
+    if not pyproject.is_file():
+        raise DeploymentError(f"{app_dir}: no pyproject.toml; not a Flower app folder")
+    try:
+        data = tomllib.loads(pyproject.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise DeploymentError(f"{pyproject}: invalid TOML ({exc})") from None
+    if "federations" in data.get("tool", {}).get("flwr", {}):
+        raise DeploymentError(f"{pyproject}: remove [tool.flwr.federations]; `flwr run` would rewrite the "
+                              "file (connections live in FLWR_HOME/config.toml)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Process helpers (Linux /proc, with a `ps` fallback)
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    with contextlib.suppress(Exception):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
+_PREEXEC = _die_with_parent if sys.platform.startswith("linux") else None
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError, OSError):
+        return None
+    # Fields after the command name, which is in parentheses and may contain spaces.
+    return raw[raw.rfind(")") + 2:].split()
+
+
+def _start_time(pid: int) -> int | None:
+    fields = _proc_stat(pid)
+    return int(fields[19]) if fields and len(fields) > 19 else None
+
+
+def _parent_map() -> dict[int, int]:
+    parents: dict[int, int] = {}
+    if Path("/proc/self/stat").exists():
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                fields = _proc_stat(int(entry))
+                if fields and len(fields) > 1:
+                    parents[int(entry)] = int(fields[1])
+        return parents
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        out = subprocess.run(["ps", "-A", "-o", "pid=,ppid="], capture_output=True, text=True, timeout=10)
+        for line in out.stdout.splitlines():
+            pid, ppid = line.split()
+            parents[int(pid)] = int(ppid)
+    return parents
+
+
+def _descendants(root: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for pid, ppid in _parent_map().items():
+        children.setdefault(ppid, []).append(pid)
+    found: set[int] = set()
+    stack = [root]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            if child not in found:
+                found.add(child)
+                stack.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie."""
+    fields = _proc_stat(pid)
+    if fields is not None:
+        return fields[0] not in ("Z", "X")
+    if Path("/proc/self/stat").exists():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _pids_with_environ(marker: bytes) -> list[int]:
+    """Live processes (other than this one) whose environment contains ``marker``; empty without /proc."""
+    found = []
+    if not Path("/proc/self/environ").exists():
+        return found
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                environ = Path(f"/proc/{entry}/environ").read_bytes()
+            except OSError:
+                continue
+            if marker in environ and _alive(int(entry)):
+                found.append(int(entry))
+    return found
+
+
+def _signal_pids(pids: Iterable[int], sig: int) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, sig)
+
+
+def _wait_gone(pids: Iterable[int], timeout: float) -> None:
+    pending = set(pids)
+    deadline = time.monotonic() + timeout
+    while pending and time.monotonic() < deadline:
+        pending = {p for p in pending if _alive(p)}
+        if pending:
+            time.sleep(0.05)
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers
+
+
+_OPEN: weakref.WeakSet[LocalDeployment] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_deployments() -> None:
+    for deployment in list(_OPEN):
+        with contextlib.suppress(Exception):
+            deployment.close(grace=2.0)
+
+
+def _left(deadline: float) -> float:
+    return max(0.5, deadline - time.monotonic())
+
+
+def _tail(text: str, lines: int) -> str:
+    return "\n".join(text.rstrip().splitlines()[-lines:])
+
+
+def _text(value: str | bytes | None) -> str:
+    if value is None:
+        return ""
+    return value.decode(errors="replace") if isinstance(value, bytes) else value
+
+
+def _last_json(stdout: str) -> dict[str, Any] | None:
+    """The last line of ``stdout`` that parses as a JSON object (flwr prints one with --format json)."""
+    for line in reversed(stdout.strip().splitlines()):
+        line = line.strip()
+        if line.startswith("{"):
+            with contextlib.suppress(json.JSONDecodeError):
+                value = json.loads(line)
+                if isinstance(value, dict):
+                    return value
+    with contextlib.suppress(json.JSONDecodeError):
+        value = json.loads(stdout)
+        return value if isinstance(value, dict) else None
+    return None
+
+
+def _cli_failure(out: subprocess.CompletedProcess[str], data: dict[str, Any] | None) -> str:
+    if data and data.get("error-message"):
+        return f"rc={out.returncode}: {data['error-message']}"
+    return f"rc={out.returncode}:\n{_tail(out.stdout + out.stderr, 20)}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m simulations.deployment",
+        description="Start a local Flower federation with TLS and SuperNode authentication on 127.0.0.1 "
+                    "(SuperLink + N SuperNodes), optionally submit one run, and tear it all down.")
+    parser.add_argument("workdir", type=Path, help="folder for credentials, state and logs")
+    parser.add_argument("--sites", type=int, default=3, help="number of SuperNodes (default 3)")
+    parser.add_argument("--certs", type=Path, help="existing `genofed certs` folder (default: make one)")
+    parser.add_argument("--node-config", nargs=2, action="append", default=[], metavar=("SITE", "CONFIG"),
+                        help="--node-config for one site, e.g. site-1 'vault=\"/abs/v1\"' (repeatable)")
+    parser.add_argument("--app", type=Path, help="Flower app folder to run once (default: just serve)")
+    parser.add_argument("--run-config", help="--run-config for the run, e.g. 'cnn-rounds=2'")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the run")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m simulations.deployment``."""
+    args = _parse_args(argv)
+    configs = {name: cfg for name, cfg in args.node_config}
+    sites = {f"site-{i}": configs.pop(f"site-{i}", None) for i in range(1, args.sites + 1)}
+    if configs:
+        print(f"error: --node-config for unknown sites: {', '.join(configs)}", file=sys.stderr)
+        return 2
+    try:
+        with LocalDeployment(args.workdir, certs=args.certs, sites=args.sites) as dep:
+            dep.start(sites)
+            print(f"SuperLink at {dep.address} (TLS, SuperNode auth); {len(sites)} SuperNodes online; "
+                  f"logs under {dep.workdir}", flush=True)
+            if args.app is None:
+                print(f"use it with:\n  export FLWR_HOME={dep.cli_home} PATH={Path(sys.executable).parent}:$PATH\n"
+                      f"  flwr run APP_DIR {dep.connection}\n  flwr ls {dep.connection}\n"
+                      f"  flwr log RUN_ID {dep.connection} --show\nCtrl-C stops everything.", flush=True)
+                with contextlib.suppress(KeyboardInterrupt):
+                    while dep.superlink is not None and dep.superlink.alive():
+                        time.sleep(1.0)
+                return 0
+            result = dep.run(args.app, run_config=args.run_config, timeout=args.timeout)
+            print(result.log)
+            print(f"run {result.run_id}: {result.status.status} {result.status.details} "
+                  f"({result.seconds:.1f} s)")
+            return 0 if result.status.completed else 1
+    except GenofedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
