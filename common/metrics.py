@@ -236,3 +236,14 @@ def bootstrap_ci_from_stats(stats: EvalStats, *, n_boot: int = 1000, level: floa
         v = v[~np.isnan(v)]
         out[name] = [float(np.percentile(v, lo)), float(np.percentile(v, hi))] if v.size else [float("nan")] * 2
     return out
+
+
+def roc_points(stats: EvalStats, *, klass: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """ROC curve (FPR, TPR) with the bins as thresholds, for one class (default: the positive
+    class of a binary problem, class 0 otherwise); starts at (0, 0) and ends at (1, 1)."""
+    k = stats.confusion.shape[0]
+    c = (1 if k == 2 else 0) if klass is None else klass
+    pos, neg = stats.hist_pos[c][::-1], stats.hist_neg[c][::-1]
+    tpr = np.concatenate([[0.0], np.cumsum(pos) / max(pos.sum(), 1)])
+    fpr = np.concatenate([[0.0], np.cumsum(neg) / max(neg.sum(), 1)])
+    return fpr, tpr

@@ -1,7 +1,8 @@
 """The coordinator's Flower ServerApp: runs the phases of :mod:`server.phases` and writes the run directory.
 
 Run directory (``run-dir`` in the run config, an absolute path): ``metrics.json``,
-``metrics.md``, ``run.log``, ``events.jsonl`` and ``checkpoints/``. With ``resume = true`` the
+``metrics.md``, ``report.html``, ``pooled_stats.npz``, ``run.log``, ``events.jsonl`` and
+``checkpoints/``. With ``resume = true`` the
 run continues from the last checkpoint in that directory, under the same genofed run id.
 """
 
@@ -85,7 +86,11 @@ def _run(grid: Grid, settings: RunSettings, run_dir: Path | None, log: RunLog, s
               "exchange_s": round(sum(r.get("seconds", 0.0) for r in state.rounds), 2)}
     doc = build_metrics(evaluation, state, settings, timing)
     if run_dir is not None:
+        from server.report_html import render_run_report, save_pooled_stats
+
         write_report(run_dir, doc)
+        save_pooled_stats(run_dir, evaluation["pooled"])
+        render_run_report(run_dir)
         checkpoint(weights)
     log.info(f"run {state.run_id} done in {timing['total_s']:.1f} s; hybrid pooled test AUC "
              f"{doc['models'].get('hybrid', {}).get('auc', float('nan')):.3f}"

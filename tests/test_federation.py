@@ -81,6 +81,8 @@ def test_run_writes_metrics_with_r_plus_5_exchanges(sites: Path, tmp_path: Path)
         assert set(m["ci"]) >= {"auc", "f1"}
     assert set(on_disk["sites"]) == {"site-1", "site-2", "site-3"}
     assert on_disk["missing_sites"] == {}
+    report = (tmp_path / "run" / "report.html").read_text()
+    assert "Pooled test metrics" in report and report.count("data:image/png;base64,") == 1  # ROC (no DP: no spend)
     assert len(re.findall(r"CNN round \d/2: 3 updates aggregated", (tmp_path / "run" / "run.log").read_text())) == 2
     for _, vault in _site_vaults(sites):
         assert CNN_ROLE in vault.roles and "model/meta" in vault.roles

@@ -1,0 +1,154 @@
+"""``report.html``: the run for people who would rather look than read.
+
+Built from ``metrics.json`` and ``pooled_stats.npz`` (the summed test statistics) alone: ROC
+curves of every model on the pooled test sets, metrics with intervals, per-site results, the
+privacy spend of each site over the CNN rounds, and the run's exchanges. Figures are inline
+PNGs, so the file can be mailed or archived on its own.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.metrics import METRIC_NAMES, EvalStats, roc_points
+
+MODELS = ("hybrid", "cnn", "forest", "logreg")
+
+
+def save_pooled_stats(run_dir: Path, pooled: dict[str, EvalStats]) -> None:
+    """The summed test statistics (aggregates only), for the report's curves."""
+    arrays = {f"{m}.{k}": v for m, s in pooled.items() for k, v in s.to_arrays().items()}
+    tmp = run_dir / ".pooled_stats.npz.tmp"
+    with open(tmp, "wb") as fh:
+        np.savez(fh, **arrays)
+    tmp.replace(run_dir / "pooled_stats.npz")
+
+
+def load_pooled_stats(run_dir: Path) -> dict[str, EvalStats]:
+    with np.load(run_dir / "pooled_stats.npz", allow_pickle=False) as z:
+        return {m: EvalStats.from_arrays({k: z[f"{m}.{k}"] for k in ("confusion", "hist_pos", "hist_neg")})
+                for m in MODELS if f"{m}.confusion" in z.files}
+
+
+def _png(fig: Any) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def roc_figure(pooled: dict[str, EvalStats], doc: dict[str, Any]) -> str:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.2, 4.6))
+    classes = doc["run"].get("classes", [])
+    for name, stats in pooled.items():
+        fpr, tpr = roc_points(stats)
+        ax.plot(fpr, tpr, label=f"{name} (AUC {doc['models'][name]['auc']:.3f})")
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
+    target = classes[1] if len(classes) == 2 else (classes[0] if classes else "class 0")
+    ax.set(xlabel="false positive rate", ylabel="true positive rate",
+           title=f"Pooled test ROC ({target} vs rest)" if len(classes) != 2 else f"Pooled test ROC ({target})")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def privacy_figure(doc: dict[str, Any]) -> str | None:
+    series: dict[str, list[tuple[int, float]]] = {}
+    for r in doc["rounds"]:
+        if r.get("phase") == "cnn":
+            for site, m in r["sites"].items():
+                if "epsilon" in m:
+                    series.setdefault(site, []).append((r["round"], m["epsilon"]))
+    if not series:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.2, 3.6))
+    for site, points in sorted(series.items()):
+        ax.plot(*zip(*points), marker="o", label=site)
+    budgets = {p.get("budget") for p in doc["privacy"].values() if p.get("budget") is not None}
+    for b in budgets:
+        if not math.isnan(b):
+            ax.axhline(b, color="red", lw=0.8, ls="--")
+    ax.set(xlabel="CNN round", ylabel="epsilon spent (site ledger)", title="Privacy spend per site")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def _fmt(x: Any) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
+
+
+def _metrics_table(doc: dict[str, Any]) -> str:
+    head = "".join(f"<th>{m}</th>" for m in METRIC_NAMES)
+    rows = []
+    for name, m in doc["models"].items():
+        cells = "".join(f"<td>{_fmt(m[k])}<br><small>[{_fmt(m['ci'][k][0])}, {_fmt(m['ci'][k][1])}]</small></td>"
+                        for k in METRIC_NAMES)
+        rows.append(f"<tr><th>{name}</th>{cells}</tr>")
+    return f"<table><tr><th>model</th>{head}</tr>{''.join(rows)}</table>"
+
+
+def _sites_table(doc: dict[str, Any]) -> str:
+    rows = []
+    for site, m in doc["sites"].items():
+        aucs = "".join(f"<td>{_fmt(m.get(name, {}).get('auc'))}</td>" for name in MODELS)
+        eps = doc["privacy"].get(site, {}).get("epsilon")
+        rows.append(f"<tr><th>{html.escape(site)}</th><td>{m.get('n', '')}</td>{aucs}<td>{_fmt(eps)}</td></tr>")
+    head = "".join(f"<th>{name} AUC</th>" for name in MODELS)
+    return f"<table><tr><th>site</th><th>test patients</th>{head}<th>epsilon spent</th></tr>{''.join(rows)}</table>"
+
+
+def render_run_report(run_dir: Path, *, title: str = "genofed run", preamble: str = "") -> Path:
+    """Write ``run_dir/report.html`` from the run's metrics and pooled statistics."""
+    doc = json.loads((run_dir / "metrics.json").read_text())
+    pooled = load_pooled_stats(run_dir)
+    s = doc["settings"]
+    privacy_png = privacy_figure(doc)
+    missing = "".join(f"<li>{html.escape(k)}: {html.escape(v)}</li>" for k, v in doc["missing_sites"].items())
+    exchanges = ", ".join(f"{r['phase']} {r.get('round', '')} {r.get('seconds', 0):.1f}s".replace("  ", " ")
+                          for r in doc["rounds"])
+    body = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}}td,th{{padding:4px 8px;border-bottom:1px solid #ddd;
+text-align:left}}table{{border-collapse:collapse;margin:1em 0}}.note{{background:#eef5ff;padding:.6em 1em;
+border-left:4px solid #4a7bd0}}img{{margin:.5em 1em .5em 0}}</style></head><body>
+<h1>{html.escape(title)}</h1>{preamble}
+<p>Run <code>{html.escape(doc['run']['run_id'])}</code>: {len(doc['sites'])} sites, {s['cnn_rounds']} CNN rounds
+({html.escape(s['strategy'])}, {s['local_epochs']} local epoch(s) each), {doc['run']['exchanges']} exchanges,
+{doc['run']['timing']['total_s']:.1f} s. {'DP-SGD target epsilon ' + str(s['epsilon']) + ' per site.' if s['dp'] else 'No differential privacy.'}</p>
+<h2>Pooled test metrics (95% intervals)</h2>{_metrics_table(doc)}
+<p><small>Pooled from the sites' summed test statistics: counts exactly; AUC within
+{max(m['auc_bound'] for m in doc['models'].values()):.4f}. The forest and the logistic baseline are each site's own
+(they never leave it); the CNN and the meta-classifier are federated.</small></p>
+<img alt="ROC curves" src="data:image/png;base64,{roc_figure(pooled, doc)}">
+{f'<img alt="privacy spend" src="data:image/png;base64,{privacy_png}">' if privacy_png else ''}
+<h2>Per site</h2>{_sites_table(doc)}
+{f'<h2>Sites that left the run</h2><ul>{missing}</ul>' if missing else ''}
+<h2>Privacy</h2><p class="note">{html.escape(doc['privacy_note'])}</p>
+<h2>Exchanges</h2><p><small>{html.escape(exchanges)}</small></p>
+</body></html>"""
+    out = run_dir / "report.html"
+    tmp = run_dir / ".report.html.tmp"
+    tmp.write_text(body, encoding="utf-8")
+    tmp.replace(out)
+    return out
