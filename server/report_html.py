@@ -90,6 +90,7 @@ def privacy_figure(doc: dict[str, Any]) -> str | None:
         if not math.isnan(b):
             ax.axhline(b, color="red", lw=0.8, ls="--")
     ax.set(xlabel="CNN round", ylabel="epsilon spent (site ledger)", title="Privacy spend per site")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend(fontsize=8)
     fig.tight_layout()
     return _png(fig)
