@@ -106,11 +106,12 @@ def deep_data(data: SiteData, split: str, cfg: DeepModelConfig, pre: TabularPrep
 
 
 def forest_matrix(data: SiteData, split: str, pre: TabularPreprocessor | None,
-                  embedding: GenomicNet | None = None) -> np.ndarray:
+                  embedding: GenomicNet | None = None, embedding_pre: TabularPreprocessor | None = None) -> np.ndarray:
     """The forest's features: preprocessed tabular columns plus sequence-derived features.
 
     With ``embedding`` (a trained deep model), its penultimate-layer embedding of the split is
-    appended: the seed's "CNN features into a forest" variant.
+    appended: the seed's "CNN features into a forest" variant (``embedding_pre`` prepares its
+    dense inputs when they differ from the forest's, e.g. with omics PCA; default ``pre``).
     """
     mask = data.masks[split]
     parts = []
@@ -119,7 +120,7 @@ def forest_matrix(data: SiteData, split: str, pre: TabularPreprocessor | None,
     if data.seq_features is not None:
         parts.append(data.seq_features[mask])
     if embedding is not None:
-        parts.append(deep_embedding(embedding, data, split, pre))
+        parts.append(deep_embedding(embedding, data, split, embedding_pre or pre))
     return np.hstack(parts)
 
 
@@ -159,9 +160,10 @@ def fit_tabular_preprocessor(data: SiteData, **kw: Any) -> TabularPreprocessor |
 
 
 def fit_forest(data: SiteData, pre: TabularPreprocessor | None, *, embedding: GenomicNet | None = None,
-               **kw: Any) -> SiteForest:
+               embedding_pre: TabularPreprocessor | None = None, **kw: Any) -> SiteForest:
     """The site forest on the train split (optionally with the deep model's embedding as features)."""
-    return SiteForest(**kw).fit(forest_matrix(data, "train", pre, embedding), data.y[data.masks["train"]])
+    x = forest_matrix(data, "train", pre, embedding, embedding_pre)
+    return SiteForest(**kw).fit(x, data.y[data.masks["train"]])
 
 
 def fit_logreg(data: SiteData, pre: TabularPreprocessor | None, *, C: float = 0.1) -> Pipeline:

@@ -60,6 +60,7 @@ class EvaluateSettings:
     n_boot: int = 1000
     forest_trees: int = 200
     forest_cnn_features: bool = False
+    omics_pca: int | None = None
     arch: str = "cnn"
     meta_C: float = 1.0
 
@@ -84,25 +85,28 @@ def evaluate_split(data: SiteData, settings: EvaluateSettings, *, label: str = "
     if settings.epsilon is not None:
         dp = DPConfig(target_epsilon=settings.epsilon, target_delta=delta, max_grad_norm=settings.max_grad_norm,
                       total_epochs=settings.planned_epochs, grad_sample_mode=settings.grad_sample_mode)
-    pre = fit_tabular_preprocessor(data)
-    cfg = deep_config(data, pre=pre, arch=settings.arch)
+    pre = fit_tabular_preprocessor(data, omics_pca=settings.omics_pca)
+    # The deep model's dense branch needs the full-width columns its schema promises (no PCA).
+    deep_pre = pre if settings.omics_pca is None else fit_tabular_preprocessor(data)
+    cfg = deep_config(data, pre=deep_pre, arch=settings.arch)
     train = TrainConfig(epochs=settings.planned_epochs, batch_size=settings.batch_size, lr=settings.lr,
                         weight_decay=settings.weight_decay, patience=settings.patience, seed=settings.seed)
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
     with progress_bar() as bar:
         task = bar.add_task(f"deep model{label}", total=settings.planned_epochs)
-        model, result = train_deep(data, cfg=cfg, train=train, dp=dp, seed=settings.seed, pre=pre,
+        model, result = train_deep(data, cfg=cfg, train=train, dp=dp, seed=settings.seed, pre=deep_pre,
                                    on_epoch=lambda rec: bar.advance(task))
         bar.update(task, completed=settings.planned_epochs)
     timing["deep_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     emb = model if settings.forest_cnn_features else None
-    forest = fit_forest(data, pre, embedding=emb, n_estimators=settings.forest_trees, random_state=settings.seed)
+    forest = fit_forest(data, pre, embedding=emb, embedding_pre=deep_pre, n_estimators=settings.forest_trees,
+                        random_state=settings.seed)
     timing["forest_s"] = time.perf_counter() - t0
     logreg = fit_logreg(data, pre)
-    proba = {s: {"cnn": deep_proba(model, data, s, pre),
-                 "forest": forest.predict_proba(forest_matrix(data, s, pre, emb)),
+    proba = {s: {"cnn": deep_proba(model, data, s, deep_pre),
+                 "forest": forest.predict_proba(forest_matrix(data, s, pre, emb, deep_pre)),
                  "logreg": logreg.predict_proba(forest_matrix(data, s, pre))} for s in ("validation", "test")}
     val_y = data.y[data.masks["validation"]]
     meta = StackingMetaClassifier(penalty="l2", C=settings.meta_C).fit(

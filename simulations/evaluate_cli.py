@@ -54,6 +54,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--arch", choices=("cnn", "lstm"), default="cnn", help="deep model towers (default cnn)")
     p.add_argument("--forest-cnn-features", action="store_true",
                    help="also feed the deep model's penultimate embedding to the forest")
+    p.add_argument("--omics-pca", type=int, metavar="N",
+                   help="replace the omics block by its first N principal components (forest and baseline)")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the intervals")
     p.set_defaults(func=_command)
 
@@ -90,7 +92,8 @@ def _command(args: argparse.Namespace) -> int:
     cohort, source = load_input_cohort(args)
     settings = EvaluateSettings(epsilon=None if args.no_dp else args.epsilon, delta=args.delta, epochs=args.epochs,
                                 batch_size=args.batch_size, lr=args.lr, folds=args.folds, seed=args.seed,
-                                n_boot=args.bootstrap, arch=args.arch, forest_cnn_features=args.forest_cnn_features)
+                                n_boot=args.bootstrap, arch=args.arch, forest_cnn_features=args.forest_cnn_features,
+                                omics_pca=args.omics_pca)
     report = run_evaluate(cohort, settings, args.out, source=source)
     print(render_table(report))
     print(f"wrote {args.out / 'metrics.json'} and {args.out / 'metrics.md'}")

@@ -69,6 +69,13 @@ def test_cohort_without_sequences_gets_a_dense_deep_model(small_spec: Path, tmp_
     assert not math.isnan(report["models"]["hybrid"]["auc"])
 
 
+def test_omics_pca_option(small_spec: Path, tmp_path: Path) -> None:
+    cohort = import_cohort(load_spec(small_spec))
+    report = run_evaluate(cohort, EvaluateSettings(epsilon=None, omics_pca=3, forest_cnn_features=True, **FAST),
+                          tmp_path, source="test")
+    _check_contract(report, tmp_path)
+
+
 def test_folds_give_paired_tests(small_spec: Path, tmp_path: Path) -> None:
     cohort = import_cohort(load_spec(small_spec))
     report = run_evaluate(cohort, EvaluateSettings(epsilon=None, folds=3, **FAST), tmp_path, source="test")
