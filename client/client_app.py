@@ -16,6 +16,7 @@ whose reason the coordinator logs with the site's name.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import numpy as np
@@ -53,18 +54,21 @@ def _run_config(msg: Message, context: Context) -> dict[str, Any]:
 def census(msg: Message, context: Context) -> Message:
     from client import handlers
 
+    t0 = time.perf_counter()
     info = handlers.census(_site(context), _run_config(msg, context))
-    return Message(RecordDict({"census": ConfigRecord(info),
-                               "metrics": MetricRecord({"num-examples": int(info["n-train"])})}), reply_to=msg)
+    metrics = {"num-examples": int(info["n-train"]), "handler-seconds": time.perf_counter() - t0}
+    return Message(RecordDict({"census": ConfigRecord(info), "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     from client import handlers
 
+    t0 = time.perf_counter()
     site = _site(context)
     weights, metrics = handlers.train_round(site, _arrays(msg.content.array_records["arrays"]),
                                             _run_config(msg, context))
+    metrics["handler-seconds"] = time.perf_counter() - t0
     log.info("site %s: round %s trained", site.name, _config(msg).get("server-round"))
     return Message(RecordDict({"arrays": _record(weights), "metrics": MetricRecord(metrics),
                                "site": ConfigRecord({"site": site.name})}), reply_to=msg)
@@ -74,17 +78,19 @@ def train(msg: Message, context: Context) -> Message:
 def train_meta(msg: Message, context: Context) -> Message:
     from client import handlers
 
+    t0 = time.perf_counter()
     out = handlers.meta_round(_site(context), _arrays(msg.content.array_records["cnn"]), _run_config(msg, context))
     arrays = {k: np.asarray(v, dtype=np.float64) for k, v in out.items() if k not in ("loss", "n")}
-    return Message(RecordDict({"terms": _record(arrays),
-                               "metrics": MetricRecord({"num-examples": int(out["n"]), "loss": float(out["loss"])})}),
-                   reply_to=msg)
+    metrics = {"num-examples": int(out["n"]), "loss": float(out["loss"]), "handler-seconds": time.perf_counter() - t0}
+    return Message(RecordDict({"terms": _record(arrays), "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     from client import handlers
 
+    t0 = time.perf_counter()
     arrays, metrics = handlers.evaluate(_site(context), _arrays(msg.content.array_records["cnn"]),
                                         _run_config(msg, context))
+    metrics["handler-seconds"] = time.perf_counter() - t0
     return Message(RecordDict({"stats": _record(arrays), "metrics": MetricRecord(metrics)}), reply_to=msg)

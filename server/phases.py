@@ -64,6 +64,12 @@ def _np(record: ArrayRecord) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in record.items()}
 
 
+def _slowest_handler(res: Any) -> float:
+    """The longest time a site spent inside its handler (compute + vault), to tell it from transport."""
+    times = [float(dict(r.content.metric_records["metrics"]).get("handler-seconds", 0.0)) for r in res.replies.values()]
+    return round(max(times), 2) if times else 0.0
+
+
 def _note_failures(state: RunState, log: RunLog, failures: dict[int, str], where: str) -> None:
     for node, reason in failures.items():
         site = state.site_of(node)
@@ -99,6 +105,8 @@ def run_census(grid: Grid, settings: RunSettings, state: RunState, log: RunLog) 
         raise TooFewSitesError(f"census: {len(infos)} site(s) answered, min-sites is {settings.min_sites}")
     _check_schemas(infos)
     _check_budgets(infos, settings)
+    state.rounds.append({"phase": "census", "seconds": round(res.seconds, 2), "handler_s": _slowest_handler(res),
+                         "sites": sorted(str(i["site"]) for i in infos.values())})
     state.sites = {str(n): str(i["site"]) for n, i in infos.items()}
     state.census = {str(i["site"]): {k: v for k, v in i.items() if k != "schema-json"} for i in infos.values()}
     state.schema = json.loads(next(iter(infos.values()))["schema-json"])
@@ -159,8 +167,8 @@ def run_cnn_rounds(grid: Grid, settings: RunSettings, state: RunState, log: RunL
         res = exchange(grid, nodes, lambda n: content, message_type="train", group_id=f"{state.run_id}-cnn-{rnd}",
                        timeout=settings.round_timeout)
         _note_failures(state, log, res.failures, f"CNN round {rnd}")
-        accepted, record = [], {"phase": "cnn", "round": rnd, "seconds": round(res.seconds, 2), "sites": {},
-                                "rejected": {}}
+        accepted, record = [], {"phase": "cnn", "round": rnd, "seconds": round(res.seconds, 2),
+                                "handler_s": _slowest_handler(res), "sites": {}, "rejected": {}}
         for node in sorted(res.replies, key=state.site_of):
             site, reply = state.site_of(node), res.replies[node]
             arrays, metrics = _np(reply.content.array_records["arrays"]), dict(reply.content.metric_records["metrics"])
@@ -239,7 +247,7 @@ def run_meta_rounds(grid: Grid, settings: RunSettings, state: RunState, log: Run
                      + (" (converged)" if solver.converged else ""))
         state.meta_round, state.meta_solver = rnd, solver.state_dict()
         state.rounds.append({"phase": "meta", "round": rnd, "seconds": round(res.seconds, 2),
-                             "sites": sorted(state.site_of(n) for n in res.replies)})
+                             "handler_s": _slowest_handler(res), "sites": sorted(state.site_of(n) for n in res.replies)})
         log.event("meta-round", round=rnd, seconds=res.seconds, converged=solver.converged)
         checkpoint(weights)
     state.meta_coef = [float(c) for c in (solver.best_coef if solver.converged else solver.coef)]
@@ -279,7 +287,8 @@ def run_evaluation(grid: Grid, settings: RunSettings, state: RunState, log: RunL
         for name in ("hybrid", "cnn", "forest", "logreg"):
             stats = EvalStats.from_arrays({key: arrays[f"{name}.{key}"] for key in ("confusion", "hist_pos", "hist_neg")})
             pooled[name] = pooled[name] + stats if name in pooled else stats
-    state.rounds.append({"phase": "evaluate", "seconds": round(res.seconds, 2), "sites": sorted(per_site)})
+    state.rounds.append({"phase": "evaluate", "seconds": round(res.seconds, 2), "handler_s": _slowest_handler(res),
+                         "sites": sorted(per_site)})
     log.event("evaluate", seconds=res.seconds, sites=sorted(per_site))
     state.phase = "done"
     log.info(f"evaluation: {len(per_site)} sites returned test statistics; final models stored at every site")

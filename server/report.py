@@ -60,7 +60,7 @@ def build_metrics(evaluation: dict[str, Any], state: RunState, settings: RunSett
         models[name] = {**{k: m[k] for k in METRIC_NAMES}, "auc_bound": m["auc_bound"], "n": m["n"],
                         "ci": bootstrap_ci_from_stats(pooled[name], n_boot=500, seed=settings.seed)}
     return {
-        "run": {"run_id": state.run_id, "exchanges": 1 + len(state.rounds), "timing": timing,
+        "run": {"run_id": state.run_id, "exchanges": len(state.rounds), "timing": timing,
                 "classes": state.schema.get("label", {}).get("classes", [])},
         "models": models,
         "sites": {site: _site_metrics(flat) for site, flat in evaluation["sites"].items()},
