@@ -177,6 +177,11 @@ def bootstrap_ci(y_true: np.ndarray, proba: np.ndarray, *, n_boot: int = 1000, l
         m = compute_metrics(y[idx], p[idx], n_classes=k)
         for name in METRIC_NAMES:
             draws[name].append(m[name])
+    return _percentile_intervals(draws, level)
+
+
+def _percentile_intervals(draws: dict[str, list[float]], level: float) -> dict[str, list[float]]:
+    """Percentile intervals of bootstrap draws, ignoring draws where a metric was undefined."""
     lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
     out = {}
     for name, values in draws.items():
@@ -229,13 +234,7 @@ def bootstrap_ci_from_stats(stats: EvalStats, *, n_boot: int = 1000, level: floa
         m = metrics_from_stats(EvalStats(c, pos, neg))
         for name in METRIC_NAMES:
             draws[name].append(m[name])
-    lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
-    out = {}
-    for name, values in draws.items():
-        v = np.asarray(values, dtype=np.float64)
-        v = v[~np.isnan(v)]
-        out[name] = [float(np.percentile(v, lo)), float(np.percentile(v, hi))] if v.size else [float("nan")] * 2
-    return out
+    return _percentile_intervals(draws, level)
 
 
 def roc_points(stats: EvalStats, *, klass: int | None = None) -> tuple[np.ndarray, np.ndarray]:

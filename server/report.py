@@ -17,8 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from common.files import json_default, write_text_atomic
 from common.metrics import METRIC_NAMES, EvalStats, bootstrap_ci_from_stats, metrics_from_stats
 from server.phases import RunState
 from server.settings import RunSettings
@@ -110,17 +109,5 @@ def render_markdown(doc: dict[str, Any]) -> str:
 
 def write_report(run_dir: Path, doc: dict[str, Any]) -> None:
     """Write ``metrics.json`` and ``metrics.md`` atomically."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    for name, text in (("metrics.json", json.dumps(doc, indent=2, default=_json_default)),
-                       ("metrics.md", render_markdown(doc))):
-        tmp = run_dir / f".{name}.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(run_dir / name)
-
-
-def _json_default(x: Any) -> Any:
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    raise TypeError(f"not JSON-serialisable: {type(x).__name__}")
+    write_text_atomic(run_dir / "metrics.json", json.dumps(doc, indent=2, default=json_default))
+    write_text_atomic(run_dir / "metrics.md", render_markdown(doc))

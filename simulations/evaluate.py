@@ -35,6 +35,7 @@ from client.pipeline import (
     train_deep,
 )
 from common.cohort import Cohort, concat_cohorts
+from common.files import json_default, write_text_atomic
 from common.meta import StackingMetaClassifier
 from common.metrics import METRIC_NAMES, bootstrap_ci, compute_metrics, paired_tests
 from common.progress import progress_bar
@@ -225,17 +226,5 @@ def render_table(report: dict[str, Any]) -> str:
 
 
 def _write(out: Path, report: dict[str, Any]) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    for name, text in (("metrics.json", json.dumps(report, indent=2, default=_json_default)),
-                       ("metrics.md", render_table(report))):
-        tmp = out / f".{name}.tmp"
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(out / name)
-
-
-def _json_default(x: Any) -> Any:
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    raise TypeError(f"not JSON-serialisable: {type(x).__name__}")
+    write_text_atomic(out / "metrics.json", json.dumps(report, indent=2, default=json_default))
+    write_text_atomic(out / "metrics.md", render_table(report))
