@@ -20,21 +20,14 @@ import time
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.site import resolve_site
+from common.records import from_record, to_record
 
 log = logging.getLogger("genofed.client")
 app = ClientApp()
-
-
-def _arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in record.items()}
-
-
-def _record(arrays: dict[str, Any]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(np.asarray(v))) for k, v in arrays.items()})
 
 
 def _config(msg: Message) -> dict[str, Any]:
@@ -66,11 +59,11 @@ def train(msg: Message, context: Context) -> Message:
 
     t0 = time.perf_counter()
     site = _site(context)
-    weights, metrics = handlers.train_round(site, _arrays(msg.content.array_records["arrays"]),
+    weights, metrics = handlers.train_round(site, from_record(msg.content.array_records["arrays"]),
                                             _run_config(msg, context))
     metrics["handler-seconds"] = time.perf_counter() - t0
     log.info("site %s: round %s trained", site.name, _config(msg).get("server-round"))
-    return Message(RecordDict({"arrays": _record(weights), "metrics": MetricRecord(metrics),
+    return Message(RecordDict({"arrays": to_record(weights), "metrics": MetricRecord(metrics),
                                "site": ConfigRecord({"site": site.name})}), reply_to=msg)
 
 
@@ -79,10 +72,10 @@ def train_meta(msg: Message, context: Context) -> Message:
     from client import handlers
 
     t0 = time.perf_counter()
-    out = handlers.meta_round(_site(context), _arrays(msg.content.array_records["cnn"]), _run_config(msg, context))
+    out = handlers.meta_round(_site(context), from_record(msg.content.array_records["cnn"]), _run_config(msg, context))
     arrays = {k: np.asarray(v, dtype=np.float64) for k, v in out.items() if k not in ("loss", "n")}
     metrics = {"num-examples": int(out["n"]), "loss": float(out["loss"]), "handler-seconds": time.perf_counter() - t0}
-    return Message(RecordDict({"terms": _record(arrays), "metrics": MetricRecord(metrics)}), reply_to=msg)
+    return Message(RecordDict({"terms": to_record(arrays), "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 
 @app.evaluate()
@@ -90,7 +83,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     from client import handlers
 
     t0 = time.perf_counter()
-    arrays, metrics = handlers.evaluate(_site(context), _arrays(msg.content.array_records["cnn"]),
+    arrays, metrics = handlers.evaluate(_site(context), from_record(msg.content.array_records["cnn"]),
                                         _run_config(msg, context))
     metrics["handler-seconds"] = time.perf_counter() - t0
-    return Message(RecordDict({"stats": _record(arrays), "metrics": MetricRecord(metrics)}), reply_to=msg)
+    return Message(RecordDict({"stats": to_record(arrays), "metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -67,15 +67,12 @@ No patient data is stored: only run ids, labels, timestamps and mechanism parame
 
 from __future__ import annotations
 
-import fcntl
 import functools
 import importlib.util
 import json
 import math
 import numbers
-import os
 import sys
-import time
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -85,7 +82,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from client.vault import Vault
+from client.vault import Vault, directory_lock
 from common.errors import GenofedError
 
 LEDGER_ROLE = "privacy/ledger"
@@ -713,22 +710,8 @@ def _ledger_lock(vault_path: Path) -> Iterator[None]:
     through two descriptors conflict even within one process. The path is resolved so that two
     spellings of one vault share the lock.
     """
-    folder = Path(vault_path).resolve().parent
-    try:
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise LedgerError(f"{vault_path}: cannot lock the privacy ledger ({folder}: {exc.strerror})") from None
-    try:
-        deadline = time.monotonic() + LOCK_WAIT_S
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise LedgerError(f"{vault_path}: another process kept the privacy ledger locked for "
-                                      f"{LOCK_WAIT_S:g} s; try again when it has finished") from None
-                time.sleep(0.01)
+    with directory_lock(Path(vault_path).resolve().parent, wait_s=LOCK_WAIT_S) as free:
+        if not free:
+            raise LedgerError(f"{vault_path}: another process kept the privacy ledger locked for "
+                              f"{LOCK_WAIT_S:g} s; try again when it has finished")
         yield
-    finally:
-        os.close(fd)  # closing the descriptor releases the lock

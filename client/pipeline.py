@@ -64,19 +64,6 @@ class SiteData:
         return self.frame.width > 0
 
 
-@dataclass
-class SiteModels:
-    """What a site fits and keeps: preprocessing, forest, deep model, baseline."""
-
-    preprocessor: TabularPreprocessor | None = None
-    forest: SiteForest | None = None
-    deep: GenomicNet | None = None
-    deep_preprocessor: TabularPreprocessor | None = None
-    logreg: Pipeline | None = None
-    train_result: TrainResult | None = None
-    info: dict[str, Any] = field(default_factory=dict)
-
-
 def deep_config(data: SiteData, *, pre: TabularPreprocessor | None = None, tracks: str = "auto",
                 **arch: Any) -> DeepModelConfig:
     """The deep model for this data: :func:`common.model_config.deep_config_for_schema`.

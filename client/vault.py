@@ -362,7 +362,7 @@ def _fsync_dir_quiet(path: Path) -> None:
 
 
 @contextmanager
-def _dir_lock(path: Path, *, wait_s: float) -> Iterator[bool]:
+def directory_lock(path: Path, *, wait_s: float) -> Iterator[bool]:
     """Hold an exclusive flock on a directory; yields False if it stayed busy for ``wait_s``."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -393,7 +393,7 @@ def _clean_partials(path: Path) -> None:
     """Remove ``.partial-*`` siblings whose writer is gone (a live writer holds their lock)."""
     for partial in _partial_dirs(path):
         try:
-            with _dir_lock(partial, wait_s=0.0) as free:
+            with directory_lock(partial, wait_s=0.0) as free:
                 if free:
                     shutil.rmtree(partial, ignore_errors=True)
         except OSError:
@@ -604,7 +604,7 @@ class Vault:
         except OSError as exc:
             raise _write_failed(path, exc, created=True) from None
         # The lock tells a concurrent create's cleanup that this folder is still being written.
-        with _dir_lock(partial, wait_s=0.0):
+        with directory_lock(partial, wait_s=0.0):
             try:
                 kdf = key.new_kdf()
                 key_bytes = key.derive(kdf, vault=path)
@@ -762,7 +762,7 @@ class Vault:
     def _writer_lock(self) -> Iterator[None]:
         if not self._path.is_dir():
             raise VaultError(f"{self._path}: not a vault (the folder is gone); create one with `genofed vault import`")
-        with _dir_lock(self._path, wait_s=LOCK_WAIT_S) as free:
+        with directory_lock(self._path, wait_s=LOCK_WAIT_S) as free:
             if not free:
                 raise VaultError(f"{self._path}: another process is writing this vault; "
                                  "try again when it has finished")

@@ -178,8 +178,6 @@ def cohort_from_blobs(blobs: dict[str, bytes]) -> Cohort:
     return cohort
 
 
-COHORT_ROLES = ("cohort/meta", "cohort/index") + tuple(f"cohort/{m}" for m in MODALITIES)
-
 
 def concat_cohorts(cohorts: list[Cohort]) -> Cohort:
     """Pool several sites' cohorts (same schema) into one, keeping each patient's stored split.

@@ -122,10 +122,6 @@ class ConvTower(nn.Module):
             return self.readout(h).flatten(start_dim=1)
         return torch.cat([h.amax(dim=2), h.mean(dim=2)], dim=1)
 
-    def embed_positions(self, x: torch.Tensor) -> torch.Tensor:
-        """Feature maps before global pooling (for attribution profiles)."""
-        return self.body(x)
-
 
 class LSTMTower(nn.Module):
     """A DP-compatible LSTM over the track's positions; last and mean hidden states."""

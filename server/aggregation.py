@@ -37,6 +37,7 @@ Conventions shared by all aggregators:
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -76,7 +77,7 @@ def weighted_mean(updates: Sequence[tuple[Mapping[str, np.ndarray], int]]) -> Ar
     return {k: a.numpy() for k, a in record.items()}
 
 
-class Aggregator:
+class Aggregator(ABC):
     """Base class: turns the global weights and a round's updates into new global weights.
 
     Subclasses set :attr:`name` and :attr:`defaults` (parameters by run-config name) and
@@ -125,8 +126,9 @@ class Aggregator:
         return {k: (np.asarray(combined[k]).astype(g.dtype, copy=False) if k in combined else np.array(g, copy=True))
                 for k, g in global_arrays.items()}
 
+    @abstractmethod
     def _combine(self, global_arrays: Arrays, updates: list[tuple[Arrays, int]]) -> Arrays:
-        raise NotImplementedError
+        """The strategy's rule on the float arrays (each subclass has one)."""
 
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue identically after a restart (plain data and arrays)."""

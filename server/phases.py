@@ -17,10 +17,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import ConfigRecord, RecordDict
 from flwr.serverapp import Grid
 
 from common.errors import GenofedError
+from common.records import from_record, to_record
 from common.spec import diff_schemas
 from server.exchange import TooFewSitesError, exchange, wait_for_nodes
 from server.runlog import RunLog
@@ -54,14 +55,6 @@ class RunState:
 
     def site_of(self, node: int) -> str:
         return self.sites.get(str(node), f"node-{node}")
-
-
-def _records(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
-
-
-def _np(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in record.items()}
 
 
 def _slowest_handler(res: Any) -> float:
@@ -163,7 +156,7 @@ def run_cnn_rounds(grid: Grid, settings: RunSettings, state: RunState, log: RunL
     while state.cnn_round < settings.cnn_rounds:
         rnd = state.cnn_round + 1
         nodes = _require_quorum(state, settings, f"CNN round {rnd}")
-        content = RecordDict({"arrays": _records(weights), "config": ConfigRecord({**base_cfg, "server-round": rnd})})
+        content = RecordDict({"arrays": to_record(weights), "config": ConfigRecord({**base_cfg, "server-round": rnd})})
         res = exchange(grid, nodes, lambda n: content, message_type="train", group_id=f"{state.run_id}-cnn-{rnd}",
                        timeout=settings.round_timeout)
         _note_failures(state, log, res.failures, f"CNN round {rnd}")
@@ -171,7 +164,7 @@ def run_cnn_rounds(grid: Grid, settings: RunSettings, state: RunState, log: RunL
                                 "handler_s": _slowest_handler(res), "sites": {}, "rejected": {}}
         for node in sorted(res.replies, key=state.site_of):
             site, reply = state.site_of(node), res.replies[node]
-            arrays, metrics = _np(reply.content.array_records["arrays"]), dict(reply.content.metric_records["metrics"])
+            arrays, metrics = from_record(reply.content.array_records["arrays"]), dict(reply.content.metric_records["metrics"])
             verdict = validate_update(spec, global_arrays=weights, update_arrays=arrays,
                                       num_examples=metrics.get("num-examples"))
             if not verdict.ok:
@@ -221,7 +214,7 @@ def run_meta_rounds(grid: Grid, settings: RunSettings, state: RunState, log: Run
     if state.meta_solver:
         solver.load_state_dict(state.meta_solver)
     base_cfg = {**settings.client_config(), "run-id": state.run_id, "model-config": json.dumps(state.model_config)}
-    cnn = _records(weights)
+    cnn = to_record(weights)
     while state.meta_round < settings.meta_rounds and not solver.converged:
         rnd = state.meta_round + 1
         nodes = _require_quorum(state, settings, f"meta round {rnd}")
@@ -233,7 +226,7 @@ def run_meta_rounds(grid: Grid, settings: RunSettings, state: RunState, log: Run
         _note_failures(state, log, res.failures, f"meta round {rnd}")
         if len(res.replies) < settings.min_sites:
             raise TooFewSitesError(f"meta round {rnd}: {len(res.replies)} site(s) answered")
-        replies = [_np(r.content.array_records["terms"]) | dict(r.content.metric_records["metrics"])
+        replies = [from_record(r.content.array_records["terms"]) | dict(r.content.metric_records["metrics"])
                    for _, r in sorted(res.replies.items(), key=lambda kv: state.site_of(kv[0]))]
         terms = [NewtonTerms(float(r["loss"]), r["grad"], r["hess"], int(r["num-examples"])) for r in replies]
         total = sum(terms[1:], terms[0])
@@ -275,14 +268,14 @@ def run_evaluation(grid: Grid, settings: RunSettings, state: RunState, log: RunL
     nodes = _require_quorum(state, settings, "evaluation")
     cfg = ConfigRecord({**settings.client_config(), "run-id": state.run_id, "coef": state.meta_coef,
                         "model-config": json.dumps(state.model_config)})
-    res = exchange(grid, nodes, lambda n: RecordDict({"cnn": _records(weights), "config": cfg}),
+    res = exchange(grid, nodes, lambda n: RecordDict({"cnn": to_record(weights), "config": cfg}),
                    message_type="evaluate", group_id=f"{state.run_id}-evaluate", timeout=settings.round_timeout)
     _note_failures(state, log, res.failures, "evaluation")
     pooled: dict[str, EvalStats] = {}
     per_site: dict[str, dict[str, Any]] = {}
     for node in sorted(res.replies, key=state.site_of):
         site, reply = state.site_of(node), res.replies[node]
-        arrays, metrics = _np(reply.content.array_records["stats"]), dict(reply.content.metric_records["metrics"])
+        arrays, metrics = from_record(reply.content.array_records["stats"]), dict(reply.content.metric_records["metrics"])
         per_site[site] = metrics
         for name in ("hybrid", "cnn", "forest", "logreg"):
             stats = EvalStats.from_arrays({key: arrays[f"{name}.{key}"] for key in ("confusion", "hist_pos", "hist_neg")})

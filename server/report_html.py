@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from common.files import write_text_atomic
 from common.metrics import METRIC_NAMES, EvalStats, roc_points
 
 MODELS = ("hybrid", "cnn", "forest", "logreg")
@@ -120,8 +121,9 @@ def _sites_table(doc: dict[str, Any]) -> str:
     return f"<table><tr><th>site</th><th>test patients</th>{head}<th>epsilon spent</th></tr>{''.join(rows)}</table>"
 
 
-def render_run_report(run_dir: Path, *, title: str = "genofed run", preamble: str = "") -> Path:
-    """Write ``run_dir/report.html`` from the run's metrics and pooled statistics."""
+def render_run_report(run_dir: Path, *, title: str = "genofed run", preamble: str = "",
+                      out: Path | None = None) -> Path:
+    """Write ``out`` (default ``run_dir/report.html``) from the run's metrics and pooled statistics."""
     doc = json.loads((run_dir / "metrics.json").read_text())
     pooled = load_pooled_stats(run_dir)
     s = doc["settings"]
@@ -148,8 +150,6 @@ border-left:4px solid #4a7bd0}}img{{margin:.5em 1em .5em 0}}</style></head><body
 <h2>Privacy</h2><p class="note">{html.escape(doc['privacy_note'])}</p>
 <h2>Exchanges</h2><p><small>{html.escape(exchanges)}</small></p>
 </body></html>"""
-    out = run_dir / "report.html"
-    tmp = run_dir / ".report.html.tmp"
-    tmp.write_text(body, encoding="utf-8")
-    tmp.replace(out)
+    out = out or run_dir / "report.html"
+    write_text_atomic(out, body)
     return out

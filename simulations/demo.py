@@ -134,5 +134,4 @@ Simulation Engine. Only model updates and aggregate statistics left the sites.</
 {''.join(rows_html)}</table>
 <img alt="class balance per site" src="data:image/png;base64,{_site_composition_png(summary['sites'])}">
 <p><small>Planted signal (truth.json): {esc('; '.join(planted[:8]))}{' ...' if len(planted) > 8 else ''}</small></p>"""
-    run_report = render_run_report(out / "run", title="genofed demo", preamble=preamble)
-    (out / "report.html").write_text(run_report.read_text(encoding="utf-8"), encoding="utf-8")
+    render_run_report(out / "run", title="genofed demo", preamble=preamble, out=out / "report.html")

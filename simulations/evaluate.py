@@ -34,7 +34,7 @@ from client.pipeline import (
     meta_features,
     train_deep,
 )
-from common.cohort import Cohort, concat_cohorts
+from common.cohort import Cohort
 from common.files import json_default, write_text_atomic
 from common.meta import StackingMetaClassifier
 from common.metrics import METRIC_NAMES, bootstrap_ci, compute_metrics, paired_tests

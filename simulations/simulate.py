@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -24,6 +23,7 @@ from typing import Any
 
 from common.errors import GenofedError
 from common.progress import progress_bar
+from simulations.deployment import format_config
 
 APP_DIR = Path(__file__).resolve().parents[1]
 QUIET_ENV = {"FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_TELEMETRY_ENABLED": "0",
@@ -51,19 +51,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _toml_value(v: Any) -> str:
-    if isinstance(v, bool):
-        return "true" if v else "false"
-    if isinstance(v, str):
-        return json.dumps(v)
-    return repr(v)
-
-
-def run_config_arg(cfg: dict[str, Any]) -> str:
-    """``--run-config`` text: space-separated ``key=value`` with TOML values."""
-    return " ".join(f"{k}={_toml_value(v)}" for k, v in cfg.items())
 
 
 def _env(home: Path) -> dict[str, str]:
@@ -144,7 +131,7 @@ def simulate(req: SimulationRequest) -> dict[str, Any]:
     cfg.setdefault("min-sites", min(len(sites), 2))
     fed = f"num-supernodes={len(sites)} client-resources-num-cpus={req.cpus_per_site}"
     with LocalSuperLink(req.out / ".flower") as link:
-        started = link.flwr("run", str(APP_DIR), "sim", "--format", "json", "--run-config", run_config_arg(cfg),
+        started = link.flwr("run", str(APP_DIR), "sim", "--format", "json", "--run-config", format_config(cfg),
                             "--federation-config", fed)
         if started.returncode != 0:
             raise SimulationError("flwr run failed: " + _last_line(started.stderr or started.stdout))
@@ -199,7 +186,3 @@ def _last_line(text: str) -> str:
     lines = [ln for ln in (text or "").strip().splitlines() if ln.strip()]
     return lines[-1] if lines else "no output"
 
-
-def remove_flower_home(out: Path) -> None:
-    """Drop the private SuperLink's state (kept by default for debugging a failed run)."""
-    shutil.rmtree(out / ".flower", ignore_errors=True)

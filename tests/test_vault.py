@@ -525,7 +525,7 @@ def test_partial_leftovers_are_ignored_and_cleaned(tmp_path: Path, key: KeySourc
 
 def test_a_concurrent_writer_is_waited_for(vault: Path, key: KeySource, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(vault_mod, "LOCK_WAIT_S", 0.1)
-    with vault_mod._dir_lock(vault, wait_s=0):  # another writer holds the lock
+    with vault_mod.directory_lock(vault, wait_s=0):  # another writer holds the lock
         assert_fails("another process is writing this vault; try again when it has finished",
                      lambda: Vault.open(vault, key).update({"a": b""}), unchanged=vault.parent)
 
