@@ -28,6 +28,7 @@ from common.records import from_record, to_record
 
 log = logging.getLogger("genofed.client")
 app = ClientApp()
+META_ARRAYS = ("grad", "hess", "local_coef", "local_hess")
 
 
 def _config(msg: Message) -> dict[str, Any]:
@@ -73,8 +74,9 @@ def train_meta(msg: Message, context: Context) -> Message:
 
     t0 = time.perf_counter()
     out = handlers.meta_round(_site(context), from_record(msg.content.array_records["cnn"]), _run_config(msg, context))
-    arrays = {k: np.asarray(v, dtype=np.float64) for k, v in out.items() if k not in ("loss", "n")}
+    arrays = {k: np.asarray(out[k], dtype=np.float64) for k in META_ARRAYS if k in out}
     metrics = {"num-examples": int(out["n"]), "loss": float(out["loss"]), "handler-seconds": time.perf_counter() - t0}
+    metrics.update({k: float(out[k]) for k in ("epsilon", "noise-multiplier") if k in out})
     return Message(RecordDict({"terms": to_record(arrays), "metrics": MetricRecord(metrics)}), reply_to=msg)
 
 

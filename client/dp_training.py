@@ -268,11 +268,11 @@ def _make_private(model, optimizer, criterion, loader, train, config, dp, accoun
 
 
 def _run_epoch(net, optimizer, criterion, loader, config, dp, gen, start, mu):
-    from opacus.utils.batch_memory_manager import BatchMemoryManager
-
     net.train()
     loss_sum, seen, steps = 0.0, 0, 0
     if dp is not None:
+        from opacus.utils.batch_memory_manager import BatchMemoryManager
+
         ctx = BatchMemoryManager(data_loader=loader, max_physical_batch_size=config.max_physical_batch_size,
                                  optimizer=optimizer)
     else:

@@ -6,9 +6,10 @@ vault, decrypts what it needs in memory, and writes anything it must keep (fitte
 accountant, privacy ledger, final models) back into the vault. Nothing about a patient leaves:
 the return values are model weights, aggregate statistics and counts.
 
-Privacy: every release that is charged (DP-SGD updates) is charged to the site's ledger *before*
-the reply is returned, and a round that would exceed the site's budget is refused before any
-training happens.
+Privacy: under DP every release (DP-SGD updates, noised meta-classifier statistics) is charged
+to the site's ledger *before* the reply is returned, and a round that would exceed the site's
+budget is refused before any work happens. The randomness of a release is seeded from the vault
+key, never from the run config (see :func:`_private_seed`).
 """
 
 from __future__ import annotations
@@ -60,11 +61,24 @@ def census(site: SiteRef, cfg: dict[str, Any]) -> dict[str, Any]:
 # Phase 1: a CNN round
 
 
-def _site_data(cohort: Any) -> tuple[Any, Any]:
+def _site_data(cohort: Any, *, tabular: bool = True) -> tuple[Any, Any]:
+    """Model inputs and, when ``tabular``, the tabular preprocessor fitted on the train split."""
     from client.pipeline import SiteData, fit_tabular_preprocessor
 
     data = SiteData.from_cohort(cohort)
-    return data, fit_tabular_preprocessor(data)
+    return data, (fit_tabular_preprocessor(data) if tabular else None)
+
+
+def _private_seed(vault: Any, ledger: Any, purpose: str, rnd: int) -> int:
+    """Seed of one release's randomness (sampling, dropout, DP noise) that only this site knows.
+
+    The run config's seed is known to the coordinator, which could then replay Opacus' Poisson
+    sampling and noise and subtract them; a seed derived from the vault key cannot be replayed
+    outside the site. The ledger's revision, which every charge advances, makes the seed differ
+    for every release whatever run id or round the coordinator sends, while a stopped run that
+    resumes draws the same randomness as if it had never stopped.
+    """
+    return int(vault.derive_seed(f"{purpose}|ledger-{ledger.revision}|round-{rnd}"))
 
 
 def _model_config(cfg: dict[str, Any]) -> Any:
@@ -114,8 +128,8 @@ def train_round(site: SiteRef, global_weights: dict[str, np.ndarray], cfg: dict[
     from client.pipeline import deep_config, train_deep
 
     vault, cohort = _load(site)
-    data, pre = _site_data(cohort)
     model_cfg = _model_config(cfg)
+    data, pre = _site_data(cohort, tabular=bool(model_cfg.n_tabular))
     if deep_config(data, pre=pre, arch=model_cfg.arch).to_dict()["tracks"] != model_cfg.to_dict()["tracks"]:
         raise ValueError(f"site {site.name}: its data does not fit the coordinator's model")
     run_id, rnd = str(cfg["run-id"]), int(cfg["server-round"])
@@ -129,7 +143,7 @@ def train_round(site: SiteRef, global_weights: dict[str, np.ndarray], cfg: dict[
     epochs = int(cfg.get("local-epochs", 1))
     train_cfg = TrainConfig(epochs=epochs, batch_size=int(cfg.get("batch-size", 128)), lr=float(cfg.get("lr", 2e-3)),
                             weight_decay=float(cfg.get("weight-decay", 1e-2)), patience=epochs + 1,
-                            seed=int(cfg.get("seed", 0)) + rnd, select_best=False)
+                            seed=_private_seed(vault, ledger, "cnn-round", rnd), select_best=False)
     initial = {k: torch.as_tensor(v) for k, v in global_weights.items()}
     model, result = train_deep(data, cfg=model_cfg, train=train_cfg, dp=dp, initial=initial, accountant_state=state,
                                pre=pre, proximal_mu=float(cfg.get("proximal-mu", 0.0)))
@@ -191,24 +205,68 @@ def _meta_features(site: SiteRef, vault: Any, cohort: Any, cnn_weights: dict | N
 def meta_round(site: SiteRef, cnn_weights: dict[str, np.ndarray], cfg: dict[str, Any]) -> dict[str, Any]:
     """Log-loss, gradient and Hessian of the meta-classifier at the coordinator's coefficients.
 
-    On the first meta round the site also fits its forest and, when ``warm-start`` is set,
-    returns its local penalized fit and that fit's Hessian, from which the coordinator builds
-    a starting point close to the pooled solution (so two Newton steps usually suffice).
+    On the first meta round the site also fits its forest and, when ``warm-start`` is set
+    (never under DP), returns its local penalized fit and that fit's Hessian, from which the
+    coordinator builds a starting point close to the pooled solution (so two Newton steps
+    usually suffice).
+
+    Under DP (``dp`` true) the gradient and Hessian are released through the Gaussian mechanism
+    of :mod:`client.meta_privacy`, charged to the site's ledger first (``meta-epsilon`` over
+    ``meta-rounds`` releases), and the loss is not released (NaN).
+
+    Raises
+    ------
+    client.ledger.PrivacyBudgetExceeded
+        Before any work, when this round's release would exceed the site's budget.
     """
     from common.meta import StackingMetaClassifier, flat_coef, newton_terms
 
     vault, cohort = _load(site)
-    x, y = _meta_features(site, vault, cohort, cnn_weights, cfg, "validation")
-    k = len(cohort.classes)
+    k = max(len(cohort.classes), 2)
     coef = np.asarray(cfg["coef"], dtype=np.float64)
-    terms = newton_terms(coef, x, y, n_classes=max(k, 2))
+    release = _planned_meta_release(vault, site, cohort, cfg)
+    x, y = _meta_features(site, vault, cohort, cnn_weights, cfg, "validation")
+    if release is not None:
+        return _private_meta_terms(vault, site, cfg, release, coef, x, y, k)
+    terms = newton_terms(coef, x, y, n_classes=k)
     out = {"loss": terms.loss, "grad": terms.grad, "hess": terms.hess, "n": terms.n}
     if bool(cfg.get("warm-start", False)):
         local = StackingMetaClassifier(penalty="l2", C=float(cfg.get("meta-C", 1.0))).fit(x, y)
         local_coef = flat_coef(local)
-        local_terms = newton_terms(local_coef, x, y, n_classes=max(k, 2))
+        local_terms = newton_terms(local_coef, x, y, n_classes=k)
         out.update(local_coef=local_coef, local_hess=local_terms.hess)
     return out
+
+
+def _planned_meta_release(vault: Any, site: SiteRef, cohort: Any, cfg: dict[str, Any]) -> Any:
+    """The Gaussian release of this meta round under DP (None without DP); refused if over budget."""
+    if not bool(cfg.get("dp", True)):
+        return None
+    from client.ledger import Release
+    from client.meta_privacy import meta_noise_multiplier
+
+    n_train = int(cohort.summary()["splits"]["train"]["patients"])
+    delta = float(cfg.get("delta", 0.0)) or min(1e-5, 0.1 / max(n_train, 1))
+    sigma = meta_noise_multiplier(epsilon=float(cfg.get("meta-epsilon", 1.0)), delta=delta,
+                                  rounds=int(cfg.get("meta-rounds", 3)))
+    run_id, rnd = str(cfg["run-id"]), int(cfg["server-round"])
+    release = Release.gaussian(noise_multiplier=sigma, label="meta-statistics", run_id=run_id, round=rnd)
+    _refuse_if_over_budget(_ledger(vault, site, cfg), release, site, run_id, rnd)
+    return release
+
+
+def _private_meta_terms(vault: Any, site: SiteRef, cfg: dict[str, Any], release: Any, coef: np.ndarray,
+                        x: np.ndarray, y: np.ndarray, k: int) -> dict[str, Any]:
+    from client.meta_privacy import private_newton_terms
+    from common.meta import META_FEATURE_BOUND
+
+    ledger = _ledger(vault, site, cfg)
+    rng = np.random.default_rng(_private_seed(vault, ledger, "meta-noise", int(release.round or 0)))
+    spent = ledger.charge(release)  # charged before anything leaves the site
+    terms = private_newton_terms(coef, x, y, n_classes=k, bound=META_FEATURE_BOUND,
+                                 noise_multiplier=release.noise_multiplier, rng=rng)
+    return {"loss": terms.loss, "grad": terms.grad, "hess": terms.hess, "n": terms.n, "epsilon": float(spent),
+            "noise-multiplier": release.noise_multiplier}
 
 
 # ---------------------------------------------------------------------------------------------

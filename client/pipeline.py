@@ -9,21 +9,25 @@ the sites, which is what makes it the reference for the federation.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import Pipeline, make_pipeline
-from sklearn.preprocessing import StandardScaler
 
 from client.dp_training import DeepData, DPConfig, TrainConfig, TrainResult, predict_proba, train_deep_model
 from client.features import TabularFrame, deep_tracks, sequence_features, tabular_frame
-from client.forest import SiteForest
-from client.preprocess import TabularPreprocessor
 from common.cohort import Cohort
+from common.meta import META_FEATURE_BOUND
 from common.model_config import deep_config_for_schema
 from common.models import DeepModelConfig, GenomicNet, TrackShape, build_model
+
+if TYPE_CHECKING:
+    # scikit-learn is imported where it is used: a CNN round (a fresh process per message in a
+    # deployment) then never pays for it.
+    from sklearn.pipeline import Pipeline
+
+    from client.forest import SiteForest
+    from client.preprocess import TabularPreprocessor
 
 SPLITS = ("train", "validation", "test")
 
@@ -141,6 +145,8 @@ def train_deep(data: SiteData, *, cfg: DeepModelConfig, train: TrainConfig, dp: 
 
 def fit_tabular_preprocessor(data: SiteData, **kw: Any) -> TabularPreprocessor | None:
     """Preprocessing fitted on the train split (None when the cohort has no tabular features)."""
+    from client.preprocess import TabularPreprocessor
+
     if not data.has_tabular:
         return None
     return TabularPreprocessor(**kw).fit(data.frame.rows(data.masks["train"]))
@@ -149,6 +155,8 @@ def fit_tabular_preprocessor(data: SiteData, **kw: Any) -> TabularPreprocessor |
 def fit_forest(data: SiteData, pre: TabularPreprocessor | None, *, embedding: GenomicNet | None = None,
                embedding_pre: TabularPreprocessor | None = None, **kw: Any) -> SiteForest:
     """The site forest on the train split (optionally with the deep model's embedding as features)."""
+    from client.forest import SiteForest
+
     x = forest_matrix(data, "train", pre, embedding, embedding_pre)
     return SiteForest(**kw).fit(x, data.y[data.masks["train"]])
 
@@ -159,6 +167,10 @@ def fit_logreg(data: SiteData, pre: TabularPreprocessor | None, *, C: float = 0.
     That is the tabular genomic and clinical features (the polygenic-score style model) and,
     for a cohort with sequences, the same k-mer / positional features the forest sees.
     """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
     model = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=5000))
     return model.fit(forest_matrix(data, "train", pre), data.y[data.masks["train"]])
 
@@ -167,13 +179,14 @@ def meta_features(*probas: np.ndarray) -> np.ndarray:
     """Stacking inputs from base-model class probabilities: log-odds (binary) or log-probabilities.
 
     Working on the logit scale makes the meta-classifier a proper combination of evidence
-    (a weighted sum of log-odds) rather than of probabilities.
+    (a weighted sum of log-odds) rather than of probabilities. Values are clipped to
+    ``[-META_FEATURE_BOUND, META_FEATURE_BOUND]``.
     """
     cols = []
     for p in probas:
-        p = np.clip(p, 1e-6, 1 - 1e-6)
+        p = np.clip(p, 1e-12, 1.0)
         cols.append(np.log(p[:, 1:2] / p[:, 0:1]) if p.shape[1] == 2 else np.log(p))
-    return np.hstack(cols)
+    return np.clip(np.hstack(cols), -META_FEATURE_BOUND, META_FEATURE_BOUND)
 
 
 def deep_proba(model: GenomicNet, data: SiteData, split: str, pre: TabularPreprocessor | None) -> np.ndarray:

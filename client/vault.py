@@ -57,6 +57,7 @@ import errno
 import fcntl
 import glob
 import hashlib
+import hmac
 import json
 import os
 import re
@@ -675,6 +676,18 @@ class Vault:
     def read_prefix(self, prefix: str) -> dict[str, bytes]:
         """Every blob whose role starts with ``prefix`` (for example ``"cohort/"``), by role."""
         return {role: self.read(role) for role in self.roles if role.startswith(prefix)}
+
+    def derive_seed(self, label: str) -> int:
+        """A 63-bit seed that only holders of this vault's key can compute.
+
+        An HMAC-SHA256 of ``label`` under the vault key, with its own domain prefix so that it
+        can never collide with an encryption use of the key. Sites seed their DP noise and
+        sampling with it: a seed the coordinator knows (the run config's) would let it replay
+        the noise and subtract it. The same vault and label always give the same seed, so a
+        resumed run repeats its randomness; a rekeyed vault gives new seeds.
+        """
+        digest = hmac.new(self._key, b"genofed-seed\x00" + label.encode("utf-8"), hashlib.sha256).digest()
+        return int.from_bytes(digest[:8], "big") >> 1
 
     def stats(self) -> dict[str, Any]:
         """Format, kdf kind, blob count and stored bytes (from the index; nothing decrypted)."""

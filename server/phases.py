@@ -205,7 +205,7 @@ def _aggregator(settings: RunSettings) -> Any:
 def run_meta_rounds(grid: Grid, settings: RunSettings, state: RunState, log: RunLog,
                     weights: dict[str, np.ndarray], checkpoint: Any) -> list[float]:
     """Federated Newton on the stacking meta-classifier (the first round also fits the forests)."""
-    from common.meta import NewtonSolver, NewtonTerms
+    from common.meta import NewtonSolver, NewtonTerms, nearest_positive_definite
 
     k = len(state.schema["label"]["classes"])
     n_feat = 2 * (1 if k == 2 else k)
@@ -218,7 +218,7 @@ def run_meta_rounds(grid: Grid, settings: RunSettings, state: RunState, log: Run
     while state.meta_round < settings.meta_rounds and not solver.converged:
         rnd = state.meta_round + 1
         nodes = _require_quorum(state, settings, f"meta round {rnd}")
-        warm = rnd == 1
+        warm = rnd == 1 and not settings.dp  # a local fit has no DP mechanism: never asked for under DP
         cfg = ConfigRecord({**base_cfg, "server-round": rnd, "coef": [float(c) for c in solver.coef],
                             "warm-start": warm})
         res = exchange(grid, nodes, lambda n: RecordDict({"cnn": cnn, "config": cfg}), message_type="train.meta",
@@ -230,22 +230,47 @@ def run_meta_rounds(grid: Grid, settings: RunSettings, state: RunState, log: Run
                    for _, r in sorted(res.replies.items(), key=lambda kv: state.site_of(kv[0]))]
         terms = [NewtonTerms(float(r["loss"]), r["grad"], r["hess"], int(r["num-examples"])) for r in replies]
         total = sum(terms[1:], terms[0])
+        if settings.dp:
+            total.hess = nearest_positive_definite(total.hess, floor=_noise_floor(replies, total.hess.shape[0], k))
         if warm:
             solver.coef = _warm_start(replies, settings.meta_c)
             solver.best_objective = np.inf
             log.info(f"meta round 1: forests fitted on {len(replies)} sites; warm start from their local fits")
         else:
             solver.step(total)
-            log.info(f"meta round {rnd}: Newton step, objective {solver.best_objective:.6f}"
-                     + (" (converged)" if solver.converged else ""))
+            log.info(f"meta round {rnd}: Newton step" + (
+                " on noised statistics (no objective released)" if settings.dp
+                else f", objective {solver.best_objective:.6f}") + (" (converged)" if solver.converged else ""))
         state.meta_round, state.meta_solver = rnd, solver.state_dict()
-        state.rounds.append({"phase": "meta", "round": rnd, "seconds": round(res.seconds, 2),
-                             "handler_s": _slowest_handler(res), "sites": sorted(state.site_of(n) for n in res.replies)})
+        record = {"phase": "meta", "round": rnd, "seconds": round(res.seconds, 2), "handler_s": _slowest_handler(res),
+                  "sites": sorted(state.site_of(n) for n in res.replies)}
+        spent = {state.site_of(n): float(r.content.metric_records["metrics"]["epsilon"])
+                 for n, r in res.replies.items() if "epsilon" in r.content.metric_records["metrics"]}
+        if spent:
+            record["epsilon"] = dict(sorted(spent.items()))
+            log.info(f"meta round {rnd}: epsilon spent per site: "
+                     + ", ".join(f"{s} {e:.3f}" for s, e in record["epsilon"].items()))
+        state.rounds.append(record)
         log.event("meta-round", round=rnd, seconds=res.seconds, converged=solver.converged)
         checkpoint(weights)
     state.meta_coef = [float(c) for c in (solver.best_coef if solver.converged else solver.coef)]
     state.phase = "evaluate"
     return state.meta_coef
+
+
+def _noise_floor(replies: list[dict[str, Any]], dim: int, n_classes: int) -> float:
+    """Spectral size of the noise in the summed Hessian: the floor for its eigenvalues.
+
+    A symmetric Gaussian matrix of size D with entry deviation s has spectral norm about
+    2 sqrt(D) s. Raising the eigenvalues to that level keeps noise from flipping or inflating a
+    Newton step (a trust region in effect); it uses only released values and public bounds.
+    """
+    from common.meta import META_FEATURE_BOUND, statistic_bounds
+
+    n_features = dim // (1 if n_classes == 2 else n_classes) - 1
+    _, h_bound = statistic_bounds(n_features=n_features, n_classes=max(n_classes, 2), bound=META_FEATURE_BOUND)
+    variance = sum((float(r.get("noise-multiplier", 0.0)) * np.sqrt(2.0) * h_bound) ** 2 for r in replies)
+    return max(2.0 * np.sqrt(dim) * np.sqrt(variance), 1e-9)
 
 
 def _warm_start(replies: list[dict[str, Any]], C: float) -> np.ndarray:

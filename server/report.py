@@ -36,14 +36,23 @@ def _site_metrics(flat: dict[str, Any]) -> dict[str, Any]:
 
 def _privacy(state: RunState, settings: RunSettings) -> dict[str, Any]:
     out: dict[str, Any] = {}
+
+    def entry(site: str) -> dict[str, Any]:
+        return out.setdefault(site, {
+            "epsilon": float("nan"), "run_epsilon": float("nan"),
+            "delta": float(state.census.get(site, {}).get("ledger-delta", settings.delta)),
+            "budget": float(state.census.get(site, {}).get("ledger-budget", float("nan")))})
+
+    # Rounds are in order, so each site ends with its ledger's latest total.
     for record in state.rounds:
-        if record.get("phase") != "cnn":
-            continue
-        for site, m in record["sites"].items():
-            if "epsilon" in m:
-                out[site] = {"epsilon": float(m["epsilon"]), "run_epsilon": float(m.get("run-epsilon", float("nan"))),
-                             "delta": float(state.census.get(site, {}).get("ledger-delta", settings.delta)),
-                             "budget": float(state.census.get(site, {}).get("ledger-budget", float("nan")))}
+        if record.get("phase") == "cnn":
+            for site, m in record["sites"].items():
+                if "epsilon" in m:
+                    entry(site).update(epsilon=float(m["epsilon"]),
+                                       run_epsilon=float(m.get("run-epsilon", float("nan"))))
+        elif record.get("phase") == "meta":
+            for site, eps in record.get("epsilon", {}).items():
+                entry(site)["epsilon"] = float(eps)
     return out
 
 
@@ -78,10 +87,11 @@ def _privacy_note(settings: RunSettings) -> str:
     if not settings.dp:
         return "No differential privacy in this run (dp = false): the non-private reference."
     return ("Sample-level DP-SGD (Opacus, RDP accountant) protects each site's training records in the CNN "
-            "updates; epsilon is composed in each site's ledger with every earlier release at the ledger's delta. "
-            "Not covered: the forests (never leave the sites), the meta-classifier statistics and the test "
-            "statistics (released without noise in this version), early stopping, and Opacus' RNG, which is not "
-            "cryptographically secure here.")
+            "updates, and the Gaussian mechanism the meta-classifier statistics (meta-epsilon over the meta "
+            "rounds); epsilon is composed in each site's ledger with every earlier release at the ledger's delta. "
+            "Not covered: the forests (never leave the sites), the census counts and the test statistics "
+            "(released without noise in this version), and the random number generator, which is not "
+            "cryptographically secure here (it is seeded from each site's vault key, never from the run config).")
 
 
 def _fmt(x: Any) -> str:

@@ -47,6 +47,7 @@ class RunSettings:
     arch: str = "cnn"
     forest_trees: int = 200
     meta_rounds: int = 3
+    meta_epsilon: float = 1.0
     meta_c: float = 1.0
     meta_tol: float = 1e-10
     site_epsilon_budget: float = 10.0
@@ -70,7 +71,7 @@ class RunSettings:
     def client_config(self) -> dict[str, Any]:
         """The settings every site needs, sent with each message (kebab-case keys)."""
         keys = ("seed", "local-epochs", "dp", "epsilon", "delta", "max-grad-norm", "batch-size", "lr",
-                "weight-decay", "forest-trees", "meta-c", "site-epsilon-budget")
+                "weight-decay", "forest-trees", "meta-c", "meta-rounds", "meta-epsilon", "site-epsilon-budget")
         as_dict = {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
         out = {k: as_dict[k] for k in keys}
         out["meta-C"] = out.pop("meta-c")

@@ -181,6 +181,50 @@ def test_ledger_refuses_over_budget_and_continues_across_runs(sites: Path, tmp_p
     assert all("refused to release cnn-update" in r for r in second["missing_sites"].values())
 
 
+def test_dp_run_charges_noised_meta_statistics_to_every_ledger(sites: Path, tmp_path: Path) -> None:
+    from client.ledger import PrivacyLedger
+
+    sent = []
+
+    def record(node: int, msg) -> None:
+        if msg.metadata.message_type == "train.meta":
+            sent.append(dict(msg.content.config_records["config"]))
+        return None
+
+    doc, _ = _run(sites, tmp_path / "run", dp=True, epsilon=3.0, meta_epsilon=1.0, fail=record)
+    assert sent and not any(c["warm-start"] for c in sent)  # a local fit has no DP mechanism
+    meta_rounds = [r for r in doc["rounds"] if r["phase"] == "meta"]
+    assert len(meta_rounds) == 3
+    for site, vault in _site_vaults(sites):
+        ledger = PrivacyLedger.load(vault)
+        meta = [r for r in ledger.releases if r.label == "meta-statistics"]
+        assert sorted(r.round for r in meta) == [1, 2, 3] and all(r.kind == "gaussian" for r in meta), site
+        assert doc["privacy"][site]["epsilon"] == pytest.approx(ledger.spent_epsilon()), site
+        assert doc["privacy"][site]["epsilon"] > doc["privacy"][site]["run_epsilon"], site
+        assert all(site in r["epsilon"] for r in meta_rounds)
+    coef = np.asarray(doc["meta"]["coef"])
+    assert np.all(np.isfinite(coef)) and np.abs(coef).max() < 50  # the noise floor keeps steps sane
+    assert "epsilon spent per site" in (tmp_path / "run" / "run.log").read_text()
+
+
+def test_round_randomness_is_seeded_from_the_site_key_not_the_run_config(sites: Path, tmp_path: Path) -> None:
+    """The coordinator knows the run seed; if it fixed a site's sampling and noise, DP would be void."""
+    import shutil
+
+    from client.vault import generate_key_file
+
+    other = tmp_path / "rekeyed"
+    shutil.copytree(sites, other)
+    for p in sorted(q for q in other.iterdir() if (q / "vault").is_dir()):
+        new_key = generate_key_file(tmp_path / f"{p.name}.key")
+        Vault.open(p / "vault", KeySource.from_key_file(p / "key")).rekey(KeySource.from_key_file(new_key))
+        shutil.copy(new_key, p / "key")
+    a, _ = _run(sites, tmp_path / "a", dp=True, epsilon=3.0, cnn_rounds=1)
+    b, _ = _run(other, tmp_path / "b", dp=True, epsilon=3.0, cnn_rounds=1)
+    loss = [{s: m["train-loss"] for s, m in d["rounds"][1]["sites"].items()} for d in (a, b)]
+    assert all(loss[0][s] != loss[1][s] for s in loss[0])  # same data, same run config, other keys
+
+
 def test_resumed_run_ends_at_the_same_model(sites: Path, sites_template: Path, tmp_path: Path) -> None:
     import shutil
 

@@ -752,3 +752,23 @@ def test_cli_import(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pyt
     generate_key_file(tmp_path / "other")
     assert_fails("wrong key", lambda: cli(*argv[:-1], tmp_path / "other", "--force"), unchanged=tmp_path)
     assert_same_cohort(load_cohort(tmp_path / "vault", KeySource.from_key_file(tmp_path / "key")), small_cohort())
+
+
+# ---------------------------------------------------------------------------------------------
+# Seeds derived from the key
+
+
+def test_derived_seeds_are_stable_per_key_and_label_and_differ_otherwise(
+        vault: Path, keys: tuple[KeySource, KeySource], tmp_path: Path) -> None:
+    import shutil
+
+    first = Vault.open(vault, keys[0])
+    seed = first.derive_seed("cnn-round|ledger-3|round-2")
+    assert 0 <= seed < 2**63
+    assert Vault.open(vault, keys[0]).derive_seed("cnn-round|ledger-3|round-2") == seed  # reopened
+    assert first.derive_seed("cnn-round|ledger-4|round-2") != seed
+    shutil.copytree(vault, tmp_path / "copy")
+    assert Vault.open(tmp_path / "copy", keys[0]).derive_seed("cnn-round|ledger-3|round-2") == seed
+    rekeyed = Vault.open(tmp_path / "copy", keys[0])
+    rekeyed.rekey(keys[1])
+    assert Vault.open(tmp_path / "copy", keys[1]).derive_seed("cnn-round|ledger-3|round-2") != seed
