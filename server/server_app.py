@@ -51,8 +51,9 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict[str, Any]:
         log.warning(f"run failed: {exc}")
         log.event("failed", reason=str(exc))
         raise
-    except Exception:
+    except Exception as exc:
         log.warning("run failed with an internal error:\n" + traceback.format_exc())
+        log.event("failed", reason=f"internal error: {exc!r}")
         raise
 
 
@@ -92,6 +93,7 @@ def _run(grid: Grid, settings: RunSettings, run_dir: Path | None, log: RunLog, s
         save_pooled_stats(run_dir, evaluation["pooled"])
         render_run_report(run_dir)
         checkpoint(weights)
+    log.event("done", run_id=state.run_id, seconds=timing["total_s"])
     log.info(f"run {state.run_id} done in {timing['total_s']:.1f} s; hybrid pooled test AUC "
              f"{doc['models'].get('hybrid', {}).get('auc', float('nan')):.3f}"
              + (f"; results in {run_dir}" if run_dir else ""))

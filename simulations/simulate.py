@@ -46,6 +46,9 @@ class SimulationRequest:
     timeout: float = 3600.0
 
 
+STATUS_EVERY_S = 10.0  # how often Flower is asked for the run's status while events keep coming
+
+
 def free_port() -> int:
     """An unused TCP port on 127.0.0.1 (so parallel runs never collide)."""
     with socket.socket() as s:
@@ -145,37 +148,58 @@ def simulate(req: SimulationRequest) -> dict[str, Any]:
 
 
 def _follow(link: LocalSuperLink, run_id: int, req: SimulationRequest, *, n_rounds: int) -> str:
-    """Poll the run's status until it finishes, showing progress from the run's events."""
+    """Wait for the run to finish, showing progress from the run's events.
+
+    The ServerApp appends to ``events.jsonl`` after every exchange and at its end (``done`` or
+    ``failed``); reading that file costs nothing, while each ``flwr ls`` starts a Python process
+    that would take CPU from the simulated sites. So Flower is asked only every
+    ``STATUS_EVERY_S`` (in case the ServerApp dies without a word) and once the events say the
+    run ended, until Flower reports it finished.
+    """
     deadline = time.monotonic() + req.timeout
+    first_new = len(_events(req.out))  # a resumed run directory already holds earlier events
+    next_status = time.monotonic() + STATUS_EVERY_S
     with progress_bar() as bar:
         task = bar.add_task("federation", total=n_rounds + 5)
         while time.monotonic() < deadline:
-            bar.update(task, completed=_events_done(req.out))
-            out = link.flwr("ls", "sim", "--run-id", str(run_id), "--format", "json")
-            if out.returncode == 0:
-                runs = json.loads(out.stdout).get("runs", [])
-                if runs and str(runs[0].get("status", "")).startswith("finished"):
-                    bar.update(task, completed=_events_done(req.out))
-                    return str(runs[0]["status"])
-            time.sleep(1.0)
+            events = _events(req.out)[first_new:]
+            bar.update(task, completed=sum(1 for e in events if e.get("event") not in ("done", "failed")))
+            ended = any(e.get("event") in ("done", "failed") for e in events)
+            if ended or time.monotonic() >= next_status:
+                status = _run_status(link, run_id)
+                if status.startswith("finished"):
+                    return status
+                next_status = time.monotonic() + STATUS_EVERY_S
+            time.sleep(0.5 if ended else 0.25)
     link.flwr("stop", str(run_id), "sim")
     raise SimulationError(f"run {run_id} did not finish within {req.timeout:.0f} s; stopped")
 
 
-def _events_done(run_dir: Path) -> int:
+def _run_status(link: LocalSuperLink, run_id: int) -> str:
+    out = link.flwr("ls", "sim", "--run-id", str(run_id), "--format", "json")
+    if out.returncode != 0:
+        return ""
+    runs = json.loads(out.stdout).get("runs", [])
+    return str(runs[0].get("status", "")) if runs else ""
+
+
+def _events(run_dir: Path) -> list[dict[str, Any]]:
     path = run_dir / "events.jsonl"
     if not path.exists():
-        return 0
-    return sum(1 for line in path.read_text().splitlines() if line.strip())
+        return []
+    events = []
+    for line in path.read_text().splitlines():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:
+            break  # a line being written right now
+    return events
 
 
 def _failure_reason(run_dir: Path) -> str:
-    path = run_dir / "events.jsonl"
-    if path.exists():
-        for line in reversed(path.read_text().splitlines()):
-            event = json.loads(line)
-            if event.get("event") == "failed":
-                return str(event.get("reason"))
+    for event in reversed(_events(run_dir)):
+        if event.get("event") == "failed":
+            return str(event.get("reason"))
     log = run_dir / "run.log"
     if log.exists() and log.read_text().strip():
         return log.read_text().strip().splitlines()[-1]
