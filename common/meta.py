@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-from scipy.special import log_softmax, softmax
 
 # Meta features (base-model log-odds or log-probabilities) are clipped to [-B, B]. This bounds one
 # record's part in the Newton statistics (:func:`statistic_bounds`, for DP) and keeps the votes of
@@ -68,6 +67,8 @@ def newton_terms(coef: np.ndarray, x: np.ndarray, y: np.ndarray, *, n_classes: i
         return NewtonTerms(loss, grad, hess, len(y))
     w = coef.reshape(n_classes, d)
     eta = z @ w.T
+    from scipy.special import log_softmax  # multiclass only: a binary site never loads SciPy
+
     logp = log_softmax(eta, axis=1)
     p = np.exp(logp)
     onehot = np.eye(n_classes)[y]
@@ -255,6 +256,8 @@ class StackingMetaClassifier:
         if scores.ndim == 1:
             p = 1.0 / (1.0 + np.exp(-scores))
             return np.column_stack([1.0 - p, p])
+        from scipy.special import softmax
+
         return softmax(scores, axis=1)
 
     def predict(self, X: np.ndarray) -> np.ndarray:

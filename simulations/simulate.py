@@ -140,8 +140,10 @@ def simulate(req: SimulationRequest) -> dict[str, Any]:
             raise SimulationError("flwr run failed: " + _last_line(started.stderr or started.stdout))
         run_id = int(json.loads(started.stdout)["run-id"])
         status = _follow(link, run_id, req, n_rounds=int(cfg.get("cnn-rounds", 5)))
-        (req.out / "flower.log").write_text(link.flwr("log", str(run_id), "sim", "--show").stdout)
-    if status != "finished:completed" or not (req.out / "metrics.json").exists():
+        failed = status != "finished:completed" or not (req.out / "metrics.json").exists()
+        if failed:  # Flower's own log (simulation engine, ClientApps) helps only when something went wrong
+            (req.out / "flower.log").write_text(link.flwr("log", str(run_id), "sim", "--show").stdout)
+    if failed:
         reason = _failure_reason(req.out)
         raise SimulationError(f"run {run_id} ended as {status}: {reason} (see {req.out / 'run.log'})")
     return json.loads((req.out / "metrics.json").read_text())
