@@ -74,12 +74,20 @@ def roc_figure(pooled: dict[str, EvalStats], doc: dict[str, Any]) -> str:
 
 
 def privacy_figure(doc: dict[str, Any]) -> str | None:
+    """Each site's ledger total after every exchange that charged it (CNN rounds, meta rounds)."""
     series: dict[str, list[tuple[int, float]]] = {}
+    labels: list[str] = []
     for r in doc["rounds"]:
         if r.get("phase") == "cnn":
-            for site, m in r["sites"].items():
-                if "epsilon" in m:
-                    series.setdefault(site, []).append((r["round"], m["epsilon"]))
+            spent = {site: m["epsilon"] for site, m in r["sites"].items() if "epsilon" in m}
+        elif r.get("phase") == "meta":
+            spent = dict(r.get("epsilon", {}))
+        else:
+            continue
+        if spent:
+            labels.append(f"{'CNN' if r['phase'] == 'cnn' else 'meta'} {r['round']}")
+            for site, eps in spent.items():
+                series.setdefault(site, []).append((len(labels), eps))
     if not series:
         return None
     plt = _plt()
@@ -87,11 +95,10 @@ def privacy_figure(doc: dict[str, Any]) -> str | None:
     for site, points in sorted(series.items()):
         ax.plot(*zip(*points), marker="o", label=site)
     budgets = {p.get("budget") for p in doc["privacy"].values() if p.get("budget") is not None}
-    for b in budgets:
-        if not math.isnan(b):
-            ax.axhline(b, color="red", lw=0.8, ls="--")
-    ax.set(xlabel="CNN round", ylabel="epsilon spent (site ledger)", title="Privacy spend per site")
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    for i, b in enumerate(sorted(b for b in budgets if not math.isnan(b))):
+        ax.axhline(b, color="red", lw=0.8, ls="--", label="site budget" if i == 0 else None)
+    ax.set_xticks(range(1, len(labels) + 1), labels, rotation=45 if len(labels) > 8 else 0, fontsize=8)
+    ax.set(xlabel="exchange", ylabel="epsilon spent (site ledger)", title="Privacy spend per site")
     ax.legend(fontsize=8)
     fig.tight_layout()
     return _png(fig)

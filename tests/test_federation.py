@@ -205,6 +205,10 @@ def test_dp_run_charges_noised_meta_statistics_to_every_ledger(sites: Path, tmp_
     coef = np.asarray(doc["meta"]["coef"])
     assert np.all(np.isfinite(coef)) and np.abs(coef).max() < 50  # the noise floor keeps steps sane
     assert "epsilon spent per site" in (tmp_path / "run" / "run.log").read_text()
+    from server.report_html import privacy_figure
+
+    assert (tmp_path / "run" / "report.html").read_text().count("data:image/png;base64,") == 2  # ROC + spend
+    assert privacy_figure(doc) is not None
 
 
 def test_round_randomness_is_seeded_from_the_site_key_not_the_run_config(sites: Path, tmp_path: Path) -> None:
