@@ -184,6 +184,22 @@ def statistic_bounds(*, n_features: int, n_classes: int, bound: float) -> tuple[
     return math.sqrt(2.0 * z2), z2
 
 
+def averaging_prior(*, n_models: int, n_classes: int) -> np.ndarray:
+    """Flat coefficients that average the base models' log-odds (or log-probabilities).
+
+    The features are ``n_models`` blocks of one log-odds column (binary) or ``n_classes``
+    log-probability columns; the prior gives each model weight ``1 / n_models`` on its own
+    evidence for each class and no intercept. It needs no data, so it is a free starting point
+    when the statistics that would refine it are noised.
+    """
+    if n_classes == 2:
+        return np.append(np.full(n_models, 1.0 / n_models), 0.0)
+    d = n_models * n_classes + 1
+    coef = np.zeros((n_classes, d))
+    for k in range(n_classes):
+        coef[k, [m * n_classes + k for m in range(n_models)]] = 1.0 / n_models
+    return coef.ravel()
+
 def nearest_positive_definite(hess: np.ndarray, *, floor: float) -> np.ndarray:
     """The symmetric matrix with ``hess``'s eigenvectors and eigenvalues raised to ``floor``.
 

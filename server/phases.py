@@ -205,7 +205,7 @@ def _aggregator(settings: RunSettings) -> Any:
 def run_meta_rounds(grid: Grid, settings: RunSettings, state: RunState, log: RunLog,
                     weights: dict[str, np.ndarray], checkpoint: Any) -> list[float]:
     """Federated Newton on the stacking meta-classifier (the first round also fits the forests)."""
-    from common.meta import NewtonSolver, NewtonTerms, nearest_positive_definite
+    from common.meta import NewtonSolver, NewtonTerms, averaging_prior, nearest_positive_definite
 
     k = len(state.schema["label"]["classes"])
     n_feat = 2 * (1 if k == 2 else k)
@@ -213,6 +213,10 @@ def run_meta_rounds(grid: Grid, settings: RunSettings, state: RunState, log: Run
                           tol=settings.meta_tol)
     if state.meta_solver:
         solver.load_state_dict(state.meta_solver)
+    elif settings.dp:
+        # Noised steps from zero can land anywhere, sign flips included; from the plain average of
+        # the base models' log-odds (public, needs no data) a noisy step can only refine.
+        solver.coef = solver.best_coef = averaging_prior(n_models=2, n_classes=max(k, 2))
     base_cfg = {**settings.client_config(), "run-id": state.run_id, "model-config": json.dumps(state.model_config)}
     cnn = to_record(weights)
     while state.meta_round < settings.meta_rounds and not solver.converged:

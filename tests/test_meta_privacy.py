@@ -84,3 +84,21 @@ def test_nearest_positive_definite_floors_the_spectrum_and_keeps_a_good_matrix()
     assert np.linalg.eigvalsh(fixed).min() >= 0.5 - 1e-9
     good = a @ a.T + 10 * np.eye(4)
     np.testing.assert_allclose(nearest_positive_definite(good, floor=0.5), good, atol=1e-9)
+
+
+@pytest.mark.parametrize("n_classes", [2, 3, 4])
+def test_averaging_prior_predicts_the_mean_of_the_base_models_evidence(n_classes: int) -> None:
+    from common.meta import StackingMetaClassifier, averaging_prior
+
+    rng = np.random.default_rng(3)
+    p_a, p_b = rng.dirichlet(np.ones(n_classes), size=20), rng.dirichlet(np.ones(n_classes), size=20)
+    from client.pipeline import meta_features
+
+    x = meta_features(p_a, p_b)
+    model = StackingMetaClassifier().set_coef(averaging_prior(n_models=2, n_classes=n_classes), n_features=x.shape[1])
+    if n_classes == 2:
+        expected = (x[:, 0] + x[:, 1]) / 2
+        np.testing.assert_allclose(model.decision_function(x), expected)
+    else:
+        expected = (x[:, :n_classes] + x[:, n_classes:]) / 2
+        np.testing.assert_allclose(model.decision_function(x), expected)
