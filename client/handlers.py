@@ -54,7 +54,8 @@ def census(site: SiteRef, cfg: dict[str, Any]) -> dict[str, Any]:
             "n-test": summary["splits"]["test"]["patients"],
             "class-counts": [int(v) for v in summary["classes"].values()],
             "ledger-spent": float(ledger.spent_epsilon()), "ledger-budget": float(ledger.budget_epsilon),
-            "ledger-delta": float(ledger.delta)}
+            "ledger-delta": float(ledger.delta), "ledger-created": ledger.created_at,
+            "ledger-revision": int(ledger.revision)}
 
 
 # ---------------------------------------------------------------------------------------------

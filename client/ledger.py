@@ -460,6 +460,11 @@ class PrivacyLedger:
         return float(self._doc["budget"]["delta"])
 
     @property
+    def created_at(self) -> str:
+        """When this ledger was created (UTC ISO 8601): tells one ledger from a re-created one."""
+        return str(self._doc["created_at"])
+
+    @property
     def revision(self) -> int:
         """Number of writes to the ledger so far (creation included)."""
         return int(self._doc["revision"])

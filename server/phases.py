@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -94,8 +95,11 @@ def run_census(grid: Grid, settings: RunSettings, state: RunState, log: RunLog) 
     for node, reason in res.failures.items():
         log.warning(f"census: node {node} did not answer: {reason}")
     infos = {node: dict(r.content.config_records["census"]) for node, r in res.replies.items()}
+    if settings.ledger_registry:
+        infos = _drop_rolled_back_ledgers(infos, settings, state, log)
     if len(infos) < settings.min_sites:
-        raise TooFewSitesError(f"census: {len(infos)} site(s) answered, min-sites is {settings.min_sites}")
+        gone = "".join(f"; {s}: {r}" for s, r in state.excluded.items())
+        raise TooFewSitesError(f"census: {len(infos)} site(s) answered, min-sites is {settings.min_sites}{gone}")
     _check_schemas(infos)
     _check_budgets(infos, settings)
     state.rounds.append({"phase": "census", "seconds": round(res.seconds, 2), "handler_s": _slowest_handler(res),
@@ -106,12 +110,43 @@ def run_census(grid: Grid, settings: RunSettings, state: RunState, log: RunLog) 
     model_cfg = deep_config_for_schema(state.schema, arch=settings.arch)
     state.model_config = model_cfg.to_dict()
     state.phase = "cnn"
+    if settings.ledger_registry:
+        remember_ledgers(settings, state)
     log.info(f"census: {len(infos)} sites agree on schema {next(iter(infos.values()))['schema-hash'][:12]}: "
              + ", ".join(f"{i['site']} ({i['n-train']} train)" for i in sorted(infos.values(), key=lambda i: i["site"])))
     log.event("census", sites={i["site"]: {k: i[k] for k in ("n-train", "n-validation", "n-test", "ledger-spent",
                                                             "ledger-budget")} for i in infos.values()},
               seconds=res.seconds)
     return {k: v.detach().numpy() for k, v in build_model(model_cfg, seed=settings.seed).state_dict().items()}
+
+
+def _drop_rolled_back_ledgers(infos: dict[int, dict], settings: RunSettings, state: RunState,
+                              log: RunLog) -> dict[int, dict]:
+    """Sites whose ledger is older than the registry remembers leave the run before any training."""
+    from server.ledger_registry import load_registry, went_backwards
+
+    seen = load_registry(Path(settings.ledger_registry))
+    kept = {}
+    for node, info in infos.items():
+        site = str(info["site"])
+        reason = went_backwards(seen.get(site), info)
+        if reason is None:
+            kept[node] = info
+            continue
+        state.excluded[site] = f"census: {reason}; its privacy officer must check the vault (remove the site " \
+                               f"from {settings.ledger_registry} to accept this ledger)"
+        log.warning(f"census: site {site} leaves the run: {state.excluded[site]}")
+    return kept
+
+
+def remember_ledgers(settings: RunSettings, state: RunState, spent: dict[str, float] | None = None) -> None:
+    """Record every site's ledger as seen at the census, or with ``spent`` after the run."""
+    from server.ledger_registry import remember
+
+    marks = {site: {"ledger-created": str(c["ledger-created"]), "revision": int(c["ledger-revision"]),
+                    "spent": float((spent or {}).get(site, c["ledger-spent"]))}
+             for site, c in state.census.items() if site not in state.excluded and "ledger-created" in c}
+    remember(Path(settings.ledger_registry), marks, run_id=state.run_id)
 
 
 def _check_schemas(infos: dict[int, dict]) -> None:

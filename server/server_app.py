@@ -20,6 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 from common.errors import GenofedError
 from server.phases import (
     new_state,
+    remember_ledgers,
     run_census,
     run_cnn_rounds,
     run_evaluation,
@@ -86,6 +87,8 @@ def _run(grid: Grid, settings: RunSettings, run_dir: Path | None, log: RunLog, s
     timing = {"total_s": round(time.monotonic() - started, 2),
               "exchange_s": round(sum(r.get("seconds", 0.0) for r in state.rounds), 2)}
     doc = build_metrics(evaluation, state, settings, timing)
+    if settings.ledger_registry and doc["privacy"]:
+        remember_ledgers(settings, state, spent={s: p["epsilon"] for s, p in doc["privacy"].items()})
     if run_dir is not None:
         from server.report_html import render_run_report, save_pooled_stats
 

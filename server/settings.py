@@ -47,10 +47,11 @@ class RunSettings:
     arch: str = "cnn"
     forest_trees: int = 200
     meta_rounds: int = 3
-    meta_epsilon: float = 1.0
+    meta_epsilon: float = 1.0        # under DP: each site's epsilon for the meta statistics over all meta rounds
     meta_c: float = 1.0
     meta_tol: float = 1e-10
     site_epsilon_budget: float = 10.0
+    ledger_registry: str = ""        # coordinator file remembering each site's ledger (server/ledger_registry.py)
     sites_dir: str = ""
 
     @classmethod

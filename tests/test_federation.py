@@ -229,6 +229,46 @@ def test_round_randomness_is_seeded_from_the_site_key_not_the_run_config(sites: 
     assert all(loss[0][s] != loss[1][s] for s in loss[0])  # same data, same run config, other keys
 
 
+def test_coordinator_sends_away_a_site_whose_ledger_went_backwards(sites: Path, tmp_path: Path) -> None:
+    """A vault folder restored from an older copy resets its ledger; only the coordinator can tell."""
+    import shutil
+
+    registry = tmp_path / "registry.json"
+    _run(sites, tmp_path / "run1", dp=True, epsilon=3.0, ledger_registry=str(registry))
+    backup = tmp_path / "site-1-vault-backup"
+    shutil.copytree(sites / "site-1" / "vault", backup)  # a backup after the first run
+    second, _ = _run(sites, tmp_path / "run2", dp=True, epsilon=3.0, ledger_registry=str(registry))
+    remembered = json.loads(registry.read_text())["sites"]
+    assert set(remembered) == {"site-1", "site-2", "site-3"}
+    assert remembered["site-1"]["spent"] == pytest.approx(second["privacy"]["site-1"]["epsilon"])
+
+    shutil.rmtree(sites / "site-1" / "vault")
+    shutil.copytree(backup, sites / "site-1" / "vault")  # restored: the second run's spend is gone
+    third, _ = _run(sites, tmp_path / "run3", dp=True, epsilon=3.0, ledger_registry=str(registry), min_sites=2)
+    assert set(third["sites"]) == {"site-2", "site-3"}
+    assert "privacy ledger went back from revision" in third["missing_sites"]["site-1"]
+    assert "site site-1 leaves the run" in (tmp_path / "run3" / "run.log").read_text()
+    after = json.loads(registry.read_text())["sites"]
+    assert after["site-1"] == remembered["site-1"]  # what it knew is kept, never lowered
+    assert after["site-2"]["spent"] > remembered["site-2"]["spent"]
+
+
+def test_ledger_registry_tells_a_recreated_ledger_and_reads_only_its_own_format(tmp_path: Path) -> None:
+    from server.ledger_registry import RegistryError, load_registry, went_backwards
+
+    seen = {"ledger-created": "2026-01-01T00:00:00+00:00", "revision": 5, "spent": 2.5, "run-id": "r1"}
+    same = {"ledger-created": seen["ledger-created"], "ledger-revision": 7, "ledger-spent": 3.0}
+    assert went_backwards(None, same) is None and went_backwards(seen, same) is None
+    assert "re-created or replaced" in went_backwards(seen, {**same, "ledger-created": "2026-02-01T00:00:00+00:00"})
+    assert "went back" in went_backwards(seen, {**same, "ledger-spent": 1.0})
+    (tmp_path / "other.json").write_text('{"format": "something-else", "sites": {}}')
+    with pytest.raises(RegistryError, match="not a genofed-ledger-registry file"):
+        load_registry(tmp_path / "other.json")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(RegistryError, match="not a readable ledger registry"):
+        load_registry(tmp_path / "bad.json")
+
+
 def test_resumed_run_ends_at_the_same_model(sites: Path, sites_template: Path, tmp_path: Path) -> None:
     import shutil
 
