@@ -127,18 +127,7 @@ def _wait_gone(home: Path, timeout: float) -> dict[int, str]:
 
 
 def _stop_everything_under(home: Path) -> dict[int, str]:
-    """Stop what was started for ``home``: SIGTERM, then SIGKILL what is left after 20 s.
-
-    Parameters
-    ----------
-    home : Path
-        The test's temporary ``FLWR_HOME``.
-
-    Returns
-    -------
-    dict[int, str]
-        The processes that were running before the stop (pid -> command line).
-    """
+    """Stop what was started for ``home`` (SIGTERM, then SIGKILL after 20 s); returns what was running."""
     before = _started_under(home)
     # The SuperLinks first: their SuperExec watches --parent-pid and exits with them.
     _signal_all({p: c for p, c in before.items() if "flower-superlink" in c}, signal.SIGTERM)

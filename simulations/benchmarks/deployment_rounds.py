@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from simulations.benchmarks import emit
+
 APP_DIR = Path(__file__).resolve().parents[2]
 
 
@@ -62,10 +64,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     result = run(rounds=args.rounds, patients=args.patients, dp=args.dp)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text)
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

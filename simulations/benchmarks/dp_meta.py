@@ -16,11 +16,12 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from simulations.benchmarks import emit
 
 
 def _site_features(sites_dir: Path) -> list[dict[str, tuple[np.ndarray, np.ndarray]]]:
@@ -115,10 +116,7 @@ def main() -> None:
     args = parser.parse_args()
     result = run(sites_dir=args.sites_dir, meta_epsilon=args.meta_epsilon, delta=args.delta, rounds=args.rounds,
                  draws=args.draws)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text)
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ import subprocess
 import sys
 from typing import Any
 
+from simulations.benchmarks import emit
+
 MODES = ("none", "hooks", "functorch", "ew", "ghost")
 
 CHILD = r"""
@@ -83,11 +85,7 @@ def main() -> None:
     parser.add_argument("--json", help="also write the result to this file")
     args = parser.parse_args()
     result = run(patients=args.patients, length=args.length, epochs=args.epochs, batch=args.batch_size)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as fh:
-            fh.write(text)
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

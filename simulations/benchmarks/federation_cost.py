@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from simulations.benchmarks import emit
+
 
 def run(*, sites: int, patients: int, rounds: int, local_epochs: int, dp: bool, seed: int = 0) -> dict[str, Any]:
     from client.cohort_store import load_cohort
@@ -81,10 +83,7 @@ def main() -> None:
     args = parser.parse_args()
     result = run(sites=args.sites, patients=args.patients, rounds=args.rounds, local_epochs=args.local_epochs,
                  dp=args.dp)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text)
+    emit(result, args.json)
 
 
 if __name__ == "__main__":

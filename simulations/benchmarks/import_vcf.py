@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from simulations.benchmarks import emit
+
 
 def bare_parse(vcf: Path, *, decode: bool = True) -> int:
     """Iterate every record, with genotypes decoded (``gt_types``) or not; returns the record count."""
@@ -114,10 +116,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the result here")
     args = parser.parse_args()
     result = run(args.data, args.repeats)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.json:
-        args.json.write_text(text)
+    emit(result, args.json)
 
 
 if __name__ == "__main__":
