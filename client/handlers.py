@@ -114,8 +114,17 @@ def _planned_release(dp: Any, state: dict | None, n_train: int, cfg: dict[str, A
                    run_id=run_id, round=rnd)
 
 
+TRAIN_KEYS = ("model-config", "local-epochs", "batch-size", "lr", "weight-decay", "dp", "epsilon", "delta",
+              "max-grad-norm", "total-rounds", "proximal-mu")
+"""The settings a CNN round's release depends on (with the run id, the round and the global weights)."""
+
+
 def train_round(site: SiteRef, global_weights: dict[str, np.ndarray], cfg: dict[str, Any]) -> tuple[dict, dict]:
     """Local (DP-)SGD from the global weights; returns the new weights and round metrics.
+
+    Under DP the release is stored in the vault with a digest of the request; the same request
+    again (a coordinator resumed from a checkpoint taken before it aggregated this round) gets
+    the stored release back, neither trained nor charged again.
 
     Raises
     ------
@@ -125,15 +134,19 @@ def train_round(site: SiteRef, global_weights: dict[str, np.ndarray], cfg: dict[
     import torch
 
     from client.dp_training import TrainConfig
-    from client.model_store import get_json, put_json, run_role
+    from client.model_store import get_json, release_blob, request_digest, run_role, stored_release
     from client.pipeline import deep_config, train_deep
 
     vault, cohort = _load(site)
+    run_id, rnd = str(cfg["run-id"]), int(cfg["server-round"])
+    request = request_digest({k: cfg.get(k) for k in ("run-id", "server-round") + TRAIN_KEYS}, global_weights)
+    release_role = run_role(run_id, "cnn-release")
+    if bool(cfg.get("dp", True)) and (again := stored_release(vault, release_role, request=request)):
+        return again  # asked again (a resumed coordinator): the same release, charged once
     model_cfg = _model_config(cfg)
     data, pre = _site_data(cohort, tabular=bool(model_cfg.n_tabular))
     if deep_config(data, pre=pre, arch=model_cfg.arch).to_dict()["tracks"] != model_cfg.to_dict()["tracks"]:
         raise ValueError(f"site {site.name}: its data does not fit the coordinator's model")
-    run_id, rnd = str(cfg["run-id"]), int(cfg["server-round"])
     n_train = int(data.masks["train"].sum())
     dp = _dp_config(cfg, n_train)
     ledger = _ledger(vault, site, cfg)
@@ -159,8 +172,10 @@ def train_round(site: SiteRef, global_weights: dict[str, np.ndarray], cfg: dict[
         metrics["epsilon"] = float(ledger.charge(releases))
         metrics["run-epsilon"] = float(result.epsilon)
         metrics["delta"] = float(dp.target_delta)
-        put_json(vault, state_role, result.accountant_state)
     weights = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
+    if dp is not None:  # one atomic write: the accountant and the release it accounted for
+        vault.update({state_role: json.dumps(result.accountant_state, sort_keys=True).encode("utf-8"),
+                      release_role: release_blob(weights, metrics, request=request)})
     return weights, metrics
 
 
@@ -203,6 +218,11 @@ def _meta_features(site: SiteRef, vault: Any, cohort: Any, cnn_weights: dict | N
     return x, data.y[data.masks[split]]
 
 
+META_KEYS = ("model-config", "dp", "meta-epsilon", "meta-rounds", "delta", "warm-start", "meta-C", "forest-trees",
+             "seed")
+"""The settings a meta round's release depends on (with the run id, round, coefficients and CNN)."""
+
+
 def meta_round(site: SiteRef, cnn_weights: dict[str, np.ndarray], cfg: dict[str, Any]) -> dict[str, Any]:
     """Log-loss, gradient and Hessian of the meta-classifier at the coordinator's coefficients.
 
@@ -222,13 +242,25 @@ def meta_round(site: SiteRef, cnn_weights: dict[str, np.ndarray], cfg: dict[str,
     """
     from common.meta import StackingMetaClassifier, flat_coef, newton_terms
 
+    from client.model_store import release_blob, request_digest, run_role, stored_release
+
     vault, cohort = _load(site)
     k = max(len(cohort.classes), 2)
     coef = np.asarray(cfg["coef"], dtype=np.float64)
+    dp = bool(cfg.get("dp", True))
+    request = request_digest({key: cfg.get(key) for key in ("run-id", "server-round", "coef") + META_KEYS},
+                             cnn_weights)
+    release_role = run_role(str(cfg["run-id"]), "meta-release")
+    if dp and (again := stored_release(vault, release_role, request=request)):
+        return {**again[0], **again[1]}  # asked again after a coordinator resumed: same release, charged once
     release = _planned_meta_release(vault, site, cohort, cfg)
     x, y = _meta_features(site, vault, cohort, cnn_weights, cfg, "validation")
     if release is not None:
-        return _private_meta_terms(vault, site, cfg, release, coef, x, y, k)
+        out = _private_meta_terms(vault, site, cfg, release, coef, x, y, k)
+        arrays = {name: np.asarray(out[name]) for name in ("grad", "hess")}
+        vault.update({release_role: release_blob(arrays, {n: v for n, v in out.items() if n not in arrays},
+                                                 request=request)})
+        return out
     terms = newton_terms(coef, x, y, n_classes=k)
     out = {"loss": terms.loss, "grad": terms.grad, "hess": terms.hess, "n": terms.n}
     if bool(cfg.get("warm-start", False)):

@@ -5,7 +5,7 @@ Roles
 ``model/forest``            the site forest (and its tabular preprocessor), pickled
 ``model/cnn``               the final global deep model: weights (.npz) + its config (JSON inside)
 ``model/meta``              the final meta-classifier coefficients (JSON)
-``run/<run-id>/...``        per-run working state (DP-SGD accountant, meta-features cache)
+``run/<run-id>/...``        per-run working state (DP-SGD accountant, the last release of each kind)
 
 The forest is stored with ``pickle``: loading it is safe only because every blob a vault returns
 has been authenticated with the site's key, so it can only be a blob this site wrote.
@@ -13,6 +13,7 @@ has been authenticated with the site's key, so it can only be a blob this site w
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import pickle
@@ -69,3 +70,26 @@ def save_final_models(vault: Vault, *, cnn: dict[str, np.ndarray], cnn_config: d
     """The global models a run ends with, written together in one atomic vault update."""
     vault.update({CNN_ROLE: arrays_to_bytes(cnn, {"config": cnn_config, "run_id": run_id}),
                   META_ROLE: json.dumps({**meta, "run_id": run_id}, sort_keys=True).encode("utf-8")})
+
+
+def request_digest(settings: dict[str, Any], arrays: dict[str, np.ndarray]) -> str:
+    """A digest of everything a release is computed from, besides the site's data and key."""
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode("utf-8"))
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        h.update(f"\0{name}\0{a.dtype.str}\0{a.shape}\0".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def release_blob(arrays: dict[str, np.ndarray], values: dict[str, Any], *, request: str) -> bytes:
+    """A release as sent (arrays plus scalar values), tagged with the request it answered."""
+    return arrays_to_bytes(arrays, {"request": request, "values": values})
+
+
+def stored_release(vault: Vault, role: str, *, request: str) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
+    """The release stored under ``role`` if it answered exactly ``request``, else None."""
+    if role not in vault.roles:
+        return None
+    arrays, meta = arrays_from_bytes(vault.read(role))
+    return (arrays, meta["values"]) if meta.get("request") == request else None

@@ -86,8 +86,12 @@ def test_serverapp_stopped_mid_run_resumes_to_the_same_model(deployment, tmp_pat
     The reference is the same federation run uninterrupted, in process, on copies of the same
     vaults taken before the deployed run starts (no DP here: earlier tests spent the sites' budget).
     Tolerance: in process, a resumed run is bit-identical to an uninterrupted one
-    (tests/test_federation.py); across processes float32 training differs in the last digits
-    (measured here: at most 4.2e-5 absolute after 3 rounds), so weights must agree to 5e-4.
+    (tests/test_federation.py). Across processes float32 training differs in the last digits
+    (train losses agree to 1e-6), and Adam's first steps, of size lr whatever the gradient's size,
+    can turn such a difference into one whole step for a weight whose gradient is near zero:
+    in three runs 0, 7 and 13 of 2,304 first-layer weights ended one step (2e-3) apart, the rest
+    within 5e-4.
+    So: every weight within one step (plus 1e-4), and 99% of each tensor within 5e-4.
     """
     import shutil
 
@@ -129,4 +133,6 @@ def test_serverapp_stopped_mid_run_resumes_to_the_same_model(deployment, tmp_pat
         a, _ = arrays_from_bytes(real.read(CNN_ROLE))
         b, _ = arrays_from_bytes(ref.read(CNN_ROLE))
         for key in a:
-            np.testing.assert_allclose(a[key], b[key], rtol=0, atol=5e-4, err_msg=f"{name}: {key}")
+            diff = np.abs(a[key].astype(np.float64) - b[key])
+            assert diff.max() <= RunSettings().lr + 1e-4, f"{name}: {key}: {diff.max():.3g} apart"
+            assert np.mean(diff > 5e-4) <= 0.01, f"{name}: {key}: {np.mean(diff > 5e-4):.1%} beyond 5e-4"

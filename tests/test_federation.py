@@ -269,8 +269,16 @@ def test_ledger_registry_tells_a_recreated_ledger_and_reads_only_its_own_format(
         load_registry(tmp_path / "bad.json")
 
 
-def test_resumed_run_ends_at_the_same_model(sites: Path, sites_template: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("kind", "rnd", "at_node"), [
+    ("train", 3, None),        # dies before any site trained round 3
+    ("train", 3, 103),         # dies after two sites trained and charged round 3: asked again, they answer the same
+    ("train.meta", 2, 103),    # the same in a meta round
+])
+def test_resumed_run_ends_at_the_same_model(sites: Path, sites_template: Path, tmp_path: Path, kind: str, rnd: int,
+                                            at_node: int | None) -> None:
     import shutil
+
+    from client.ledger import PrivacyLedger
 
     reference, _ = _run(sites, tmp_path / "ref", dp=True, epsilon=4.0, cnn_rounds=3)
 
@@ -281,7 +289,8 @@ def test_resumed_run_ends_at_the_same_model(sites: Path, sites_template: Path, t
         pass
 
     def stop_in_round_3(node: int, msg) -> str | None:
-        if msg.metadata.message_type == "train" and msg.content.config_records["config"]["server-round"] == 3:
+        if (msg.metadata.message_type == kind and msg.content.config_records["config"]["server-round"] == rnd
+                and at_node in (None, node)):
             raise Stop()  # the ServerApp process dies mid-round
         return None
 
@@ -297,3 +306,5 @@ def test_resumed_run_ends_at_the_same_model(sites: Path, sites_template: Path, t
             np.testing.assert_array_equal(wa[k], wb[k])
     log = (tmp_path / "run" / "run.log").read_text()
     assert "resuming run" in log
+    for (_, a), (_, b) in zip(_site_vaults(sites), _site_vaults(other)):  # every release charged exactly once
+        assert PrivacyLedger.load(b).spent_epsilon() == pytest.approx(PrivacyLedger.load(a).spent_epsilon())
