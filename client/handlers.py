@@ -88,13 +88,17 @@ def _model_config(cfg: dict[str, Any]) -> Any:
     return DeepModelConfig.from_dict(json.loads(str(cfg["model-config"])))
 
 
+def _dp_delta(cfg: dict[str, Any], n_train: int) -> float:
+    """The run's delta, or by default min(1e-5, 0.1 / n) for the site's n training records."""
+    return float(cfg.get("delta", 0.0)) or min(1e-5, 0.1 / max(n_train, 1))
+
+
 def _dp_config(cfg: dict[str, Any], n_train: int) -> Any:
     from client.dp_training import DPConfig
 
     if not bool(cfg.get("dp", True)):
         return None
-    delta = float(cfg.get("delta", 0.0)) or min(1e-5, 0.1 / max(n_train, 1))
-    return DPConfig(target_epsilon=float(cfg["epsilon"]), target_delta=delta,
+    return DPConfig(target_epsilon=float(cfg["epsilon"]), target_delta=_dp_delta(cfg, n_train),
                     max_grad_norm=float(cfg.get("max-grad-norm", 1.0)),
                     total_epochs=int(cfg["total-rounds"]) * int(cfg.get("local-epochs", 1)))
 
@@ -139,10 +143,11 @@ def train_round(site: SiteRef, global_weights: dict[str, np.ndarray], cfg: dict[
 
     vault, cohort = _load(site)
     run_id, rnd = str(cfg["run-id"]), int(cfg["server-round"])
-    request = request_digest({k: cfg.get(k) for k in ("run-id", "server-round") + TRAIN_KEYS}, global_weights)
     release_role = run_role(run_id, "cnn-release")
-    if bool(cfg.get("dp", True)) and (again := stored_release(vault, release_role, request=request)):
-        return again  # asked again (a resumed coordinator): the same release, charged once
+    if bool(cfg.get("dp", True)):
+        request = request_digest({k: cfg.get(k) for k in ("run-id", "server-round") + TRAIN_KEYS}, global_weights)
+        if again := stored_release(vault, release_role, request=request):
+            return again  # asked again (a resumed coordinator): the same release, charged once
     model_cfg = _model_config(cfg)
     data, pre = _site_data(cohort, tabular=bool(model_cfg.n_tabular))
     if deep_config(data, pre=pre, arch=model_cfg.arch).to_dict()["tracks"] != model_cfg.to_dict()["tracks"]:
@@ -242,25 +247,12 @@ def meta_round(site: SiteRef, cnn_weights: dict[str, np.ndarray], cfg: dict[str,
     """
     from common.meta import StackingMetaClassifier, flat_coef, newton_terms
 
-    from client.model_store import release_blob, request_digest, run_role, stored_release
-
     vault, cohort = _load(site)
     k = max(len(cohort.classes), 2)
     coef = np.asarray(cfg["coef"], dtype=np.float64)
-    dp = bool(cfg.get("dp", True))
-    request = request_digest({key: cfg.get(key) for key in ("run-id", "server-round", "coef") + META_KEYS},
-                             cnn_weights)
-    release_role = run_role(str(cfg["run-id"]), "meta-release")
-    if dp and (again := stored_release(vault, release_role, request=request)):
-        return {**again[0], **again[1]}  # asked again after a coordinator resumed: same release, charged once
-    release = _planned_meta_release(vault, site, cohort, cfg)
+    if bool(cfg.get("dp", True)):
+        return _private_meta_round(site, vault, cohort, cnn_weights, cfg, coef, k)
     x, y = _meta_features(site, vault, cohort, cnn_weights, cfg, "validation")
-    if release is not None:
-        out = _private_meta_terms(vault, site, cfg, release, coef, x, y, k)
-        arrays = {name: np.asarray(out[name]) for name in ("grad", "hess")}
-        vault.update({release_role: release_blob(arrays, {n: v for n, v in out.items() if n not in arrays},
-                                                 request=request)})
-        return out
     terms = newton_terms(coef, x, y, n_classes=k)
     out = {"loss": terms.loss, "grad": terms.grad, "hess": terms.hess, "n": terms.n}
     if bool(cfg.get("warm-start", False)):
@@ -271,29 +263,46 @@ def meta_round(site: SiteRef, cnn_weights: dict[str, np.ndarray], cfg: dict[str,
     return out
 
 
-def _planned_meta_release(vault: Any, site: SiteRef, cohort: Any, cfg: dict[str, Any]) -> Any:
-    """The Gaussian release of this meta round under DP (None without DP); refused if over budget."""
-    if not bool(cfg.get("dp", True)):
-        return None
+def _private_meta_round(site: SiteRef, vault: Any, cohort: Any, cnn_weights: dict[str, np.ndarray],
+                        cfg: dict[str, Any], coef: np.ndarray, k: int) -> dict[str, Any]:
+    """A meta round under DP: the stored release if asked again, else a new one, charged first."""
+    from client.model_store import release_blob, request_digest, run_role, stored_release
+
+    request = request_digest({key: cfg.get(key) for key in ("run-id", "server-round", "coef") + META_KEYS},
+                             cnn_weights)
+    release_role = run_role(str(cfg["run-id"]), "meta-release")
+    if again := stored_release(vault, release_role, request=request):
+        return {**again[0], **again[1]}  # asked again after a coordinator resumed: same release, charged once
+    ledger = _ledger(vault, site, cfg)
+    release = _planned_meta_release(ledger, site, cohort, cfg)
+    x, y = _meta_features(site, vault, cohort, cnn_weights, cfg, "validation")
+    out = _private_meta_terms(vault, ledger, release, coef, x, y, k)
+    arrays = {name: np.asarray(out[name]) for name in ("grad", "hess")}
+    vault.update({release_role: release_blob(arrays, {n: v for n, v in out.items() if n not in arrays},
+                                             request=request)})
+    return out
+
+
+def _planned_meta_release(ledger: Any, site: SiteRef, cohort: Any, cfg: dict[str, Any]) -> Any:
+    """The Gaussian release of this meta round, refused before any work if over budget."""
     from client.ledger import Release
     from client.meta_privacy import meta_noise_multiplier
 
-    n_train = int(cohort.summary()["splits"]["train"]["patients"])
-    delta = float(cfg.get("delta", 0.0)) or min(1e-5, 0.1 / max(n_train, 1))
+    delta = _dp_delta(cfg, int(cohort.summary()["splits"]["train"]["patients"]))
     sigma = meta_noise_multiplier(epsilon=float(cfg.get("meta-epsilon", 1.0)), delta=delta,
                                   rounds=int(cfg.get("meta-rounds", 3)))
     run_id, rnd = str(cfg["run-id"]), int(cfg["server-round"])
     release = Release.gaussian(noise_multiplier=sigma, label="meta-statistics", run_id=run_id, round=rnd)
-    _refuse_if_over_budget(_ledger(vault, site, cfg), release, site, run_id, rnd)
+    _refuse_if_over_budget(ledger, release, site, run_id, rnd)
     return release
 
 
-def _private_meta_terms(vault: Any, site: SiteRef, cfg: dict[str, Any], release: Any, coef: np.ndarray,
-                        x: np.ndarray, y: np.ndarray, k: int) -> dict[str, Any]:
+def _private_meta_terms(vault: Any, ledger: Any, release: Any, coef: np.ndarray, x: np.ndarray, y: np.ndarray,
+                        k: int) -> dict[str, Any]:
+    """Charge ``release`` to the ledger, then the noised Newton terms it pays for."""
     from client.meta_privacy import private_newton_terms
     from common.meta import META_FEATURE_BOUND
 
-    ledger = _ledger(vault, site, cfg)
     rng = np.random.default_rng(_private_seed(vault, ledger, "meta-noise", int(release.round or 0)))
     spent = ledger.charge(release)  # charged before anything leaves the site
     terms = private_newton_terms(coef, x, y, n_classes=k, bound=META_FEATURE_BOUND,

@@ -65,10 +65,10 @@ def newton_terms(coef: np.ndarray, x: np.ndarray, y: np.ndarray, *, n_classes: i
         grad = z.T @ (p - y)
         hess = (z * (p * (1.0 - p))[:, None]).T @ z
         return NewtonTerms(loss, grad, hess, len(y))
-    w = coef.reshape(n_classes, d)
-    eta = z @ w.T
     from scipy.special import log_softmax  # multiclass only: a binary site never loads SciPy
 
+    w = coef.reshape(n_classes, d)
+    eta = z @ w.T
     logp = log_softmax(eta, axis=1)
     p = np.exp(logp)
     onehot = np.eye(n_classes)[y]
@@ -200,6 +200,7 @@ def averaging_prior(*, n_models: int, n_classes: int) -> np.ndarray:
         coef[k, [m * n_classes + k for m in range(n_models)]] = 1.0 / n_models
     return coef.ravel()
 
+
 def nearest_positive_definite(hess: np.ndarray, *, floor: float) -> np.ndarray:
     """The symmetric matrix with ``hess``'s eigenvectors and eigenvalues raised to ``floor``.
 
@@ -210,6 +211,19 @@ def nearest_positive_definite(hess: np.ndarray, *, floor: float) -> np.ndarray:
     values, vectors = np.linalg.eigh(sym)
     return (vectors * np.maximum(values, floor)) @ vectors.T
 
+
+def noise_floor(*, dim: int, n_classes: int, noise_multipliers: list[float]) -> float:
+    """Spectral size of the noise in a sum of Hessians released through the Gaussian mechanism.
+
+    Each holder's Hessian carries noise of deviation ``sigma * sqrt(2) * h_bound`` per entry
+    (client/meta_privacy.py); a symmetric Gaussian matrix of size D with entry deviation s has
+    spectral norm about 2 sqrt(D) s. Raising the summed Hessian's eigenvalues to this floor keeps
+    noise from flipping or inflating a Newton step (a trust region in effect), from public values.
+    """
+    n_features = dim // (1 if n_classes == 2 else n_classes) - 1
+    _, h_bound = statistic_bounds(n_features=n_features, n_classes=max(n_classes, 2), bound=META_FEATURE_BOUND)
+    sd = math.sqrt(sum((s * math.sqrt(2.0) * h_bound) ** 2 for s in noise_multipliers))
+    return max(2.0 * math.sqrt(dim) * sd, 1e-9)
 
 def flat_coef(model: StackingMetaClassifier) -> np.ndarray:
     """A fitted model's coefficients in the solver's flat layout (per class: weights, intercept)."""

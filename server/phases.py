@@ -240,7 +240,7 @@ def _aggregator(settings: RunSettings) -> Any:
 def run_meta_rounds(grid: Grid, settings: RunSettings, state: RunState, log: RunLog,
                     weights: dict[str, np.ndarray], checkpoint: Any) -> list[float]:
     """Federated Newton on the stacking meta-classifier (the first round also fits the forests)."""
-    from common.meta import NewtonSolver, NewtonTerms, averaging_prior, nearest_positive_definite
+    from common.meta import NewtonSolver, NewtonTerms, averaging_prior, nearest_positive_definite, noise_floor
 
     k = len(state.schema["label"]["classes"])
     n_feat = 2 * (1 if k == 2 else k)
@@ -270,7 +270,9 @@ def run_meta_rounds(grid: Grid, settings: RunSettings, state: RunState, log: Run
         terms = [NewtonTerms(float(r["loss"]), r["grad"], r["hess"], int(r["num-examples"])) for r in replies]
         total = sum(terms[1:], terms[0])
         if settings.dp:
-            total.hess = nearest_positive_definite(total.hess, floor=_noise_floor(replies, total.hess.shape[0], k))
+            floor = noise_floor(dim=total.hess.shape[0], n_classes=max(k, 2),
+                                noise_multipliers=[float(r.get("noise-multiplier", 0.0)) for r in replies])
+            total.hess = nearest_positive_definite(total.hess, floor=floor)
         if warm:
             solver.coef = _warm_start(replies, settings.meta_c)
             solver.best_objective = np.inf
@@ -295,21 +297,6 @@ def run_meta_rounds(grid: Grid, settings: RunSettings, state: RunState, log: Run
     state.meta_coef = [float(c) for c in (solver.best_coef if solver.converged else solver.coef)]
     state.phase = "evaluate"
     return state.meta_coef
-
-
-def _noise_floor(replies: list[dict[str, Any]], dim: int, n_classes: int) -> float:
-    """Spectral size of the noise in the summed Hessian: the floor for its eigenvalues.
-
-    A symmetric Gaussian matrix of size D with entry deviation s has spectral norm about
-    2 sqrt(D) s. Raising the eigenvalues to that level keeps noise from flipping or inflating a
-    Newton step (a trust region in effect); it uses only released values and public bounds.
-    """
-    from common.meta import META_FEATURE_BOUND, statistic_bounds
-
-    n_features = dim // (1 if n_classes == 2 else n_classes) - 1
-    _, h_bound = statistic_bounds(n_features=n_features, n_classes=max(n_classes, 2), bound=META_FEATURE_BOUND)
-    variance = sum((float(r.get("noise-multiplier", 0.0)) * np.sqrt(2.0) * h_bound) ** 2 for r in replies)
-    return max(2.0 * np.sqrt(dim) * np.sqrt(variance), 1e-9)
 
 
 def _warm_start(replies: list[dict[str, Any]], C: float) -> np.ndarray:

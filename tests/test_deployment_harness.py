@@ -10,7 +10,6 @@ harness's own logic (config strings, app checks, teardown of detached descendant
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -26,6 +25,7 @@ from simulations.deployment import (
     ManagedProcess,
     _alive,
     _check_app,
+    _pids_with_environ,
     format_config,
 )
 
@@ -124,20 +124,6 @@ def write_probe_app(folder: Path) -> Path:
     return folder
 
 
-def _processes_with_env(marker: str) -> list[int]:
-    """Live processes whose environment mentions ``marker`` (every deployment process has FLWR_HOME in it)."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != os.getpid():
-            try:
-                environ = Path(f"/proc/{entry}/environ").read_bytes()
-            except OSError:
-                continue
-            if marker.encode() in environ and _alive(int(entry)):
-                found.append(int(entry))
-    return found
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(175)  # measured 22-30 s on 2 cores; the waits below fail first
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="checks processes through /proc")
@@ -194,7 +180,7 @@ def test_tls_deployment_runs_refuses_unregistered_node_and_cleans_up(tmp_path: P
 
     assert live, "no deployment processes were seen"
     assert not [pid for pid in live if _alive(pid)], "processes outlived the deployment"
-    assert _processes_with_env(str(workdir)) == []
+    assert _pids_with_environ(str(workdir).encode()) == []
     print(f"\ntimings: {dep.timings}; total {elapsed:.1f} s")
 
 

@@ -65,18 +65,17 @@ def _auc(sites: list[dict], coef: np.ndarray, n_features: int, n_classes: int) -
 def _dp_fit(sites: list[dict], *, start: np.ndarray, sigma: float, n_classes: int, rounds: int,
             rng: np.random.Generator) -> np.ndarray:
     from client.meta_privacy import private_newton_terms
-    from common.meta import META_FEATURE_BOUND, NewtonSolver, nearest_positive_definite, statistic_bounds
+    from common.meta import META_FEATURE_BOUND, NewtonSolver, nearest_positive_definite, noise_floor
 
     n_features = sites[0]["validation"][0].shape[1]
     solver = NewtonSolver(n_features=n_features, n_classes=n_classes)
     solver.coef = solver.best_coef = start.copy()
-    _, h_bound = statistic_bounds(n_features=n_features, n_classes=n_classes, bound=META_FEATURE_BOUND)
-    noise_sd = sigma * np.sqrt(2.0) * h_bound * np.sqrt(len(sites))
+    floor = noise_floor(dim=len(start), n_classes=n_classes, noise_multipliers=[sigma] * len(sites))
     for _ in range(rounds):
         terms = [private_newton_terms(solver.coef, *s["validation"], n_classes=n_classes, bound=META_FEATURE_BOUND,
                                       noise_multiplier=sigma, rng=rng) for s in sites]
         total = sum(terms[1:], terms[0])
-        total.hess = nearest_positive_definite(total.hess, floor=2.0 * np.sqrt(total.hess.shape[0]) * noise_sd)
+        total.hess = nearest_positive_definite(total.hess, floor=floor)
         solver.step(total)
     return solver.coef
 
