@@ -1,91 +1,122 @@
-"""The hospital's Flower ClientApp: Flower records in, :mod:`client.handlers` out.
+"""The hospital's Flower ClientApp: Flower records in, :mod:`client.handlers` out, egress enforced.
 
 Message types
 -------------
-``query.census``    schema hash, counts, privacy budget                  (phase 0)
-``train``           one round of local DP-SGD from the global CNN         (phase 1)
-``train.meta``      forest + meta-features, Newton terms of the meta LR   (phases 2-3)
-``evaluate``        test statistics of every model; stores final models   (phase 4)
+``query.census``    schema hash, counts, budget, whether the run's plan fits the policy  (phase 0)
+``train``           one round of local DP-SGD from the global CNN                          (phase 1)
+``train.meta``      forest + meta-features, Newton terms of the meta LR                    (phases 2-3)
+``evaluate``        test statistics of every model (once per run); stores final models    (phase 4)
+
+Every handler parses the run config into :class:`RunSettings` (what the run asks for, checked
+against the site's policy) and the message into :class:`RoundFacts`; no setting is read from a
+message. Before a reply is handed to Flower it is checked against its egress contract
+(:mod:`client.privacy.egress`) and recorded in the site's egress log: a reply that breaks the
+contract becomes an error reply and its content never leaves.
 
 Imports stay light at module level: Flower starts a fresh ClientApp process for every message
 in deployment, so torch and scikit-learn are imported inside the handlers that need them.
-Errors a site raises on purpose (budget exceeded, wrong schema) become Flower error replies
-whose reason the coordinator logs with the site's name.
+Errors a site raises on purpose (policy refusal, budget exceeded, wrong schema) become Flower
+error replies whose reason the coordinator logs with the site's name.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.site import resolve_site
+from common.errors import GenofedError
 from common.records import from_record, to_record
+from common.settings import RoundFacts, RunSettings
 
 log = logging.getLogger("genofed.client")
 app = ClientApp()
-META_ARRAYS = ("grad", "hess", "local_coef", "local_hess")
 
 
-def _config(msg: Message) -> dict[str, Any]:
-    return dict(msg.content.config_records.get("config", ConfigRecord()))
+class EgressBlocked(GenofedError):
+    """A reply broke the site's egress contract and was not sent."""
 
 
-def _site(context: Context) -> Any:
-    return resolve_site(dict(context.node_config), dict(context.run_config))
+def _facts(msg: Message) -> RoundFacts:
+    return RoundFacts.from_config(dict(msg.content.config_records.get("config", ConfigRecord())))
 
 
-def _run_config(msg: Message, context: Context) -> dict[str, Any]:
-    # The coordinator's per-message settings win over the run config (both are run-wide).
-    return {**dict(context.run_config), **_config(msg)}
+def _answer(msg: Message, context: Context, handler: Callable[..., Any], *arrays: str) -> Message:
+    """Run ``handler``, enforce the egress contract, log the reply, and build the Flower reply."""
+    t0 = time.perf_counter()
+    settings = RunSettings.from_run_config(dict(context.run_config))
+    facts = _facts(msg)
+    site = resolve_site(dict(context.node_config), dict(context.run_config))
+    inputs = [from_record(msg.content.array_records[name]) for name in arrays]
+    reply = handler(site, *inputs, settings, facts)
+    reply.records.setdefault("metrics", ("metric", {}))[1]["handler-seconds"] = time.perf_counter() - t0
+    return _send(msg, reply, facts)
+
+
+def _send(msg: Message, reply: Any, facts: RoundFacts) -> Message:
+    from client.privacy.egress import observe
+
+    observed = {name: {key: observe(_plain(value)) for key, value in values.items()}
+                for name, (_, values) in reply.records.items()}
+    problems = reply.contract.violations(observed)
+    message_type = msg.metadata.message_type
+    if problems:
+        reason = "; ".join(problems)
+        reply.privacy.log_reply(message_type=message_type, round=facts.server_round, observed=observed,
+                                status="blocked", reason=reason)
+        raise EgressBlocked(f"reply to {message_type} blocked by the site's egress contract (nothing was sent): "
+                            f"{reason}")
+    reply.privacy.log_reply(message_type=message_type, round=facts.server_round, observed=observed)
+    return Message(RecordDict({name: _record(kind, values) for name, (kind, values) in reply.records.items()}),
+                   reply_to=msg)
+
+
+def _plain(value: Any) -> Any:
+    """Values as Flower will carry them (numpy scalars as Python numbers)."""
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _record(kind: str, values: dict[str, Any]) -> ArrayRecord | MetricRecord | ConfigRecord:
+    if kind == "array":
+        return to_record({k: np.asarray(v) for k, v in values.items()})
+    if kind == "metric":
+        return MetricRecord({k: _plain(v) for k, v in values.items()})
+    return ConfigRecord({k: _plain(v) for k, v in values.items()})
 
 
 @app.query("census")
 def census(msg: Message, context: Context) -> Message:
     from client import handlers
 
-    t0 = time.perf_counter()
-    info = handlers.census(_site(context), _run_config(msg, context))
-    metrics = {"num-examples": int(info["n-train"]), "handler-seconds": time.perf_counter() - t0}
-    return Message(RecordDict({"census": ConfigRecord(info), "metrics": MetricRecord(metrics)}), reply_to=msg)
+    return _answer(msg, context, handlers.census)
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     from client import handlers
 
-    t0 = time.perf_counter()
-    site = _site(context)
-    weights, metrics = handlers.train_round(site, from_record(msg.content.array_records["arrays"]),
-                                            _run_config(msg, context))
-    metrics["handler-seconds"] = time.perf_counter() - t0
-    log.info("site %s: round %s trained", site.name, _config(msg).get("server-round"))
-    return Message(RecordDict({"arrays": to_record(weights), "metrics": MetricRecord(metrics),
-                               "site": ConfigRecord({"site": site.name})}), reply_to=msg)
+    out = _answer(msg, context, handlers.train_round, "arrays")
+    log.info("site round %s trained", _facts(msg).server_round)
+    return out
 
 
 @app.train("meta")
 def train_meta(msg: Message, context: Context) -> Message:
     from client import handlers
 
-    t0 = time.perf_counter()
-    out = handlers.meta_round(_site(context), from_record(msg.content.array_records["cnn"]), _run_config(msg, context))
-    arrays = {k: np.asarray(out[k], dtype=np.float64) for k in META_ARRAYS if k in out}
-    metrics = {"num-examples": int(out["n"]), "loss": float(out["loss"]), "handler-seconds": time.perf_counter() - t0}
-    metrics.update({k: float(out[k]) for k in ("epsilon", "noise-multiplier") if k in out})
-    return Message(RecordDict({"terms": to_record(arrays), "metrics": MetricRecord(metrics)}), reply_to=msg)
+    return _answer(msg, context, handlers.meta_round, "cnn")
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     from client import handlers
 
-    t0 = time.perf_counter()
-    arrays, metrics = handlers.evaluate(_site(context), from_record(msg.content.array_records["cnn"]),
-                                        _run_config(msg, context))
-    metrics["handler-seconds"] = time.perf_counter() - t0
-    return Message(RecordDict({"stats": to_record(arrays), "metrics": MetricRecord(metrics)}), reply_to=msg)
+    return _answer(msg, context, handlers.evaluate, "cnn")

@@ -43,7 +43,13 @@ def save_cohort(path: str | Path, cohort: Cohort, key: KeySource, *, overwrite: 
     path = Path(path)
     blobs = cohort_blobs(cohort)
     if not is_vault(path):
-        return Vault.create(path, key, blobs)
+        from client.privacy.facade import ensure_site_privacy
+        from client.site import site_name_of
+
+        vault = Vault.create(path, key, blobs)
+        # The site's privacy policy and ledger, with protective defaults, from the first write on.
+        ensure_site_privacy(vault, site=site_name_of(path), n_records=cohort.n)
+        return vault
     if not overwrite:
         raise VaultError(f"{path}: a vault already exists here; pass --force to replace its cohort "
                          "(other stored roles are kept), or choose another path")

@@ -31,7 +31,7 @@ from common.models import GenomicNet
 
 # Opacus' RDP accountant warns when its best order is the largest one it tries: the epsilon it
 # reports is then an upper bound that more orders could tighten. Reporting a conservative epsilon
-# is correct; the privacy ledger (client/ledger.py) composes with more orders.
+# is correct; the privacy ledger (client/privacy/ledger.py) composes with more orders.
 warnings.filterwarnings("ignore", message="Optimal order is the largest alpha", category=UserWarning)
 
 GradSampleMode = Literal["hooks", "functorch", "ew", "ghost"]

@@ -1,28 +1,48 @@
 """What a site does for each phase of a federated run, on plain Python and numpy values.
 
-The ClientApp (``client/client_app.py``) only converts Flower records to and from these
-functions, so the protocol logic is testable without Flower. Every function opens the site's
-vault, decrypts what it needs in memory, and writes anything it must keep (fitted forest, DP
-accountant, privacy ledger, final models) back into the vault. Nothing about a patient leaves:
-the return values are model weights, aggregate statistics and counts.
+The ClientApp (``client/client_app.py``) parses the run config into :class:`RunSettings` and the
+message into :class:`RoundFacts`, calls one function here, checks the reply against its egress
+contract, logs it and sends it. Every function opens the site's vault, decrypts what it needs in
+memory, and writes anything it must keep (fitted forest, DP accountant, ledger, final models)
+back into the vault. Nothing about a patient leaves: the replies are model weights, aggregate
+statistics and counts, each declared in :mod:`client.privacy.egress`.
 
-Privacy: under DP every release (DP-SGD updates, noised meta-classifier statistics) is charged
-to the site's ledger *before* the reply is returned, and a round that would exceed the site's
-budget is refused before any work happens. The randomness of a release is seeded from the vault
-key, never from the run config (see :func:`_private_seed`).
+Privacy goes through :class:`client.privacy.facade.SitePrivacy`: every handler checks the run's
+settings against the site's policy; every release is charged to the ledger *before* it is
+computed, and its randomness is seeded from the vault key, the run id and the charge's sequence
+number, never from the run config.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from client.privacy.egress import EgressContract, contract_for
 from client.site import SiteRef
+from common.settings import RoundFacts, RunSettings
 
 MODEL_NAMES = ("hybrid", "cnn", "forest", "logreg")
+
+
+@dataclass
+class HandlerReply:
+    """A reply before it is sent: records by name, the contract it must keep, the site's façade.
+
+    ``records`` maps a record name to ``("array" | "metric" | "config", {key: value})``.
+    """
+
+    records: dict[str, tuple[str, dict[str, Any]]]
+    contract: EgressContract
+    privacy: Any
+
+    def values(self, record: str) -> dict[str, Any]:
+        """The values of one record."""
+        return self.records[record][1]
 
 
 def _load(site: SiteRef) -> tuple[Any, Any]:
@@ -32,30 +52,65 @@ def _load(site: SiteRef) -> tuple[Any, Any]:
     return vault, load_cohort(vault)
 
 
-def _ledger(vault: Any, site: SiteRef, cfg: dict[str, Any]) -> Any:
-    from client.ledger import PrivacyLedger
+def _privacy(vault: Any, site: SiteRef, cohort: Any, settings: RunSettings, facts: RoundFacts, *,
+             check: bool = True) -> Any:
+    """The site's privacy façade for this message; refuses settings outside the site's policy."""
+    from client.privacy.facade import SitePrivacy
 
-    return PrivacyLedger.open(vault, site=site.name, default_epsilon=float(cfg.get("site-epsilon-budget", 10.0)),
-                              default_delta=float(cfg.get("site-delta", 1e-5)))
+    privacy = SitePrivacy.open(vault, site=site.name, settings=settings, run_id=facts.run_id, n_records=cohort.n)
+    if check:
+        privacy.check()
+    return privacy
+
+
+def _n_classes(cohort: Any) -> int:
+    return max(len(cohort.classes), 2)
 
 
 # ---------------------------------------------------------------------------------------------
 # Phase 0: census
 
 
-def census(site: SiteRef, cfg: dict[str, Any]) -> dict[str, Any]:
-    """Schema, counts and privacy budget: what the coordinator checks before any training."""
+def public_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """``schema`` with feature lists the site resolved from its own data replaced by their counts.
+
+    The coordinator needs only the layout (how many variant sites, omics and event features) to
+    build the models; the names found in one hospital's files stay there. Sites whose lists
+    differ still differ in their schema hash.
+    """
+    out = json.loads(json.dumps(schema))
+    for kind, key in (("variants", "sites"), ("omics", "features"), ("events", "features")):
+        if kind in out and isinstance(out[kind].get(key), list):
+            out[kind][key] = len(out[kind][key])
+    return out
+
+
+def census(site: SiteRef, settings: RunSettings, facts: RoundFacts) -> HandlerReply:
+    """Schema hash, counts, privacy budget and whether the run's whole plan fits the site's policy."""
+    from client.privacy.policy import PolicyRefusal
+
     vault, cohort = _load(site)
-    ledger = _ledger(vault, site, cfg)
+    privacy = _privacy(vault, site, cohort, settings, facts, check=False)
     summary = cohort.summary()
-    return {"site": site.name, "schema-hash": cohort.schema_hash, "schema-json": json.dumps(cohort.schema),
-            "n-train": summary["splits"]["train"]["patients"],
-            "n-validation": summary["splits"]["validation"]["patients"],
+    n_train = summary["splits"]["train"]["patients"]
+    refusal, plan_eps = "", 0.0
+    try:
+        privacy.check()
+        plan_eps = privacy.check_run(privacy.plan_run(n_train=n_train, n_classes=_n_classes(cohort)))
+    except PolicyRefusal as exc:
+        refusal = "; ".join(exc.reasons)
+    ledger = privacy.ledger
+    info = {"site": site.name, "schema-hash": cohort.schema_hash,
+            "schema-json": json.dumps(public_schema(cohort.schema), sort_keys=True),
+            "n-train": n_train, "n-validation": summary["splits"]["validation"]["patients"],
             "n-test": summary["splits"]["test"]["patients"],
             "class-counts": [int(v) for v in summary["classes"].values()],
+            "test-class-counts": [int(v) for v in summary["splits"]["test"]["classes"].values()],
             "ledger-spent": float(ledger.spent_epsilon()), "ledger-budget": float(ledger.budget_epsilon),
             "ledger-delta": float(ledger.delta), "ledger-created": ledger.created_at,
-            "ledger-revision": int(ledger.revision)}
+            "ledger-revision": int(ledger.revision), "plan-epsilon": float(plan_eps), "refusal": refusal}
+    return HandlerReply({"census": ("config", info), "metrics": ("metric", {"num-examples": int(n_train)})},
+                        contract_for("query.census", dp=settings.dp, n_classes=len(cohort.classes)), privacy)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,69 +125,70 @@ def _site_data(cohort: Any, *, tabular: bool = True) -> tuple[Any, Any]:
     return data, (fit_tabular_preprocessor(data) if tabular else None)
 
 
-def _private_seed(vault: Any, ledger: Any, purpose: str, rnd: int) -> int:
-    """Seed of one release's randomness (sampling, dropout, DP noise) that only this site knows.
-
-    The run config's seed is known to the coordinator, which could then replay Opacus' Poisson
-    sampling and noise and subtract them; a seed derived from the vault key cannot be replayed
-    outside the site. The ledger's revision, which every charge advances, makes the seed differ
-    for every release whatever run id or round the coordinator sends, while a stopped run that
-    resumes draws the same randomness as if it had never stopped.
-    """
-    return int(vault.derive_seed(f"{purpose}|ledger-{ledger.revision}|round-{rnd}"))
-
-
-def _model_config(cfg: dict[str, Any]) -> Any:
+def _model_config(facts: RoundFacts) -> Any:
     from common.models import DeepModelConfig
 
-    return DeepModelConfig.from_dict(json.loads(str(cfg["model-config"])))
+    return DeepModelConfig.from_dict(facts.model())
 
 
-def _dp_delta(cfg: dict[str, Any], n_train: int) -> float:
-    """The run's delta, or by default min(1e-5, 0.1 / n) for the site's n training records."""
-    return float(cfg.get("delta", 0.0)) or min(1e-5, 0.1 / max(n_train, 1))
-
-
-def _dp_config(cfg: dict[str, Any], n_train: int) -> Any:
+def _dp_config(settings: RunSettings, delta: float) -> Any:
     from client.dp_training import DPConfig
 
-    if not bool(cfg.get("dp", True)):
+    if not settings.dp:
         return None
-    return DPConfig(target_epsilon=float(cfg["epsilon"]), target_delta=_dp_delta(cfg, n_train),
-                    max_grad_norm=float(cfg.get("max-grad-norm", 1.0)),
-                    total_epochs=int(cfg["total-rounds"]) * int(cfg.get("local-epochs", 1)))
+    return DPConfig(target_epsilon=settings.epsilon, target_delta=delta, max_grad_norm=settings.max_grad_norm,
+                    total_epochs=settings.cnn_rounds * settings.local_epochs)
 
 
-def _planned_release(dp: Any, state: dict | None, n_train: int, cfg: dict[str, Any], run_id: str, rnd: int) -> Any:
-    """The DP-SGD release this round will make, known before training (for the budget check)."""
+def _planned_release(dp: Any, state: dict | None, n_train: int, settings: RunSettings, run_id: str,
+                     rnd: int) -> Any:
+    """The DP-SGD release this round will make, known before training."""
     from client.dp_training import calibrate_noise
-    from client.ledger import Release
+    from client.privacy.ledger import Release
 
-    batch = int(cfg.get("batch-size", 128))
     if state:
         sigma, q = float(state["noise_multiplier"]), float(state["sample_rate"])
     else:
-        sigma, q = calibrate_noise(n_train=n_train, dp=dp, batch_size=batch)
-    steps = int(cfg.get("local-epochs", 1)) * math.ceil(n_train / batch)
+        sigma, q = calibrate_noise(n_train=n_train, dp=dp, batch_size=settings.batch_size)
+    steps = settings.local_epochs * math.ceil(n_train / settings.batch_size)
     return Release(kind="dp-sgd", noise_multiplier=sigma, sample_rate=q, steps=steps, label="cnn-update",
                    run_id=run_id, round=rnd)
 
 
-TRAIN_KEYS = ("model-config", "local-epochs", "batch-size", "lr", "weight-decay", "dp", "epsilon", "delta",
-              "max-grad-norm", "total-rounds", "proximal-mu")
-"""The settings a CNN round's release depends on (with the run id, the round and the global weights)."""
+def _beyond(actual: list[Any], planned: Any) -> list[Any]:
+    """The part of ``actual`` releases that the charged ``planned`` one does not cover."""
+    from dataclasses import replace
+
+    extra = []
+    for r in actual:
+        same = (r.noise_multiplier, r.sample_rate) == (planned.noise_multiplier, planned.sample_rate)
+        if not same:
+            extra.append(r)
+        elif r.steps > planned.steps:
+            extra.append(replace(r, steps=r.steps - planned.steps))
+    return extra
 
 
-def train_round(site: SiteRef, global_weights: dict[str, np.ndarray], cfg: dict[str, Any]) -> tuple[dict, dict]:
+def _model_shapes(model_cfg: Any) -> dict[str, tuple[int, ...]]:
+    from common.models import build_model
+
+    return {k: tuple(v.shape) for k, v in build_model(model_cfg).state_dict().items()}
+
+
+def train_round(site: SiteRef, global_weights: dict[str, np.ndarray], settings: RunSettings,
+                facts: RoundFacts) -> HandlerReply:
     """Local (DP-)SGD from the global weights; returns the new weights and round metrics.
 
-    Under DP the release is stored in the vault with a digest of the request; the same request
-    again (a coordinator resumed from a checkpoint taken before it aggregated this round) gets
-    the stored release back, neither trained nor charged again.
+    Under DP the round's release is charged before training (its seed comes from the charge)
+    and stored in the vault with a digest of the request; the same request again (a coordinator
+    resumed from a checkpoint taken before it aggregated this round) gets the stored release
+    back, neither trained nor charged again. No loss leaves under DP.
 
     Raises
     ------
-    client.ledger.PrivacyBudgetExceeded
+    client.privacy.policy.PolicyRefusal
+        The run asks for more than the site's policy allows.
+    client.privacy.ledger.PrivacyBudgetExceeded
         Before any training, when this round's release would exceed the site's budget.
     """
     import torch
@@ -140,67 +196,67 @@ def train_round(site: SiteRef, global_weights: dict[str, np.ndarray], cfg: dict[
     from client.dp_training import TrainConfig
     from client.model_store import get_json, release_blob, request_digest, run_role, stored_release
     from client.pipeline import deep_config, train_deep
+    from client.privacy.ledger import Release
 
     vault, cohort = _load(site)
-    run_id, rnd = str(cfg["run-id"]), int(cfg["server-round"])
+    privacy = _privacy(vault, site, cohort, settings, facts)
+    model_cfg = _model_config(facts)
+    contract = contract_for("train", dp=settings.dp, n_classes=len(cohort.classes),
+                            model_shapes=_model_shapes(model_cfg))
+    run_id, rnd = facts.run_id, facts.server_round
     release_role = run_role(run_id, "cnn-release")
-    if bool(cfg.get("dp", True)):
-        request = request_digest({k: cfg.get(k) for k in ("run-id", "server-round") + TRAIN_KEYS}, global_weights)
-        if again := stored_release(vault, release_role, request=request):
-            return again  # asked again (a resumed coordinator): the same release, charged once
-    model_cfg = _model_config(cfg)
+    request = request_digest({"settings": settings.release_settings(), "facts": facts.to_config()}, global_weights)
+    if settings.dp and (again := stored_release(vault, release_role, request=request)):
+        return _train_reply(again[0], again[1], site, contract, privacy)  # charged once, sent again
     data, pre = _site_data(cohort, tabular=bool(model_cfg.n_tabular))
     if deep_config(data, pre=pre, arch=model_cfg.arch).to_dict()["tracks"] != model_cfg.to_dict()["tracks"]:
         raise ValueError(f"site {site.name}: its data does not fit the coordinator's model")
     n_train = int(data.masks["train"].sum())
-    dp = _dp_config(cfg, n_train)
-    ledger = _ledger(vault, site, cfg)
+    dp = _dp_config(settings, privacy.delta)
     state_role = run_role(run_id, "dpsgd")
     state = get_json(vault, state_role)
+    planned = None
     if dp is not None:
-        _refuse_if_over_budget(ledger, _planned_release(dp, state, n_train, cfg, run_id, rnd), site, run_id, rnd)
-    epochs = int(cfg.get("local-epochs", 1))
-    train_cfg = TrainConfig(epochs=epochs, batch_size=int(cfg.get("batch-size", 128)), lr=float(cfg.get("lr", 2e-3)),
-                            weight_decay=float(cfg.get("weight-decay", 1e-2)), patience=epochs + 1,
-                            seed=_private_seed(vault, ledger, "cnn-round", rnd), select_best=False)
+        planned = _planned_release(dp, state, n_train, settings, run_id, rnd)
+        seed = privacy.release(planned, purpose="cnn-round")
+    else:
+        seed = privacy.seed(purpose="cnn-round", round=rnd)
+    train_cfg = TrainConfig(epochs=settings.local_epochs, batch_size=settings.batch_size, lr=settings.lr,
+                            weight_decay=settings.weight_decay, patience=settings.local_epochs + 1, seed=seed,
+                            select_best=False)
     initial = {k: torch.as_tensor(v) for k, v in global_weights.items()}
     model, result = train_deep(data, cfg=model_cfg, train=train_cfg, dp=dp, initial=initial, accountant_state=state,
-                               pre=pre, proximal_mu=float(cfg.get("proximal-mu", 0.0)))
-    metrics = {"num-examples": n_train, "train-loss": float(result.history[-1]["train_loss"]),
-               "val-loss": float(result.history[-1].get("val_loss", float("nan")))}
-    if dp is not None:
-        from client.ledger import Release
-
+                               pre=pre, proximal_mu=settings.fedprox_mu)
+    metrics: dict[str, Any] = {"num-examples": n_train}
+    if dp is None:
+        metrics |= {"train-loss": float(result.history[-1]["train_loss"]),
+                    "val-loss": float(result.history[-1].get("val_loss", float("nan")))}
+    else:
         # Opacus folds steps with the same (sigma, q) into its last history entry: diff the states.
-        releases = Release.from_accountant_state(result.accountant_state, previous=state, label="cnn-update",
-                                                 run_id=run_id, round=rnd)
-        metrics["epsilon"] = float(ledger.charge(releases))
-        metrics["run-epsilon"] = float(result.epsilon)
-        metrics["delta"] = float(dp.target_delta)
+        actual = Release.from_accountant_state(result.accountant_state, previous=state, label="cnn-update",
+                                               run_id=run_id, round=rnd)
+        if extra := _beyond(actual, planned):
+            privacy.release(extra, purpose="cnn-round-extra")  # more steps than planned: charged before sending
+        metrics |= {"epsilon": float(privacy.ledger.spent_epsilon()), "run-epsilon": float(result.epsilon),
+                    "delta": float(dp.target_delta)}
     weights = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
     if dp is not None:  # one atomic write: the accountant and the release it accounted for
         vault.update({state_role: json.dumps(result.accountant_state, sort_keys=True).encode("utf-8"),
                       release_role: release_blob(weights, metrics, request=request)})
-    return weights, metrics
+    return _train_reply(weights, metrics, site, contract, privacy)
 
 
-def _refuse_if_over_budget(ledger: Any, planned: Any, site: SiteRef, run_id: str, rnd: int) -> None:
-    """Refuse the round before training when its planned release would exceed the budget."""
-    from client.ledger import PrivacyBudgetExceeded
-
-    after = ledger.would_spend([planned])
-    if after > ledger.budget_epsilon:
-        raise PrivacyBudgetExceeded(site=site.name, labels=[planned.label], run_id=run_id, round=rnd,
-                                    spent=ledger.spent_epsilon(), would_reach=after, budget=ledger.budget_epsilon,
-                                    delta=ledger.delta)
+def _train_reply(weights: dict, metrics: dict, site: SiteRef, contract: EgressContract, privacy: Any) -> HandlerReply:
+    return HandlerReply({"arrays": ("array", weights), "metrics": ("metric", dict(metrics)),
+                         "site": ("config", {"site": site.name})}, contract, privacy)
 
 
 # ---------------------------------------------------------------------------------------------
 # Phases 2-3: forest, meta-features, Newton terms of the meta-classifier
 
 
-def _meta_features(site: SiteRef, vault: Any, cohort: Any, cnn_weights: dict | None, cfg: dict[str, Any],
-                   split: str) -> tuple[np.ndarray, np.ndarray]:
+def _meta_features(vault: Any, cohort: Any, cnn_weights: dict | None, settings: RunSettings, facts: RoundFacts,
+                   privacy: Any, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Stacking inputs (CNN and forest log-odds) on one split, fitting the forest once per run."""
     import torch
 
@@ -209,149 +265,189 @@ def _meta_features(site: SiteRef, vault: Any, cohort: Any, cnn_weights: dict | N
     from common.models import build_model
 
     data, pre = _site_data(cohort)
-    run_id = str(cfg["run-id"])
     stored = load_forest(vault)
-    if stored is None or stored.get("run_id") != run_id:
-        forest = fit_forest(data, pre, n_estimators=int(cfg.get("forest-trees", 200)),
-                            random_state=int(cfg.get("seed", 0)))
-        save_forest(vault, forest, pre, run_id=run_id)
+    if stored is None or stored.get("run_id") != facts.run_id:
+        forest = fit_forest(data, pre, n_estimators=settings.forest_trees,
+                            random_state=privacy.seed(purpose="forest") % (2**31))
+        save_forest(vault, forest, pre, run_id=facts.run_id)
     else:
         forest, pre = stored["forest"], stored["preprocessor"]
-    model = build_model(_model_config(cfg))
+    model = build_model(_model_config(facts))
     model.load_state_dict({k: torch.as_tensor(v) for k, v in cnn_weights.items()})
     x = meta_features(deep_proba(model, data, split, pre), forest.predict_proba(forest_matrix(data, split, pre)))
     return x, data.y[data.masks[split]]
 
 
-META_KEYS = ("model-config", "dp", "meta-epsilon", "meta-rounds", "delta", "warm-start", "meta-C", "forest-trees",
-             "seed")
-"""The settings a meta round's release depends on (with the run id, round, coefficients and CNN)."""
+def meta_dim(n_classes: int) -> int:
+    """Flat coefficient count of the meta-classifier over two base models' scores."""
+    from common.meta import n_params
+
+    return n_params(2 * (1 if n_classes == 2 else n_classes), n_classes)
 
 
-def meta_round(site: SiteRef, cnn_weights: dict[str, np.ndarray], cfg: dict[str, Any]) -> dict[str, Any]:
-    """Log-loss, gradient and Hessian of the meta-classifier at the coordinator's coefficients.
+def meta_round(site: SiteRef, cnn_weights: dict[str, np.ndarray], settings: RunSettings,
+               facts: RoundFacts) -> HandlerReply:
+    """Gradient and Hessian of the meta-classifier's log-loss at the coordinator's coefficients.
 
     On the first meta round the site also fits its forest and, when ``warm-start`` is set
     (never under DP), returns its local penalized fit and that fit's Hessian, from which the
-    coordinator builds a starting point close to the pooled solution (so two Newton steps
-    usually suffice).
+    coordinator builds a starting point close to the pooled solution.
 
-    Under DP (``dp`` true) the gradient and Hessian are released through the Gaussian mechanism
-    of :mod:`client.meta_privacy`, charged to the site's ledger first (``meta-epsilon`` over
-    ``meta-rounds`` releases), and the loss is not released (NaN).
+    Under DP the gradient and Hessian are released through the Gaussian mechanism of
+    :mod:`client.privacy.mechanisms`, charged first (``meta-epsilon`` over ``meta-rounds``
+    releases); the loss is not released.
 
     Raises
     ------
-    client.ledger.PrivacyBudgetExceeded
+    client.privacy.policy.PolicyRefusal
+        The run asks for more than the site's policy allows.
+    client.privacy.ledger.PrivacyBudgetExceeded
         Before any work, when this round's release would exceed the site's budget.
     """
     from common.meta import StackingMetaClassifier, flat_coef, newton_terms
 
     vault, cohort = _load(site)
-    k = max(len(cohort.classes), 2)
-    coef = np.asarray(cfg["coef"], dtype=np.float64)
-    if bool(cfg.get("dp", True)):
-        return _private_meta_round(site, vault, cohort, cnn_weights, cfg, coef, k)
-    x, y = _meta_features(site, vault, cohort, cnn_weights, cfg, "validation")
+    privacy = _privacy(vault, site, cohort, settings, facts)
+    k = _n_classes(cohort)
+    warm = facts.warm_start and not settings.dp
+    contract = contract_for("train.meta", dp=settings.dp, n_classes=k, meta_dim=meta_dim(k), warm_start=warm)
+    coef = np.asarray(facts.coef, dtype=np.float64)
+    if settings.dp:
+        arrays, metrics = _private_meta_round(vault, cohort, cnn_weights, settings, facts, privacy, coef, k)
+        return HandlerReply({"terms": ("array", arrays), "metrics": ("metric", metrics)}, contract, privacy)
+    x, y = _meta_features(vault, cohort, cnn_weights, settings, facts, privacy, "validation")
     terms = newton_terms(coef, x, y, n_classes=k)
-    out = {"loss": terms.loss, "grad": terms.grad, "hess": terms.hess, "n": terms.n}
-    if bool(cfg.get("warm-start", False)):
-        local = StackingMetaClassifier(penalty="l2", C=float(cfg.get("meta-C", 1.0))).fit(x, y)
+    arrays = {"grad": terms.grad, "hess": terms.hess}
+    if warm:
+        local = StackingMetaClassifier(penalty="l2", C=settings.meta_c).fit(x, y)
         local_coef = flat_coef(local)
-        local_terms = newton_terms(local_coef, x, y, n_classes=k)
-        out.update(local_coef=local_coef, local_hess=local_terms.hess)
-    return out
+        arrays |= {"local_coef": local_coef, "local_hess": newton_terms(local_coef, x, y, n_classes=k).hess}
+    metrics = {"num-examples": int(terms.n), "loss": float(terms.loss)}
+    return HandlerReply({"terms": ("array", arrays), "metrics": ("metric", metrics)}, contract, privacy)
 
 
-def _private_meta_round(site: SiteRef, vault: Any, cohort: Any, cnn_weights: dict[str, np.ndarray],
-                        cfg: dict[str, Any], coef: np.ndarray, k: int) -> dict[str, Any]:
+def _private_meta_round(vault: Any, cohort: Any, cnn_weights: dict[str, np.ndarray], settings: RunSettings,
+                        facts: RoundFacts, privacy: Any, coef: np.ndarray, k: int) -> tuple[dict, dict]:
     """A meta round under DP: the stored release if asked again, else a new one, charged first."""
     from client.model_store import release_blob, request_digest, run_role, stored_release
-
-    request = request_digest({key: cfg.get(key) for key in ("run-id", "server-round", "coef") + META_KEYS},
-                             cnn_weights)
-    release_role = run_role(str(cfg["run-id"]), "meta-release")
-    if again := stored_release(vault, release_role, request=request):
-        return {**again[0], **again[1]}  # asked again after a coordinator resumed: same release, charged once
-    ledger = _ledger(vault, site, cfg)
-    release = _planned_meta_release(ledger, site, cohort, cfg)
-    x, y = _meta_features(site, vault, cohort, cnn_weights, cfg, "validation")
-    out = _private_meta_terms(vault, ledger, release, coef, x, y, k)
-    arrays = {name: np.asarray(out[name]) for name in ("grad", "hess")}
-    vault.update({release_role: release_blob(arrays, {n: v for n, v in out.items() if n not in arrays},
-                                             request=request)})
-    return out
-
-
-def _planned_meta_release(ledger: Any, site: SiteRef, cohort: Any, cfg: dict[str, Any]) -> Any:
-    """The Gaussian release of this meta round, refused before any work if over budget."""
-    from client.ledger import Release
-    from client.meta_privacy import meta_noise_multiplier
-
-    delta = _dp_delta(cfg, int(cohort.summary()["splits"]["train"]["patients"]))
-    sigma = meta_noise_multiplier(epsilon=float(cfg.get("meta-epsilon", 1.0)), delta=delta,
-                                  rounds=int(cfg.get("meta-rounds", 3)))
-    run_id, rnd = str(cfg["run-id"]), int(cfg["server-round"])
-    release = Release.gaussian(noise_multiplier=sigma, label="meta-statistics", run_id=run_id, round=rnd)
-    _refuse_if_over_budget(ledger, release, site, run_id, rnd)
-    return release
-
-
-def _private_meta_terms(vault: Any, ledger: Any, release: Any, coef: np.ndarray, x: np.ndarray, y: np.ndarray,
-                        k: int) -> dict[str, Any]:
-    """Charge ``release`` to the ledger, then the noised Newton terms it pays for."""
-    from client.meta_privacy import private_newton_terms
+    from client.privacy.ledger import Release
+    from client.privacy.mechanisms import private_newton_terms
     from common.meta import META_FEATURE_BOUND
 
-    rng = np.random.default_rng(_private_seed(vault, ledger, "meta-noise", int(release.round or 0)))
-    spent = ledger.charge(release)  # charged before anything leaves the site
-    terms = private_newton_terms(coef, x, y, n_classes=k, bound=META_FEATURE_BOUND,
-                                 noise_multiplier=release.noise_multiplier, rng=rng)
-    return {"loss": terms.loss, "grad": terms.grad, "hess": terms.hess, "n": terms.n, "epsilon": float(spent),
-            "noise-multiplier": release.noise_multiplier}
+    request = request_digest({"settings": settings.release_settings(), "facts": facts.to_config()}, cnn_weights)
+    release_role = run_role(facts.run_id, "meta-release")
+    if again := stored_release(vault, release_role, request=request):
+        return again  # asked again after a coordinator resumed: same release, charged once
+    sigma = privacy.meta_noise_multiplier()
+    release = Release.gaussian(noise_multiplier=sigma, label="meta-statistics", run_id=facts.run_id,
+                               round=facts.server_round)
+    privacy.refuse_over_budget([release], round=facts.server_round)  # before fitting a forest for nothing
+    x, y = _meta_features(vault, cohort, cnn_weights, settings, facts, privacy, "validation")
+    rng = np.random.default_rng(privacy.release(release, purpose="meta-noise"))
+    terms = private_newton_terms(coef, x, y, n_classes=k, bound=META_FEATURE_BOUND, noise_multiplier=sigma, rng=rng)
+    arrays = {"grad": np.asarray(terms.grad), "hess": np.asarray(terms.hess)}
+    metrics = {"num-examples": int(terms.n), "epsilon": float(privacy.ledger.spent_epsilon()),
+               "noise-multiplier": float(sigma)}
+    vault.update({release_role: release_blob(arrays, metrics, request=request)})
+    return arrays, metrics
 
 
 # ---------------------------------------------------------------------------------------------
 # Phase 4: evaluation and the final models
 
 
-def evaluate(site: SiteRef, cnn_weights: dict[str, np.ndarray], cfg: dict[str, Any]) -> tuple[dict, dict]:
-    """Test-split statistics of every model (additive) and this site's own metrics.
+def stats_shapes(n_classes: int, *, test_statistics: str) -> dict[str, tuple[int, ...]]:
+    """The released test-statistics arrays of every model (none when ``test-statistics = none``)."""
+    from common.metrics import TEST_BINS
 
-    Also stores the final global models in the vault: this message is the one that hands them
-    to the site.
+    if test_statistics == "none":
+        return {}
+    per_model = {"hist_pos": (TEST_BINS,), "hist_neg": (TEST_BINS,)} if n_classes == 2 else \
+        {"confusion": (n_classes, n_classes), "hist_pos": (n_classes, TEST_BINS), "hist_neg": (n_classes, TEST_BINS)}
+    return {f"{m}.{key}": shape for m in MODEL_NAMES for key, shape in per_model.items()}
+
+
+def evaluate(site: SiteRef, cnn_weights: dict[str, np.ndarray], settings: RunSettings,
+             facts: RoundFacts) -> HandlerReply:
+    """Test-split statistics of every model, released once per run as the site's policy says.
+
+    ``test-statistics = exact`` releases the binned statistics as they are (outside the
+    guarantee); ``noised`` adds Gaussian noise calibrated to one patient's contribution to all
+    models' statistics together, charged to the ledger; ``none`` releases only the count. A
+    second request in the same run gets the stored release. Also stores the final global models
+    in the vault: this message is the one that hands them to the site.
     """
-    import torch
-
-    from client.model_store import load_forest, save_final_models
-    from client.pipeline import deep_proba, fit_logreg, forest_matrix, meta_features
-    from common.meta import StackingMetaClassifier
-    from common.metrics import compute_metrics, compute_stats
-    from common.models import build_model
+    from client.model_store import release_blob, run_role, stored_release
 
     vault, cohort = _load(site)
+    privacy = _privacy(vault, site, cohort, settings, facts)
+    k = _n_classes(cohort)
+    contract = contract_for("evaluate", dp=settings.dp, n_classes=k,
+                            stats_shapes=stats_shapes(k, test_statistics=settings.test_statistics))
+    role = run_role(facts.run_id, "evaluate-release")
+    if again := stored_release(vault, role, request="one-per-run"):
+        return HandlerReply({"stats": ("array", again[0]), "metrics": ("metric", again[1])}, contract, privacy)
+    arrays, metrics = _test_statistics(vault, cohort, cnn_weights, settings, facts, privacy, k)
+    _store_final_models(vault, cohort, cnn_weights, facts)
+    vault.update({role: release_blob(arrays, metrics, request="one-per-run")})
+    return HandlerReply({"stats": ("array", arrays), "metrics": ("metric", metrics)}, contract, privacy)
+
+
+def _test_statistics(vault: Any, cohort: Any, cnn_weights: dict[str, np.ndarray], settings: RunSettings,
+                     facts: RoundFacts, privacy: Any, k: int) -> tuple[dict, dict]:
+    from client.privacy.ledger import Release
+    from client.privacy.mechanisms import noised_release
+    from common.metrics import TEST_BINS, compute_stats, released_arrays, released_sensitivity, released_totals
+
     data, _ = _site_data(cohort)
+    y = data.y[data.masks["test"]]
+    metrics: dict[str, Any] = {"num-examples": int(len(y)), "epsilon": 0.0, "noise-std": 0.0}
+    if settings.test_statistics == "none":
+        return {}, metrics
+    proba = _test_probabilities(vault, data, cnn_weights, facts, cohort)
+    arrays = {f"{name}.{key}": value for name in MODEL_NAMES
+              for key, value in released_arrays(compute_stats(y, proba[name], n_classes=k, n_bins=TEST_BINS)).items()}
+    if settings.test_statistics == "noised":
+        sigma = privacy.test_noise_multiplier()
+        sensitivity = released_sensitivity(n_classes=k, n_models=len(MODEL_NAMES))
+        seed = privacy.release(Release.gaussian(noise_multiplier=sigma, label="test-statistics",
+                                                run_id=facts.run_id), purpose="test-statistics")
+        # Post-processing with the test class counts the census already released: each noised
+        # histogram is projected onto the counts it must hold (fewer phantom patients than clipping).
+        per_model = released_totals(np.bincount(y, minlength=k))
+        totals = {f"{name}.{key}": total for name in MODEL_NAMES for key, total in per_model.items()}
+        arrays = noised_release(arrays, sensitivity=sensitivity, noise_multiplier=sigma,
+                                rng=np.random.default_rng(seed), totals=totals)
+        metrics |= {"epsilon": float(privacy.ledger.spent_epsilon()), "noise-std": float(sigma * sensitivity)}
+    return {name: np.asarray(a, dtype=np.int64) for name, a in arrays.items()}, metrics
+
+
+def _test_probabilities(vault: Any, data: Any, cnn_weights: dict[str, np.ndarray], facts: RoundFacts,
+                        cohort: Any) -> dict[str, np.ndarray]:
+    import torch
+
+    from client.model_store import load_forest
+    from client.pipeline import deep_proba, fit_logreg, forest_matrix, meta_features
+    from common.meta import StackingMetaClassifier
+    from common.models import build_model
+
     stored = load_forest(vault)
     forest, pre = stored["forest"], stored["preprocessor"]
-    model = build_model(_model_config(cfg))
+    model = build_model(_model_config(facts))
     model.load_state_dict({k: torch.as_tensor(v) for k, v in cnn_weights.items()})
     k = len(cohort.classes)
-    n_feat = 2 * (1 if k == 2 else k)
-    meta = StackingMetaClassifier().set_coef(np.asarray(cfg["coef"], dtype=np.float64), n_features=n_feat)
-    y = data.y[data.masks["test"]]
+    meta = StackingMetaClassifier().set_coef(np.asarray(facts.coef, dtype=np.float64),
+                                             n_features=2 * (1 if k == 2 else k))
     proba = {"cnn": deep_proba(model, data, "test", pre),
              "forest": forest.predict_proba(forest_matrix(data, "test", pre))}
     proba["hybrid"] = meta.predict_proba(meta_features(proba["cnn"], proba["forest"]))
     proba["logreg"] = fit_logreg(data, pre).predict_proba(forest_matrix(data, "test", pre))
-    arrays, metrics = {}, {"num-examples": int(len(y))}
-    for name in MODEL_NAMES:
-        stats = compute_stats(y, proba[name], n_classes=k)
-        for key, value in stats.to_arrays().items():
-            arrays[f"{name}.{key}"] = value
-        for metric, value in compute_metrics(y, proba[name], n_classes=k).items():
-            if metric != "n":
-                metrics[f"{name}.{metric}"] = float(value)
-    save_final_models(vault, cnn=cnn_weights, cnn_config=json.loads(str(cfg["model-config"])),
-                      meta={"coef": list(map(float, cfg["coef"])), "classes": list(cohort.classes)},
-                      run_id=str(cfg["run-id"]))
-    return arrays, metrics
+    return proba
+
+
+def _store_final_models(vault: Any, cohort: Any, cnn_weights: dict[str, np.ndarray], facts: RoundFacts) -> None:
+    from client.model_store import save_final_models
+
+    save_final_models(vault, cnn=cnn_weights, cnn_config=facts.model(),
+                      meta={"coef": [float(c) for c in facts.coef], "classes": list(cohort.classes)},
+                      run_id=facts.run_id)

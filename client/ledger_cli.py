@@ -1,6 +1,6 @@
 """``genofed ledger show|set-budget``: a site's privacy ledger, for its privacy officer and IT.
 
-The ledger (client/ledger.py) lives inside the site's encrypted vault, so both commands take the
+The ledger (client/privacy/ledger.py) lives inside the site's encrypted vault, so both commands take the
 vault's key as exactly one of ``--key-file KEY`` or ``--passphrase-file FILE``, like the vault
 commands. Neither prints patient data: the ledger holds none.
 """
@@ -12,24 +12,24 @@ import json
 from pathlib import Path
 from typing import Any
 
-from client.ledger import DEFAULT_DELTA, DEFAULT_EPSILON, PrivacyLedger
+from client.privacy.ledger import DEFAULT_DELTA, PrivacyLedger
 from client.vault import Vault
 from client.vault_cli import key_from_args
 
 _FORMATTER = argparse.RawDescriptionHelpFormatter
 
-LEDGER_DESCRIPTION = f"""\
-Look after a site's privacy ledger: every release that left the site (DP-SGD trained CNN updates,
-noised statistics, ...) composed with Renyi DP into one (epsilon, delta), kept inside the vault.
-The site refuses any release that would take its spend above its budget. The ledger is never
-reset: not by a new run, not by re-importing the cohort.
+LEDGER_DESCRIPTION = """\
+Look after a site's privacy: its policy (what a run may ask of it), its ledger (every release that left
+the site, composed with Renyi DP into one (epsilon, delta), never reset) and its egress log (every reply,
+key by key). All three live inside the vault and are set only on site.
 
   show          budget, spend, remaining, and every charge with the epsilon after it
   set-budget    set the site's budget (it may only be lowered unless --allow-raise)
+  policy        show or set the site's policy (DP required, budget, delta, per-run cap, test statistics)
+  egress        every reply that left the site (or was blocked), with shapes, bytes and epsilon
 
-A vault without a ledger gets one at its first federated run, with the run's default budget
-(epsilon {DEFAULT_EPSILON:g}, delta {DEFAULT_DELTA:g} unless configured); set-budget before that
-run makes the site's own budget the one recorded."""
+Import creates the policy and the ledger with protective defaults (DP required, epsilon 10, delta 1e-5);
+a coordinator can never create or change them."""
 
 SHOW_DESCRIPTION = """\
 Show a site's privacy budget, its spend so far and what remains, and a table of every charge:
@@ -72,6 +72,57 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="site name recorded in a new ledger (default: the vault folder's name, or its "
                            "parent's when the folder is called 'vault')")
     setb.set_defaults(func=set_budget_command)
+    _register_policy(commands)
+
+
+POLICY_DESCRIPTION = """\
+Show or set the site's privacy policy: what the site allows a federated run to release. It lives in
+the vault and is set only here, on site; a coordinator can ask for less privacy loss, never more.
+Every run is checked against it at the census and again in every exchange, and a run whose whole
+planned spend does not fit the remaining budget is refused before anything is spent.
+
+With no option it shows the policy. Defaults (at import): DP required, budget epsilon 10, delta 1e-5
+(smaller for cohorts above 10,000 records), at most epsilon 10 per run, test statistics noised at
+epsilon 1 (--test-statistics none releases none; exact releases them without noise, outside the
+guarantee)."""
+
+EGRESS_DESCRIPTION = """\
+Show every reply that left the site (or was blocked by its egress contract): when, which run and round,
+the message type, each key with its shape and bytes, and the epsilon charged for it. Values are never
+logged, only what was declared of them; the log holds no patient data."""
+
+
+def _yes_no(text: str) -> bool:
+    if text.lower() in ("yes", "true", "1"):
+        return True
+    if text.lower() in ("no", "false", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected yes or no, got {text!r}")
+
+
+def _register_policy(commands: argparse._SubParsersAction) -> None:
+    policy = commands.add_parser("policy", help="show or set the site's privacy policy (set only on site)",
+                                 description=POLICY_DESCRIPTION, formatter_class=_FORMATTER)
+    policy.add_argument("vault", type=Path, metavar="VAULT", help="vault folder")
+    _add_key_options(policy)
+    policy.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    policy.add_argument("--require-dp", type=_yes_no, metavar="yes|no", help="refuse runs without DP")
+    policy.add_argument("--budget", type=float, metavar="E", help="the site's lifetime epsilon budget")
+    policy.add_argument("--delta", type=float, metavar="D", help="the delta every epsilon is stated at")
+    policy.add_argument("--max-run-epsilon", type=float, metavar="E", help="the most one run may spend")
+    policy.add_argument("--test-statistics", choices=("noised", "exact", "none"),
+                        help="how test statistics may leave the site")
+    policy.add_argument("--test-epsilon", type=float, metavar="E", help="the most a noised test release may spend")
+    policy.add_argument("--allow-raise", action="store_true",
+                        help="allow a larger budget or delta than the current one (privacy officer's decision)")
+    policy.set_defaults(func=policy_command)
+    egress = commands.add_parser("egress", help="every reply that left the site, with shapes, bytes and epsilon",
+                                 description=EGRESS_DESCRIPTION, formatter_class=_FORMATTER)
+    egress.add_argument("vault", type=Path, metavar="VAULT", help="vault folder")
+    _add_key_options(egress)
+    egress.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    egress.add_argument("--run", metavar="RUN_ID", help="only this run's replies")
+    egress.set_defaults(func=egress_command)
 
 
 def _add_key_options(parser: argparse.ArgumentParser) -> None:
@@ -132,10 +183,85 @@ def set_budget_command(args: argparse.Namespace) -> int:
     return 0
 
 
+POLICY_OPTIONS = ("require_dp", "budget", "delta", "max_run_epsilon", "test_statistics", "test_epsilon")
+
+
+def policy_command(args: argparse.Namespace) -> int:
+    """Handler of ``genofed ledger policy``."""
+    from client.cohort_store import load_cohort
+    from client.privacy.facade import ensure_site_privacy, load_policy, policy_history, set_policy
+
+    vault = Vault.open(args.vault, key_from_args(args))
+    n = load_cohort(vault).n if any(r.startswith("cohort/") for r in vault.roles) else 1
+    changes = {("budget_epsilon" if k == "budget" else k): getattr(args, k) for k in POLICY_OPTIONS
+               if getattr(args, k) is not None}
+    if changes:
+        old = load_policy(vault) if _has_policy(vault) else None
+        new = set_policy(vault, site=_site_name(args.vault), n_records=n, allow_raise=args.allow_raise, **changes)
+        if not args.json:
+            print(f"{args.vault}: site policy " + ("unchanged" if old == new else "updated") + ": " + _policy_line(new))
+    else:
+        ensure_site_privacy(vault, site=_site_name(args.vault), n_records=n)
+        new = load_policy(vault)
+        if not args.json:
+            print(f"{args.vault}: site policy: " + _policy_line(new))
+    if args.json:
+        print(json.dumps({"vault": str(args.vault), "policy": new.state_dict(), "history": policy_history(vault),
+                          "budget_history": PrivacyLedger.load(vault).budget_history}, indent=2))
+    return 0
+
+
+def _has_policy(vault: Vault) -> bool:
+    from client.privacy.policy import POLICY_ROLE
+
+    return POLICY_ROLE in vault and PrivacyLedger.exists(vault)
+
+
+def _policy_line(p: Any) -> str:
+    return (f"require-dp {'yes' if p.require_dp else 'no'}; budget epsilon {p.budget_epsilon:g} at delta {p.delta:g}; "
+            f"max-run-epsilon {p.max_run_epsilon:g}; test-statistics {p.test_statistics}"
+            + (f" (test-epsilon {p.test_epsilon:g})" if p.test_statistics == "noised" else ""))
+
+
+def egress_command(args: argparse.Namespace) -> int:
+    """Handler of ``genofed ledger egress``."""
+    from client.privacy.egress import EgressLog
+
+    vault = Vault.open(args.vault, key_from_args(args))
+    entries = [e for e in EgressLog(vault).entries() if args.run is None or e["run_id"] == args.run]
+    if args.json:
+        print(json.dumps({"vault": str(args.vault), "entries": entries}, indent=2))
+        return 0
+    if not entries:
+        print(f"{args.vault}: nothing has left this site" + (f" in run {args.run}" if args.run else ""))
+        return 0
+    _print_egress(args.vault, entries)
+    return 0
+
+
+def _print_egress(path: Path, entries: list[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    total = sum(e["bytes"] for e in entries)
+    blocked = sum(e["status"] != "sent" for e in entries)
+    console.print(f"[bold]{path}[/bold]: {len(entries)} replies, {total:,} bytes"
+                  + (f", {blocked} blocked by the egress contract" if blocked else ""), highlight=False)
+    table = Table(title="egress log (values are never logged)")
+    for name in ("#", "when (UTC)", "run", "round", "message", "keys (shape, bytes)", "bytes", "+epsilon", "status"):
+        table.add_column(name, overflow="fold")
+    for e in entries:
+        keys = "\n".join(f"{k} {list(v['shape'])} {v['bytes']}" for k, v in e["keys"].items())
+        table.add_row(str(e["seq"]), _when(e["at"]), e["run_id"], str(e["round"]), e["message_type"], keys,
+                      f"{e['bytes']:,}", f"{e['epsilon']:.4g}", e["status"] + (f": {e['reason']}" if e.get("reason") else ""))
+    console.print(table)
+
+
 def _site_name(vault: Path) -> str:
-    """The site a vault belongs to, from its path (``SITES/<site>/vault`` or ``.../<site>``)."""
-    path = vault.resolve()
-    return path.parent.name if path.name == "vault" and path.parent.name else path.name
+    from client.site import site_name_of
+
+    return site_name_of(vault)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -45,6 +45,12 @@ class SiteRef:
         return Vault.open(self.vault, self.key())
 
 
+def site_name_of(vault: Path) -> str:
+    """The site a vault belongs to, from its path (``SITES/<site>/vault`` or ``.../<site>``)."""
+    path = Path(vault).resolve()
+    return path.parent.name if path.name == "vault" and path.parent.name else path.name
+
+
 def site_dirs(sites_dir: Path) -> list[Path]:
     """The site folders of a layout written by ``genofed cohort split --vaults``, in name order."""
     return sorted(p for p in Path(sites_dir).iterdir() if (p / "vault").is_dir() and (p / "key").is_file())

@@ -216,7 +216,7 @@ def noise_floor(*, dim: int, n_classes: int, noise_multipliers: list[float]) -> 
     """Spectral size of the noise in a sum of Hessians released through the Gaussian mechanism.
 
     Each holder's Hessian carries noise of deviation ``sigma * sqrt(2) * h_bound`` per entry
-    (client/meta_privacy.py); a symmetric Gaussian matrix of size D with entry deviation s has
+    (client/privacy/mechanisms.py); a symmetric Gaussian matrix of size D with entry deviation s has
     spectral norm about 2 sqrt(D) s. Raising the summed Hessian's eigenvalues to this floor keeps
     noise from flipping or inflating a Newton step (a trust region in effect), from public values.
     """

@@ -18,13 +18,19 @@ from typing import Any, Literal
 from common.models import DeepModelConfig, TrackShape
 
 
+def feature_count(listed: list[Any] | int) -> int:
+    """How many features a schema entry names: a list of names, or (in the public schema a site
+    sends at the census, :func:`client.handlers.public_schema`) just their count."""
+    return listed if isinstance(listed, int) else len(listed)
+
+
 def track_shapes(schema: dict[str, Any]) -> tuple[TrackShape, ...]:
     """Every track a cohort with this schema provides, in canonical order."""
     shapes = []
     if "sequences" in schema:
         shapes.append(TrackShape("dna", 4, int(schema["sequences"]["length"])))
     if "variants" in schema and schema["variants"].get("sites") is not None:
-        shapes.append(TrackShape("dosage", 2, len(schema["variants"]["sites"]), positional=True))
+        shapes.append(TrackShape("dosage", 2, feature_count(schema["variants"]["sites"]), positional=True))
     return tuple(shapes)
 
 
@@ -33,7 +39,7 @@ def tabular_width(schema: dict[str, Any]) -> int:
     width = 0
     for kind, key in (("variants", "sites"), ("omics", "features"), ("events", "features")):
         if kind in schema and schema[kind].get(key) is not None:
-            width += len(schema[kind][key])
+            width += feature_count(schema[kind][key])
     if "clinical" in schema:
         width += len(schema["clinical"]["numeric"])
         width += sum(len(v) for v in schema["clinical"]["categorical"].values())

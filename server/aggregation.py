@@ -9,7 +9,7 @@ same order, and ``tests/test_aggregation.py`` checks it against Flower's strateg
 
 ============== ========================================================================
 fedavg         ``flwr.serverapp.strategy.strategy_utils.aggregate_arrayrecords`` (called)
-fedprox        as fedavg; ``proximal-mu`` goes to the clients via :meth:`client_config`
+fedprox        as fedavg; sites add the proximal term (``proximal-mu`` in the run settings, ``RunSettings.fedprox_mu``)
 fedadam        FedAvg (called) + ``FedAdam.aggregate_train``'s update (re-implemented)
 fedmedian      ``FedMedian.aggregate_train``'s ``np.median`` (re-implemented, one line)
 fedtrimmedavg  ``flwr.serverapp.strategy.fedtrimmedavg.trim_mean`` (called)
@@ -48,12 +48,13 @@ from flwr.serverapp.strategy.multikrum import select_multikrum
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from common.errors import GenofedError
+from common.settings import STRATEGIES
 
 from .validation import is_float_array
 
 log = logging.getLogger(__name__)
 
-AGGREGATORS = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
+AGGREGATORS = STRATEGIES
 
 Arrays = dict[str, np.ndarray]
 Update = tuple[Mapping[str, np.ndarray], int]
@@ -95,10 +96,6 @@ class Aggregator(ABC):
 
     def _check_params(self) -> None:
         """Raise :class:`GenofedError` for out-of-range parameters."""
-
-    def client_config(self) -> dict[str, float | int]:
-        """Extra train-config entries the clients need (e.g. FedProx's ``proximal-mu``)."""
-        return {}
 
     def aggregate(self, global_arrays: Mapping[str, np.ndarray], updates: Sequence[Update]) -> Arrays:
         """New global weights from the round's accepted updates.
@@ -186,9 +183,6 @@ class FedProxAggregator(FedAvgAggregator):
         self.params["proximal-mu"] = _real(self.params["proximal-mu"], "proximal-mu", low=0.0)
         if self.params["proximal-mu"] == 0.0:
             log.warning("fedprox with proximal-mu = 0 is plain FedAvg")
-
-    def client_config(self) -> dict[str, float | int]:
-        return {"proximal-mu": self.params["proximal-mu"]}
 
 
 class FedAdamAggregator(Aggregator):

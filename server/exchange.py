@@ -35,6 +35,20 @@ class ExchangeResult:
     seconds: float = 0.0
 
 
+MAX_REASON = 600
+
+
+def short_reason(reason: str) -> str:
+    """One readable line of a site's error: the exception's own line, never a whole traceback.
+
+    In the Simulation Engine an error reply's reason can hold a Ray traceback of several KB; the
+    line that says what went wrong is its last one.
+    """
+    lines = [ln.strip() for ln in str(reason).splitlines() if ln.strip()]
+    line = lines[-1] if lines else "no reason given"
+    return line if len(line) <= MAX_REASON else line[:MAX_REASON] + "..."
+
+
 def wait_for_nodes(grid: Grid, *, minimum: int, timeout: float) -> list[int]:
     """Node ids online once at least ``minimum`` are; a clear error after ``timeout`` seconds."""
     start = time.monotonic()
@@ -67,7 +81,7 @@ def exchange(grid: Grid, nodes: Iterable[int], content_for: Callable[[int], Reco
             pending.discard(mid)
             node = sent[mid]  # error replies from the SuperLink carry node id 1: map by message id
             if reply.has_error():
-                result.failures[node] = f"error code {reply.error.code}: {reply.error.reason}"
+                result.failures[node] = f"error code {reply.error.code}: {short_reason(reply.error.reason)}"
             else:
                 result.replies[node] = reply
         if pending:

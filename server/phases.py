@@ -26,7 +26,7 @@ from common.records import from_record, to_record
 from common.spec import diff_schemas
 from server.exchange import TooFewSitesError, exchange, wait_for_nodes
 from server.runlog import RunLog
-from server.settings import RunSettings
+from common.settings import RoundFacts, RunSettings
 
 
 class CensusError(GenofedError):
@@ -50,6 +50,7 @@ class RunState:
     meta_coef: list[float] = field(default_factory=list)
     rounds: list[dict[str, Any]] = field(default_factory=list)    # per exchange: sites, rejections, epsilon
     excluded: dict[str, str] = field(default_factory=dict)        # site -> why it left the run
+    refusals: dict[str, str] = field(default_factory=dict)        # site -> why its policy refused the run
 
     def active_nodes(self) -> list[int]:
         return sorted(int(n) for n, s in self.sites.items() if s not in self.excluded)
@@ -89,7 +90,7 @@ def run_census(grid: Grid, settings: RunSettings, state: RunState, log: RunLog) 
     from common.models import build_model
 
     nodes = wait_for_nodes(grid, minimum=settings.min_sites, timeout=settings.wait_timeout)
-    cfg = ConfigRecord({**settings.client_config(), "run-id": state.run_id})
+    cfg = ConfigRecord(RoundFacts(run_id=state.run_id).to_config())
     res = exchange(grid, nodes, lambda n: RecordDict({"config": cfg}), message_type="query.census",
                    group_id=f"{state.run_id}-census", timeout=settings.round_timeout)
     for node, reason in res.failures.items():
@@ -97,11 +98,11 @@ def run_census(grid: Grid, settings: RunSettings, state: RunState, log: RunLog) 
     infos = {node: dict(r.content.config_records["census"]) for node, r in res.replies.items()}
     if settings.ledger_registry:
         infos = _drop_rolled_back_ledgers(infos, settings, state, log)
+    infos = _drop_refusals(infos, state, log)
     if len(infos) < settings.min_sites:
         gone = "".join(f"; {s}: {r}" for s, r in state.excluded.items())
-        raise TooFewSitesError(f"census: {len(infos)} site(s) answered, min-sites is {settings.min_sites}{gone}")
+        raise CensusError(f"census: {len(infos)} site(s) can take part, min-sites is {settings.min_sites}{gone}")
     _check_schemas(infos)
-    _check_budgets(infos, settings)
     state.rounds.append({"phase": "census", "seconds": round(res.seconds, 2), "handler_s": _slowest_handler(res),
                          "sites": sorted(str(i["site"]) for i in infos.values())})
     state.sites = {str(n): str(i["site"]) for n, i in infos.items()}
@@ -149,6 +150,20 @@ def remember_ledgers(settings: RunSettings, state: RunState, spent: dict[str, fl
     remember(Path(settings.ledger_registry), marks, run_id=state.run_id)
 
 
+def _drop_refusals(infos: dict[int, dict], state: RunState, log: RunLog) -> dict[int, dict]:
+    """Sites whose own policy refuses the run leave it before anything is spent, named with why."""
+    kept = {}
+    for node, info in infos.items():
+        site, refusal = str(info["site"]), str(info.get("refusal", ""))
+        if not refusal:
+            kept[node] = info
+            continue
+        state.refusals[site] = refusal
+        state.excluded[site] = f"census: refused by the site's privacy policy: {refusal}"
+        log.warning(f"census: site {site} refuses the run: {refusal}")
+    return kept
+
+
 def _check_schemas(infos: dict[int, dict]) -> None:
     by_hash: dict[str, list[dict]] = {}
     for info in infos.values():
@@ -159,18 +174,11 @@ def _check_schemas(infos: dict[int, dict]) -> None:
     ref, other = groups[0][0], groups[1][0]
     lines = diff_schemas(json.loads(ref["schema-json"]), json.loads(other["schema-json"]),
                          names=(str(ref["site"]), str(other["site"])))
+    if not lines:  # the names differ, and sites send only their counts
+        lines = ["their feature lists, resolved from each site's own files and not sent, differ: pin them in the "
+                 "cohort spec"]
     raise CensusError(f"census: sites do not share one schema ({len(by_hash)} different hashes); "
                       f"{ref['site']} vs {other['site']}: " + "; ".join(lines[:5]))
-
-
-def _check_budgets(infos: dict[int, dict], settings: RunSettings) -> None:
-    if not settings.dp:
-        return
-    for info in infos.values():
-        left = float(info["ledger-budget"]) - float(info["ledger-spent"])
-        if left <= 0:
-            raise CensusError(f"census: site {info['site']} has no privacy budget left (spent "
-                              f"{float(info['ledger-spent']):.3f} of {float(info['ledger-budget']):.3f})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,18 +188,17 @@ def _check_budgets(infos: dict[int, dict], settings: RunSettings) -> None:
 def run_cnn_rounds(grid: Grid, settings: RunSettings, state: RunState, log: RunLog,
                    weights: dict[str, np.ndarray], checkpoint: Any) -> dict[str, np.ndarray]:
     """FedAvg (or the configured strategy) over validated DP-SGD updates, one checkpoint per round."""
-    from server.validation import UpdateSpec, validate_update
+    from server.validation import validate_update
 
     agg = _aggregator(settings)
     if state.aggregator:
         agg.load_state_dict(state.aggregator)
-    spec = UpdateSpec.from_arrays(weights, max_norm=settings.max_update_norm)
-    base_cfg = {**settings.client_config(), **agg.client_config(), "run-id": state.run_id,
-                "model-config": json.dumps(state.model_config)}
+    model_json = json.dumps(state.model_config)
     while state.cnn_round < settings.cnn_rounds:
         rnd = state.cnn_round + 1
         nodes = _require_quorum(state, settings, f"CNN round {rnd}")
-        content = RecordDict({"arrays": to_record(weights), "config": ConfigRecord({**base_cfg, "server-round": rnd})})
+        content = RecordDict({"arrays": to_record(weights), "config": ConfigRecord(
+            RoundFacts(run_id=state.run_id, server_round=rnd, model_config=model_json).to_config())})
         res = exchange(grid, nodes, lambda n: content, message_type="train", group_id=f"{state.run_id}-cnn-{rnd}",
                        timeout=settings.round_timeout)
         _note_failures(state, log, res.failures, f"CNN round {rnd}")
@@ -200,7 +207,8 @@ def run_cnn_rounds(grid: Grid, settings: RunSettings, state: RunState, log: RunL
         for node in sorted(res.replies, key=state.site_of):
             site, reply = state.site_of(node), res.replies[node]
             arrays, metrics = from_record(reply.content.array_records["arrays"]), dict(reply.content.metric_records["metrics"])
-            verdict = validate_update(spec, global_arrays=weights, update_arrays=arrays,
+            verdict = validate_update(_site_spec(weights, settings, state, site), global_arrays=weights,
+                                      update_arrays=arrays,
                                       num_examples=metrics.get("num-examples"))
             if not verdict.ok:
                 record["rejected"][site] = verdict.reason
@@ -222,6 +230,18 @@ def run_cnn_rounds(grid: Grid, settings: RunSettings, state: RunState, log: RunL
         checkpoint(weights)
     state.phase = "meta"
     return weights
+
+
+def _site_spec(weights: dict[str, np.ndarray], settings: RunSettings, state: RunState, site: str) -> Any:
+    """What a valid update of ``site`` looks like: the model's layout, at most its census count of
+    examples, and a norm bound derived from the run's settings (``max-update-norm`` overrides it)."""
+    from server.validation import UpdateSpec, is_float_array, site_update_norm_bound
+
+    n_train = int(state.census.get(site, {}).get("n-train", 0)) or None
+    bound = settings.max_update_norm or site_update_norm_bound(
+        lr=settings.lr, local_epochs=settings.local_epochs, batch_size=settings.batch_size,
+        n_train=n_train or 1, n_params=sum(int(np.size(w)) for w in weights.values() if is_float_array(np.asarray(w))))
+    return UpdateSpec.from_arrays(weights, max_norm=bound, max_examples=n_train)
 
 
 def _aggregator(settings: RunSettings) -> Any:
@@ -252,22 +272,22 @@ def run_meta_rounds(grid: Grid, settings: RunSettings, state: RunState, log: Run
         # Noised steps from zero can land anywhere, sign flips included; from the plain average of
         # the base models' log-odds (public, needs no data) a noisy step can only refine.
         solver.coef = solver.best_coef = averaging_prior(n_models=2, n_classes=max(k, 2))
-    base_cfg = {**settings.client_config(), "run-id": state.run_id, "model-config": json.dumps(state.model_config)}
     cnn = to_record(weights)
     while state.meta_round < settings.meta_rounds and not solver.converged:
         rnd = state.meta_round + 1
         nodes = _require_quorum(state, settings, f"meta round {rnd}")
         warm = rnd == 1 and not settings.dp  # a local fit has no DP mechanism: never asked for under DP
-        cfg = ConfigRecord({**base_cfg, "server-round": rnd, "coef": [float(c) for c in solver.coef],
-                            "warm-start": warm})
+        cfg = ConfigRecord(RoundFacts(run_id=state.run_id, server_round=rnd, model_config=json.dumps(state.model_config),
+                                      coef=tuple(float(c) for c in solver.coef), warm_start=warm).to_config())
         res = exchange(grid, nodes, lambda n: RecordDict({"cnn": cnn, "config": cfg}), message_type="train.meta",
                        group_id=f"{state.run_id}-meta-{rnd}", timeout=settings.round_timeout)
         _note_failures(state, log, res.failures, f"meta round {rnd}")
-        if len(res.replies) < settings.min_sites:
-            raise TooFewSitesError(f"meta round {rnd}: {len(res.replies)} site(s) answered")
-        replies = [from_record(r.content.array_records["terms"]) | dict(r.content.metric_records["metrics"])
-                   for _, r in sorted(res.replies.items(), key=lambda kv: state.site_of(kv[0]))]
-        terms = [NewtonTerms(float(r["loss"]), r["grad"], r["hess"], int(r["num-examples"])) for r in replies]
+        replies, rejected = _valid_meta_replies(res, state, log, rnd, dim=solver.coef.shape[0])
+        if len(replies) < settings.min_sites:
+            raise TooFewSitesError(f"meta round {rnd}: {len(replies)} site(s) sent valid terms"
+                                   + "".join(f"; {s}: {r}" for s, r in rejected.items()))
+        terms = [NewtonTerms(float(r.get("loss", np.nan)), r["grad"], r["hess"], int(r["num-examples"]))
+                 for r in replies]
         total = sum(terms[1:], terms[0])
         if settings.dp:
             floor = noise_floor(dim=total.hess.shape[0], n_classes=max(k, 2),
@@ -299,6 +319,29 @@ def run_meta_rounds(grid: Grid, settings: RunSettings, state: RunState, log: Run
     return state.meta_coef
 
 
+def _valid_meta_replies(res: Any, state: RunState, log: RunLog, rnd: int, *,
+                        dim: int) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """The sites' Newton terms that are finite, of the right shapes, symmetric and within their census count."""
+    from server.validation import check_newton_terms
+
+    replies, rejected = [], {}
+    for node, reply in sorted(res.replies.items(), key=lambda kv: state.site_of(kv[0])):
+        site = state.site_of(node)
+        r = from_record(reply.content.array_records["terms"]) | dict(reply.content.metric_records["metrics"])
+        n_val = int(state.census.get(site, {}).get("n-validation", 0)) or None
+        why = check_newton_terms(r.get("grad"), r.get("hess"), dim=dim, n=r.get("num-examples"), max_n=n_val)
+        if why is None and "local_coef" in r:
+            why = check_newton_terms(r["local_coef"], r.get("local_hess"), dim=dim, n=r.get("num-examples"),
+                                     max_n=n_val)
+        if why is not None:
+            rejected[site] = why
+            state.excluded.setdefault(site, f"meta round {rnd}: terms rejected: {why}")
+            log.warning(f"meta round {rnd}: terms of site {site} rejected: {why}")
+            continue
+        replies.append(r)
+    return replies, rejected
+
+
 def _warm_start(replies: list[dict[str, Any]], C: float) -> np.ndarray:
     """Hessian-weighted combination of the sites' local fits: close to the pooled solution."""
     h = sum(r["local_hess"] for r in replies)
@@ -317,26 +360,58 @@ def run_evaluation(grid: Grid, settings: RunSettings, state: RunState, log: RunL
     from common.metrics import EvalStats
 
     nodes = _require_quorum(state, settings, "evaluation")
-    cfg = ConfigRecord({**settings.client_config(), "run-id": state.run_id, "coef": state.meta_coef,
-                        "model-config": json.dumps(state.model_config)})
+    cfg = ConfigRecord(RoundFacts(run_id=state.run_id, model_config=json.dumps(state.model_config),
+                                  coef=tuple(state.meta_coef)).to_config())
     res = exchange(grid, nodes, lambda n: RecordDict({"cnn": to_record(weights), "config": cfg}),
                    message_type="evaluate", group_id=f"{state.run_id}-evaluate", timeout=settings.round_timeout)
     _note_failures(state, log, res.failures, "evaluation")
+    k = max(len(state.schema["label"]["classes"]), 2)
     pooled: dict[str, EvalStats] = {}
     per_site: dict[str, dict[str, Any]] = {}
+    rejected: dict[str, str] = {}
     for node in sorted(res.replies, key=state.site_of):
         site, reply = state.site_of(node), res.replies[node]
-        arrays, metrics = from_record(reply.content.array_records["stats"]), dict(reply.content.metric_records["metrics"])
-        per_site[site] = metrics
-        for name in ("hybrid", "cnn", "forest", "logreg"):
-            stats = EvalStats.from_arrays({key: arrays[f"{name}.{key}"] for key in ("confusion", "hist_pos", "hist_neg")})
-            pooled[name] = pooled[name] + stats if name in pooled else stats
+        metrics = dict(reply.content.metric_records["metrics"])
+        try:
+            stats = _site_stats(reply, k)
+        except ValueError as exc:
+            rejected[site] = str(exc)
+            log.warning(f"evaluation: statistics of site {site} rejected: {exc}")
+            continue
+        per_site[site] = {"n": int(metrics.get("num-examples", 0)), "noise_std": float(metrics.get("noise-std", 0.0)),
+                          "epsilon": float(metrics.get("epsilon", 0.0)), "stats": stats}
+        for name, st in stats.items():
+            pooled[name] = pooled[name] + st if name in pooled else st
     state.rounds.append({"phase": "evaluate", "seconds": round(res.seconds, 2), "handler_s": _slowest_handler(res),
-                         "sites": sorted(per_site)})
+                         "sites": sorted(per_site), "rejected": rejected,
+                         "epsilon": {s: v["epsilon"] for s, v in per_site.items() if v["epsilon"] > 0}})
     log.event("evaluate", seconds=res.seconds, sites=sorted(per_site))
     state.phase = "done"
     log.info(f"evaluation: {len(per_site)} sites returned test statistics; final models stored at every site")
     return {"pooled": pooled, "sites": per_site}
+
+
+def _site_stats(reply: Any, n_classes: int) -> dict[str, Any]:
+    """One site's released test statistics per model (empty when its policy releases none).
+
+    Raises
+    ------
+    ValueError
+        The arrays do not have the released shapes.
+    """
+    from common.metrics import stats_from_released
+
+    arrays = from_record(reply.content.array_records["stats"]) if "stats" in reply.content.array_records else {}
+    by_model: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in arrays.items():
+        model, _, part = key.partition(".")
+        if model not in MODELS:
+            raise ValueError(f"unknown model {model!r} in test statistics")
+        by_model.setdefault(model, {})[part] = value
+    return {m: stats_from_released(parts, n_classes=n_classes) for m, parts in by_model.items()}
+
+
+MODELS = ("hybrid", "cnn", "forest", "logreg")
 
 
 def new_state() -> RunState:

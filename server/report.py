@@ -20,18 +20,23 @@ from typing import Any
 from common.files import json_default, write_text_atomic
 from common.metrics import METRIC_NAMES, EvalStats, bootstrap_ci_from_stats, metrics_from_stats
 from server.phases import RunState
-from server.settings import RunSettings
+from common.settings import RunSettings
 
 MODELS = ("hybrid", "cnn", "forest", "logreg")
 
 
-def _site_metrics(flat: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {"n": int(flat.get("num-examples", 0))}
-    for key, value in flat.items():
-        if "." in key:
-            model, metric = key.split(".", 1)
-            out.setdefault(model, {})[metric] = float(value)
+def _site_metrics(site: dict[str, Any], census: dict[str, Any]) -> dict[str, Any]:
+    """One site's test metrics, computed here from the statistics it released (noised if so)."""
+    out: dict[str, Any] = {"n": site["n"], "class_counts": _test_class_counts(census), "noise_std": site["noise_std"]}
+    for model, stats in site["stats"].items():
+        m = metrics_from_stats(stats)
+        out[model] = {k: m[k] for k in METRIC_NAMES}
     return out
+
+
+def _test_class_counts(census: dict[str, Any]) -> list[int] | None:
+    counts = census.get("test-class-counts")
+    return [int(c) for c in counts] if counts is not None else None
 
 
 def _privacy(state: RunState, settings: RunSettings) -> dict[str, Any]:
@@ -50,7 +55,7 @@ def _privacy(state: RunState, settings: RunSettings) -> dict[str, Any]:
                 if "epsilon" in m:
                     entry(site).update(epsilon=float(m["epsilon"]),
                                        run_epsilon=float(m.get("run-epsilon", float("nan"))))
-        elif record.get("phase") == "meta":
+        elif record.get("phase") in ("meta", "evaluate"):
             for site, eps in record.get("epsilon", {}).items():
                 entry(site)["epsilon"] = float(eps)
     return out
@@ -71,10 +76,12 @@ def build_metrics(evaluation: dict[str, Any], state: RunState, settings: RunSett
         "run": {"run_id": state.run_id, "exchanges": len(state.rounds), "timing": timing,
                 "classes": state.schema.get("label", {}).get("classes", [])},
         "models": models,
-        "sites": {site: _site_metrics(flat) for site, flat in evaluation["sites"].items()},
+        "sites": {site: _site_metrics(v, state.census.get(site, {})) for site, v in evaluation["sites"].items()},
         "privacy": _privacy(state, settings),
         "privacy_note": _privacy_note(settings),
         "missing_sites": dict(state.excluded),
+        "refusals": dict(state.refusals),
+        "test_statistics": _test_statistics_note(settings, evaluation),
         "meta": {"coef": list(state.meta_coef), "rounds": state.meta_round,
                  "converged": bool(state.meta_solver.get("converged", False))},
         "rounds": state.rounds,
@@ -85,13 +92,45 @@ def build_metrics(evaluation: dict[str, Any], state: RunState, settings: RunSett
 
 def _privacy_note(settings: RunSettings) -> str:
     if not settings.dp:
-        return "No differential privacy in this run (dp = false): the non-private reference."
-    return ("Sample-level DP-SGD (Opacus, RDP accountant) protects each site's training records in the CNN "
-            "updates, and the Gaussian mechanism the meta-classifier statistics (meta-epsilon over the meta "
-            "rounds); epsilon is composed in each site's ledger with every earlier release at the ledger's delta. "
-            "Not covered: the forests (never leave the sites), the census counts and the test statistics "
-            "(released without noise in this version), and the random number generator, which is not "
-            "cryptographically secure here (it is seeded from each site's vault key, never from the run config).")
+        return ("No differential privacy in this run (dp = false): the non-private reference, run only where every "
+                "site's policy allows it. Model updates, meta-classifier statistics and losses left the sites exact.")
+    return ("Sample-level DP-SGD (Opacus, RDP accountant) protects each site's training records in the CNN updates "
+            "(no losses are released); the Gaussian mechanism protects the meta-classifier statistics (meta-epsilon "
+            "over the meta rounds) of each site's validation records" + (
+                ", and the test statistics (test-epsilon, noise calibrated to one patient)"
+                if settings.test_statistics == "noised" else "") +
+            "; every release is charged to the site's own ledger, composed with all earlier ones at the ledger's "
+            "delta, and recorded in its egress log. Not covered by the guarantee: the census counts (patients per "
+            "split and class), the number of examples sent with each update, "
+            + ("the test statistics (released exact, by the sites' policies), " if settings.test_statistics == "exact"
+               else "") +
+            "the site forests' fit and the imputation and scaling of the DP-SGD inputs from each site's own data "
+            "(both stay on site but shape what is released), early stopping, and the random number generator, which "
+            "is not cryptographically secure here (it is seeded from each site's vault key and ledger, never from "
+            "the run config). See docs/privacy.md.")
+
+
+def _test_statistics_note(settings: RunSettings, evaluation: dict[str, Any]) -> dict[str, Any]:
+    """How the test statistics left the sites, and the error their noise adds to pooled metrics."""
+    from common.metrics import noise_bias, noise_error
+
+    stds = [v["noise_std"] for v in evaluation["sites"].values()]
+    out: dict[str, Any] = {"mode": settings.test_statistics, "noise_std_per_site": max(stds) if stds else 0.0,
+                           "bins": _bins(evaluation)}
+    if settings.test_statistics == "noised" and stds and max(stds) > 0:
+        out["pooled_metric_error_sd"] = {
+            name: noise_error(st, noise_std_per_site=max(stds), n_sites=len(stds), draws=100, seed=settings.seed)
+            for name, st in evaluation["pooled"].items()}
+        out["pooled_metric_bias"] = {
+            name: noise_bias(st, noise_std_per_site=max(stds), n_sites=len(stds), draws=100, seed=settings.seed)
+            for name, st in evaluation["pooled"].items()}
+    return out
+
+
+def _bins(evaluation: dict[str, Any]) -> int:
+    for st in evaluation["pooled"].values():
+        return int(st.hist_pos.shape[-1])
+    return 0
 
 
 def _fmt(x: Any) -> str:
@@ -104,17 +143,38 @@ def render_markdown(doc: dict[str, Any]) -> str:
     for name, m in doc["models"].items():
         lines.append(f"| {name} | " + " | ".join(f"{_fmt(m[k])} [{_fmt(m['ci'][k][0])}, {_fmt(m['ci'][k][1])}]"
                                                  for k in METRIC_NAMES) + " |")
-    lines += ["", "Per site (test AUC): " + "; ".join(
-        f"{site}: " + ", ".join(f"{mod} {_fmt(v.get('auc'))}" for mod, v in m.items() if isinstance(v, dict))
+    lines += ["", "Per site (test AUC, from each site's released statistics; test class counts): " + "; ".join(
+        f"{site} ({_counts(m.get('class_counts'), doc['run']['classes'])}): "
+        + ", ".join(f"{mod} {_fmt(v.get('auc'))}" for mod, v in m.items() if isinstance(v, dict))
         for site, m in doc["sites"].items())]
+    ts = doc.get("test_statistics", {})
+    if ts.get("mode") == "noised":
+        err = ts.get("pooled_metric_error_sd", {}).get("hybrid", {})
+        lines.append(f"Test statistics: noised at each site (noise sd {ts['noise_std_per_site']:.2f} counts per bin, "
+                     f"{ts['bins']} bins); this adds a standard deviation of about {_fmt(err.get('auc'))} to the pooled "
+                     f"hybrid AUC and {_fmt(err.get('accuracy'))} to its accuracy, and shifts them by about "
+                     f"{_fmt(ts.get('pooled_metric_bias', {}).get('hybrid', {}).get('auc'))} and "
+                     f"{_fmt(ts.get('pooled_metric_bias', {}).get('hybrid', {}).get('accuracy'))} (simulated).")
+    elif ts.get("mode") == "exact":
+        lines.append(f"Test statistics: released exact ({ts.get('bins')} bins), outside the DP guarantee.")
+    elif ts.get("mode") == "none":
+        lines.append("Test statistics: none released (the sites' policies or the run asked for none).")
     if doc["privacy"]:
         lines.append("Privacy (epsilon spent per site ledger / this run's DP-SGD): " + "; ".join(
             f"{s}: {_fmt(p['epsilon'])} / {_fmt(p['run_epsilon'])} at delta {p['delta']:.1e}"
             for s, p in doc["privacy"].items()))
     lines.append(doc["privacy_note"])
+    for site, why in doc.get("refusals", {}).items():
+        lines.append(f"Refused by {site}: {why}")
     if doc["missing_sites"]:
         lines.append("Sites that left the run: " + "; ".join(f"{s} ({r})" for s, r in doc["missing_sites"].items()))
     return "\n".join(lines) + "\n"
+
+
+def _counts(counts: list[int] | None, classes: list[str]) -> str:
+    if not counts:
+        return "counts n/a"
+    return ", ".join(f"{c} {n}" for c, n in zip(classes, counts, strict=False))
 
 
 def write_report(run_dir: Path, doc: dict[str, Any]) -> None:

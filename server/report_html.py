@@ -123,9 +123,34 @@ def _sites_table(doc: dict[str, Any]) -> str:
     for site, m in doc["sites"].items():
         aucs = "".join(f"<td>{_fmt(m.get(name, {}).get('auc'))}</td>" for name in MODELS)
         eps = doc["privacy"].get(site, {}).get("epsilon")
-        rows.append(f"<tr><th>{html.escape(site)}</th><td>{m.get('n', '')}</td>{aucs}<td>{_fmt(eps)}</td></tr>")
+        counts = " / ".join(str(c) for c in (m.get("class_counts") or []))
+        rows.append(f"<tr><th>{html.escape(site)}</th><td>{m.get('n', '')}</td><td>{counts}</td>{aucs}"
+                    f"<td>{_fmt(eps)}</td></tr>")
     head = "".join(f"<th>{name} AUC</th>" for name in MODELS)
-    return f"<table><tr><th>site</th><th>test patients</th>{head}<th>epsilon spent</th></tr>{''.join(rows)}</table>"
+    classes = " / ".join(html.escape(str(c)) for c in doc["run"].get("classes", []))
+    return (f"<table><tr><th>site</th><th>test patients</th><th>test class counts ({classes})</th>{head}"
+            f"<th>epsilon spent</th></tr>{''.join(rows)}</table>")
+
+
+def _pooled_section(doc: dict[str, Any], pooled: Any) -> str:
+    ts = doc.get("test_statistics", {})
+    if not doc["models"]:
+        return "<h2>Pooled test metrics</h2><p>No test statistics were released (test-statistics = none).</p>"
+    bound = max(m["auc_bound"] for m in doc["models"].values())
+    if ts.get("mode") == "noised":
+        err = ts.get("pooled_metric_error_sd", {}).get("hybrid", {})
+        bias = ts.get("pooled_metric_bias", {}).get("hybrid", {})
+        how = (f"each site noised its {ts.get('bins')}-bin statistics (Gaussian, sd {ts.get('noise_std_per_site', 0):.2f} "
+               f"counts, calibrated to one patient and charged to its ledger); the noise adds a standard deviation of "
+               f"about {_fmt(err.get('auc'))} to the hybrid's AUC and {_fmt(err.get('accuracy'))} to its accuracy and "
+               f"shifts them by about {_fmt(bias.get('auc'))} and {_fmt(bias.get('accuracy'))} (simulated); "
+               f"binning adds at most {bound:.4f} to AUC")
+    else:
+        how = f"counts exactly ({ts.get('bins', '')} bins, released exact by the sites' policies); AUC within {bound:.4f}"
+    return (f"<h2>Pooled test metrics (95% intervals)</h2>{_metrics_table(doc)}<p><small>Pooled from the sites' summed "
+            f"test statistics: {html.escape(how)}. The forest and the logistic baseline are each site's own (they "
+            "never leave it); the CNN and the meta-classifier are federated.</small></p>"
+            f'<img alt="ROC curves" src="data:image/png;base64,{roc_figure(pooled, doc)}">')
 
 
 def render_run_report(run_dir: Path, *, title: str = "genofed run", preamble: str = "",
@@ -136,6 +161,7 @@ def render_run_report(run_dir: Path, *, title: str = "genofed run", preamble: st
     s = doc["settings"]
     privacy_png = privacy_figure(doc)
     missing = "".join(f"<li>{html.escape(k)}: {html.escape(v)}</li>" for k, v in doc["missing_sites"].items())
+    refused = "".join(f"<li>{html.escape(k)}: {html.escape(v)}</li>" for k, v in doc.get("refusals", {}).items())
     exchanges = ", ".join(f"{r['phase']} {r.get('round', '')} {r.get('seconds', 0):.1f}s".replace("  ", " ")
                           for r in doc["rounds"])
     body = f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
@@ -146,14 +172,11 @@ border-left:4px solid #4a7bd0}}img{{margin:.5em 1em .5em 0}}</style></head><body
 <p>Run <code>{html.escape(doc['run']['run_id'])}</code>: {len(doc['sites'])} sites, {s['cnn_rounds']} CNN rounds
 ({html.escape(s['strategy'])}, {s['local_epochs']} local epoch(s) each), {doc['run']['exchanges']} exchanges,
 {doc['run']['timing']['total_s']:.1f} s. {'DP-SGD target epsilon ' + str(s['epsilon']) + ' per site.' if s['dp'] else 'No differential privacy.'}</p>
-<h2>Pooled test metrics (95% intervals)</h2>{_metrics_table(doc)}
-<p><small>Pooled from the sites' summed test statistics: counts exactly; AUC within
-{max(m['auc_bound'] for m in doc['models'].values()):.4f}. The forest and the logistic baseline are each site's own
-(they never leave it); the CNN and the meta-classifier are federated.</small></p>
-<img alt="ROC curves" src="data:image/png;base64,{roc_figure(pooled, doc)}">
+{_pooled_section(doc, pooled)}
 {f'<img alt="privacy spend" src="data:image/png;base64,{privacy_png}">' if privacy_png else ''}
 <h2>Per site</h2>{_sites_table(doc)}
 {f'<h2>Sites that left the run</h2><ul>{missing}</ul>' if missing else ''}
+{f'<h2>Refused by the sites (their own privacy policies)</h2><ul>{refused}</ul>' if refused else ''}
 <h2>Privacy</h2><p class="note">{html.escape(doc['privacy_note'])}</p>
 <h2>Exchanges</h2><p><small>{html.escape(exchanges)}</small></p>
 </body></html>"""

@@ -30,7 +30,7 @@ from server.phases import (
 )
 from server.report import build_metrics, write_report
 from server.runlog import RunLog
-from server.settings import RunSettings
+from common.settings import RunSettings
 
 app = ServerApp()
 

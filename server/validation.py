@@ -10,6 +10,11 @@ Float arrays are the trained weights: they are checked for finiteness and make u
 norm. Non-float arrays (integer or boolean buffers, e.g. a step counter; GroupNorm has none)
 are not trained by the federation, so an update must return them *unchanged*; they are left
 out of the norm, and the aggregators carry the global values through.
+
+The norm bound can be derived rather than guessed: :func:`site_update_norm_bound` is the
+largest change Adam can make in one round of local training, whatever the site's data, so an
+honest site always passes and a scaled (model-replacement) update does not. The meta-learner's
+Newton terms get their own check, :func:`check_newton_terms`.
 """
 
 from __future__ import annotations
@@ -245,3 +250,219 @@ def partition_replies(spec: UpdateSpec, *, global_arrays: Mapping[str, np.ndarra
         else:
             rejected.append(RejectedUpdate(site, str(verdict.reason)))
     return Partition(accepted=accepted, rejected=rejected)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bounds on an honest site's update
+
+# Absorbs float32 rounding in the site's Adam arithmetic and weight updates: each step can be
+# off by at most ulp(|w|)/2 = 2**-24 |w| per weight, while every step's bound is at least lr, so
+# 1 % covers it whenever the weights stay below 0.01 * 2**24 * lr (about 335 at lr = 2e-3).
+FLOAT_SLACK = 1.01
+
+# Steps summed per numpy call in adam_update_norm_bound: bounded memory for any step count.
+_CHUNK = 1 << 16
+
+
+def _require_int(name: str, value: int, *, minimum: int) -> None:
+    # bool is an int subclass; True is not a count.
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _one_minus_power(beta: float, t: np.ndarray) -> np.ndarray:
+    """``1 - beta**t``, accurate for ``beta`` near 1 (Adam's bias corrections) and for ``beta = 0``."""
+    with np.errstate(divide="ignore"):  # log(0) = -inf gives exactly 1, as it should
+        return -np.expm1(t * np.log(np.float64(beta)))
+
+
+def _geometric_sum(log_ratio: float, t: np.ndarray) -> np.ndarray:
+    """``sum(ratio**k for k in range(t))`` from ``log(ratio)``, accurate when the ratio is near 1."""
+    if log_ratio == 0.0:
+        return t.copy()
+    with np.errstate(over="ignore"):  # a ratio above 1 may overflow to inf: then there is no bound
+        return np.expm1(t * log_ratio) / np.expm1(log_ratio)
+
+
+def adam_step_ratio_bounds(t: np.ndarray, *, betas: tuple[float, float] = (0.9, 0.999)) -> np.ndarray:
+    """The largest ``|m_hat_t| / sqrt(v_hat_t)`` any gradient sequence can reach, per step ``t``.
+
+    Adam moves each weight by ``lr * m_hat_t / (sqrt(v_hat_t) + eps)`` at step ``t`` (counted
+    from 1 by a fresh optimizer), with ``m_t = (1-b1) sum_i b1**(t-i) g_i`` and ``v_t = (1-b2)
+    sum_i b2**(t-i) g_i**2``. By Cauchy-Schwarz ``|m_t| <= (1-b1) sqrt(sum_k (b1**2/b2)**k)
+    sqrt(v_t / (1-b2))``, with equality for ``g_i`` proportional to ``(b1/b2)**(t-i)``; the
+    bias corrections multiply by ``sqrt(1-b2**t) / (1-b1**t)``. So this is the exact supremum.
+
+    Kingma & Ba (2015, section 2.1) give ``(1-b1)/sqrt(1-b2)`` (3.16 at the defaults) instead:
+    that is the ratio when only the current gradient is non-zero, not a supremum. With the
+    defaults, this bound is 1 at t = 1, 2.24 at t = 100 and 7.27 in the limit; gradients
+    growing about 10 % per step (a diverging loss) come close to it.
+
+    Parameters
+    ----------
+    t : step numbers (>= 1), as float64.
+    betas : Adam's ``(b1, b2)``.
+    """
+    beta1, beta2 = betas
+    with np.errstate(divide="ignore"):  # b1 = 0 gives log_ratio = -inf: a sum of one term
+        log_ratio = float(2.0 * np.log(np.float64(beta1)) - np.log(np.float64(beta2)))
+    corrected = (1.0 - beta1) / _one_minus_power(beta1, t)
+    with np.errstate(over="ignore", invalid="ignore"):
+        return corrected * np.sqrt(_one_minus_power(beta2, t) / (1.0 - beta2) * _geometric_sum(log_ratio, t))
+
+
+def adam_update_norm_bound(*, lr: float, steps: int, n_params: int,
+                           betas: tuple[float, float] = (0.9, 0.999)) -> float:
+    """Hard upper bound on ``||w_end - w_start||_2`` after ``steps`` steps of ``torch.optim.Adam``.
+
+    Each step moves each weight by at most ``lr * r_t`` (:func:`adam_step_ratio_bounds`),
+    whatever the gradients are, so the whole change is at most ``lr * sum(r_t) * sqrt(n_params)``.
+    Gradients enter only through Adam's ratio, so the bound also holds with coupled L2 weight
+    decay (``Adam(weight_decay=...)``, as client/dp_training.py uses: the decay is part of the
+    gradient), with DP-SGD's clipped and noised gradients, with any ``eps >= 0`` (it only
+    shrinks the step) and with ``amsgrad`` (a larger denominator). It does not cover AdamW's
+    decoupled decay (an extra ``lr * wd * |w|`` per step), an optimizer state carried over
+    from an earlier round (steps would not restart at 1), or float buffers that are not
+    trained by Adam (e.g. BatchNorm statistics; the models use GroupNorm, which has none).
+    FedProx's pull ``w -= mu * lr * (w - w_start)`` never increases the change while
+    ``mu * lr <= 2``.
+
+    Parameters
+    ----------
+    lr : Adam's learning rate.
+    steps : number of optimizer steps (0 gives 0).
+    n_params : number of trained float weights (total size of the float arrays).
+    betas : Adam's ``(b1, b2)``; ``b2 = 0`` is refused, since the step is then unbounded.
+
+    Returns
+    -------
+    float
+        The bound, in exact arithmetic (see :data:`FLOAT_SLACK` for float32 training); ``inf``
+        when ``b1**2 > b2`` and ``steps`` is large enough for the bound to overflow.
+    """
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
+    _require_int("steps", steps, minimum=0)
+    _require_int("n_params", n_params, minimum=0)
+    beta1, beta2 = (float(b) for b in betas)
+    if not (0.0 <= beta1 < 1.0 and 0.0 < beta2 < 1.0):
+        raise ValueError(f"betas must satisfy 0 <= b1 < 1 and 0 < b2 < 1, got {betas!r}")
+    if steps == 0 or n_params == 0:
+        return 0.0  # not lr * 0 * ..., which is nan when the sum overflowed to inf
+    total = 0.0
+    for start in range(1, int(steps) + 1, _CHUNK):
+        t = np.arange(start, min(start + _CHUNK, int(steps) + 1), dtype=np.float64)
+        total += float(np.sum(adam_step_ratio_bounds(t, betas=(beta1, beta2))))
+    return lr * total * math.sqrt(n_params)
+
+
+def site_update_norm_bound(*, lr: float, local_epochs: int, batch_size: int, n_train: int,
+                           n_params: int) -> float:
+    """The ``max_norm`` for one site's CNN update in one round (Adam with default betas).
+
+    The bound depends only on the run's settings (``lr``, ``local_epochs``, ``batch_size``,
+    the model's size) and on the site's census count ``n_train``, never on the data or on the
+    update, so the coordinator can fix it before the round. A site can only raise it by
+    over-reporting ``n_train`` at the census; use the same count as the site's ``max_examples``
+    so that FedAvg does not also reward the lie with weight.
+
+    Steps per epoch: a plain ``DataLoader`` (``drop_last=False``) draws ``ceil(n/batch)``
+    batches; Opacus' Poisson loader uses sample rate ``1/len(loader)`` and draws
+    ``int(1/rate)`` batches, which is ``ceil(n/batch)`` or one fewer (``int(1/(1/93)) == 92``),
+    and an empty Poisson batch takes no step. A smaller count only tightens the real change,
+    so ``local_epochs * ceil(n_train / batch_size)`` is an upper bound for both.
+
+    Parameters
+    ----------
+    lr : the run's learning rate.
+    local_epochs : epochs of local training per round.
+    batch_size : the run's (expected) batch size.
+    n_train : the site's training records, from its census.
+    n_params : number of trained float weights in the global model.
+
+    Returns
+    -------
+    float
+        :func:`adam_update_norm_bound` of that many steps, times :data:`FLOAT_SLACK`.
+    """
+    for name, value in (("local_epochs", local_epochs), ("batch_size", batch_size), ("n_train", n_train)):
+        _require_int(name, value, minimum=1)
+    steps = int(local_epochs) * math.ceil(int(n_train) / int(batch_size))
+    return FLOAT_SLACK * adam_update_norm_bound(lr=lr, steps=steps, n_params=n_params)
+
+
+# ---------------------------------------------------------------------------------------------
+# Meta-learner Newton terms
+
+
+def _check_float_array(label: str, value: object, *, shape: tuple[int, ...]) -> str | None:
+    """Why ``value`` is not a finite float array of ``shape``, or ``None``."""
+    if not isinstance(value, np.ndarray):
+        return f"{label} is a {type(value).__name__}, not a numpy array"
+    if not is_float_array(value):
+        return f"{label} has dtype {_dtype_label(value.dtype)}, expected a float dtype"
+    if value.shape != shape:
+        return f"{label} has shape {value.shape}, expected {shape}"
+    bad = int(np.size(value) - np.count_nonzero(np.isfinite(value)))
+    if bad:
+        return f"{label} has {bad} non-finite value{'s' if bad > 1 else ''}"
+    return None
+
+
+def _asymmetry(hess: np.ndarray) -> float:
+    with np.errstate(over="ignore", invalid="ignore"):  # huge finite entries: inf, then rejected
+        return float(np.max(np.abs(hess - hess.T))) if hess.size else 0.0
+
+
+def _check_count(n: object, *, max_n: int | None) -> str | None:
+    """Why ``n`` is not a record count in ``[1, max_n]``, or ``None``.
+
+    Integral floats pass, as in :func:`check_num_examples` (metric records may carry counts as floats).
+    """
+    if isinstance(n, bool) or not isinstance(n, numbers.Real):
+        return f"n must be a positive integer, got {n!r}"
+    value = float(n)
+    if not math.isfinite(value) or value != math.floor(value) or value < 1:
+        return f"n must be a positive integer, got {n!r}"
+    if max_n is not None and value > max_n:
+        return f"n {int(value)} exceeds the site's census count {max_n}"
+    return None
+
+
+def check_newton_terms(grad: object, hess: object, *, dim: int, n: object, max_n: int | None,
+                       sym_tol: float = 1e-8) -> str | None:
+    """Why one site's meta-learner Newton terms are unacceptable, or ``None``.
+
+    The coordinator sums every site's gradient and Hessian and solves for a Newton step, so
+    one wrong-shaped, non-finite or asymmetric term spoils the step for everyone, and an
+    inflated ``n`` misstates the sample the fit rests on. Positive definiteness is not checked:
+    DP noise makes honest Hessians indefinite, and the coordinator repairs the sum.
+
+    Parameters
+    ----------
+    grad : the site's gradient; must be a finite float array of shape ``(dim,)``.
+    hess : the site's Hessian; must be a finite float array of shape ``(dim, dim)``,
+        symmetric to within ``sym_tol * max(1, max|hess|)`` (a product ``Z^T W Z`` is
+        symmetric only up to rounding; the DP noise is mirrored, hence exactly symmetric).
+    dim : the meta-learner's number of coefficients.
+    n : the site's record count behind the terms; a positive integer.
+    max_n : the site's census count for the split the terms come from; ``None`` for no bound.
+    sym_tol : relative tolerance for the symmetry check.
+
+    Returns
+    -------
+    str or None
+        The first problem found (gradient, then Hessian, then symmetry, then ``n``), or ``None``.
+    """
+    _require_int("dim", dim, minimum=1)
+    if not sym_tol >= 0:
+        raise ValueError(f"sym_tol must be >= 0, got {sym_tol!r}")
+    why = (_check_float_array("meta gradient", grad, shape=(dim,))
+           or _check_float_array("meta hessian", hess, shape=(dim, dim)))
+    if why is not None:
+        return why
+    assert isinstance(hess, np.ndarray)  # checked above; narrows the type
+    asymmetry = _asymmetry(hess)
+    if not asymmetry <= sym_tol * max(1.0, float(np.max(np.abs(hess)))):
+        return f"meta hessian is not symmetric (max asymmetry {asymmetry:.1e})"
+    return _check_count(n, max_n=max_n)

@@ -562,3 +562,21 @@ def split_cohort(*, spec_path: str | Path, sites: int | None, by: str, out: str 
         "seed": seed,
     }
     return write_sites(out, plans, meta=meta, vaults=vaults, expected_hash=expected, show_progress=show_progress)
+
+
+def set_layout_policy(sites_dir: str | Path, *, allow_raise: bool = False, **changes: Any) -> None:
+    """Set the same privacy-policy ``changes`` at every site of a layout, as each site's officer would.
+
+    For simulations and tests, where one researcher stands in for every hospital; a real site
+    sets its own with ``genofed ledger policy``. Keys are :class:`client.privacy.policy.SitePolicy`
+    fields (``require_dp``, ``budget_epsilon``, ``delta``, ``max_run_epsilon``,
+    ``test_statistics``, ``test_epsilon``).
+    """
+    from client.cohort_store import load_cohort
+    from client.privacy.facade import set_policy
+    from client.site import site_dirs
+    from client.vault import KeySource, Vault
+
+    for site in site_dirs(Path(sites_dir)):
+        vault = Vault.open(site / "vault", KeySource.from_key_file(site / "key"))
+        set_policy(vault, site=site.name, n_records=load_cohort(vault).n, allow_raise=allow_raise, **changes)

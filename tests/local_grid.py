@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict
@@ -74,3 +75,9 @@ class LocalGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         return self.pull_messages(self.push_messages(messages))  # noqa: D102 - Grid API
+
+
+def node_configs(sites: Path) -> list[dict[str, Any]]:
+    """One deployment-style node config per site folder of a layout (vault, key file, name)."""
+    return [{"vault": str(p / "vault"), "key-file": str(p / "key"), "site": p.name}
+            for p in sorted(q for q in Path(sites).iterdir() if (q / "vault").is_dir())]

@@ -136,8 +136,7 @@ def test_fedprox_aggregates_like_fedavg_and_configures_clients() -> None:
     updates = _updates(g, 3)
     prox = make_aggregator("fedprox", **{"proximal-mu": 0.1})
     _assert_bitwise(prox.aggregate(g, updates), make_aggregator("fedavg").aggregate(g, updates))
-    assert prox.client_config() == {"proximal-mu": 0.1}
-    assert make_aggregator("fedavg").client_config() == {}
+    assert prox.params == {"proximal-mu": 0.1}
 
 
 def test_fedadam_formula_by_hand() -> None:
@@ -342,7 +341,7 @@ def test_flower_keyword_names_are_accepted() -> None:
     assert adam.params == {"server-lr": 0.2, "server-beta1": 0.5, "server-beta2": 0.6, "server-tau": 0.01}
     assert make_aggregator("fedtrimmedavg", beta=0.1).params == {"trim-beta": 0.1}
     assert make_aggregator("krum", num_malicious_nodes=2).params == {"krum-byzantine": 2}
-    assert make_aggregator("fedprox", proximal_mu=0.3).client_config() == {"proximal-mu": 0.3}
+    assert make_aggregator("fedprox", proximal_mu=0.3).params == {"proximal-mu": 0.3}
 
 
 @pytest.mark.parametrize("name,params", [

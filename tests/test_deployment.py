@@ -80,7 +80,8 @@ def test_killed_supernode_leaves_the_run_which_completes(deployment) -> None:
     assert "site site-3 failed and leaves the run" in (run_dir / "run.log").read_text()
 
 
-def test_serverapp_stopped_mid_run_resumes_to_the_same_model(deployment, tmp_path: Path) -> None:
+def test_serverapp_stopped_mid_run_resumes_to_the_same_model(deployment, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """`flwr stop` kills the ServerApp during CNN round 2; a new run with resume=true finishes it.
 
     The reference is the same federation run uninterrupted, in process, on copies of the same
@@ -100,18 +101,18 @@ def test_serverapp_stopped_mid_run_resumes_to_the_same_model(deployment, tmp_pat
     from client.client_app import app as client_app
     from client.model_store import CNN_ROLE, arrays_from_bytes
     from client.vault import KeySource, Vault
+    from common.settings import RunSettings
+    from server.phases import RunState
     from server.server_app import run_federation
-    from server.settings import RunSettings
+    from simulations.site_layout import set_layout_policy
     from tests.local_grid import LocalGrid
 
     dep, root = deployment
     alive = ["site-1", "site-2"]  # site-3 was killed by the previous test
     settings = {**RUN, "dp": False, "cnn-rounds": 3, "round-timeout": 60.0}
+    set_layout_policy(root / "sites", require_dp=False)  # each site's officer allows the non-private reference
     for name in alive:
         shutil.copytree(root / "sites" / name, tmp_path / "ref" / name)
-    grid = LocalGrid(client_app, [{"vault": str(tmp_path / "ref" / n / "vault"), "key-file": str(tmp_path / "ref" / n / "key"),
-                                   "site": n} for n in alive], run_config={})
-    run_federation(grid, RunSettings.from_run_config({**settings, "run-dir": str(tmp_path / "ref-run")}))
 
     run_dir = root / "run-resume"
     run_id = dep.submit_run(APP_DIR, run_config={**settings, "run-dir": str(run_dir)})
@@ -127,6 +128,14 @@ def test_serverapp_stopped_mid_run_resumes_to_the_same_model(deployment, tmp_pat
     result = dep.run(APP_DIR, run_config={**settings, "run-dir": str(run_dir), "resume": True}, timeout=420.0)
     assert result.status.completed, result.log[-3000:]
     assert "resuming run" in (run_dir / "run.log").read_text()
+
+    # The reference: the same genofed run (sites seed their randomness with its id), uninterrupted.
+    genofed_run = json.loads((run_dir / "metrics.json").read_text())["run"]["run_id"]
+    monkeypatch.setattr("server.server_app.new_state", lambda: RunState(run_id=genofed_run))
+    ref_settings = RunSettings.from_run_config({**settings, "run-dir": str(tmp_path / "ref-run")})
+    grid = LocalGrid(client_app, [{"vault": str(tmp_path / "ref" / n / "vault"), "key-file": str(tmp_path / "ref" / n / "key"),
+                                   "site": n} for n in alive], run_config=ref_settings.to_run_config())
+    run_federation(grid, ref_settings)
     for name in alive:
         real = Vault.open(root / "sites" / name / "vault", KeySource.from_key_file(root / "sites" / name / "key"))
         ref = Vault.open(tmp_path / "ref" / name / "vault", KeySource.from_key_file(tmp_path / "ref" / name / "key"))

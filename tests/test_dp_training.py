@@ -95,3 +95,60 @@ def test_accountant_survives_a_new_process(tmp_path: Path) -> None:
     total = first["steps"] + second.steps
     assert second.epsilon == pytest.approx(_independent_epsilon(sigma, q, total, 1e-4), rel=1e-9)
     assert second.epsilon > first["epsilon"]
+
+
+def _private_sgd(n: int, *, sigma_epsilon: float = 2.0, max_grad_norm: float = 1.0):
+    """A private SGD step set up exactly as training sets it up (our ``_make_private``), lr 1."""
+    import torch
+
+    from client.dp_training import _make_private
+
+    data = motif_data(n, 0)
+    model = build_model(CFG, seed=0)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*data.tensors()), batch_size=40)
+    dp = DPConfig(target_epsilon=sigma_epsilon, target_delta=1e-4, max_grad_norm=max_grad_norm, total_epochs=2)
+    net, opt, crit, loader, _, sigma, _ = _make_private(
+        model, torch.optim.SGD(model.parameters(), lr=1.0), torch.nn.CrossEntropyLoss(), loader, data,
+        TrainConfig(batch_size=40), dp, None)
+    return net, opt, crit, data, sigma, model
+
+
+def _step(net, opt, loss_of) -> np.ndarray:
+    """The change of every trained weight made by one optimizer step."""
+    import torch
+
+    before = torch.cat([p.detach().flatten().clone() for p in net.parameters()])
+    opt.zero_grad(set_to_none=True)
+    loss_of(net).backward()
+    opt.step()
+    after = torch.cat([p.detach().flatten() for p in net.parameters()])
+    opt.zero_grad(set_to_none=True)
+    return (after - before).numpy().astype(np.float64)
+
+
+def test_dp_sgd_adds_the_calibrated_noise() -> None:
+    """With zero gradients a DP step is pure noise: per weight N(0, (sigma * C / expected batch)^2)."""
+    import torch
+
+    net, opt, _, data, sigma, _ = _private_sgd(400)
+    x = torch.as_tensor(data.tracks[0][:40], dtype=torch.float32)
+    delta = _step(net, opt, lambda m: 0.0 * m(x).sum())
+    expected = sigma * opt.max_grad_norm / opt.expected_batch_size
+    assert sigma > 0.3 and delta.size > 1000
+    # The sample sd of ~2,300 normal draws is within 6% of the true one with overwhelming probability.
+    assert np.std(delta) == pytest.approx(expected, rel=0.06), (np.std(delta), expected)
+    assert abs(np.mean(delta)) < 4 * expected / np.sqrt(delta.size)
+
+
+def test_dp_sgd_clips_each_patients_gradient_to_the_bound() -> None:
+    """One patient with an enormous loss moves the weights by at most C / expected batch (noise off)."""
+    import torch
+
+    net, opt, _, data, _, _ = _private_sgd(400, max_grad_norm=0.5)
+    opt.noise_multiplier = 0.0  # isolate clipping
+    x = torch.as_tensor(data.tracks[0][:1], dtype=torch.float32)
+    y = torch.as_tensor(data.y[:1])
+    delta = _step(net, opt, lambda m: 1e6 * torch.nn.functional.cross_entropy(m(x), y))
+    bound = opt.max_grad_norm / opt.expected_batch_size
+    assert np.linalg.norm(delta) <= bound * (1 + 1e-5)
+    assert np.linalg.norm(delta) >= 0.99 * bound  # the huge gradient was clipped to, not below, the bound

@@ -24,17 +24,17 @@ from client.model_store import CNN_ROLE, arrays_from_bytes, load_forest
 from client.pipeline import SiteData, deep_proba, forest_matrix, meta_features
 from client.vault import KeySource, Vault
 from common.meta import StackingMetaClassifier, flat_coef
-from common.metrics import compute_metrics
+from common.metrics import TEST_BINS, compute_stats, metrics_from_stats, released_arrays, stats_from_released
 from common.models import DeepModelConfig, build_model
 from server.exchange import TooFewSitesError
 from server.phases import CensusError
 from server.server_app import run_federation
-from server.settings import RunSettings
-from simulations.site_layout import split_cohort
+from common.settings import RunSettings
+from simulations.site_layout import set_layout_policy, split_cohort
 from simulations.synthetic import write_synthetic_cohort
-from tests.local_grid import LocalGrid
+from tests.local_grid import LocalGrid, node_configs
 
-FAST = dict(cnn_rounds=2, forest_trees=20, wait_timeout=2.0, round_timeout=60.0)
+FAST = dict(cnn_rounds=2, forest_trees=20, wait_timeout=2.0, round_timeout=60.0, test_statistics="exact")
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +43,8 @@ def sites_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_synthetic_cohort(out=root / "cohort", patients=360, seed=5)
     split_cohort(spec_path=root / "cohort" / "spec.toml", sites=3, by="iid", out=root / "sites", seed=0,
                  vaults=True, show_progress=False)
+    # These tests compare against non-private references: every site's officer allows them.
+    set_layout_policy(root / "sites", require_dp=False, test_statistics="exact")
     return root / "sites"
 
 
@@ -55,14 +57,10 @@ def sites(sites_template: Path, tmp_path: Path) -> Path:
     return tmp_path / "sites"
 
 
-def _node_configs(sites: Path) -> list[dict]:
-    return [{"vault": str(p / "vault"), "key-file": str(p / "key"), "site": p.name}
-            for p in sorted(q for q in sites.iterdir() if (q / "vault").is_dir())]
-
-
 def _run(sites: Path, run_dir: Path, *, fail=None, **settings) -> tuple[dict, LocalGrid]:
-    grid = LocalGrid(client_app, _node_configs(sites), run_config={}, fail=fail)
-    doc = run_federation(grid, RunSettings(run_dir=str(run_dir), **{**FAST, **settings}))
+    run = RunSettings(run_dir=str(run_dir), **{**FAST, **settings})
+    grid = LocalGrid(client_app, node_configs(sites), run_config=run.to_run_config(), fail=fail)
+    doc = run_federation(grid, run)
     return doc, grid
 
 
@@ -116,7 +114,10 @@ def test_meta_matches_pooled_fit_and_pooled_metrics_match_the_union(sites: Path,
     np.testing.assert_allclose(np.asarray(coef), flat_coef(pooled), atol=1e-4)
     y_test, proba, _ = _union_predictions(sites, coef, "test")
     for name in ("cnn", "forest", "hybrid"):
-        union = compute_metrics(y_test, proba[name])
+        # The sites released their statistics over TEST_BINS bins: the union with the same bins.
+        # (released form: a binary decision is p1 >= 0.5, so the forest's 0.5 ties count as positive)
+        union_stats = compute_stats(y_test, proba[name], n_classes=2, n_bins=TEST_BINS)
+        union = metrics_from_stats(stats_from_released(released_arrays(union_stats), n_classes=2))
         fed = doc["models"][name]
         for key in ("accuracy", "precision", "recall", "specificity", "f1"):
             assert fed[key] == pytest.approx(union[key], abs=1e-12), (name, key)
@@ -166,23 +167,27 @@ def test_schema_mismatch_stops_the_run_before_training(sites: Path, tmp_path: Pa
 
 
 def test_ledger_refuses_over_budget_and_continues_across_runs(sites: Path, tmp_path: Path) -> None:
-    first, _ = _run(sites, tmp_path / "run1", dp=True, epsilon=3.0, site_epsilon_budget=5.0)
+    set_layout_policy(sites, budget_epsilon=4.0)  # one run (3.2) fits, two (4.8 composed) do not
+    first, _ = _run(sites, tmp_path / "run1", dp=True, epsilon=3.0)
     spent = {s: p["epsilon"] for s, p in first["privacy"].items()}
-    assert all(0 < e <= 5.0 for e in spent.values())
+    assert all(0 < e <= 4.0 for e in spent.values())
     # Every round is charged (Opacus folds later rounds into one history entry: they must still count).
-    from client.ledger import PrivacyLedger
+    from client.privacy.ledger import PrivacyLedger
 
     for site, vault in _site_vaults(sites):
         rounds = {r.round for r in PrivacyLedger.load(vault).releases if r.label == "cnn-update"}
         assert rounds == {1, 2}, site
-    # The same sites again: the ledger continues, and the new run would exceed the budget of 5.
-    second, _ = _run(sites, tmp_path / "run2", dp=True, epsilon=3.0, site_epsilon_budget=5.0, min_sites=1)
-    assert second["census"]["site-1"]["ledger-spent"] == pytest.approx(spent["site-1"])
-    assert all("refused to release cnn-update" in r for r in second["missing_sites"].values())
+    # The same sites again: the ledger continues, and the new run would exceed the budget of 4.
+    with pytest.raises(CensusError, match=r"refused by the site's privacy policy: the run's planned releases would take the site's spend"):
+        _run(sites, tmp_path / "run2", dp=True, epsilon=3.0, min_sites=1)
+    for site, vault in _site_vaults(sites):  # refused at the census: nothing more was spent
+        assert PrivacyLedger.load(vault).spent_epsilon() == pytest.approx(spent[site])
+    log = (tmp_path / "run2" / "run.log").read_text()
+    assert sum("refuses the run" in line for line in log.splitlines()) == 3
 
 
 def test_dp_run_charges_noised_meta_statistics_to_every_ledger(sites: Path, tmp_path: Path) -> None:
-    from client.ledger import PrivacyLedger
+    from client.privacy.ledger import PrivacyLedger
 
     sent = []
 
@@ -211,11 +216,15 @@ def test_dp_run_charges_noised_meta_statistics_to_every_ledger(sites: Path, tmp_
     assert privacy_figure(doc) is not None
 
 
-def test_round_randomness_is_seeded_from_the_site_key_not_the_run_config(sites: Path, tmp_path: Path) -> None:
+def test_round_randomness_is_seeded_from_the_site_key_not_the_run_config(sites: Path, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """The coordinator knows the run seed; if it fixed a site's sampling and noise, DP would be void."""
     import shutil
 
     from client.vault import generate_key_file
+    from server.phases import RunState
+
+    monkeypatch.setattr("server.server_app.new_state", lambda: RunState(run_id="same-run"))
 
     other = tmp_path / "rekeyed"
     shutil.copytree(sites, other)
@@ -225,8 +234,10 @@ def test_round_randomness_is_seeded_from_the_site_key_not_the_run_config(sites: 
         shutil.copy(new_key, p / "key")
     a, _ = _run(sites, tmp_path / "a", dp=True, epsilon=3.0, cnn_rounds=1)
     b, _ = _run(other, tmp_path / "b", dp=True, epsilon=3.0, cnn_rounds=1)
-    loss = [{s: m["train-loss"] for s, m in d["rounds"][1]["sites"].items()} for d in (a, b)]
-    assert all(loss[0][s] != loss[1][s] for s in loss[0])  # same data, same run config, other keys
+    for (_, va), (_, vb) in zip(_site_vaults(sites), _site_vaults(other)):  # same data, run and config; other keys
+        wa, _ = arrays_from_bytes(va.read(CNN_ROLE))
+        wb, _ = arrays_from_bytes(vb.read(CNN_ROLE))
+        assert any(not np.array_equal(wa[k], wb[k]) for k in wa)
 
 
 def test_coordinator_sends_away_a_site_whose_ledger_went_backwards(sites: Path, tmp_path: Path) -> None:
@@ -275,10 +286,15 @@ def test_ledger_registry_tells_a_recreated_ledger_and_reads_only_its_own_format(
     ("train.meta", 2, 103),    # the same in a meta round
 ])
 def test_resumed_run_ends_at_the_same_model(sites: Path, sites_template: Path, tmp_path: Path, kind: str, rnd: int,
-                                            at_node: int | None) -> None:
+                                            at_node: int | None, monkeypatch: pytest.MonkeyPatch) -> None:
     import shutil
 
-    from client.ledger import PrivacyLedger
+    from client.privacy.ledger import PrivacyLedger
+    from server.phases import RunState
+
+    # A site seeds every release from its key, the run id and the charge's sequence number: the
+    # reference must be the same run (same id) on an identical copy of the sites.
+    monkeypatch.setattr("server.server_app.new_state", lambda: RunState(run_id="same-run"))
 
     reference, _ = _run(sites, tmp_path / "ref", dp=True, epsilon=4.0, cnn_rounds=3)
 
@@ -297,7 +313,7 @@ def test_resumed_run_ends_at_the_same_model(sites: Path, sites_template: Path, t
     with pytest.raises(Stop):
         _run(other, tmp_path / "run", dp=True, epsilon=4.0, cnn_rounds=3, fail=stop_in_round_3)
     resumed, _ = _run(other, tmp_path / "run", dp=True, epsilon=4.0, cnn_rounds=3, resume=True)
-    assert resumed["run"]["run_id"] != reference["run"]["run_id"]
+    assert resumed["run"]["run_id"] == reference["run"]["run_id"] == "same-run"
     np.testing.assert_allclose(resumed["meta"]["coef"], reference["meta"]["coef"], atol=1e-10)
     for (_, a), (_, b) in zip(_site_vaults(sites), _site_vaults(other)):
         wa, _ = arrays_from_bytes(a.read(CNN_ROLE))

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from opacus.accountants import RDPAccountant
 
 from client.cohort_store import save_cohort
-from client.ledger import (
+from client.privacy.ledger import (
     LEDGER_ROLE,
     ORDERS,
     LedgerError,
@@ -174,7 +174,7 @@ def test_releases_take_numpy_numbers_and_store_plain_ones() -> None:
 
 def test_composition_does_not_import_torch() -> None:
     # A census or meta round must not pay torch's import time just to read the ledger.
-    code = ("import sys; from client.ledger import _epsilon_of; "
+    code = ("import sys; from client.privacy.ledger import _epsilon_of; "
             "assert _epsilon_of({(1.0, 0.1): 10}, delta=1e-5) > 0; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
@@ -258,7 +258,7 @@ def test_charges_of_one_call_must_share_run_and_round(vault: Vault) -> None:
 
 SECOND_RUN = """
 import json, sys
-from client.ledger import PrivacyLedger, Release
+from client.privacy.ledger import PrivacyLedger, Release
 from client.vault import KeySource, Vault
 vault = Vault.open(sys.argv[1], KeySource.from_key_file(sys.argv[2]))
 ledger = PrivacyLedger.open(vault, site="site-1", default_epsilon=1000.0, default_delta=0.1)
@@ -286,8 +286,10 @@ def test_a_second_run_in_a_new_process_continues_the_same_ledger(vault: Vault, k
 
 def test_reimporting_the_cohort_keeps_the_ledger(tmp_path: Path, key_file: Path) -> None:
     key = KeySource.from_key_file(key_file)
-    vault = save_cohort(tmp_path / "vault", small_cohort(), key)
-    PrivacyLedger.open(vault, site="site-1", default_epsilon=3.0).charge([dp_sgd(1.0, 0.01, 100)])
+    vault = save_cohort(tmp_path / "vault", small_cohort(), key)  # import creates the ledger (budget 10)
+    ledger = PrivacyLedger.open(vault, site="site-1", default_epsilon=50.0)
+    ledger.set_budget(epsilon=3.0)
+    ledger.charge([dp_sgd(1.0, 0.01, 100)])
     save_cohort(tmp_path / "vault", small_cohort(events=False), key, overwrite=True)  # `vault import --force`
     ledger = PrivacyLedger.open(Vault.open(tmp_path / "vault", key), site="site-1", default_epsilon=50.0)
     assert ledger.budget_epsilon == 3.0 and history_of(ledger.releases) == [(1.0, 0.01, 100)]
@@ -318,7 +320,7 @@ def test_a_vanished_ledger_is_never_silently_restarted_by_a_charge(vault: Vault)
 CHARGER = """
 import sys, time
 from pathlib import Path
-from client.ledger import PrivacyBudgetExceeded, PrivacyLedger, Release
+from client.privacy.ledger import PrivacyBudgetExceeded, PrivacyLedger, Release
 from client.vault import KeySource, Vault
 vault_path, key_path, name, count, budget, go = sys.argv[1:]
 vault = Vault.open(vault_path, KeySource.from_key_file(key_path))
@@ -440,7 +442,7 @@ def test_cli_help_is_useful(capsys: pytest.CaptureFixture[str]) -> None:
 def test_lock_wait_is_bounded(vault: Vault, monkeypatch: pytest.MonkeyPatch) -> None:
     import fcntl
 
-    import client.ledger as ledger_mod
+    import client.privacy.ledger as ledger_mod
 
     ledger = PrivacyLedger.open(vault, site="site-1")
     monkeypatch.setattr(ledger_mod, "LOCK_WAIT_S", 0.1)

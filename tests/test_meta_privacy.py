@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from client.meta_privacy import meta_noise_multiplier, private_newton_terms
+from client.privacy.mechanisms import meta_noise_multiplier, private_newton_terms
 from common.meta import META_FEATURE_BOUND, nearest_positive_definite, newton_terms, statistic_bounds
 
 B = META_FEATURE_BOUND
@@ -68,7 +68,7 @@ def test_noise_has_the_calibrated_scale_and_keeps_the_hessian_symmetric() -> Non
 
 
 def test_noise_multiplier_spends_the_meta_epsilon_over_the_rounds() -> None:
-    from client.ledger import gaussian_noise_multiplier
+    from client.privacy.ledger import gaussian_noise_multiplier
 
     one = meta_noise_multiplier(epsilon=1.0, delta=1e-5, rounds=1)
     three = meta_noise_multiplier(epsilon=1.0, delta=1e-5, rounds=3)

@@ -124,3 +124,72 @@ def test_interval_from_statistics_is_close_to_the_patient_bootstrap() -> None:
         assert lo <= point[name] <= hi
         width, ref = hi - lo, from_patients[name][1] - from_patients[name][0]
         assert 0.6 * ref <= width <= 1.6 * ref, (name, width, ref)
+
+
+@pytest.mark.parametrize("n_bins", [2, 16, 32, 64])
+@pytest.mark.parametrize("k", [2, 3])
+def test_any_even_bin_count_keeps_counts_exact_and_auc_within_its_bound(n_bins: int, k: int) -> None:
+    # Everything reads the bin count from the arrays: coarse grids change only the AUC, by at
+    # most the bound they report.
+    y, p = _predictions(np.random.default_rng(20 + n_bins + k), 1500, k, 1.5)
+    stats = compute_stats(y, p, n_bins=n_bins)
+    assert stats.hist_pos.shape == (k, n_bins)
+    ours, ref = metrics_from_stats(stats), _sklearn(y, p)
+    for name in ("accuracy", "precision", "recall", "f1", "specificity"):
+        assert ours[name] == pytest.approx(ref[name], abs=1e-12), name
+    assert abs(ours["auc"] - ref["auc"]) <= ours["auc_bound"] + 1e-12
+
+
+def test_coarsened_statistics_equal_statistics_binned_coarsely() -> None:
+    from common.metrics import N_BINS, TEST_BINS, coarsen_stats
+
+    y, p = _predictions(np.random.default_rng(21), 800, 3, 2.0)
+    fine = compute_stats(y, p, n_bins=N_BINS)
+    for n_bins in (TEST_BINS, 16, 2):
+        coarse, direct = coarsen_stats(fine, n_bins=n_bins), compute_stats(y, p, n_bins=n_bins)
+        assert np.array_equal(coarse.hist_pos, direct.hist_pos) and np.array_equal(coarse.hist_neg, direct.hist_neg)
+        assert np.array_equal(coarse.confusion, direct.confusion)
+    with pytest.raises(ValueError, match="divisor"):
+        coarsen_stats(fine, n_bins=48)
+
+
+def test_statistics_on_different_grids_do_not_add() -> None:
+    y, p = _predictions(np.random.default_rng(22), 100, 2, 1.0)
+    # A 1-bin histogram would otherwise broadcast silently onto the 32-bin one.
+    with pytest.raises(ValueError, match="bin counts"):
+        compute_stats(y, p, n_bins=32) + compute_stats(y, p, n_bins=1)
+    with pytest.raises(ValueError, match="bin counts"):
+        compute_stats(y, p, n_bins=32) + compute_stats(y, p, n_bins=16)
+
+
+def test_noised_statistics_give_nan_not_exceptions(recwarn: pytest.WarningsRecorder) -> None:
+    rng = np.random.default_rng(23)
+    y, p = _predictions(rng, 200, 2, 1.0)
+    clean = compute_stats(y, p, n_bins=32)
+    # Negative counts (noise left unclipped) are read as zero.
+    noise = rng.integers(-3, 4, size=clean.hist_pos.shape)
+    noisy = EvalStats(clean.confusion - 200 * np.eye(2, dtype=np.int64), clean.hist_pos + noise, clean.hist_neg - noise)
+    clipped = EvalStats(*(np.maximum(a, 0) for a in (noisy.confusion, noisy.hist_pos, noisy.hist_neg)))
+    assert (noisy.confusion < 0).any() and (noisy.hist_neg < 0).any()
+    assert metrics_from_stats(noisy) == metrics_from_stats(clipped)
+    # No positives at all: every metric that needs one is NaN; specificity and accuracy are not.
+    zero = np.zeros_like(clean.hist_pos[1])
+    no_pos = EvalStats(np.array([[50, 10], [0, 0]]), np.stack([clean.hist_pos[0], zero]),
+                       np.stack([zero, clean.hist_neg[1]]))
+    m = metrics_from_stats(no_pos)
+    for name in ("recall", "f1", "auc", "auprc"):
+        assert np.isnan(m[name]), name
+    assert m["specificity"] == pytest.approx(50 / 60) and m["accuracy"] == pytest.approx(50 / 60)
+    # Nothing at all (every count noised down to zero), binary and three classes.
+    for k in (2, 3):
+        empty = np.zeros((k, 32), np.int64)
+        m = metrics_from_stats(EvalStats(np.zeros((k, k), np.int64), empty, empty))
+        for name in ("accuracy", "recall", "specificity", "f1", "auc", "auprc"):
+            assert np.isnan(m[name]), (k, name)
+        assert m["n"] == 0
+    # Three classes, one of them empty: averaged over the other two.
+    y3, p3 = _predictions(rng, 300, 2, 1.5)
+    s3 = compute_stats(y3, np.column_stack([p3, np.zeros(len(y3))]), n_classes=3, n_bins=32)
+    m3, m2 = metrics_from_stats(s3), metrics_from_stats(compute_stats(y3, p3, n_bins=32))
+    assert m3["recall"] == pytest.approx(np.mean([m2["specificity"], m2["recall"]]))
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]

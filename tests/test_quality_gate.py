@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from simulations.cli import main
+from simulations.site_layout import set_layout_policy
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -26,10 +27,12 @@ pytestmark = [pytest.mark.realdata, pytest.mark.slow, pytest.mark.timeout(900),
 def test_federated_hybrid_matches_pooled_on_splice(tmp_path: Path) -> None:
     sites = tmp_path / "sites"
     assert main(["cohort", "recipe", "splice", "--data", str(DATA), "--out", str(sites), "--vaults"]) == 0
+    # The non-private reference: every site's officer allows it, and exact test statistics.
+    set_layout_policy(sites, require_dp=False, test_statistics="exact")
     assert main(["evaluate", "--sites-dir", str(sites), "--no-dp", "--out", str(tmp_path / "pooled"),
                  "--bootstrap", "1"]) == 0
     assert main(["simulate", "--sites-dir", str(sites), "--no-dp", "--rounds", "10", "--local-epochs", "2",
-                 "--out", str(tmp_path / "fed")]) == 0
+                 "--set", 'test-statistics="exact"', "--out", str(tmp_path / "fed")]) == 0
     pooled = json.loads((tmp_path / "pooled" / "metrics.json").read_text())["models"]
     fed = json.loads((tmp_path / "fed" / "metrics.json").read_text())["models"]
     assert fed["hybrid"]["auc"] == pytest.approx(pooled["hybrid"]["auc"], abs=0.01)

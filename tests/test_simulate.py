@@ -31,6 +31,16 @@ def test_simulation_engine_run_completes(tmp_path: Path, capsys: pytest.CaptureF
     # Nothing keeps running: the private SuperLink was stopped.
     log = (out / ".flower" / "superlink.log").read_text()
     assert log  # it did run
+    # The same sites, asked for a run without DP: every site's default policy refuses it at the census,
+    # and the user reads one line naming each site and why, not a traceback.
+    capsys.readouterr()
+    assert main(["simulate", "--sites-dir", str(tmp_path / "sites"), "--out", str(tmp_path / "nodp"), "--no-dp"]) == 1
+    stderr = capsys.readouterr().err
+    err = [line for line in stderr.splitlines() if line.startswith("genofed: error")]  # (the rest: progress)
+    assert len(err) == 1 and err[0].startswith("genofed: error: run ") and "Traceback" not in stderr
+    assert err[0].count("its policy requires differential privacy") == 3
+    refused = json.loads((tmp_path / "nodp" / "events.jsonl").read_text().splitlines()[-1])
+    assert refused["event"] == "failed"
 
 
 def test_simulate_refuses_a_missing_layout(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -659,7 +659,9 @@ def test_inspect_vault_shows_counts_only(tmp_path: Path, key: KeySource) -> None
     assert info["cohort"]["modalities"]["clinical"] == {"numeric": 1, "categorical": 1}
     assert info["cohort"]["schema_hash"] == small_cohort().schema_hash
     assert info["vault"]["kdf"] == "raw" and info["vault"]["format"] == "genofed-vault"
-    assert info["vault"]["blobs"] == len(info["vault"]["roles"]) == 8
+    # 8 cohort blobs, plus the site's privacy policy and ledger, created at import
+    assert info["vault"]["blobs"] == len(info["vault"]["roles"]) == 10
+    assert {"privacy/policy", "privacy/ledger"} <= set(info["vault"]["roles"])
     text = json.dumps(info)
     assert "P00" not in text and "BRCA1" not in text and "f1" not in text
 
@@ -688,7 +690,7 @@ def test_cli_keygen_verify_inspect_rekey(tmp_path: Path, capsys: pytest.CaptureF
 
     assert cli("vault", "verify", tmp_path / "vault", "--key-file", tmp_path / "key") == 0
     out = capsys.readouterr().out
-    assert out.startswith(f"{tmp_path / 'vault'}: 8 blobs authenticated (") and out.rstrip().endswith(" bytes)")
+    assert out.startswith(f"{tmp_path / 'vault'}: 10 blobs authenticated (") and out.rstrip().endswith(" bytes)")
 
     assert cli("vault", "inspect", tmp_path / "vault", "--key-file", tmp_path / "key", "--json") == 0
     assert json.loads(capsys.readouterr().out)["cohort"]["patients"] == 6

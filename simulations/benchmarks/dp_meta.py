@@ -64,7 +64,7 @@ def _auc(sites: list[dict], coef: np.ndarray, n_features: int, n_classes: int) -
 
 def _dp_fit(sites: list[dict], *, start: np.ndarray, sigma: float, n_classes: int, rounds: int,
             rng: np.random.Generator) -> np.ndarray:
-    from client.meta_privacy import private_newton_terms
+    from client.privacy.mechanisms import private_newton_terms
     from common.meta import META_FEATURE_BOUND, NewtonSolver, nearest_positive_definite, noise_floor
 
     n_features = sites[0]["validation"][0].shape[1]
@@ -81,7 +81,7 @@ def _dp_fit(sites: list[dict], *, start: np.ndarray, sigma: float, n_classes: in
 
 
 def run(*, sites_dir: Path, meta_epsilon: float, delta: float, rounds: int, draws: int) -> dict[str, Any]:
-    from client.meta_privacy import meta_noise_multiplier
+    from client.privacy.mechanisms import meta_noise_multiplier
     from common.meta import StackingMetaClassifier, averaging_prior, flat_coef, n_params
 
     sites = _site_features(sites_dir)

@@ -35,7 +35,7 @@ def run(*, sites: int, patients: int, rounds: int, local_epochs: int, dp: bool, 
     from client.vault import KeySource
     from common.cohort import concat_cohorts
     from simulations.evaluate import EvaluateSettings, run_evaluate
-    from simulations.site_layout import split_cohort
+    from simulations.site_layout import set_layout_policy, split_cohort
     from simulations.synthetic import write_synthetic_cohort
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -43,6 +43,8 @@ def run(*, sites: int, patients: int, rounds: int, local_epochs: int, dp: bool, 
         write_synthetic_cohort(out=root / "cohort", patients=patients, seed=seed)
         split_cohort(spec_path=root / "cohort" / "spec.toml", sites=sites, by="iid", out=root / "sites", seed=seed,
                      vaults=True, show_progress=False)
+        if not dp:  # the benchmark stands in for every site's officer: the non-private reference
+            set_layout_policy(root / "sites", require_dp=False, test_statistics="exact")
         epochs = rounds * local_epochs
         t0 = time.perf_counter()
         cohort = concat_cohorts([load_cohort(d / "vault", KeySource.from_key_file(d / "key"))

@@ -42,7 +42,8 @@ still composed here with RDP: every valid accountant bounds the same mechanisms,
 larger epsilon than PRV (safe), and one accountant is needed to compose different mechanisms.
 The unit protected is one record of the site's data, as in DP-SGD. Not covered: the random
 number generator is not cryptographically secure (Opacus' secure mode needs torchcsprng,
-unavailable here); a non-DP run (``--no-dp``) releases without noise and is not charged here.
+unavailable here); a non-DP run (``--no-dp``, only where the site policy allows it) releases
+without noise and is not charged here.
 
 Concurrent writers
 ------------------
@@ -270,8 +271,27 @@ def gaussian_noise_multiplier(*, epsilon: float, delta: float, count: int = 1) -
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
         raise ValueError(f"count must be an int >= 1, got {count!r}")
 
+    return _calibrate(epsilon=epsilon, delta=delta, sample_rate=1.0, steps=count)
+
+
+def dpsgd_noise_multiplier(*, epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
+    """The noise multiplier for ``steps`` subsampled Gaussian steps at ``sample_rate`` costing ``epsilon``.
+
+    The ledger's own calibration (Renyi DP over :data:`ORDERS`): used to *plan* a run's DP-SGD
+    spend without importing Opacus. Training calibrates with Opacus' default orders, which need
+    at least as much noise, so the spend charged is at most the one planned.
+    """
+    _check_budget_numbers(epsilon=epsilon, delta=delta, error=ValueError)
+    if not 0 < sample_rate <= 1:
+        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    return _calibrate(epsilon=epsilon, delta=delta, sample_rate=float(sample_rate), steps=steps)
+
+
+def _calibrate(*, epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
     def cost(sigma: float) -> float:
-        return _epsilon_of({(sigma, 1.0): count}, delta=delta, cache=False)
+        return _epsilon_of({(sigma, sample_rate): steps}, delta=delta, cache=False)
 
     low, high = 0.0, 1.0
     while cost(high) > epsilon:
@@ -353,6 +373,11 @@ def _epsilon_of(steps_by_mechanism: Mapping[tuple[float, float], int], *, delta:
     return max(0.0, float(eps))
 
 
+def epsilon_of(releases: Iterable[Release], *, delta: float) -> float:
+    """Epsilon at ``delta`` of ``releases`` composed on their own (as the ledger composes them)."""
+    return _epsilon_of(_mechanisms(releases), delta=delta)
+
+
 def _mechanisms(releases: Iterable[Release]) -> dict[tuple[float, float], int]:
     out: dict[tuple[float, float], int] = {}
     for r in releases:
@@ -401,7 +426,7 @@ class PrivacyLedger:
         doc = _latest(vault)
         if doc is None:
             _check_budget_numbers(epsilon=default_epsilon, delta=default_delta, error=LedgerError)
-            with _ledger_lock(vault.path):
+            with ledger_lock(vault.path):
                 doc = _latest(vault)  # another process may have created it while we waited
                 if doc is None:
                     doc = _new_doc(site=site, epsilon=float(default_epsilon), delta=float(default_delta))
@@ -533,7 +558,15 @@ class PrivacyLedger:
     # -- writing -------------------------------------------------------------------------------
 
     def charge(self, releases: Release | Iterable[Release], *, require_within_budget: bool = True) -> float:
-        """Record ``releases`` (one round's, all with the same run and round); returns the new spend.
+        """Record ``releases``; returns the new spend (see :meth:`record`)."""
+        return self.record(releases, require_within_budget=require_within_budget)[1]
+
+    def record(self, releases: Release | Iterable[Release], *,
+               require_within_budget: bool = True) -> tuple[int, float]:
+        """Record ``releases`` (one round's, all with the same run and round).
+
+        Returns the charge's sequence number (unique in this ledger: 0 when ``releases`` is
+        empty) and the site's new spend.
 
         Call it before the releases leave the site, and send them only if it returns. The ledger
         is re-read under the ledger lock, checked and written in one vault update, so concurrent
@@ -548,9 +581,9 @@ class PrivacyLedger:
         """
         batch = _as_list(releases)
         if not batch:
-            return self.spent_epsilon()
+            return 0, self.spent_epsilon()
         run_id, round_ = _one_run_and_round(batch)
-        with _ledger_lock(self._vault.path):
+        with ledger_lock(self._vault.path):
             doc = self._latest_or_fail()
             prior = [r for charge in doc["charges"] for r in _charge_releases(charge)]
             delta, budget = float(doc["budget"]["delta"]), float(doc["budget"]["epsilon"])
@@ -564,7 +597,7 @@ class PrivacyLedger:
                                    "releases": [r.to_json() for r in batch]})
             _write(self._vault, doc)
         self._doc = doc
-        return after
+        return seq, after
 
     def set_budget(self, *, epsilon: float, delta: float | None = None, allow_raise: bool = False) -> None:
         """Change the site's budget; it may only be tightened unless ``allow_raise``.
@@ -578,7 +611,7 @@ class PrivacyLedger:
         LedgerError
             Out-of-range numbers, or a raise without ``allow_raise``.
         """
-        with _ledger_lock(self._vault.path):
+        with ledger_lock(self._vault.path):
             doc = self._latest_or_fail()
             old_eps, old_delta = float(doc["budget"]["epsilon"]), float(doc["budget"]["delta"])
             new_delta = old_delta if delta is None else delta
@@ -708,7 +741,7 @@ def _check_budget_numbers(*, epsilon: object, delta: object, error: type[Excepti
 
 
 @contextmanager
-def _ledger_lock(vault_path: Path) -> Iterator[None]:
+def ledger_lock(vault_path: Path) -> Iterator[None]:
     """Exclusive ``flock`` on the folder holding the vault, for one read-check-write of the ledger.
 
     Not the vault folder itself: :meth:`Vault.update` locks that one, and flock locks taken

@@ -1,0 +1,245 @@
+"""Every byte that leaves a site is declared: the egress contract and the egress log.
+
+The contract
+------------
+For every message type a site answers, :func:`contract_for` declares which records and keys a
+reply may hold and the exact shape of each, as functions of the model layout, the number of
+classes and the run's settings: never of the number of patients. The ClientApp describes each
+reply (:class:`Observed` per key) and checks it with :meth:`EgressContract.violations` before
+it is sent; a reply that breaks the contract is replaced by an error and its content never
+leaves. Strings are bounded too (a string can carry anything), and numbers must be finite.
+
+The log
+-------
+:class:`EgressLog` keeps, in the vault role ``privacy/egress``, one entry per reply: when, which
+run and round, the message type, each key with its shape and bytes, the epsilon charged for it
+and whether it was sent or blocked (with the reason). It is appended under the ledger lock before
+the reply is handed to Flower, so nothing leaves unrecorded. It holds no patient data.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from common.errors import GenofedError
+
+EGRESS_ROLE = "privacy/egress"
+FORMAT = "genofed-egress-log"
+VERSION = 1
+NAME_LEN = 128        # a site name
+TEXT_LEN = 4096       # a refusal: reasons built from the run's settings and the site's policy
+SCHEMA_JSON_LEN = 1 << 20
+
+
+class EgressViolation(GenofedError):
+    """A reply holds something the egress contract does not declare; it was not sent."""
+
+
+@dataclass(frozen=True)
+class Field:
+    """One declared key: ``kind`` is ``"int"``, ``"float"``, ``"str"``, ``"bool"``, ``"ints"``
+    (a list of ints), ``"floats"`` or ``"array"``; ``shape`` is a list's length or an array's
+    shape; ``max_len`` bounds a string; ``dtype`` is an array's numpy kind (``"f"`` or ``"i"``)."""
+
+    kind: str
+    shape: tuple[int, ...] = ()
+    max_len: int = 0
+    dtype: str = "f"
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What a reply actually holds under one key."""
+
+    kind: str
+    shape: tuple[int, ...] = ()
+    nbytes: int = 0
+    finite: bool = True
+    dtype: str = ""
+
+
+Records = dict[str, dict[str, Field]]
+
+
+@dataclass(frozen=True)
+class EgressContract:
+    """The records a reply to ``message_type`` may hold: record -> key -> :class:`Field`."""
+
+    message_type: str
+    records: Records
+
+    def violations(self, observed: Mapping[str, Mapping[str, Observed]]) -> list[str]:
+        """Every way ``observed`` (record -> key -> :class:`Observed`) breaks the contract."""
+        out = []
+        for record, keys in observed.items():
+            declared = self.records.get(record)
+            if declared is None:
+                out.append(f"undeclared record {record!r}")
+                continue
+            for key, seen in keys.items():
+                field = declared.get(key)
+                if field is None:
+                    out.append(f"undeclared key {record}.{key}")
+                elif (why := _mismatch(field, seen)) is not None:
+                    out.append(f"{record}.{key}: {why}")
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        """The contract as plain data (for documentation and ``genofed ledger egress --contract``)."""
+        return {rec: {k: _field_text(f) for k, f in keys.items()} for rec, keys in self.records.items()}
+
+
+def _mismatch(field: Field, seen: Observed) -> str | None:
+    if seen.kind != field.kind:
+        return f"is {seen.kind}, declared {field.kind}"
+    if field.kind == "str":
+        return None if seen.shape[0] <= field.max_len else f"string of {seen.shape[0]} characters, at most " \
+                                                            f"{field.max_len} declared"
+    if seen.shape != field.shape:
+        return f"shape {seen.shape}, declared {field.shape}"
+    if field.kind == "array" and seen.dtype != field.dtype:
+        return f"dtype kind {seen.dtype!r}, declared {field.dtype!r}"
+    if not seen.finite:
+        return "holds non-finite values"
+    return None
+
+
+def _field_text(f: Field) -> str:
+    if f.kind == "str":
+        return f"str (at most {f.max_len} characters)"
+    if f.kind in ("ints", "floats"):
+        return f"{f.kind[:-1]}[{f.shape[0]}]"
+    if f.kind == "array":
+        return f"array{list(f.shape)} ({'float' if f.dtype == 'f' else 'int'})"
+    return f.kind
+
+
+# ---------------------------------------------------------------------------------------------
+# The contracts
+
+SCALAR_METRICS = {"num-examples": Field("int"), "handler-seconds": Field("float")}
+
+
+def contract_for(message_type: str, *, dp: bool, n_classes: int, model_shapes: Mapping[str, tuple[int, ...]]
+                 | None = None, meta_dim: int = 0, warm_start: bool = False,
+                 stats_shapes: Mapping[str, tuple[int, ...]] | None = None) -> EgressContract:
+    """The contract of a reply to ``message_type``.
+
+    Parameters
+    ----------
+    dp : whether the run is private (then no exact loss may leave).
+    n_classes : classes of the agreed schema.
+    model_shapes : the deep model's float arrays (``train``).
+    meta_dim : the meta-classifier's flat coefficient count (``train.meta``).
+    warm_start : a non-DP first meta round that also returns the local fit.
+    stats_shapes : the released test-statistics arrays, name -> shape (``evaluate``).
+    """
+    if message_type == "query.census":
+        return EgressContract(message_type, _census(n_classes))
+    if message_type == "train":
+        metrics = {**SCALAR_METRICS, **({"epsilon": Field("float"), "run-epsilon": Field("float"),
+                                         "delta": Field("float")} if dp else
+                                        {"train-loss": Field("float"), "val-loss": Field("float")})}
+        arrays = {name: Field("array", tuple(shape)) for name, shape in (model_shapes or {}).items()}
+        return EgressContract(message_type, {"arrays": arrays, "metrics": metrics,
+                                             "site": {"site": Field("str", max_len=NAME_LEN)}})
+    if message_type == "train.meta":
+        terms = {"grad": Field("array", (meta_dim,)), "hess": Field("array", (meta_dim, meta_dim))}
+        if warm_start and not dp:
+            terms |= {"local_coef": Field("array", (meta_dim,)), "local_hess": Field("array", (meta_dim, meta_dim))}
+        metrics = {**SCALAR_METRICS, **({"epsilon": Field("float"), "noise-multiplier": Field("float")} if dp
+                                        else {"loss": Field("float")})}
+        return EgressContract(message_type, {"terms": terms, "metrics": metrics})
+    if message_type == "evaluate":
+        stats = {name: Field("array", tuple(shape), dtype="i") for name, shape in (stats_shapes or {}).items()}
+        metrics = {**SCALAR_METRICS, "epsilon": Field("float"), "noise-std": Field("float")}
+        return EgressContract(message_type, {"stats": stats, "metrics": metrics})
+    raise EgressViolation(f"no egress contract for message type {message_type!r}: the site answers none")
+
+
+def _census(n_classes: int) -> Records:
+    census = {"site": Field("str", max_len=NAME_LEN), "schema-hash": Field("str", max_len=64),
+              "schema-json": Field("str", max_len=SCHEMA_JSON_LEN),
+              "n-train": Field("int"), "n-validation": Field("int"), "n-test": Field("int"),
+              "class-counts": Field("ints", (n_classes,)),
+              "test-class-counts": Field("ints", (n_classes,)), "ledger-spent": Field("float"),
+              "ledger-budget": Field("float"), "ledger-delta": Field("float"),
+              "ledger-created": Field("str", max_len=40), "ledger-revision": Field("int"),
+              "plan-epsilon": Field("float"), "refusal": Field("str", max_len=TEXT_LEN)}
+    return {"census": census, "metrics": dict(SCALAR_METRICS)}
+
+
+def observe(value: Any) -> Observed:
+    """Describe one record value (a numpy array, a number, a string or a list of numbers)."""
+    import numpy as np
+
+    if isinstance(value, np.ndarray):
+        kind = "f" if np.issubdtype(value.dtype, np.floating) else "i" if np.issubdtype(value.dtype, np.integer) \
+            else value.dtype.kind
+        finite = bool(np.isfinite(value).all()) if kind == "f" else True
+        return Observed("array", tuple(int(d) for d in value.shape), int(value.nbytes), finite, kind)
+    if isinstance(value, bool):
+        return Observed("bool", (), 1)
+    if isinstance(value, int):
+        return Observed("int", (), 8)
+    if isinstance(value, float):
+        return Observed("float", (), 8, math.isfinite(value))
+    if isinstance(value, str):
+        return Observed("str", (len(value),), len(value.encode("utf-8")))
+    if isinstance(value, (list, tuple)):
+        kinds = {type(v) for v in value}
+        kind = "ints" if kinds <= {int} else "floats" if kinds <= {int, float} else "other"
+        finite = all(math.isfinite(float(v)) for v in value) if kind != "other" else True
+        return Observed(kind, (len(value),), 8 * len(value), finite)
+    return Observed(type(value).__name__, (), 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The log
+
+
+def log_entry(*, run_id: str, message_type: str, round: int, observed: Mapping[str, Mapping[str, Observed]],
+              epsilon: float, status: str, reason: str = "") -> dict[str, Any]:
+    """One egress-log entry (no values, only what was declared of them)."""
+    keys = {f"{rec}.{key}": {"shape": list(o.shape), "bytes": o.nbytes}
+            for rec, fields in observed.items() for key, o in fields.items()}
+    entry = {"at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "run_id": run_id,
+             "message_type": message_type, "round": int(round), "keys": keys,
+             "bytes": sum(k["bytes"] for k in keys.values()), "epsilon": float(epsilon), "status": status}
+    if reason:
+        entry["reason"] = reason
+    return entry
+
+
+class EgressLog:
+    """The site's egress log, read from and appended to its vault (under the ledger lock)."""
+
+    def __init__(self, vault: Any) -> None:
+        self._vault = vault
+
+    def entries(self) -> list[dict[str, Any]]:
+        """Every entry so far, oldest first."""
+        self._vault._reload_if_changed()  # noqa: SLF001 - another process may have appended
+        if EGRESS_ROLE not in self._vault:
+            return []
+        doc = json.loads(self._vault.read(EGRESS_ROLE).decode("utf-8"))
+        if doc.get("format") != FORMAT or doc.get("version") != VERSION:
+            raise GenofedError(f"{self._vault.path}: the egress log is not a {FORMAT} version {VERSION}; "
+                               "restore the vault from backup")
+        return list(doc["entries"])
+
+    def append(self, entry: dict[str, Any]) -> None:
+        """Append ``entry``; the caller holds the ledger lock."""
+        entries = [*self.entries(), {"seq": 0, **entry}]
+        entries[-1]["seq"] = len(entries)
+        doc = {"format": FORMAT, "version": VERSION, "entries": entries}
+        self._vault.update({EGRESS_ROLE: json.dumps(doc, sort_keys=True, separators=(",", ":"),
+                                                    allow_nan=False).encode("utf-8")})
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self.entries())

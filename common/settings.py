@@ -1,0 +1,197 @@
+"""Run settings: ``[tool.flwr.app.config]`` (kebab-case, as Flower apps do) as one typed object.
+
+Both sides parse the same Flower run config (``context.run_config``: the app's defaults in
+``pyproject.toml`` plus ``flwr run --run-config`` overrides) into :class:`RunSettings` once, at
+the top of the ServerApp and of every ClientApp handler. Messages carry only the facts of one
+exchange (:class:`RoundFacts`: run id, round, model layout, coefficients), never settings, so a
+site never reads a privacy-relevant number from a message: what it is asked for is the run
+config, which it checks against its own policy.
+
+Every field's default equals the key's default in ``pyproject.toml`` (a test asserts it).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from common.errors import GenofedError
+
+TEST_STATISTICS = ("none", "noised", "exact")
+"""How test statistics leave a site, strictest first."""
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
+
+
+class SettingsError(GenofedError):
+    """A run-config value is missing, of the wrong kind or out of range."""
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What a run asks for. Field names are the run-config keys with ``_`` for ``-``.
+
+    The privacy-relevant fields (``dp``, ``epsilon``, ``delta``, ``meta_epsilon``,
+    ``test_statistics``, ``test_epsilon``) are a *request*: every site checks them against its own
+    policy and refuses a run that asks for more privacy loss than the policy allows.
+    """
+
+    run_dir: str = ""
+    resume: bool = False
+    seed: int = 0
+    min_sites: int = 2
+    wait_timeout: float = 120.0
+    round_timeout: float = 600.0
+    cnn_rounds: int = 5
+    local_epochs: int = 1
+    strategy: str = "fedavg"
+    proximal_mu: float = 0.01        # fedprox only
+    server_lr: float = 0.01          # fedadam
+    server_beta1: float = 0.9
+    server_beta2: float = 0.99
+    server_tau: float = 1e-3
+    trim_beta: float = 0.2           # fedtrimmedavg
+    krum_byzantine: int = 0          # krum
+    max_update_norm: float = 0.0     # 0: derived from lr, steps and clipping (server/validation.py)
+    dp: bool = True
+    epsilon: float = 8.0             # DP-SGD epsilon of the whole run, per site
+    delta: float = 0.0               # 0: each site's own policy delta
+    max_grad_norm: float = 1.0
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 1e-2
+    arch: str = "cnn"
+    forest_trees: int = 200
+    meta_rounds: int = 3
+    meta_epsilon: float = 1.0        # under DP: the meta statistics' epsilon over all meta rounds
+    meta_c: float = 1.0
+    meta_tol: float = 1e-10
+    test_statistics: str = "noised"  # none | noised | exact: how sites release test statistics
+    test_epsilon: float = 1.0        # epsilon of the one test-statistics release (noised)
+    ledger_registry: str = ""        # coordinator file remembering each site's ledger (server/ledger_registry.py)
+    sites_dir: str = ""
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise SettingsError(f"run config strategy = {self.strategy!r}: choose one of {', '.join(STRATEGIES)}")
+        if self.test_statistics not in TEST_STATISTICS:
+            raise SettingsError(f"run config test-statistics = {self.test_statistics!r}: choose one of "
+                                f"{', '.join(TEST_STATISTICS)}")
+        positive = ("epsilon", "meta_epsilon", "test_epsilon", "max_grad_norm", "lr", "wait_timeout",
+                    "round_timeout")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise SettingsError(f"run config {_key(name)} = {getattr(self, name)!r}: must be > 0")
+        at_least_one = ("cnn_rounds", "local_epochs", "batch_size", "meta_rounds", "min_sites", "forest_trees")
+        for name in at_least_one:
+            if getattr(self, name) < 1:
+                raise SettingsError(f"run config {_key(name)} = {getattr(self, name)!r}: must be at least 1")
+        if not 0 <= self.delta < 1:
+            raise SettingsError(f"run config delta = {self.delta!r}: must be in [0, 1) (0: each site's own delta)")
+        if self.max_update_norm < 0:
+            raise SettingsError(f"run config max-update-norm = {self.max_update_norm!r}: must be >= 0 "
+                                "(0: derived from the run's settings)")
+
+    @classmethod
+    def from_run_config(cls, cfg: dict[str, Any]) -> RunSettings:
+        """Settings from a Flower run config (unknown keys are ignored: they belong to Flower).
+
+        Raises
+        ------
+        SettingsError
+            A value of the wrong kind or out of range, naming the key.
+        """
+        values = {}
+        for f in fields(cls):
+            key = _key(f.name)
+            if key not in cfg:
+                continue
+            try:
+                values[f.name] = _coerce(cfg[key], type(f.default))
+            except (TypeError, ValueError):
+                raise SettingsError(f"run config {key} = {cfg[key]!r}: expected "
+                                    f"{type(f.default).__name__}") from None
+        return cls(**values)
+
+    def to_run_config(self) -> dict[str, Any]:
+        """The run config that parses back into these settings (kebab-case keys)."""
+        return {_key(k): v for k, v in asdict(self).items()}
+
+    def release_settings(self) -> dict[str, Any]:
+        """The settings a site's releases depend on (not where results go or how long to wait).
+
+        A site stores each release with a digest of these (and the exchange's facts), so that a
+        coordinator resumed with ``resume = true`` gets the same release back, charged once.
+        """
+        operational = {"run-dir", "resume", "wait-timeout", "round-timeout", "ledger-registry", "sites-dir",
+                       "min-sites"}
+        return {k: v for k, v in self.to_run_config().items() if k not in operational}
+
+    @property
+    def fedprox_mu(self) -> float:
+        """The proximal term a site adds to its local loss (0 unless the strategy is FedProx)."""
+        return self.proximal_mu if self.strategy == "fedprox" else 0.0
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _coerce(value: Any, kind: type) -> Any:
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ValueError(value)
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if kind in (int, float) and isinstance(value, bool):
+        raise ValueError(value)
+    return kind(value)
+
+
+@dataclass(frozen=True)
+class RoundFacts:
+    """The facts of one exchange that a message carries (never settings).
+
+    Attributes
+    ----------
+    run_id : the genofed run id (sites key per-run state and ledger charges by it).
+    server_round : the round within its phase (0 for one-off exchanges).
+    model_config : the deep model's layout as JSON (derived from the agreed schema).
+    coef : the meta-classifier's coefficients (meta rounds and evaluation).
+    warm_start : meta round 1 without DP: also return the local fit.
+    """
+
+    run_id: str
+    server_round: int = 0
+    model_config: str = ""
+    coef: tuple[float, ...] = field(default_factory=tuple)
+    warm_start: bool = False
+
+    def to_config(self) -> dict[str, Any]:
+        """ConfigRecord-ready values (kebab-case keys)."""
+        out: dict[str, Any] = {"run-id": self.run_id, "server-round": int(self.server_round),
+                               "warm-start": bool(self.warm_start)}
+        if self.model_config:
+            out["model-config"] = self.model_config
+        if self.coef:
+            out["coef"] = [float(c) for c in self.coef]
+        return out
+
+    @classmethod
+    def from_config(cls, cfg: dict[str, Any]) -> RoundFacts:
+        """Parse a message's config (other keys are ignored: settings come from the run config)."""
+        try:
+            return cls(run_id=str(cfg["run-id"]), server_round=int(cfg.get("server-round", 0)),
+                       model_config=str(cfg.get("model-config", "")),
+                       coef=tuple(float(c) for c in cfg.get("coef", ())),
+                       warm_start=bool(cfg.get("warm-start", False)))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SettingsError(f"message config is not a genofed exchange: {exc!r}") from None
+
+    def model(self) -> dict[str, Any]:
+        """The model layout as a dict."""
+        return json.loads(self.model_config)
