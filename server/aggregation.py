@@ -48,7 +48,7 @@ from flwr.serverapp.strategy.multikrum import select_multikrum
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from common.errors import GenofedError
-from common.settings import STRATEGIES
+from common.settings import STRATEGIES, RunSettings
 
 from .validation import is_float_array
 
@@ -176,7 +176,7 @@ class FedProxAggregator(FedAvgAggregator):
     """
 
     name = "fedprox"
-    defaults = {"proximal-mu": 0.0}
+    defaults = {"proximal-mu": RunSettings.proximal_mu}
     flower_names = {"proximal_mu": "proximal-mu"}
 
     def _check_params(self) -> None:
@@ -206,7 +206,8 @@ class FedAdamAggregator(Aggregator):
     """
 
     name = "fedadam"
-    defaults = {"server-lr": 0.1, "server-beta1": 0.9, "server-beta2": 0.99, "server-tau": 1e-3}
+    defaults = {"server-lr": RunSettings.server_lr, "server-beta1": RunSettings.server_beta1,
+                "server-beta2": RunSettings.server_beta2, "server-tau": RunSettings.server_tau}
     flower_names = {"eta": "server-lr", "beta_1": "server-beta1", "beta_2": "server-beta2", "tau": "server-tau"}
 
     def __init__(self, **params: float | int) -> None:
@@ -282,7 +283,7 @@ class FedTrimmedAvgAggregator(Aggregator):
     """
 
     name = "fedtrimmedavg"
-    defaults = {"trim-beta": 0.2}
+    defaults = {"trim-beta": RunSettings.trim_beta}
     flower_names = {"beta": "trim-beta"}
 
     def _check_params(self) -> None:
@@ -310,7 +311,7 @@ class KrumAggregator(Aggregator):
     """
 
     name = "krum"
-    defaults = {"krum-byzantine": 0}
+    defaults = {"krum-byzantine": RunSettings.krum_byzantine}
     flower_names = {"num_malicious_nodes": "krum-byzantine"}
 
     def __init__(self, **params: float | int) -> None:

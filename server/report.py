@@ -73,7 +73,7 @@ def build_metrics(evaluation: dict[str, Any], state: RunState, settings: RunSett
         models[name] = {**{k: m[k] for k in METRIC_NAMES}, "auc_bound": m["auc_bound"], "n": m["n"],
                         "ci": bootstrap_ci_from_stats(pooled[name], n_boot=500, seed=settings.seed)}
     return {
-        "run": {"run_id": state.run_id, "exchanges": len(state.rounds), "timing": timing,
+        "run": {"run_id": state.run_id, "status": "completed", "exchanges": len(state.rounds), "timing": timing,
                 "classes": state.schema.get("label", {}).get("classes", [])},
         "models": models,
         "sites": {site: _site_metrics(v, state.census.get(site, {})) for site, v in evaluation["sites"].items()},
@@ -181,3 +181,12 @@ def write_report(run_dir: Path, doc: dict[str, Any]) -> None:
     """Write ``metrics.json`` and ``metrics.md`` atomically."""
     write_text_atomic(run_dir / "metrics.json", json.dumps(doc, indent=2, default=json_default))
     write_text_atomic(run_dir / "metrics.md", render_markdown(doc))
+
+
+def write_failed_report(run_dir: Path, state: RunState, settings: RunSettings, *, reason: str) -> None:
+    """``metrics.json`` of a run that failed: why, which sites refused or left, no models."""
+    doc = {"run": {"run_id": state.run_id, "status": "failed", "reason": reason, "exchanges": len(state.rounds),
+                   "classes": state.schema.get("label", {}).get("classes", [])},
+           "models": {}, "sites": {}, "refusals": dict(state.refusals), "missing_sites": dict(state.excluded),
+           "rounds": state.rounds, "census": state.census, "settings": asdict(settings)}
+    write_text_atomic(run_dir / "metrics.json", json.dumps(doc, indent=2, default=json_default))

@@ -28,7 +28,7 @@ from server.phases import (
     state_from_dict,
     state_to_dict,
 )
-from server.report import build_metrics, write_report
+from server.report import build_metrics, write_failed_report, write_report
 from server.runlog import RunLog
 from common.settings import RunSettings
 
@@ -46,11 +46,14 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict[str, Any]:
     run_dir = Path(settings.run_dir) if settings.run_dir else None
     log = RunLog(run_dir)
     started = time.monotonic()
+    holder: dict[str, Any] = {}
     try:
-        return _run(grid, settings, run_dir, log, started)
+        return _run(grid, settings, run_dir, log, started, holder)
     except GenofedError as exc:
         log.warning(f"run failed: {exc}")
         log.event("failed", reason=str(exc))
+        if run_dir is not None and "state" in holder:
+            write_failed_report(run_dir, holder["state"], settings, reason=str(exc))
         raise
     except Exception as exc:
         log.warning("run failed with an internal error:\n" + traceback.format_exc())
@@ -58,7 +61,8 @@ def run_federation(grid: Grid, settings: RunSettings) -> dict[str, Any]:
         raise
 
 
-def _run(grid: Grid, settings: RunSettings, run_dir: Path | None, log: RunLog, started: float) -> dict[str, Any]:
+def _run(grid: Grid, settings: RunSettings, run_dir: Path | None, log: RunLog, started: float,
+         holder: dict[str, Any]) -> dict[str, Any]:
     from server.checkpoint import load_latest, save_checkpoint
 
     state, weights = new_state(), None
@@ -69,6 +73,7 @@ def _run(grid: Grid, settings: RunSettings, run_dir: Path | None, log: RunLog, s
     else:
         log.info(f"run {state.run_id}: {settings.cnn_rounds} CNN rounds ({settings.strategy}), "
                  f"{'DP epsilon ' + str(settings.epsilon) if settings.dp else 'no DP'}, min {settings.min_sites} sites")
+    holder["state"] = state  # a failed run still reports who refused or left, and why
 
     def checkpoint(w: dict[str, np.ndarray]) -> None:
         if run_dir is not None:

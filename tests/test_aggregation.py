@@ -142,7 +142,7 @@ def test_fedprox_aggregates_like_fedavg_and_configures_clients() -> None:
 def test_fedadam_formula_by_hand() -> None:
     """One coordinate, two rounds, against the formula written out in float64."""
     eta, b1, b2, tau = 0.1, 0.9, 0.99, 1e-3
-    agg = make_aggregator("fedadam")
+    agg = make_aggregator("fedadam", **{"server-lr": eta})
     x = np.array([1.0], np.float64)  # float64 model: no cast, so the formula is checked exactly
     m = v = 0.0
     for t, target in enumerate([2.0, 1.5], start=1):

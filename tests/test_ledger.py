@@ -432,8 +432,9 @@ def test_cli_takes_a_passphrase_file(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 
 def test_cli_help_is_useful(capsys: pytest.CaptureFixture[str]) -> None:
-    for argv, words in ((("ledger",), "never\nreset"), (("ledger", "show"), "sample rate q"),
-                        (("ledger", "set-budget"), "--allow-raise")):
+    for argv, words in ((("ledger",), "never reset"), (("ledger", "show"), "sample rate q"),
+                        (("ledger", "set-budget"), "--allow-raise"), (("ledger", "policy"), "--max-run-epsilon"),
+                        (("ledger", "egress"), "--run RUN_ID")):
         with pytest.raises(SystemExit):
             cli(*argv, "--help")
         assert words in capsys.readouterr().out
@@ -454,3 +455,19 @@ def test_lock_wait_is_bounded(vault: Vault, monkeypatch: pytest.MonkeyPatch) -> 
     finally:
         os.close(fd)
     assert ledger.refresh().releases == ()
+
+
+def test_planning_calibration_never_needs_more_noise_than_opacus() -> None:
+    """The census plans DP-SGD with the ledger's calibration: at most Opacus' noise, so plan >= charge."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    from client.privacy.ledger import dpsgd_noise_multiplier, epsilon_of
+
+    for eps, q, steps in ((8.0, 0.1, 100), (3.0, 1 / 6, 12)):
+        ours = dpsgd_noise_multiplier(epsilon=eps, delta=1e-5, sample_rate=q, steps=steps)
+        theirs = get_noise_multiplier(target_epsilon=eps, target_delta=1e-5, sample_rate=q, steps=steps,
+                                      accountant="rdp")
+        assert ours <= theirs
+        plan = Release(kind="dp-sgd", noise_multiplier=ours, sample_rate=q, steps=steps, label="p", run_id="r")
+        charge = Release(kind="dp-sgd", noise_multiplier=theirs, sample_rate=q, steps=steps, label="p", run_id="r")
+        assert epsilon_of([charge], delta=1e-5) <= eps <= epsilon_of([plan], delta=1e-5) <= eps * 1.01

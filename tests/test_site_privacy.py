@@ -80,6 +80,9 @@ def test_default_policy_refuses_a_run_without_dp(sites: Path, tmp_path: Path) ->
         _run(sites, tmp_path / "run", dp=False)
     log = (tmp_path / "run" / "run.log").read_text().splitlines()
     assert sum("refuses the run: its policy requires differential privacy" in line for line in log) == 3
+    failed = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert failed["run"]["status"] == "failed" and failed["models"] == {}
+    assert set(failed["refusals"]) == {"site-1", "site-2", "site-3"}
     for vault in _vaults(sites).values():
         assert PrivacyLedger.load(vault).spent_epsilon() == 0.0
 
@@ -232,9 +235,13 @@ def test_egress_is_the_same_at_300_and_3000_patients_and_every_dp_release_is_in_
     large = _layout(tmp_path / "large", 3000)
     logs = {}
     for name, sites in (("small", small), ("large", large)):
-        _run(sites, tmp_path / f"run-{name}", cnn_rounds=2)
+        doc = _run(sites, tmp_path / f"run-{name}", cnn_rounds=2)
         logs[name] = {}
         for site, vault in _vaults(sites).items():
+            # The plan the site checked at the census never under-states what the run then charged.
+            charged = PrivacyLedger.load(vault).to_summary()["runs"][doc["run"]["run_id"]]["epsilon"]
+            planned = doc["census"][site]["plan-epsilon"]
+            assert charged <= planned + 1e-9 and planned < charged + 0.25, (name, site, planned, charged)
             entries = EgressLog(vault).entries()
             logs[name][site] = [(e["message_type"], e["round"], e["keys"]) for e in entries]
             ledger = PrivacyLedger.load(vault)

@@ -129,7 +129,6 @@ class SitePrivacy:
         self._policy = policy
         self._ledger = PrivacyLedger.open(vault, site=site)
         self._charged: list[tuple[int, float]] = []   # (seq, epsilon increase) of this message
-        self._spent_before = self._ledger.spent_epsilon()
 
     @classmethod
     def open(cls, vault: Any, *, site: str, settings: RunSettings, run_id: str, n_records: int) -> SitePrivacy:
@@ -297,5 +296,4 @@ class SitePrivacy:
     def state_dict(self) -> dict[str, Any]:
         """What this façade did and knows (plain data, no patient data)."""
         return {"site": self._site, "run_id": self._run_id, "policy": self._policy.state_dict(),
-                "delta": self.delta, "charges": [list(c) for c in self._charged],
-                "spent_before": self._spent_before}
+                "delta": self.delta, "charges": [list(c) for c in self._charged]}

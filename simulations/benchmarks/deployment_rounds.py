@@ -29,7 +29,7 @@ APP_DIR = Path(__file__).resolve().parents[2]
 
 def run(*, rounds: int, patients: int, dp: bool) -> dict[str, Any]:
     from simulations.deployment import LocalDeployment
-    from simulations.site_layout import split_cohort
+    from simulations.site_layout import set_layout_policy, split_cohort
     from simulations.synthetic import write_synthetic_cohort
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -37,6 +37,8 @@ def run(*, rounds: int, patients: int, dp: bool) -> dict[str, Any]:
         write_synthetic_cohort(out=root / "cohort", patients=patients, seed=0)
         split_cohort(spec_path=root / "cohort" / "spec.toml", sites=3, by="iid", out=root / "sites", seed=0,
                      vaults=True, show_progress=False)
+        if not dp:  # the benchmark stands in for every site's officer: the non-private reference
+            set_layout_policy(root / "sites", require_dp=False)
         nodes = {p.name: {"vault": str(p / "vault"), "key-file": str(p / "key"), "site": p.name}
                  for p in sorted((root / "sites").iterdir()) if (p / "vault").is_dir()}
         with LocalDeployment(root / "work", sites=3) as dep:
