@@ -154,7 +154,9 @@ def render_markdown(doc: dict[str, Any]) -> str:
                      f"{ts['bins']} bins); this adds a standard deviation of about {_fmt(err.get('auc'))} to the pooled "
                      f"hybrid AUC and {_fmt(err.get('accuracy'))} to its accuracy, and shifts them by about "
                      f"{_fmt(ts.get('pooled_metric_bias', {}).get('hybrid', {}).get('auc'))} and "
-                     f"{_fmt(ts.get('pooled_metric_bias', {}).get('hybrid', {}).get('accuracy'))} (simulated).")
+                     f"{_fmt(ts.get('pooled_metric_bias', {}).get('hybrid', {}).get('accuracy'))} (simulated by "
+                     "re-noising the released statistics, which already carry the noise: the true cost is larger; "
+                     "docs/privacy.md gives measured ones).")
     elif ts.get("mode") == "exact":
         lines.append(f"Test statistics: released exact ({ts.get('bins')} bins), outside the DP guarantee.")
     elif ts.get("mode") == "none":

@@ -143,7 +143,8 @@ def _pooled_section(doc: dict[str, Any], pooled: Any) -> str:
         how = (f"each site noised its {ts.get('bins')}-bin statistics (Gaussian, sd {ts.get('noise_std_per_site', 0):.2f} "
                f"counts, calibrated to one patient and charged to its ledger); the noise adds a standard deviation of "
                f"about {_fmt(err.get('auc'))} to the hybrid's AUC and {_fmt(err.get('accuracy'))} to its accuracy and "
-               f"shifts them by about {_fmt(bias.get('auc'))} and {_fmt(bias.get('accuracy'))} (simulated); "
+               f"shifts them by about {_fmt(bias.get('auc'))} and {_fmt(bias.get('accuracy'))} (simulated by re-noising "
+               f"the released statistics, which already carry the noise: the true cost is larger, see docs/privacy.md); "
                f"binning adds at most {bound:.4f} to AUC")
     else:
         how = f"counts exactly ({ts.get('bins', '')} bins, released exact by the sites' policies); AUC within {bound:.4f}"
