@@ -153,11 +153,6 @@ class SitePrivacy:
         """The run's delta: what the run asks for, or the site's own when it asks for none."""
         return self._settings.delta or self._policy.delta
 
-    @property
-    def test_statistics(self) -> str:
-        """How this run's test statistics leave the site (the request, already checked)."""
-        return self._settings.test_statistics
-
     def check(self) -> None:
         """Refuse a run whose settings ask for more than the policy allows.
 
@@ -172,7 +167,7 @@ class SitePrivacy:
 
     # -- the whole run's plan ----------------------------------------------------------------
 
-    def plan_run(self, *, n_train: int, n_classes: int) -> list[Release]:
+    def plan_run(self, *, n_train: int) -> list[Release]:
         """Every release the run will make if it completes, as known before it starts.
 
         DP-SGD over ``cnn-rounds`` x ``local-epochs`` epochs (Poisson rate 1 / batches), the
