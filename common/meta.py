@@ -149,6 +149,10 @@ class NewtonSolver:
         self.coef = self.best_coef + direction
         return self.coef
 
+    def result(self) -> np.ndarray:
+        """The coefficients to use: the best accepted point once converged, else the current one."""
+        return self.best_coef if self.converged else self.coef
+
     def state_dict(self) -> dict[str, Any]:
         """Serialisable state (lists and numbers only)."""
         return {"coef": self.coef.tolist(), "best_coef": self.best_coef.tolist(),
@@ -225,56 +229,97 @@ def noise_floor(*, dim: int, n_classes: int, noise_multipliers: list[float]) -> 
     sd = math.sqrt(sum((s * math.sqrt(2.0) * h_bound) ** 2 for s in noise_multipliers))
     return max(2.0 * math.sqrt(dim) * sd, 1e-9)
 
-def flat_coef(model: StackingMetaClassifier) -> np.ndarray:
+
+def flat_coef(model: NewtonLogisticRegression) -> np.ndarray:
     """A fitted model's coefficients in the solver's flat layout (per class: weights, intercept)."""
     return np.hstack([model.coef_, model.intercept_[:, None]]).ravel()
 
 
-class StackingMetaClassifier:
-    """Logistic regression over base-model scores, fitted by Newton from summed terms.
+class NewtonLogisticRegression:
+    """Penalized logistic (multinomial) regression fitted by Newton from summed terms.
 
-    A scikit-learn estimator: ``fit`` returns self; learned attributes end in ``_``.
+    A scikit-learn estimator by contract (``get_params`` from ``__init__``, ``fit`` returns self,
+    learned attributes end in ``_``; :func:`sklearn.base.clone` works), written without importing
+    scikit-learn so that the sites' deep-model rounds never pay for it. The pooled fit here and
+    the federated fit (the coordinator's :class:`NewtonSolver` over the sites' summed
+    :func:`newton_terms`, installed with :meth:`set_coef`) reach the same optimum.
 
     Parameters
     ----------
     penalty : "l2" or None
     C : inverse regularisation strength, as in scikit-learn.
     max_iter : Newton iterations at most.
+    tol : convergence tolerance on the Newton decrement per record.
     """
+
+    _estimator_type = "classifier"
 
     def __init__(self, *, penalty: Literal["l2"] | None = "l2", C: float = 1.0, max_iter: int = 100,
                  tol: float = 1e-10) -> None:
         self.penalty, self.C, self.max_iter, self.tol = penalty, C, max_iter, tol
 
-    def get_params(self, deep: bool = True) -> dict[str, Any]:
-        return {"penalty": self.penalty, "C": self.C, "max_iter": self.max_iter, "tol": self.tol}
+    @classmethod
+    def _get_param_names(cls) -> list[str]:
+        import inspect
 
-    def set_params(self, **params: Any) -> StackingMetaClassifier:
-        for k, v in params.items():
-            setattr(self, k, v)
+        params = inspect.signature(cls.__init__).parameters.values()
+        return sorted(p.name for p in params if p.name != "self" and p.kind != p.VAR_KEYWORD)
+
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """The ``__init__`` arguments, as scikit-learn's ``BaseEstimator`` reads them."""
+        return {name: getattr(self, name) for name in self._get_param_names()}
+
+    def set_params(self, **params: Any) -> NewtonLogisticRegression:
+        valid = set(self._get_param_names())
+        for key, value in params.items():
+            if key not in valid:
+                raise ValueError(f"invalid parameter {key!r} for {type(self).__name__}; valid: {sorted(valid)}")
+            setattr(self, key, value)
         return self
 
-    def fit(self, X: np.ndarray, y: np.ndarray) -> StackingMetaClassifier:
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({args})"
+
+    def __sklearn_is_fitted__(self) -> bool:
+        return hasattr(self, "coef_")
+
+    def __sklearn_tags__(self) -> Any:
+        from sklearn.utils import ClassifierTags, Tags, TargetTags
+
+        return Tags(estimator_type="classifier", target_tags=TargetTags(required=True),
+                    classifier_tags=ClassifierTags())
+
+    def fit(self, X: np.ndarray, y: np.ndarray) -> NewtonLogisticRegression:
         """Fit on pooled data: the one-holder case of the federated fit."""
         X = np.asarray(X, dtype=np.float64)
-        self.classes_ = np.unique(y)
-        y_idx = np.searchsorted(self.classes_, y)
-        k = max(2, len(self.classes_))
+        classes = np.unique(y)
+        y_idx = np.searchsorted(classes, y)
+        k = max(2, len(classes))
         solver = NewtonSolver(n_features=X.shape[1], n_classes=k, penalty=self.penalty, C=self.C, tol=self.tol)
         for _ in range(self.max_iter):
             solver.step(newton_terms(solver.coef, X, y_idx, n_classes=k))
             if solver.converged:
                 break
-        self.set_coef(solver.best_coef if solver.converged else solver.coef, n_features=X.shape[1])
-        self.n_iter_ = solver.iterations
-        self.converged_ = solver.converged
-        return self
+        return self.set_coef(solver.result(), n_features=X.shape[1], classes=classes,
+                             converged=solver.converged, n_iter=solver.iterations)
 
-    def set_coef(self, coef: np.ndarray, *, n_features: int) -> StackingMetaClassifier:
-        """Install flat coefficients (e.g. from the federated solver) in scikit-learn's layout."""
+    def set_coef(self, coef: np.ndarray, *, n_features: int, classes: Any = None, converged: bool | None = None,
+                 n_iter: int | None = None) -> NewtonLogisticRegression:
+        """Install flat coefficients (e.g. from the federated solver) in scikit-learn's layout.
+
+        ``classes`` defaults to ``0..K-1`` (K = 2 for one coefficient block); ``converged`` and
+        ``n_iter`` record how the solver that produced ``coef`` ended.
+        """
         blocks = np.asarray(coef, dtype=np.float64).reshape(-1, n_features + 1)
         self.coef_, self.intercept_ = blocks[:, :-1].copy(), blocks[:, -1].copy()
         self.n_features_in_ = n_features
+        n_classes = 2 if blocks.shape[0] == 1 else blocks.shape[0]
+        self.classes_ = np.arange(n_classes) if classes is None else np.asarray(classes)
+        if len(self.classes_) != n_classes:
+            raise ValueError(f"{len(self.classes_)} classes for coefficients of {n_classes} classes")
+        self.converged_ = converged
+        self.n_iter_ = n_iter
         return self
 
     def decision_function(self, X: np.ndarray) -> np.ndarray:
@@ -292,3 +337,11 @@ class StackingMetaClassifier:
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         return self.classes_[self.predict_proba(X).argmax(axis=1)]
+
+
+class StackingMetaClassifier(NewtonLogisticRegression):
+    """The stacking meta-classifier: logistic regression over the base models' log-odds.
+
+    Its features are :func:`client.pipeline.meta_features` of the base models, clipped to
+    :data:`META_FEATURE_BOUND`; see :class:`NewtonLogisticRegression` for the parameters.
+    """
