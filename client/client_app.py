@@ -99,11 +99,18 @@ def census(msg: Message, context: Context) -> Message:
     return _answer(msg, context, handlers.census)
 
 
+@app.query("moments")
+def moments(msg: Message, context: Context) -> Message:
+    from client import handlers
+
+    return _answer(msg, context, handlers.moments)
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     from client import handlers
 
-    out = _answer(msg, context, handlers.train_round, "arrays")
+    out = _answer(msg, context, handlers.train_round, "arrays", "shared")
     log.info("site round %s trained", _facts(msg).server_round)
     return out
 
@@ -112,11 +119,18 @@ def train(msg: Message, context: Context) -> Message:
 def train_meta(msg: Message, context: Context) -> Message:
     from client import handlers
 
-    return _answer(msg, context, handlers.meta_round, "cnn")
+    return _answer(msg, context, handlers.meta_round, "cnn", "shared")
+
+
+@app.train("glm")
+def train_glm(msg: Message, context: Context) -> Message:
+    from client import handlers
+
+    return _answer(msg, context, handlers.glm_round, "shared")
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     from client import handlers
 
-    return _answer(msg, context, handlers.evaluate, "cnn")
+    return _answer(msg, context, handlers.evaluate, "cnn", "shared")

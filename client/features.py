@@ -21,8 +21,7 @@ import numpy as np
 from common.cohort import Cohort
 from common.encoders import dosage_track, one_hot, reverse_complement
 from common.models import TrackShape
-
-POSITIONAL_MAX_LENGTH = 100
+from common.tabular import KMER, POSITIONAL_MAX_LENGTH
 
 
 @dataclass
@@ -104,7 +103,7 @@ def kmer_names(k: int) -> list[str]:
     return ["".join(p) for p in itertools.product("ACGT", repeat=k)]
 
 
-def kmer_counts(codes: np.ndarray, k: int = 3) -> np.ndarray:
+def kmer_counts(codes: np.ndarray, k: int = KMER) -> np.ndarray:
     """(n, 4**k) counts of each k-mer on both strands; windows containing N are skipped."""
     codes = np.asarray(codes, dtype=np.int64)
     out = np.zeros((codes.shape[0], 4**k), dtype=np.float64)
@@ -117,7 +116,7 @@ def kmer_counts(codes: np.ndarray, k: int = 3) -> np.ndarray:
     return out
 
 
-def sequence_features(codes: np.ndarray, *, k: int = 3) -> tuple[np.ndarray, list[str]]:
+def sequence_features(codes: np.ndarray, *, k: int = KMER) -> tuple[np.ndarray, list[str]]:
     """k-mer counts, plus positional one-hot when sequences are short enough to make it useful."""
     values, names = [kmer_counts(codes, k)], [f"kmer:{m}" for m in kmer_names(k)]
     length = codes.shape[1]

@@ -27,6 +27,8 @@ from client.site import SiteRef
 from common.settings import RoundFacts, RunSettings
 
 MODEL_NAMES = ("hybrid", "cnn", "forest", "logreg")
+BASE_MODELS = ("cnn", "forest", "logreg")
+"""The stack's base models, in the order of the meta-classifier's features."""
 
 
 @dataclass
@@ -114,11 +116,58 @@ def census(site: SiteRef, settings: RunSettings, facts: RoundFacts) -> HandlerRe
 
 
 # ---------------------------------------------------------------------------------------------
+# Phase 0b: the shared preprocessing's moments
+
+
+def moments(site: SiteRef, settings: RunSettings, facts: RoundFacts) -> HandlerReply:
+    """Additive moments of the shared columns on the train split (common/tabular.py).
+
+    Under DP every value is clipped to its column's public range and rescaled to [0, 1], and
+    the count, sum and sum of squares are released together through the Gaussian mechanism
+    (sensitivity ``sqrt(3 d)``), charged first. Once per run: asked again, the site sends the
+    stored release.
+    """
+    from client.model_store import release_blob, run_role, stored_release
+    from client.pipeline import SiteData, site_moments
+    from client.privacy.ledger import Release
+    from client.privacy.mechanisms import noised_moments
+    from common.tabular import moments_sensitivity, shared_columns
+
+    vault, cohort = _load(site)
+    privacy = _privacy(vault, site, cohort, settings, facts)
+    n_columns = shared_columns(cohort.schema).width
+    contract = contract_for("query.moments", dp=settings.dp, n_classes=len(cohort.classes), n_columns=n_columns)
+    role = run_role(facts.run_id, "moments-release")
+    if again := stored_release(vault, role, request="one-per-run"):
+        return HandlerReply({"moments": ("array", again[0]), "metrics": ("metric", again[1])}, contract, privacy)
+    data = SiteData.from_cohort(cohort)
+    metrics: dict[str, Any] = {"num-examples": int(data.masks["train"].sum())}
+    if settings.dp:
+        sigma = privacy.moments_noise_multiplier()
+        release = Release.gaussian(noise_multiplier=sigma, label="moments", run_id=facts.run_id)
+        rng = np.random.default_rng(privacy.release(release, purpose="moments"))
+        arrays = noised_moments(site_moments(data, rescaled=True), sensitivity=moments_sensitivity(n_columns),
+                                noise_multiplier=sigma, rng=rng)
+        metrics |= {"epsilon": float(privacy.ledger.spent_epsilon()), "noise-multiplier": float(sigma)}
+    else:
+        arrays = site_moments(data, rescaled=False)
+    vault.update({role: release_blob(arrays, metrics, request="one-per-run")})
+    return HandlerReply({"moments": ("array", arrays), "metrics": ("metric", metrics)}, contract, privacy)
+
+
+def _scaler(shared: dict[str, np.ndarray]) -> Any:
+    from common.tabular import SharedScaler
+
+    return SharedScaler.from_arrays(shared)
+
+
+# ---------------------------------------------------------------------------------------------
 # Phase 1: a CNN round
 
 
 def _site_data(cohort: Any, *, tabular: bool = True) -> tuple[Any, Any]:
-    """Model inputs and, when ``tabular``, the tabular preprocessor fitted on the train split."""
+    """Model inputs and, when ``tabular``, the site's own tabular preprocessor (kNN imputation and
+    scaling from its train split, for its forest) fitted on the train split."""
     from client.pipeline import SiteData, fit_tabular_preprocessor
 
     data = SiteData.from_cohort(cohort)
@@ -175,8 +224,8 @@ def _model_shapes(model_cfg: Any) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in build_model(model_cfg).state_dict().items()}
 
 
-def train_round(site: SiteRef, global_weights: dict[str, np.ndarray], settings: RunSettings,
-                facts: RoundFacts) -> HandlerReply:
+def train_round(site: SiteRef, global_weights: dict[str, np.ndarray], shared: dict[str, np.ndarray],
+                settings: RunSettings, facts: RoundFacts) -> HandlerReply:
     """Local (DP-)SGD from the global weights; returns the new weights and round metrics.
 
     Under DP the round's release is charged before training (its seed comes from the charge)
@@ -194,7 +243,13 @@ def train_round(site: SiteRef, global_weights: dict[str, np.ndarray], settings: 
     import torch
 
     from client.dp_training import TrainConfig
-    from client.model_store import get_json, release_blob, request_digest, run_role, stored_release
+    from client.model_store import (
+        get_json,
+        release_blob,
+        request_digest,
+        run_role,
+        stored_release,
+    )
     from client.pipeline import deep_config, train_deep
     from client.privacy.ledger import Release
 
@@ -208,8 +263,8 @@ def train_round(site: SiteRef, global_weights: dict[str, np.ndarray], settings: 
     request = request_digest({"settings": settings.release_settings(), "facts": facts.to_config()}, global_weights)
     if settings.dp and (again := stored_release(vault, release_role, request=request)):
         return _train_reply(again[0], again[1], site, contract, privacy)  # charged once, sent again
-    data, pre = _site_data(cohort, tabular=bool(model_cfg.n_tabular))
-    if deep_config(data, pre=pre, arch=model_cfg.arch).to_dict()["tracks"] != model_cfg.to_dict()["tracks"]:
+    data, _ = _site_data(cohort, tabular=False)
+    if deep_config(data, arch=model_cfg.arch).to_dict()["tracks"] != model_cfg.to_dict()["tracks"]:
         raise ValueError(f"site {site.name}: its data does not fit the coordinator's model")
     n_train = int(data.masks["train"].sum())
     dp = _dp_config(settings, privacy.delta)
@@ -226,7 +281,7 @@ def train_round(site: SiteRef, global_weights: dict[str, np.ndarray], settings: 
                             select_best=False)
     initial = {k: torch.as_tensor(v) for k, v in global_weights.items()}
     model, result = train_deep(data, cfg=model_cfg, train=train_cfg, dp=dp, initial=initial, accountant_state=state,
-                               pre=pre, proximal_mu=settings.fedprox_mu)
+                               scaler=_scaler(shared), proximal_mu=settings.fedprox_mu)
     metrics: dict[str, Any] = {"num-examples": n_train}
     if dp is None:
         metrics |= {"train-loss": float(result.history[-1]["train_loss"]),
@@ -252,50 +307,24 @@ def _train_reply(weights: dict, metrics: dict, site: SiteRef, contract: EgressCo
 
 
 # ---------------------------------------------------------------------------------------------
-# Phases 2-3: forest, meta-features, Newton terms of the meta-classifier
+# Phases 2-3: the GLM's and the meta-classifier's Newton terms (the forest is fitted on the way)
 
 
-def _meta_features(vault: Any, cohort: Any, cnn_weights: dict | None, settings: RunSettings, facts: RoundFacts,
-                   privacy: Any, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """Stacking inputs (CNN and forest log-odds) on one split, fitting the forest once per run."""
-    import torch
+def glm_dim_of(cohort_schema: dict[str, Any], shared: dict[str, np.ndarray], n_classes: int) -> int:
+    """Flat coefficient count of the GLM over the coordinator's chosen columns."""
+    from common.glm import glm_dim
 
-    from client.model_store import load_forest, save_forest
-    from client.pipeline import deep_proba, fit_forest, forest_matrix, meta_features
-    from common.models import build_model
-
-    data, pre = _site_data(cohort)
-    stored = load_forest(vault)
-    if stored is None or stored.get("run_id") != facts.run_id:
-        forest = fit_forest(data, pre, n_estimators=settings.forest_trees,
-                            random_state=privacy.seed(purpose="forest") % (2**31))
-        save_forest(vault, forest, pre, run_id=facts.run_id)
-    else:
-        forest, pre = stored["forest"], stored["preprocessor"]
-    model = build_model(_model_config(facts))
-    model.load_state_dict({k: torch.as_tensor(v) for k, v in cnn_weights.items()})
-    x = meta_features(deep_proba(model, data, split, pre), forest.predict_proba(forest_matrix(data, split, pre)))
-    return x, data.y[data.masks[split]]
+    return glm_dim(len(shared["glm_columns"]), n_classes)
 
 
-def meta_dim(n_classes: int) -> int:
-    """Flat coefficient count of the meta-classifier over two base models' scores."""
-    from common.meta import n_params
+def glm_round(site: SiteRef, shared: dict[str, np.ndarray], settings: RunSettings,
+              facts: RoundFacts) -> HandlerReply:
+    """Gradient and Hessian of the GLM's log-loss on the train split at the coordinator's coefficients.
 
-    return n_params(2 * (1 if n_classes == 2 else n_classes), n_classes)
-
-
-def meta_round(site: SiteRef, cnn_weights: dict[str, np.ndarray], settings: RunSettings,
-               facts: RoundFacts) -> HandlerReply:
-    """Gradient and Hessian of the meta-classifier's log-loss at the coordinator's coefficients.
-
-    On the first meta round the site also fits its forest and, when ``warm-start`` is set
-    (never under DP), returns its local penalized fit and that fit's Hessian, from which the
-    coordinator builds a starting point close to the pooled solution.
-
-    Under DP the gradient and Hessian are released through the Gaussian mechanism of
-    :mod:`client.privacy.mechanisms`, charged first (``meta-epsilon`` over ``meta-rounds``
-    releases); the loss is not released.
+    The inputs are the shared columns, imputed, standardized and clipped with the coordinator's
+    shared scaler (so one record's design row is bounded). The first round without DP also
+    returns the site's local penalized fit and its Hessian (a warm start); under DP the terms are
+    released through the Gaussian mechanism (``glm-epsilon`` over ``glm-rounds``), charged first.
 
     Raises
     ------
@@ -304,52 +333,153 @@ def meta_round(site: SiteRef, cnn_weights: dict[str, np.ndarray], settings: RunS
     client.privacy.ledger.PrivacyBudgetExceeded
         Before any work, when this round's release would exceed the site's budget.
     """
-    from common.meta import StackingMetaClassifier, flat_coef, newton_terms
+    from client.pipeline import SiteData, glm_matrix
+    from common.glm import GLM_FEATURE_BOUND, FederatedGLM
+
+    vault, cohort = _load(site)
+    privacy = _privacy(vault, site, cohort, settings, facts)
+    k = _n_classes(cohort)
+    warm = False  # the coordinator starts the GLM from zero (server/phases.py)
+    dim = glm_dim_of(cohort.schema, shared, k)
+    contract = contract_for("train.glm", dp=settings.dp, n_classes=k, glm_dim=dim, warm_start=warm)
+
+    def inputs() -> tuple[np.ndarray, np.ndarray]:
+        data = SiteData.from_cohort(cohort)
+        return glm_matrix(data, "train", _scaler(shared)), data.y[data.masks["train"]]
+
+    records = _newton_records(vault, privacy, settings, facts, inputs, shared, n_classes=k, warm=warm,
+                              bound=GLM_FEATURE_BOUND, sigma=privacy.glm_noise_multiplier, label="glm",
+                              local=lambda: FederatedGLM(C=settings.glm_c))
+    return HandlerReply(records, contract, privacy)
+
+
+def _newton_records(vault: Any, privacy: Any, settings: RunSettings, facts: RoundFacts, inputs: Any,
+                    request_arrays: dict[str, np.ndarray], *, n_classes: int, warm: bool, bound: float,
+                    sigma: Any, label: str, local: Any) -> dict[str, tuple[str, dict[str, Any]]]:
+    """One round's Newton terms of a federated logistic fit: exact, or a charged Gaussian release.
+
+    Under DP the release is stored with a digest of the request; the same request again (a
+    coordinator resumed from a checkpoint) gets the stored release back, charged once.
+    """
+    from client.model_store import (
+        release_blob,
+        request_digest,
+        run_role,
+        stored_release,
+    )
+    from client.privacy.ledger import Release
+    from client.privacy.mechanisms import private_newton_terms
+    from common.meta import flat_coef, newton_terms
+
+    coef = np.asarray(facts.coef, dtype=np.float64)
+    if not settings.dp:
+        x, y = inputs()
+        terms = newton_terms(coef, x, y, n_classes=n_classes)
+        arrays = {"grad": terms.grad, "hess": terms.hess}
+        if warm:
+            fit = local().fit(x, y)
+            local_coef = flat_coef(fit)
+            arrays |= {"local_coef": local_coef, "local_hess": newton_terms(local_coef, x, y,
+                                                                            n_classes=n_classes).hess}
+        return {"terms": ("array", arrays),
+                "metrics": ("metric", {"num-examples": int(terms.n), "loss": float(terms.loss)})}
+    request = request_digest({"settings": settings.release_settings(), "facts": facts.to_config()}, request_arrays)
+    release_role = run_role(facts.run_id, f"{label}-release")
+    if again := stored_release(vault, release_role, request=request):
+        return {"terms": ("array", again[0]), "metrics": ("metric", again[1])}
+    noise = sigma()
+    release = Release.gaussian(noise_multiplier=noise, label=f"{label}-statistics", run_id=facts.run_id,
+                               round=facts.server_round)
+    privacy.refuse_over_budget([release], round=facts.server_round)  # before fitting anything for nothing
+    x, y = inputs()
+    rng = np.random.default_rng(privacy.release(release, purpose=f"{label}-noise"))
+    terms = private_newton_terms(coef, x, y, n_classes=n_classes, bound=bound, noise_multiplier=noise, rng=rng)
+    arrays = {"grad": np.asarray(terms.grad), "hess": np.asarray(terms.hess)}
+    metrics = {"num-examples": int(terms.n), "epsilon": float(privacy.ledger.spent_epsilon()),
+               "noise-multiplier": float(noise)}
+    vault.update({release_role: release_blob(arrays, metrics, request=request)})
+    return {"terms": ("array", arrays), "metrics": ("metric", metrics)}
+
+
+def _base_probabilities(vault: Any, data: Any, cnn_weights: dict, shared: dict[str, np.ndarray],
+                        settings: RunSettings, facts: RoundFacts, privacy: Any, split: str) -> dict[str, np.ndarray]:
+    """The base models' class probabilities on one split, fitting the site's forest once per run."""
+    import torch
+
+    from client.model_store import load_forest, save_forest
+    from client.pipeline import (
+        deep_proba,
+        fit_forest,
+        fit_tabular_preprocessor,
+        forest_matrix,
+        glm_matrix,
+    )
+    from common.glm import FederatedGLM
+    from common.models import build_model
+
+    stored = load_forest(vault)
+    if stored is None or stored.get("run_id") != facts.run_id:
+        pre = fit_tabular_preprocessor(data)
+        forest = fit_forest(data, pre, n_estimators=settings.forest_trees,
+                            random_state=privacy.seed(purpose="forest") % (2**31))
+        save_forest(vault, forest, pre, run_id=facts.run_id)
+    else:
+        forest, pre = stored["forest"], stored["preprocessor"]
+    scaler = _scaler(shared)
+    model = build_model(_model_config(facts))
+    model.load_state_dict({k: torch.as_tensor(v) for k, v in cnn_weights.items()})
+    x_glm = glm_matrix(data, split, scaler)
+    glm = FederatedGLM().set_coef(np.asarray(facts.glm_coef, dtype=np.float64), n_features=x_glm.shape[1])
+    return {"cnn": deep_proba(model, data, split, scaler),
+            "forest": forest.predict_proba(forest_matrix(data, split, pre)),
+            "logreg": glm.predict_proba(x_glm)}
+
+
+def meta_dim(n_classes: int) -> int:
+    """Flat coefficient count of the meta-classifier over the base models' scores."""
+    from common.meta import n_params
+
+    return n_params(len(BASE_MODELS) * (1 if n_classes == 2 else n_classes), n_classes)
+
+
+def meta_round(site: SiteRef, cnn_weights: dict[str, np.ndarray], shared: dict[str, np.ndarray],
+               settings: RunSettings, facts: RoundFacts) -> HandlerReply:
+    """Gradient and Hessian of the meta-classifier's log-loss at the coordinator's coefficients.
+
+    Its features are the base models' log-odds on the validation split (the deep model, the
+    site's forest, the federated GLM). On the first meta round the site also fits its forest
+    and, when ``warm-start`` is set (never under DP), returns its local penalized fit and that
+    fit's Hessian, from which the coordinator builds a starting point close to the pooled
+    solution. Under DP the terms are released through the Gaussian mechanism (``meta-epsilon``
+    over ``meta-rounds``), charged first; the loss is not released.
+
+    Raises
+    ------
+    client.privacy.policy.PolicyRefusal
+        The run asks for more than the site's policy allows.
+    client.privacy.ledger.PrivacyBudgetExceeded
+        Before any work, when this round's release would exceed the site's budget.
+    """
+    from client.pipeline import meta_features
+    from common.meta import META_FEATURE_BOUND, StackingMetaClassifier
 
     vault, cohort = _load(site)
     privacy = _privacy(vault, site, cohort, settings, facts)
     k = _n_classes(cohort)
     warm = facts.warm_start and not settings.dp
     contract = contract_for("train.meta", dp=settings.dp, n_classes=k, meta_dim=meta_dim(k), warm_start=warm)
-    coef = np.asarray(facts.coef, dtype=np.float64)
-    if settings.dp:
-        arrays, metrics = _private_meta_round(vault, cohort, cnn_weights, settings, facts, privacy, coef, k)
-        return HandlerReply({"terms": ("array", arrays), "metrics": ("metric", metrics)}, contract, privacy)
-    x, y = _meta_features(vault, cohort, cnn_weights, settings, facts, privacy, "validation")
-    terms = newton_terms(coef, x, y, n_classes=k)
-    arrays = {"grad": terms.grad, "hess": terms.hess}
-    if warm:
-        local = StackingMetaClassifier(penalty="l2", C=settings.meta_c).fit(x, y)
-        local_coef = flat_coef(local)
-        arrays |= {"local_coef": local_coef, "local_hess": newton_terms(local_coef, x, y, n_classes=k).hess}
-    metrics = {"num-examples": int(terms.n), "loss": float(terms.loss)}
-    return HandlerReply({"terms": ("array", arrays), "metrics": ("metric", metrics)}, contract, privacy)
 
+    def inputs() -> tuple[np.ndarray, np.ndarray]:
+        from client.pipeline import SiteData
 
-def _private_meta_round(vault: Any, cohort: Any, cnn_weights: dict[str, np.ndarray], settings: RunSettings,
-                        facts: RoundFacts, privacy: Any, coef: np.ndarray, k: int) -> tuple[dict, dict]:
-    """A meta round under DP: the stored release if asked again, else a new one, charged first."""
-    from client.model_store import release_blob, request_digest, run_role, stored_release
-    from client.privacy.ledger import Release
-    from client.privacy.mechanisms import private_newton_terms
-    from common.meta import META_FEATURE_BOUND
+        data = SiteData.from_cohort(cohort)
+        proba = _base_probabilities(vault, data, cnn_weights, shared, settings, facts, privacy, "validation")
+        return meta_features(*(proba[m] for m in BASE_MODELS)), data.y[data.masks["validation"]]
 
-    request = request_digest({"settings": settings.release_settings(), "facts": facts.to_config()}, cnn_weights)
-    release_role = run_role(facts.run_id, "meta-release")
-    if again := stored_release(vault, release_role, request=request):
-        return again  # asked again after a coordinator resumed: same release, charged once
-    sigma = privacy.meta_noise_multiplier()
-    release = Release.gaussian(noise_multiplier=sigma, label="meta-statistics", run_id=facts.run_id,
-                               round=facts.server_round)
-    privacy.refuse_over_budget([release], round=facts.server_round)  # before fitting a forest for nothing
-    x, y = _meta_features(vault, cohort, cnn_weights, settings, facts, privacy, "validation")
-    rng = np.random.default_rng(privacy.release(release, purpose="meta-noise"))
-    terms = private_newton_terms(coef, x, y, n_classes=k, bound=META_FEATURE_BOUND, noise_multiplier=sigma, rng=rng)
-    arrays = {"grad": np.asarray(terms.grad), "hess": np.asarray(terms.hess)}
-    metrics = {"num-examples": int(terms.n), "epsilon": float(privacy.ledger.spent_epsilon()),
-               "noise-multiplier": float(sigma)}
-    vault.update({release_role: release_blob(arrays, metrics, request=request)})
-    return arrays, metrics
+    records = _newton_records(vault, privacy, settings, facts, inputs, {**cnn_weights, **shared}, n_classes=k,
+                              warm=warm, bound=META_FEATURE_BOUND, sigma=privacy.meta_noise_multiplier,
+                              label="meta", local=lambda: StackingMetaClassifier(penalty="l2", C=settings.meta_c))
+    return HandlerReply(records, contract, privacy)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,8 +497,8 @@ def stats_shapes(n_classes: int, *, test_statistics: str) -> dict[str, tuple[int
     return {f"{m}.{key}": shape for m in MODEL_NAMES for key, shape in per_model.items()}
 
 
-def evaluate(site: SiteRef, cnn_weights: dict[str, np.ndarray], settings: RunSettings,
-             facts: RoundFacts) -> HandlerReply:
+def evaluate(site: SiteRef, cnn_weights: dict[str, np.ndarray], shared: dict[str, np.ndarray],
+             settings: RunSettings, facts: RoundFacts) -> HandlerReply:
     """Test-split statistics of every model, released once per run as the site's policy says.
 
     ``test-statistics = exact`` releases the binned statistics as they are (outside the
@@ -387,24 +517,30 @@ def evaluate(site: SiteRef, cnn_weights: dict[str, np.ndarray], settings: RunSet
     role = run_role(facts.run_id, "evaluate-release")
     if again := stored_release(vault, role, request="one-per-run"):
         return HandlerReply({"stats": ("array", again[0]), "metrics": ("metric", again[1])}, contract, privacy)
-    arrays, metrics = _test_statistics(vault, cohort, cnn_weights, settings, facts, privacy, k)
-    _store_final_models(vault, cohort, cnn_weights, facts)
+    arrays, metrics = _test_statistics(vault, cohort, cnn_weights, shared, settings, facts, privacy, k)
+    _store_final_models(vault, cohort, cnn_weights, shared, facts)
     vault.update({role: release_blob(arrays, metrics, request="one-per-run")})
     return HandlerReply({"stats": ("array", arrays), "metrics": ("metric", metrics)}, contract, privacy)
 
 
-def _test_statistics(vault: Any, cohort: Any, cnn_weights: dict[str, np.ndarray], settings: RunSettings,
-                     facts: RoundFacts, privacy: Any, k: int) -> tuple[dict, dict]:
+def _test_statistics(vault: Any, cohort: Any, cnn_weights: dict[str, np.ndarray], shared: dict[str, np.ndarray],
+                     settings: RunSettings, facts: RoundFacts, privacy: Any, k: int) -> tuple[dict, dict]:
     from client.privacy.ledger import Release
     from client.privacy.mechanisms import noised_release
-    from common.metrics import TEST_BINS, compute_stats, released_arrays, released_sensitivity, released_totals
+    from common.metrics import (
+        TEST_BINS,
+        compute_stats,
+        released_arrays,
+        released_sensitivity,
+        released_totals,
+    )
 
     data, _ = _site_data(cohort)
     y = data.y[data.masks["test"]]
     metrics: dict[str, Any] = {"num-examples": int(len(y)), "epsilon": 0.0, "noise-std": 0.0}
     if settings.test_statistics == "none":
         return {}, metrics
-    proba = _test_probabilities(vault, data, cnn_weights, facts, cohort)
+    proba = _test_probabilities(vault, data, cnn_weights, shared, settings, facts, privacy, cohort)
     arrays = {f"{name}.{key}": value for name in MODEL_NAMES
               for key, value in released_arrays(compute_stats(y, proba[name], n_classes=k, n_bins=TEST_BINS)).items()}
     if settings.test_statistics == "noised":
@@ -422,32 +558,24 @@ def _test_statistics(vault: Any, cohort: Any, cnn_weights: dict[str, np.ndarray]
     return {name: np.asarray(a, dtype=np.int64) for name, a in arrays.items()}, metrics
 
 
-def _test_probabilities(vault: Any, data: Any, cnn_weights: dict[str, np.ndarray], facts: RoundFacts,
-                        cohort: Any) -> dict[str, np.ndarray]:
-    import torch
-
-    from client.model_store import load_forest
-    from client.pipeline import deep_proba, fit_logreg, forest_matrix, meta_features
+def _test_probabilities(vault: Any, data: Any, cnn_weights: dict[str, np.ndarray], shared: dict[str, np.ndarray],
+                        settings: RunSettings, facts: RoundFacts, privacy: Any, cohort: Any) -> dict[str, np.ndarray]:
+    from client.pipeline import meta_features
     from common.meta import StackingMetaClassifier
-    from common.models import build_model
 
-    stored = load_forest(vault)
-    forest, pre = stored["forest"], stored["preprocessor"]
-    model = build_model(_model_config(facts))
-    model.load_state_dict({k: torch.as_tensor(v) for k, v in cnn_weights.items()})
+    proba = _base_probabilities(vault, data, cnn_weights, shared, settings, facts, privacy, "test")
     k = len(cohort.classes)
     meta = StackingMetaClassifier().set_coef(np.asarray(facts.coef, dtype=np.float64),
-                                             n_features=2 * (1 if k == 2 else k))
-    proba = {"cnn": deep_proba(model, data, "test", pre),
-             "forest": forest.predict_proba(forest_matrix(data, "test", pre))}
-    proba["hybrid"] = meta.predict_proba(meta_features(proba["cnn"], proba["forest"]))
-    proba["logreg"] = fit_logreg(data, pre).predict_proba(forest_matrix(data, "test", pre))
+                                             n_features=len(BASE_MODELS) * (1 if k == 2 else k))
+    proba["hybrid"] = meta.predict_proba(meta_features(*(proba[m] for m in BASE_MODELS)))
     return proba
 
 
-def _store_final_models(vault: Any, cohort: Any, cnn_weights: dict[str, np.ndarray], facts: RoundFacts) -> None:
+def _store_final_models(vault: Any, cohort: Any, cnn_weights: dict[str, np.ndarray], shared: dict[str, np.ndarray],
+                        facts: RoundFacts) -> None:
     from client.model_store import save_final_models
 
-    save_final_models(vault, cnn=cnn_weights, cnn_config=facts.model(),
-                      meta={"coef": [float(c) for c in facts.coef], "classes": list(cohort.classes)},
+    save_final_models(vault, cnn=cnn_weights, cnn_config=facts.model(), shared=shared,
+                      meta={"coef": [float(c) for c in facts.coef], "glm_coef": [float(c) for c in facts.glm_coef],
+                            "base_models": list(BASE_MODELS), "classes": list(cohort.classes)},
                       run_id=facts.run_id)

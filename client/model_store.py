@@ -25,6 +25,7 @@ from client.vault import Vault
 
 FOREST_ROLE = "model/forest"
 CNN_ROLE = "model/cnn"
+SHARED_ROLE = "model/shared-scaler"
 META_ROLE = "model/meta"
 
 
@@ -66,9 +67,11 @@ def load_forest(vault: Vault) -> dict[str, Any] | None:
 
 
 def save_final_models(vault: Vault, *, cnn: dict[str, np.ndarray], cnn_config: dict[str, Any],
-                      meta: dict[str, Any], run_id: str) -> None:
-    """The global models a run ends with, written together in one atomic vault update."""
+                      shared: dict[str, np.ndarray], meta: dict[str, Any], run_id: str) -> None:
+    """The global models a run ends with (deep model, shared scaler, GLM and meta-classifier
+    coefficients), written together in one atomic vault update."""
     vault.update({CNN_ROLE: arrays_to_bytes(cnn, {"config": cnn_config, "run_id": run_id}),
+                  SHARED_ROLE: arrays_to_bytes(shared, {"run_id": run_id}),
                   META_ROLE: json.dumps({**meta, "run_id": run_id}, sort_keys=True).encode("utf-8")})
 
 

@@ -14,20 +14,34 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from client.dp_training import DeepData, DPConfig, TrainConfig, TrainResult, predict_proba, train_deep_model
+from client.dp_training import (
+    DeepData,
+    DPConfig,
+    TrainConfig,
+    TrainResult,
+    predict_proba,
+    train_deep_model,
+)
 from client.features import TabularFrame, deep_tracks, sequence_features, tabular_frame
 from common.cohort import Cohort
 from common.meta import META_FEATURE_BOUND
 from common.model_config import deep_config_for_schema
 from common.models import DeepModelConfig, GenomicNet, TrackShape, build_model
+from common.tabular import (
+    KMER,
+    SharedScaler,
+    column_moments,
+    scaler_from_moments,
+    shared_columns,
+)
 
 if TYPE_CHECKING:
     # scikit-learn is imported where it is used: a CNN round (a fresh process per message in a
     # deployment) then never pays for it.
-    from sklearn.pipeline import Pipeline
 
     from client.forest import SiteForest
     from client.preprocess import TabularPreprocessor
+    from common.glm import FederatedGLM
 
 SPLITS = ("train", "validation", "test")
 
@@ -48,7 +62,7 @@ class SiteData:
     schema: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_cohort(cls, cohort: Cohort, *, kmer: int = 3) -> SiteData:
+    def from_cohort(cls, cohort: Cohort, *, kmer: int = KMER) -> SiteData:
         tracks, shapes = deep_tracks(cohort)
         seq, seq_names = (None, [])
         if cohort.sequences is not None:
@@ -68,41 +82,94 @@ class SiteData:
         return self.frame.width > 0
 
 
-def deep_config(data: SiteData, *, pre: TabularPreprocessor | None = None, tracks: str = "auto",
-                **arch: Any) -> DeepModelConfig:
+def deep_config(data: SiteData, *, tracks: str = "auto", **arch: Any) -> DeepModelConfig:
     """The deep model for this data: :func:`common.model_config.deep_config_for_schema`.
 
     Raises
     ------
     ValueError
-        If the data does not have the shapes its schema promises (a corrupted vault, or a
-        preprocessor fitted on other columns).
+        If the data does not have the shapes its schema promises (a corrupted vault).
     """
     cfg = deep_config_for_schema(data.schema, tracks=tracks, **arch)
     have = {s.name: s for s in data.track_shapes}
     for t in cfg.tracks:
         if t.name not in have or (have[t.name].channels, have[t.name].length) != (t.channels, t.length):
             raise ValueError(f"track {t.name!r}: the data does not match the schema ({have.get(t.name)} vs {t})")
-    if cfg.n_tabular and pre is not None and len(pre.feature_names_out_) != cfg.n_tabular:
-        raise ValueError(f"dense branch: {len(pre.feature_names_out_)} preprocessed columns, schema says {cfg.n_tabular}")
+    width = shared_columns(data.schema).tabular.stop
+    if cfg.n_tabular and width != cfg.n_tabular:
+        raise ValueError(f"dense branch: {width} shared tabular columns, schema says {cfg.n_tabular}")
     return cfg
 
 
-def deep_data(data: SiteData, split: str, cfg: DeepModelConfig, pre: TabularPreprocessor | None) -> DeepData:
-    """Inputs of the deep model for one split (the tracks ``cfg`` reads, in its order)."""
+def shared_raw(data: SiteData, split: str) -> np.ndarray:
+    """Every shared column (:mod:`common.tabular`) of one split, before scaling; NaN where missing.
+
+    Numeric tabular columns, then one-hot clinical categories (a missing category is missing in
+    each of its columns), then sequence-derived features.
+    """
+    mask = data.masks[split]
+    frame = data.frame.rows(mask)
+    parts = [frame.numeric]
+    for j, name in enumerate(frame.categorical_names):
+        codes = frame.categorical[:, j]
+        block = np.zeros((len(codes), len(frame.categories[name])))
+        ok = codes >= 0
+        block[np.flatnonzero(ok), codes[ok]] = 1.0
+        block[~ok] = np.nan
+        parts.append(block)
+    if data.seq_features is not None:
+        parts.append(data.seq_features[mask])
+    return np.hstack(parts).astype(np.float64)
+
+
+def site_moments(data: SiteData, *, rescaled: bool) -> dict[str, np.ndarray]:
+    """Additive moments of the shared columns on the train split (rescaled to public ranges under DP)."""
+    cols = shared_columns(data.schema)
+    raw = shared_raw(data, "train")
+    if rescaled:
+        return column_moments(raw, low=cols.low, high=cols.high)
+    return column_moments(raw)
+
+
+def fit_shared_scaler(data: SiteData, *, max_glm_columns: int) -> SharedScaler:
+    """The shared scaler from this data's exact moments: the pooled reference, or a site alone."""
+    return scaler_from_moments(site_moments(data, rescaled=False), shared_columns(data.schema), rescaled=False,
+                               max_glm_columns=max_glm_columns)
+
+
+def glm_matrix(data: SiteData, split: str, scaler: SharedScaler) -> np.ndarray:
+    """The GLM's inputs on one split."""
+    return scaler.glm_matrix(shared_raw(data, split))
+
+
+def fit_glm(data: SiteData, scaler: SharedScaler, *, C: float) -> FederatedGLM:
+    """The GLM fitted on this data's train split (pooled reference, or a site alone)."""
+    from common.glm import FederatedGLM
+
+    return FederatedGLM(C=C).fit(glm_matrix(data, "train", scaler), data.y[data.masks["train"]])
+
+
+def deep_data(data: SiteData, split: str, cfg: DeepModelConfig, scaler: SharedScaler | None) -> DeepData:
+    """Inputs of the deep model for one split (the tracks ``cfg`` reads, in its order; the dense
+    branch's columns scaled with the shared scaler)."""
     mask = data.masks[split]
     by_name = {s.name: t for s, t in zip(data.track_shapes, data.tracks)}
-    tab = pre.transform(data.frame.rows(mask)).astype(np.float32) if cfg.n_tabular else None
+    tab = None
+    if cfg.n_tabular:
+        if scaler is None:
+            raise ValueError("the deep model has a dense branch: it needs the shared scaler")
+        columns = slice(0, cfg.n_tabular)
+        tab = scaler.transform(shared_raw(data, split)[:, columns], columns).astype(np.float32)
     return DeepData(tracks=[by_name[s.name][mask] for s in cfg.tracks], tabular=tab, y=data.y[mask])
 
 
 def forest_matrix(data: SiteData, split: str, pre: TabularPreprocessor | None,
-                  embedding: GenomicNet | None = None, embedding_pre: TabularPreprocessor | None = None) -> np.ndarray:
+                  embedding: GenomicNet | None = None, scaler: SharedScaler | None = None) -> np.ndarray:
     """The forest's features: preprocessed tabular columns plus sequence-derived features.
 
     With ``embedding`` (a trained deep model), its penultimate-layer embedding of the split is
-    appended: the seed's "CNN features into a forest" variant (``embedding_pre`` prepares its
-    dense inputs when they differ from the forest's, e.g. with omics PCA; default ``pre``).
+    appended: the seed's "CNN features into a forest" variant (``scaler`` prepares its dense
+    inputs).
     """
     mask = data.masks[split]
     parts = []
@@ -111,15 +178,15 @@ def forest_matrix(data: SiteData, split: str, pre: TabularPreprocessor | None,
     if data.seq_features is not None:
         parts.append(data.seq_features[mask])
     if embedding is not None:
-        parts.append(deep_embedding(embedding, data, split, embedding_pre or pre))
+        parts.append(deep_embedding(embedding, data, split, scaler))
     return np.hstack(parts)
 
 
 @torch.no_grad()
-def deep_embedding(model: GenomicNet, data: SiteData, split: str, pre: TabularPreprocessor | None) -> np.ndarray:
+def deep_embedding(model: GenomicNet, data: SiteData, split: str, scaler: SharedScaler | None) -> np.ndarray:
     """The deep model's penultimate embedding of one split."""
     model.eval()
-    d = deep_data(data, split, model.cfg, pre)
+    d = deep_data(data, split, model.cfg, scaler)
     inputs = [torch.as_tensor(t, dtype=torch.float32) for t in d.tracks]
     if d.tabular is not None:
         inputs.append(torch.as_tensor(d.tabular, dtype=torch.float32))
@@ -128,7 +195,7 @@ def deep_embedding(model: GenomicNet, data: SiteData, split: str, pre: TabularPr
 
 def train_deep(data: SiteData, *, cfg: DeepModelConfig, train: TrainConfig, dp: DPConfig | None,
                initial: dict | None = None, accountant_state: dict | None = None, seed: int = 0,
-               pre: TabularPreprocessor | None = None, proximal_mu: float = 0.0,
+               scaler: SharedScaler | None = None, proximal_mu: float = 0.0,
                on_epoch: Any = None) -> tuple[GenomicNet, TrainResult]:
     """Train the deep model on the train split (early stopping on validation)."""
     model = build_model(cfg, seed=seed)
@@ -137,7 +204,8 @@ def train_deep(data: SiteData, *, cfg: DeepModelConfig, train: TrainConfig, dp: 
     # Reverse-complement augmentation only where the spec says orientation carries no meaning.
     rc = next((i for i, t in enumerate(cfg.tracks) if t.name == "dna"), None) if data.orientation_free else None
     tc = TrainConfig(**{**train.__dict__, "reverse_complement_track": rc})
-    result = train_deep_model(model, deep_data(data, "train", cfg, pre), val=deep_data(data, "validation", cfg, pre),
+    result = train_deep_model(model, deep_data(data, "train", cfg, scaler),
+                              val=deep_data(data, "validation", cfg, scaler),
                               config=tc, dp=dp, accountant_state=accountant_state, proximal_mu=proximal_mu,
                               on_epoch=on_epoch)
     return model, result
@@ -153,26 +221,12 @@ def fit_tabular_preprocessor(data: SiteData, **kw: Any) -> TabularPreprocessor |
 
 
 def fit_forest(data: SiteData, pre: TabularPreprocessor | None, *, embedding: GenomicNet | None = None,
-               embedding_pre: TabularPreprocessor | None = None, **kw: Any) -> SiteForest:
+               scaler: SharedScaler | None = None, **kw: Any) -> SiteForest:
     """The site forest on the train split (optionally with the deep model's embedding as features)."""
     from client.forest import SiteForest
 
-    x = forest_matrix(data, "train", pre, embedding, embedding_pre)
+    x = forest_matrix(data, "train", pre, embedding, scaler)
     return SiteForest(**kw).fit(x, data.y[data.masks["train"]])
-
-
-def fit_logreg(data: SiteData, pre: TabularPreprocessor | None, *, C: float = 0.1) -> Pipeline:
-    """The classical baseline: L2-penalized logistic regression on the forest's features.
-
-    That is the tabular genomic and clinical features (the polygenic-score style model) and,
-    for a cohort with sequences, the same k-mer / positional features the forest sees.
-    """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    model = make_pipeline(StandardScaler(), LogisticRegression(C=C, max_iter=5000))
-    return model.fit(forest_matrix(data, "train", pre), data.y[data.masks["train"]])
 
 
 def meta_features(*probas: np.ndarray) -> np.ndarray:
@@ -189,6 +243,6 @@ def meta_features(*probas: np.ndarray) -> np.ndarray:
     return np.clip(np.hstack(cols), -META_FEATURE_BOUND, META_FEATURE_BOUND)
 
 
-def deep_proba(model: GenomicNet, data: SiteData, split: str, pre: TabularPreprocessor | None) -> np.ndarray:
+def deep_proba(model: GenomicNet, data: SiteData, split: str, scaler: SharedScaler | None) -> np.ndarray:
     """Deep model probabilities on one split."""
-    return predict_proba(model, deep_data(data, split, model.cfg, pre))
+    return predict_proba(model, deep_data(data, split, model.cfg, scaler))

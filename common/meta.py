@@ -65,7 +65,9 @@ def newton_terms(coef: np.ndarray, x: np.ndarray, y: np.ndarray, *, n_classes: i
         grad = z.T @ (p - y)
         hess = (z * (p * (1.0 - p))[:, None]).T @ z
         return NewtonTerms(loss, grad, hess, len(y))
-    from scipy.special import log_softmax  # multiclass only: a binary site never loads SciPy
+    from scipy.special import (
+        log_softmax,  # multiclass only: a binary site never loads SciPy
+    )
 
     w = coef.reshape(n_classes, d)
     eta = z @ w.T
@@ -216,7 +218,8 @@ def nearest_positive_definite(hess: np.ndarray, *, floor: float) -> np.ndarray:
     return (vectors * np.maximum(values, floor)) @ vectors.T
 
 
-def noise_floor(*, dim: int, n_classes: int, noise_multipliers: list[float]) -> float:
+def noise_floor(*, dim: int, n_classes: int, noise_multipliers: list[float],
+                bound: float = META_FEATURE_BOUND) -> float:
     """Spectral size of the noise in a sum of Hessians released through the Gaussian mechanism.
 
     Each holder's Hessian carries noise of deviation ``sigma * sqrt(2) * h_bound`` per entry
@@ -225,7 +228,7 @@ def noise_floor(*, dim: int, n_classes: int, noise_multipliers: list[float]) -> 
     noise from flipping or inflating a Newton step (a trust region in effect), from public values.
     """
     n_features = dim // (1 if n_classes == 2 else n_classes) - 1
-    _, h_bound = statistic_bounds(n_features=n_features, n_classes=max(n_classes, 2), bound=META_FEATURE_BOUND)
+    _, h_bound = statistic_bounds(n_features=n_features, n_classes=max(n_classes, 2), bound=bound)
     sd = math.sqrt(sum((s * math.sqrt(2.0) * h_bound) ** 2 for s in noise_multipliers))
     return max(2.0 * math.sqrt(dim) * sd, 1e-9)
 

@@ -63,6 +63,11 @@ class RunSettings:
     weight_decay: float = 1e-2
     arch: str = "cnn"
     forest_trees: int = 200
+    moments_epsilon: float = 0.5     # under DP: epsilon of the shared preprocessing's moments
+    glm_rounds: int = 8              # federated Newton rounds of the GLM at most (stops when converged)
+    glm_epsilon: float = 1.0         # under DP: the GLM statistics' epsilon over all GLM rounds
+    glm_c: float = 0.1               # the GLM's inverse L2 penalty (the objective sums over records)
+    glm_max_features: int = 256      # the GLM reads at most this many shared columns
     meta_rounds: int = 3
     meta_epsilon: float = 1.0        # under DP: the meta statistics' epsilon over all meta rounds
     meta_c: float = 1.0
@@ -78,12 +83,13 @@ class RunSettings:
         if self.test_statistics not in TEST_STATISTICS:
             raise SettingsError(f"run config test-statistics = {self.test_statistics!r}: choose one of "
                                 f"{', '.join(TEST_STATISTICS)}")
-        positive = ("epsilon", "meta_epsilon", "test_epsilon", "max_grad_norm", "lr", "wait_timeout",
+        positive = ("epsilon", "meta_epsilon", "test_epsilon", "moments_epsilon", "glm_epsilon", "glm_c", "max_grad_norm", "lr", "wait_timeout",
                     "round_timeout")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise SettingsError(f"run config {_key(name)} = {getattr(self, name)!r}: must be > 0")
-        at_least_one = ("cnn_rounds", "local_epochs", "batch_size", "meta_rounds", "min_sites", "forest_trees")
+        at_least_one = ("cnn_rounds", "local_epochs", "batch_size", "meta_rounds", "min_sites", "forest_trees",
+                        "glm_rounds", "glm_max_features")
         for name in at_least_one:
             if getattr(self, name) < 1:
                 raise SettingsError(f"run config {_key(name)} = {getattr(self, name)!r}: must be at least 1")
@@ -161,14 +167,16 @@ class RoundFacts:
     run_id : the genofed run id (sites key per-run state and ledger charges by it).
     server_round : the round within its phase (0 for one-off exchanges).
     model_config : the deep model's layout as JSON (derived from the agreed schema).
-    coef : the meta-classifier's coefficients (meta rounds and evaluation).
-    warm_start : meta round 1 without DP: also return the local fit.
+    coef : the coefficients being fitted (GLM or meta rounds) or the meta-classifier's (evaluation).
+    glm_coef : the fitted GLM's coefficients (meta rounds and evaluation).
+    warm_start : first GLM or meta round without DP: also return the local fit.
     """
 
     run_id: str
     server_round: int = 0
     model_config: str = ""
     coef: tuple[float, ...] = field(default_factory=tuple)
+    glm_coef: tuple[float, ...] = field(default_factory=tuple)
     warm_start: bool = False
 
     def to_config(self) -> dict[str, Any]:
@@ -179,6 +187,8 @@ class RoundFacts:
             out["model-config"] = self.model_config
         if self.coef:
             out["coef"] = [float(c) for c in self.coef]
+        if self.glm_coef:
+            out["glm-coef"] = [float(c) for c in self.glm_coef]
         return out
 
     @classmethod
@@ -188,6 +198,7 @@ class RoundFacts:
             return cls(run_id=str(cfg["run-id"]), server_round=int(cfg.get("server-round", 0)),
                        model_config=str(cfg.get("model-config", "")),
                        coef=tuple(float(c) for c in cfg.get("coef", ())),
+                       glm_coef=tuple(float(c) for c in cfg.get("glm-coef", ())),
                        warm_start=bool(cfg.get("warm-start", False)))
         except (KeyError, TypeError, ValueError) as exc:
             raise SettingsError(f"message config is not a genofed exchange: {exc!r}") from None

@@ -32,11 +32,13 @@ relative to the spec file. Example::
 
     [modalities.omics]
     file = "omics.csv"
+    range = [-10.0, 10.0]             # optional public bounds of every value (see below)
 
     [modalities.clinical]
     file = "clinical.csv"
     numeric = ["age"]
     categorical = { sex = ["F", "M"] }
+    ranges = { age = [0, 120] }       # optional public bounds per numeric field
 
     [modalities.events]
     file = "mutations.tsv"
@@ -46,6 +48,13 @@ The *schema* is the part of a spec that sites of one federation must share (clas
 length, feature lists, categories, policies); file names, id columns and split settings are
 local. Feature lists a spec leaves out are resolved from the data at import and stored in the
 vault, so the schema hash a site reports always covers the exact features it trains on.
+
+Declared ranges (``[modalities.clinical] ranges``, ``[modalities.omics] range``) are *public*
+bounds, ``[lo, hi]`` with ``lo < hi``, finite: the clipping bounds of the differentially private
+column moments (count, sum, sum of squares) behind the shared preprocessing. They are part of the
+schema (every site clips alike), and a promise the import enforces: a value outside its declared
+range is refused. Choose them from domain knowledge (an age lies in [0, 120]), never from the
+site's data, which would leak it. A spec without them has the schema hash it always had.
 """
 
 from __future__ import annotations
@@ -53,6 +62,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -136,6 +146,8 @@ class OmicsSpec:
     features: tuple[str, ...] | None = None
     id_column: str | None = None
     allow_missing: bool = False
+    range: tuple[float, float] | None = None
+    """Public ``(lo, hi)`` bounds of every value of the matrix (None: not declared)."""
 
 
 @dataclass(frozen=True)
@@ -147,6 +159,8 @@ class ClinicalSpec:
     categorical: dict[str, tuple[str, ...]] = field(default_factory=dict)
     id_column: str | None = None
     allow_missing: bool = True
+    ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """Public ``(lo, hi)`` bounds per numeric field; a field left out has none declared."""
 
 
 @dataclass(frozen=True)
@@ -211,8 +225,8 @@ _ALLOWED_KEYS: dict[str, set[str]] = {
     "modalities": set(MODALITIES),
     "sequences": {"file", "length", "format", "column", "id-column", "strand"},
     "variants": {"file", "multiallelic", "missing", "sites"},
-    "omics": {"file", "features", "id-column", "allow-missing"},
-    "clinical": {"file", "numeric", "categorical", "id-column", "allow-missing"},
+    "omics": {"file", "features", "id-column", "allow-missing", "range"},
+    "clinical": {"file", "numeric", "categorical", "id-column", "allow-missing", "ranges"},
     "events": {"file", "feature-column", "features", "id-column", "absent", "profiled"},
 }
 
@@ -271,6 +285,18 @@ class _Reader:
 
     def optional_str(self, key: str) -> str | None:
         return self.get(key, str, None)
+
+    def bounds(self, key: str, value: Any) -> tuple[float, float]:
+        """``value`` as a public range ``(lo, hi)``: two finite numbers with lo < hi."""
+        if (not isinstance(value, list) or len(value) != 2
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+            raise self.fail(key, f"must be a range [lo, hi] of two numbers, got {value!r}")
+        lo, hi = float(value[0]), float(value[1])
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise self.fail(key, f"must be finite numbers, got [{value[0]}, {value[1]}]")
+        if not lo < hi:
+            raise self.fail(key, f"lo must be less than hi, got [{value[0]}, {value[1]}]")
+        return lo, hi
 
 
 def load_spec(path: str | Path) -> CohortSpec:
@@ -362,8 +388,10 @@ def _parse_variants(r: _Reader) -> VariantsSpec:
 
 
 def _parse_omics(r: _Reader) -> OmicsSpec:
+    raw = r.get("range", list, None)
     return OmicsSpec(file=r.path("file"), features=r.strings("features", None), id_column=r.optional_str("id-column"),
-                     allow_missing=r.get("allow-missing", bool, False))
+                     allow_missing=r.get("allow-missing", bool, False),
+                     range=None if raw is None else r.bounds("range", raw))
 
 
 def _parse_clinical(r: _Reader) -> ClinicalSpec:
@@ -381,8 +409,16 @@ def _parse_clinical(r: _Reader) -> ClinicalSpec:
         raise r.fail("numeric", f"column {sorted(both)[0]!r} is listed both as numeric and categorical")
     if not numeric and not categorical:
         raise r.fail("numeric", "give at least one numeric or categorical column")
+    ranges: dict[str, tuple[float, float]] = {}
+    for name, value in r.get("ranges", dict, {}).items():
+        if name not in numeric:
+            listed = f"the numeric fields are {list(numeric)}" if numeric else "no numeric field is listed"
+            raise r.fail(f"ranges.{name}", f"{name!r} is not a numeric field ({listed}); ranges are declared "
+                         "for numeric fields only")
+        ranges[name] = r.bounds(f"ranges.{name}", value)
     return ClinicalSpec(file=r.path("file"), numeric=numeric, categorical=categorical,
-                        id_column=r.optional_str("id-column"), allow_missing=r.get("allow-missing", bool, True))
+                        id_column=r.optional_str("id-column"), allow_missing=r.get("allow-missing", bool, True),
+                        ranges=ranges)
 
 
 def _parse_events(r: _Reader) -> EventsSpec:
@@ -433,11 +469,13 @@ def spec_to_dict(spec: CohortSpec, *, relative_to: Path | None = None) -> dict[s
                                   "sites": list(v.sites) if v.sites is not None else None})
     if (o := spec.omics) is not None:
         mods["omics"] = clean({"file": rel(o.file), "id-column": o.id_column, "allow-missing": o.allow_missing,
+                               "range": list(o.range) if o.range is not None else None,
                                "features": list(o.features) if o.features is not None else None})
     if (c := spec.clinical) is not None:
         mods["clinical"] = clean({"file": rel(c.file), "id-column": c.id_column, "allow-missing": c.allow_missing,
                                   "numeric": list(c.numeric),
-                                  "categorical": {k: list(v) for k, v in c.categorical.items()}})
+                                  "categorical": {k: list(v) for k, v in c.categorical.items()},
+                                  "ranges": {k: list(v) for k, v in c.ranges.items()} or None})
     if (e := spec.events) is not None:
         mods["events"] = clean({"file": rel(e.file), "feature-column": e.feature_column, "id-column": e.id_column,
                                 "absent": e.absent, "profiled": rel(e.profiled),
@@ -472,11 +510,16 @@ def spec_schema(spec: CohortSpec) -> dict[str, Any]:
     if (v := spec.variants) is not None:
         schema["variants"] = {"multiallelic": v.multiallelic, "missing": v.missing,
                               "sites": list(v.sites) if v.sites is not None else None}
+    # Declared ranges enter only when present, so specs without them keep their hash.
     if (o := spec.omics) is not None:
         schema["omics"] = {"features": list(o.features) if o.features is not None else None}
+        if o.range is not None:
+            schema["omics"]["range"] = list(o.range)
     if (c := spec.clinical) is not None:
         schema["clinical"] = {"numeric": list(c.numeric),
                               "categorical": {k: list(v) for k, v in sorted(c.categorical.items())}}
+        if c.ranges:
+            schema["clinical"]["ranges"] = {k: list(v) for k, v in sorted(c.ranges.items())}
     if (e := spec.events) is not None:
         schema["events"] = {"features": list(e.features) if e.features is not None else None, "absent": e.absent}
     return schema

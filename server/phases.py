@@ -1,7 +1,8 @@
 """The coordinator's phases (DESIGN: "The federated run"), one function each.
 
-Exchanges per run: census (1) + CNN rounds (R) + meta rounds (3 by default: a warm start and two
-Newton steps) + evaluation with distribution of the final models (1) = R + 5. Explanations
+Exchanges per run: census (1) + moments of the shared preprocessing (1) + CNN rounds (R) + GLM
+rounds (Newton steps from zero until converged, at most 8 by default) + meta rounds (3 by
+default: a warm start and two Newton steps) + evaluation with distribution of the final models (1). Explanations
 (phase 5) will be inserted between the meta rounds and the evaluation; see ``run_phases``.
 
 All server state lives in :class:`RunState`, checkpointed after every completed exchange;
@@ -23,10 +24,14 @@ from flwr.serverapp import Grid
 
 from common.errors import GenofedError
 from common.records import from_record, to_record
+from common.settings import RoundFacts, RunSettings
 from common.spec import diff_schemas
 from server.exchange import TooFewSitesError, exchange, wait_for_nodes
 from server.runlog import RunLog
-from common.settings import RoundFacts, RunSettings
+
+MODELS = ("hybrid", "cnn", "forest", "logreg")
+BASE_MODELS = ("cnn", "forest", "logreg")
+"""The stack's base models, in the order of the meta-classifier's features (as the sites have them)."""
 
 
 class CensusError(GenofedError):
@@ -45,6 +50,10 @@ class RunState:
     model_config: dict[str, Any] = field(default_factory=dict)
     cnn_round: int = 0
     aggregator: dict[str, Any] = field(default_factory=dict)
+    shared: dict[str, list] = field(default_factory=dict)         # the shared scaler (mean, scale, glm_columns)
+    glm_round: int = 0
+    glm_solver: dict[str, Any] = field(default_factory=dict)
+    glm_coef: list[float] = field(default_factory=list)
     meta_round: int = 0
     meta_solver: dict[str, Any] = field(default_factory=dict)
     meta_coef: list[float] = field(default_factory=list)
@@ -110,7 +119,7 @@ def run_census(grid: Grid, settings: RunSettings, state: RunState, log: RunLog) 
     state.schema = json.loads(next(iter(infos.values()))["schema-json"])
     model_cfg = deep_config_for_schema(state.schema, arch=settings.arch)
     state.model_config = model_cfg.to_dict()
-    state.phase = "cnn"
+    state.phase = "moments"
     if settings.ledger_registry:
         remember_ledgers(settings, state)
     log.info(f"census: {len(infos)} sites agree on schema {next(iter(infos.values()))['schema-hash'][:12]}: "
@@ -182,6 +191,53 @@ def _check_schemas(infos: dict[int, dict]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Phase 0b
+
+
+def run_moments(grid: Grid, settings: RunSettings, state: RunState, log: RunLog) -> None:
+    """The shared preprocessing: sum the sites' moments into one scaler (common/tabular.py)."""
+    from common.tabular import scaler_from_moments, shared_columns
+
+    columns = shared_columns(state.schema)
+    nodes = _require_quorum(state, settings, "moments")
+    cfg = ConfigRecord(RoundFacts(run_id=state.run_id).to_config())
+    res = exchange(grid, nodes, lambda n: RecordDict({"config": cfg}), message_type="query.moments",
+                   group_id=f"{state.run_id}-moments", timeout=settings.round_timeout)
+    _note_failures(state, log, res.failures, "moments")
+    total: dict[str, np.ndarray] = {}
+    for node in sorted(res.replies, key=state.site_of):
+        arrays = from_record(res.replies[node].content.array_records["moments"])
+        bad = [k for k in ("count", "sum", "sumsq") if np.shape(arrays.get(k)) != (columns.width,)
+               or not np.isfinite(arrays[k]).all()]
+        if bad:
+            site = state.site_of(node)
+            state.excluded.setdefault(site, f"moments: malformed {', '.join(bad)}")
+            log.warning(f"moments: site {site} sent malformed {', '.join(bad)} and leaves the run")
+            continue
+        for key in ("count", "sum", "sumsq"):
+            total[key] = total.get(key, 0.0) + np.asarray(arrays[key], dtype=np.float64)
+    _require_quorum(state, settings, "moments")
+    scaler = scaler_from_moments(total, columns, rescaled=settings.dp, max_glm_columns=settings.glm_max_features)
+    state.shared = {k: v.tolist() for k, v in scaler.to_arrays().items()}
+    record = {"phase": "moments", "seconds": round(res.seconds, 2), "handler_s": _slowest_handler(res),
+              "sites": sorted(state.site_of(n) for n in res.replies)}
+    spent = {state.site_of(n): float(r.content.metric_records["metrics"]["epsilon"])
+             for n, r in res.replies.items() if "epsilon" in r.content.metric_records["metrics"]}
+    if spent:
+        record["epsilon"] = dict(sorted(spent.items()))
+    state.rounds.append(record)
+    log.info(f"moments: one scaler for {columns.width} shared columns from {len(res.replies)} sites"
+             + (" (noised)" if settings.dp else "") + f"; the GLM reads {len(scaler.glm_columns)} of them")
+    state.phase = "cnn"
+
+
+def shared_record(state: RunState) -> Any:
+    """The shared scaler as the array record every later message carries."""
+    return to_record({k: np.asarray(v, dtype=np.int64 if k == "glm_columns" else np.float64)
+                      for k, v in state.shared.items()})
+
+
+# ---------------------------------------------------------------------------------------------
 # Phase 1
 
 
@@ -197,7 +253,7 @@ def run_cnn_rounds(grid: Grid, settings: RunSettings, state: RunState, log: RunL
     while state.cnn_round < settings.cnn_rounds:
         rnd = state.cnn_round + 1
         nodes = _require_quorum(state, settings, f"CNN round {rnd}")
-        content = RecordDict({"arrays": to_record(weights), "config": ConfigRecord(
+        content = RecordDict({"arrays": to_record(weights), "shared": shared_record(state), "config": ConfigRecord(
             RoundFacts(run_id=state.run_id, server_round=rnd, model_config=model_json).to_config())})
         res = exchange(grid, nodes, lambda n: content, message_type="train", group_id=f"{state.run_id}-cnn-{rnd}",
                        timeout=settings.round_timeout)
@@ -228,7 +284,7 @@ def run_cnn_rounds(grid: Grid, settings: RunSettings, state: RunState, log: RunL
                  f"({res.seconds:.1f} s)" + (f"; epsilon spent per site: {eps}" if eps else ""))
         log.event("cnn-round", **record)
         checkpoint(weights)
-    state.phase = "meta"
+    state.phase = "glm"
     return weights
 
 
@@ -257,70 +313,109 @@ def _aggregator(settings: RunSettings) -> Any:
 # Phases 2-3
 
 
+def run_glm_rounds(grid: Grid, settings: RunSettings, state: RunState, log: RunLog,
+                   weights: dict[str, np.ndarray], checkpoint: Any) -> list[float]:
+    """Federated Newton on the GLM over the shared columns (the first round a warm start without DP)."""
+    from common.glm import GLM_FEATURE_BOUND
+    from common.meta import NewtonSolver
+
+    k = max(len(state.schema["label"]["classes"]), 2)
+    solver = NewtonSolver(n_features=len(state.shared["glm_columns"]), n_classes=k, penalty="l2",
+                          C=settings.glm_c)
+    if state.glm_solver:
+        solver.load_state_dict(state.glm_solver)
+    content = {"shared": shared_record(state)}
+    # No warm start: local fits over hundreds of columns at one site overfit, and Newton from zero
+    # on the penalized objective converges in a few rounds anyway (and releases less).
+    _newton_rounds(grid, settings, state, log, solver, content, kind="glm", rounds=settings.glm_rounds,
+                   bound=GLM_FEATURE_BOUND, max_n="n-train", facts={}, warm_start=False,
+                   checkpoint=lambda: checkpoint(weights))
+    state.glm_coef = [float(c) for c in solver.result()]
+    state.phase = "meta"
+    return state.glm_coef
+
+
 def run_meta_rounds(grid: Grid, settings: RunSettings, state: RunState, log: RunLog,
                     weights: dict[str, np.ndarray], checkpoint: Any) -> list[float]:
     """Federated Newton on the stacking meta-classifier (the first round also fits the forests)."""
-    from common.meta import NewtonSolver, NewtonTerms, averaging_prior, nearest_positive_definite, noise_floor
+    from common.meta import META_FEATURE_BOUND, NewtonSolver, averaging_prior
 
     k = len(state.schema["label"]["classes"])
-    n_feat = 2 * (1 if k == 2 else k)
-    solver = NewtonSolver(n_features=n_feat, n_classes=max(k, 2), penalty="l2", C=settings.meta_c,
-                          tol=settings.meta_tol)
+    n_models = len(BASE_MODELS)
+    solver = NewtonSolver(n_features=n_models * (1 if k == 2 else k), n_classes=max(k, 2), penalty="l2",
+                          C=settings.meta_c, tol=settings.meta_tol)
     if state.meta_solver:
         solver.load_state_dict(state.meta_solver)
     elif settings.dp:
         # Noised steps from zero can land anywhere, sign flips included; from the plain average of
         # the base models' log-odds (public, needs no data) a noisy step can only refine.
-        solver.coef = solver.best_coef = averaging_prior(n_models=2, n_classes=max(k, 2))
-    cnn = to_record(weights)
-    while state.meta_round < settings.meta_rounds and not solver.converged:
-        rnd = state.meta_round + 1
-        nodes = _require_quorum(state, settings, f"meta round {rnd}")
-        warm = rnd == 1 and not settings.dp  # a local fit has no DP mechanism: never asked for under DP
+        solver.coef = solver.best_coef = averaging_prior(n_models=n_models, n_classes=max(k, 2))
+    content = {"cnn": to_record(weights), "shared": shared_record(state)}
+    _newton_rounds(grid, settings, state, log, solver, content, kind="meta", rounds=settings.meta_rounds,
+                   bound=META_FEATURE_BOUND, max_n="n-validation", warm_start=not settings.dp,
+                   facts={"glm_coef": tuple(state.glm_coef)}, checkpoint=lambda: checkpoint(weights))
+    state.meta_coef = [float(c) for c in solver.result()]
+    state.phase = "evaluate"
+    return state.meta_coef
+
+
+def _newton_rounds(grid: Grid, settings: RunSettings, state: RunState, log: RunLog, solver: Any,
+                   content: dict[str, Any], *, kind: str, rounds: int, bound: float, max_n: str,
+                   facts: dict[str, Any], warm_start: bool, checkpoint: Any) -> None:
+    """Federated Newton rounds of one logistic fit (``kind`` "glm" or "meta"), checkpointed each round."""
+    from common.meta import NewtonTerms, nearest_positive_definite, noise_floor
+
+    name = "GLM" if kind == "glm" else "meta"
+    k = max(len(state.schema["label"]["classes"]), 2)
+    while getattr(state, f"{kind}_round") < rounds and not solver.converged:
+        rnd = getattr(state, f"{kind}_round") + 1
+        nodes = _require_quorum(state, settings, f"{name} round {rnd}")
+        warm = rnd == 1 and warm_start and not settings.dp  # a local fit has no DP mechanism: never under DP
         cfg = ConfigRecord(RoundFacts(run_id=state.run_id, server_round=rnd, model_config=json.dumps(state.model_config),
-                                      coef=tuple(float(c) for c in solver.coef), warm_start=warm).to_config())
-        res = exchange(grid, nodes, lambda n: RecordDict({"cnn": cnn, "config": cfg}), message_type="train.meta",
-                       group_id=f"{state.run_id}-meta-{rnd}", timeout=settings.round_timeout)
-        _note_failures(state, log, res.failures, f"meta round {rnd}")
-        replies, rejected = _valid_meta_replies(res, state, log, rnd, dim=solver.coef.shape[0])
+                                      coef=tuple(float(c) for c in solver.coef), warm_start=warm,
+                                      **facts).to_config())
+        res = exchange(grid, nodes, lambda n: RecordDict({**content, "config": cfg}), message_type=f"train.{kind}",
+                       group_id=f"{state.run_id}-{kind}-{rnd}", timeout=settings.round_timeout)
+        _note_failures(state, log, res.failures, f"{name} round {rnd}")
+        replies, rejected = _valid_newton_replies(res, state, log, f"{name} round {rnd}", dim=solver.coef.shape[0],
+                                                  max_n=max_n)
         if len(replies) < settings.min_sites:
-            raise TooFewSitesError(f"meta round {rnd}: {len(replies)} site(s) sent valid terms"
+            raise TooFewSitesError(f"{name} round {rnd}: {len(replies)} site(s) sent valid terms"
                                    + "".join(f"; {s}: {r}" for s, r in rejected.items()))
         terms = [NewtonTerms(float(r.get("loss", np.nan)), r["grad"], r["hess"], int(r["num-examples"]))
                  for r in replies]
         total = sum(terms[1:], terms[0])
         if settings.dp:
-            floor = noise_floor(dim=total.hess.shape[0], n_classes=max(k, 2),
+            floor = noise_floor(dim=total.hess.shape[0], n_classes=k, bound=bound,
                                 noise_multipliers=[float(r.get("noise-multiplier", 0.0)) for r in replies])
             total.hess = nearest_positive_definite(total.hess, floor=floor)
         if warm:
-            solver.coef = _warm_start(replies, settings.meta_c)
+            solver.coef = _warm_start(replies)
             solver.best_objective = np.inf
-            log.info(f"meta round 1: forests fitted on {len(replies)} sites; warm start from their local fits")
+            log.info(f"{name} round 1: {'forests fitted and ' if kind == 'meta' else ''}warm start from "
+                     f"{len(replies)} sites' local fits")
         else:
             solver.step(total)
-            log.info(f"meta round {rnd}: Newton step" + (
+            log.info(f"{name} round {rnd}: Newton step" + (
                 " on noised statistics (no objective released)" if settings.dp
                 else f", objective {solver.best_objective:.6f}") + (" (converged)" if solver.converged else ""))
-        state.meta_round, state.meta_solver = rnd, solver.state_dict()
-        record = {"phase": "meta", "round": rnd, "seconds": round(res.seconds, 2), "handler_s": _slowest_handler(res),
-                  "sites": sorted(state.site_of(n) for n in res.replies)}
+        setattr(state, f"{kind}_round", rnd)
+        setattr(state, f"{kind}_solver", solver.state_dict())
+        record = {"phase": kind, "round": rnd, "seconds": round(res.seconds, 2), "handler_s": _slowest_handler(res),
+                  "sites": sorted(state.site_of(n) for n in res.replies), "converged": solver.converged}
         spent = {state.site_of(n): float(r.content.metric_records["metrics"]["epsilon"])
                  for n, r in res.replies.items() if "epsilon" in r.content.metric_records["metrics"]}
         if spent:
             record["epsilon"] = dict(sorted(spent.items()))
-            log.info(f"meta round {rnd}: epsilon spent per site: "
+            log.info(f"{name} round {rnd}: epsilon spent per site: "
                      + ", ".join(f"{s} {e:.3f}" for s, e in record["epsilon"].items()))
         state.rounds.append(record)
-        log.event("meta-round", round=rnd, seconds=res.seconds, converged=solver.converged)
-        checkpoint(weights)
-    state.meta_coef = [float(c) for c in (solver.best_coef if solver.converged else solver.coef)]
-    state.phase = "evaluate"
-    return state.meta_coef
+        log.event(f"{kind}-round", round=rnd, seconds=res.seconds, converged=solver.converged)
+        checkpoint()
 
 
-def _valid_meta_replies(res: Any, state: RunState, log: RunLog, rnd: int, *,
-                        dim: int) -> tuple[list[dict[str, Any]], dict[str, str]]:
+def _valid_newton_replies(res: Any, state: RunState, log: RunLog, where: str, *, dim: int,
+                          max_n: str) -> tuple[list[dict[str, Any]], dict[str, str]]:
     """The sites' Newton terms that are finite, of the right shapes, symmetric and within their census count."""
     from server.validation import check_newton_terms
 
@@ -328,21 +423,21 @@ def _valid_meta_replies(res: Any, state: RunState, log: RunLog, rnd: int, *,
     for node, reply in sorted(res.replies.items(), key=lambda kv: state.site_of(kv[0])):
         site = state.site_of(node)
         r = from_record(reply.content.array_records["terms"]) | dict(reply.content.metric_records["metrics"])
-        n_val = int(state.census.get(site, {}).get("n-validation", 0)) or None
+        n_val = int(state.census.get(site, {}).get(max_n, 0)) or None
         why = check_newton_terms(r.get("grad"), r.get("hess"), dim=dim, n=r.get("num-examples"), max_n=n_val)
         if why is None and "local_coef" in r:
             why = check_newton_terms(r["local_coef"], r.get("local_hess"), dim=dim, n=r.get("num-examples"),
                                      max_n=n_val)
         if why is not None:
             rejected[site] = why
-            state.excluded.setdefault(site, f"meta round {rnd}: terms rejected: {why}")
-            log.warning(f"meta round {rnd}: terms of site {site} rejected: {why}")
+            state.excluded.setdefault(site, f"{where}: terms rejected: {why}")
+            log.warning(f"{where}: terms of site {site} rejected: {why}")
             continue
         replies.append(r)
     return replies, rejected
 
 
-def _warm_start(replies: list[dict[str, Any]], C: float) -> np.ndarray:
+def _warm_start(replies: list[dict[str, Any]]) -> np.ndarray:
     """Hessian-weighted combination of the sites' local fits: close to the pooled solution."""
     h = sum(r["local_hess"] for r in replies)
     b = sum(r["local_hess"] @ r["local_coef"] for r in replies)
@@ -361,8 +456,9 @@ def run_evaluation(grid: Grid, settings: RunSettings, state: RunState, log: RunL
 
     nodes = _require_quorum(state, settings, "evaluation")
     cfg = ConfigRecord(RoundFacts(run_id=state.run_id, model_config=json.dumps(state.model_config),
-                                  coef=tuple(state.meta_coef)).to_config())
-    res = exchange(grid, nodes, lambda n: RecordDict({"cnn": to_record(weights), "config": cfg}),
+                                  coef=tuple(state.meta_coef), glm_coef=tuple(state.glm_coef)).to_config())
+    shared = shared_record(state)
+    res = exchange(grid, nodes, lambda n: RecordDict({"cnn": to_record(weights), "shared": shared, "config": cfg}),
                    message_type="evaluate", group_id=f"{state.run_id}-evaluate", timeout=settings.round_timeout)
     _note_failures(state, log, res.failures, "evaluation")
     k = max(len(state.schema["label"]["classes"]), 2)
@@ -410,8 +506,6 @@ def _site_stats(reply: Any, n_classes: int) -> dict[str, Any]:
         by_model.setdefault(model, {})[part] = value
     return {m: stats_from_released(parts, n_classes=n_classes) for m, parts in by_model.items()}
 
-
-MODELS = ("hybrid", "cnn", "forest", "logreg")
 
 
 def new_state() -> RunState:

@@ -18,11 +18,22 @@ from pathlib import Path
 from typing import Any
 
 from common.files import json_default, write_text_atomic
-from common.metrics import METRIC_NAMES, EvalStats, bootstrap_ci_from_stats, metrics_from_stats
-from server.phases import RunState
+from common.metrics import (
+    METRIC_NAMES,
+    EvalStats,
+    bootstrap_ci_from_stats,
+    metrics_from_stats,
+)
 from common.settings import RunSettings
+from server.phases import MODELS, RunState
 
-MODELS = ("hybrid", "cnn", "forest", "logreg")
+MODEL_ROLES = {
+    "hybrid": "federated stacking meta-classifier over the three base models below",
+    "cnn": "federated deep model (FedAvg of the sites' DP-SGD updates)",
+    "forest": "each site's own random forest (local: it never leaves its site), evaluated at its site",
+    "logreg": "federated GLM: penalized logistic regression on the shared tabular features (glm-* settings)",
+}
+"""What each row of ``models`` is: rows that are local models are labelled as such."""
 
 
 def _site_metrics(site: dict[str, Any], census: dict[str, Any]) -> dict[str, Any]:
@@ -55,7 +66,7 @@ def _privacy(state: RunState, settings: RunSettings) -> dict[str, Any]:
                 if "epsilon" in m:
                     entry(site).update(epsilon=float(m["epsilon"]),
                                        run_epsilon=float(m.get("run-epsilon", float("nan"))))
-        elif record.get("phase") in ("meta", "evaluate"):
+        elif record.get("phase") in ("moments", "glm", "meta", "evaluate"):
             for site, eps in record.get("epsilon", {}).items():
                 entry(site)["epsilon"] = float(eps)
     return out
@@ -82,12 +93,23 @@ def build_metrics(evaluation: dict[str, Any], state: RunState, settings: RunSett
         "missing_sites": dict(state.excluded),
         "refusals": dict(state.refusals),
         "test_statistics": _test_statistics_note(settings, evaluation),
+        "model_roles": _model_roles(state),
         "meta": {"coef": list(state.meta_coef), "rounds": state.meta_round,
                  "converged": bool(state.meta_solver.get("converged", False))},
+        "glm": {"rounds": state.glm_round, "converged": bool(state.glm_solver.get("converged", False)),
+                "columns": len(state.shared.get("glm_columns", [])), "C": settings.glm_c},
         "rounds": state.rounds,
         "census": state.census,
         "settings": asdict(settings),
     }
+
+
+def _model_roles(state: RunState) -> dict[str, str]:
+    roles = dict(MODEL_ROLES)
+    if state.model_config.get("tracks") == [] or not state.model_config.get("tracks"):
+        roles["cnn"] = ("federated deep model: a dense network on the shared tabular features (the cohort has no "
+                        "sequence tracks), FedAvg of the sites' DP-SGD updates")
+    return roles
 
 
 def _privacy_note(settings: RunSettings) -> str:
@@ -95,8 +117,10 @@ def _privacy_note(settings: RunSettings) -> str:
         return ("No differential privacy in this run (dp = false): the non-private reference, run only where every "
                 "site's policy allows it. Model updates, meta-classifier statistics and losses left the sites exact.")
     return ("Sample-level DP-SGD (Opacus, RDP accountant) protects each site's training records in the CNN updates "
-            "(no losses are released); the Gaussian mechanism protects the meta-classifier statistics (meta-epsilon "
-            "over the meta rounds) of each site's validation records" + (
+            "(no losses are released); the Gaussian mechanism protects the shared preprocessing's moments "
+            "(moments-epsilon) and the GLM statistics (glm-epsilon over the GLM rounds) of each site's training "
+            "records and the meta-classifier statistics (meta-epsilon over the meta rounds) of its validation "
+            "records" + (
                 ", and the test statistics (test-epsilon, noise calibrated to one patient)"
                 if settings.test_statistics == "noised" else "") +
             "; every release is charged to the site's own ledger, composed with all earlier ones at the ledger's "
@@ -104,8 +128,8 @@ def _privacy_note(settings: RunSettings) -> str:
             "split and class), the number of examples sent with each update, "
             + ("the test statistics (released exact, by the sites' policies), " if settings.test_statistics == "exact"
                else "") +
-            "the site forests' fit and the imputation and scaling of the DP-SGD inputs from each site's own data "
-            "(both stay on site but shape what is released), early stopping, and the random number generator, which "
+            "the site forests' fit and their kNN imputation from each site's own data (both stay on site but "
+            "shape what the meta-classifier statistics and test statistics release), early stopping, and the random number generator, which "
             "is not cryptographically secure here (it is seeded from each site's vault key and ledger, never from "
             "the run config). See docs/privacy.md.")
 
@@ -143,6 +167,15 @@ def render_markdown(doc: dict[str, Any]) -> str:
     for name, m in doc["models"].items():
         lines.append(f"| {name} | " + " | ".join(f"{_fmt(m[k])} [{_fmt(m['ci'][k][0])}, {_fmt(m['ci'][k][1])}]"
                                                  for k in METRIC_NAMES) + " |")
+    roles = doc.get("model_roles", {})
+    if roles:
+        lines += [""] + [f"- {name}: {roles[name]}" for name in doc["models"] if name in roles]
+    for fit in ("glm", "meta"):
+        info = doc.get(fit, {})
+        if info and not info.get("converged", True):
+            lines.append(f"Note: the {'GLM' if fit == 'glm' else 'meta-classifier'} did not converge in "
+                         f"{info.get('rounds')} Newton rounds (converged: false); its coefficients are the last "
+                         "iterate.")
     lines += ["", "Per site (test AUC, from each site's released statistics; test class counts): " + "; ".join(
         f"{site} ({_counts(m.get('class_counts'), doc['run']['classes'])}): "
         + ", ".join(f"{mod} {_fmt(v.get('auc'))}" for mod, v in m.items() if isinstance(v, dict))

@@ -20,8 +20,7 @@ import numpy as np
 
 from common.files import write_text_atomic
 from common.metrics import METRIC_NAMES, EvalStats, roc_points
-
-MODELS = ("hybrid", "cnn", "forest", "logreg")
+from server.phases import MODELS
 
 
 def save_pooled_stats(run_dir: Path, pooled: dict[str, EvalStats]) -> None:
@@ -74,18 +73,19 @@ def roc_figure(pooled: dict[str, EvalStats], doc: dict[str, Any]) -> str:
 
 
 def privacy_figure(doc: dict[str, Any]) -> str | None:
-    """Each site's ledger total after every exchange that charged it (CNN rounds, meta rounds)."""
+    """Each site's ledger total after every exchange that charged it."""
     series: dict[str, list[tuple[int, float]]] = {}
     labels: list[str] = []
     for r in doc["rounds"]:
         if r.get("phase") == "cnn":
             spent = {site: m["epsilon"] for site, m in r["sites"].items() if "epsilon" in m}
-        elif r.get("phase") == "meta":
+        elif r.get("phase") in ("moments", "glm", "meta", "evaluate"):
             spent = dict(r.get("epsilon", {}))
         else:
             continue
         if spent:
-            labels.append(f"{'CNN' if r['phase'] == 'cnn' else 'meta'} {r['round']}")
+            name = {"cnn": "CNN", "glm": "GLM"}.get(r["phase"], r["phase"])
+            labels.append(f"{name} {r.get('round', '')}".strip())
             for site, eps in spent.items():
                 series.setdefault(site, []).append((len(labels), eps))
     if not series:

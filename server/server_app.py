@@ -24,7 +24,9 @@ from server.phases import (
     run_census,
     run_cnn_rounds,
     run_evaluation,
+    run_glm_rounds,
     run_meta_rounds,
+    run_moments,
     state_from_dict,
     state_to_dict,
 )
@@ -77,14 +79,19 @@ def _run(grid: Grid, settings: RunSettings, run_dir: Path | None, log: RunLog, s
 
     def checkpoint(w: dict[str, np.ndarray]) -> None:
         if run_dir is not None:
-            rnd = state.cnn_round if state.phase == "cnn" else state.meta_round
+            rnd = {"cnn": state.cnn_round, "glm": state.glm_round, "meta": state.meta_round}.get(state.phase, 0)
             save_checkpoint(run_dir, phase=state.phase, round=rnd, arrays=w, state=state_to_dict(state))
 
     if state.phase == "census":
         weights = run_census(grid, settings, state, log)
         checkpoint(weights)
+    if state.phase == "moments":
+        run_moments(grid, settings, state, log)
+        checkpoint(weights)
     if state.phase == "cnn":
         weights = run_cnn_rounds(grid, settings, state, log, weights, checkpoint)
+    if state.phase == "glm":
+        run_glm_rounds(grid, settings, state, log, weights, checkpoint)
     if state.phase == "meta":
         run_meta_rounds(grid, settings, state, log, weights, checkpoint)
     # Phase 5, explanations, goes here: sites' clipped, noised summaries -> global explanation.

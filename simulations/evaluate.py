@@ -4,7 +4,7 @@ It runs the site-local steps of :mod:`client.pipeline` on one cohort (a spec's f
 or the union of several sites' vaults with the splits stored in them) and writes
 ``RUNDIR/metrics.json`` and ``RUNDIR/metrics.md``:
 
-- ``models``: ``hybrid``, ``cnn``, ``forest``, ``logreg``, each with ``auc``, ``accuracy``,
+- ``models``: ``hybrid``, ``cnn``, ``forest``, ``logreg`` (the GLM), each with ``auc``, ``accuracy``,
   ``precision``, ``recall``, ``specificity``, ``f1``, ``auprc`` (test split) and ``ci`` (bootstrap
   95% intervals of each);
 - ``privacy``: ``epsilon``, ``delta``, ``accountant`` (or ``dp: false``);
@@ -28,9 +28,11 @@ from client.pipeline import (
     deep_config,
     deep_proba,
     fit_forest,
-    fit_logreg,
+    fit_glm,
+    fit_shared_scaler,
     fit_tabular_preprocessor,
     forest_matrix,
+    glm_matrix,
     meta_features,
     train_deep,
 )
@@ -41,6 +43,7 @@ from common.metrics import METRIC_NAMES, bootstrap_ci, compute_metrics, paired_t
 from common.progress import progress_bar
 
 MODELS = ("hybrid", "cnn", "forest", "logreg")
+BASE_MODELS = ("cnn", "forest", "logreg")
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,8 @@ class EvaluateSettings:
     omics_pca: int | None = None
     arch: str = "cnn"
     meta_C: float = 1.0
+    glm_C: float = 0.1
+    glm_max_features: int = 256
 
     @property
     def planned_epochs(self) -> int:
@@ -87,33 +92,33 @@ def evaluate_split(data: SiteData, settings: EvaluateSettings, *, label: str = "
         dp = DPConfig(target_epsilon=settings.epsilon, target_delta=delta, max_grad_norm=settings.max_grad_norm,
                       total_epochs=settings.planned_epochs, grad_sample_mode=settings.grad_sample_mode)
     pre = fit_tabular_preprocessor(data, omics_pca=settings.omics_pca)
-    # The deep model's dense branch needs the full-width columns its schema promises (no PCA).
-    deep_pre = pre if settings.omics_pca is None else fit_tabular_preprocessor(data)
-    cfg = deep_config(data, pre=deep_pre, arch=settings.arch)
+    # The federated models' one scaler, here from the pooled data's exact moments.
+    scaler = fit_shared_scaler(data, max_glm_columns=settings.glm_max_features)
+    cfg = deep_config(data, arch=settings.arch)
     train = TrainConfig(epochs=settings.planned_epochs, batch_size=settings.batch_size, lr=settings.lr,
                         weight_decay=settings.weight_decay, patience=settings.patience, seed=settings.seed)
     timing: dict[str, float] = {}
     t0 = time.perf_counter()
     with progress_bar() as bar:
         task = bar.add_task(f"deep model{label}", total=settings.planned_epochs)
-        model, result = train_deep(data, cfg=cfg, train=train, dp=dp, seed=settings.seed, pre=deep_pre,
+        model, result = train_deep(data, cfg=cfg, train=train, dp=dp, seed=settings.seed, scaler=scaler,
                                    on_epoch=lambda rec: bar.advance(task))
         bar.update(task, completed=settings.planned_epochs)
     timing["deep_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     emb = model if settings.forest_cnn_features else None
-    forest = fit_forest(data, pre, embedding=emb, embedding_pre=deep_pre, n_estimators=settings.forest_trees,
+    forest = fit_forest(data, pre, embedding=emb, scaler=scaler, n_estimators=settings.forest_trees,
                         random_state=settings.seed)
     timing["forest_s"] = time.perf_counter() - t0
-    logreg = fit_logreg(data, pre)
-    proba = {s: {"cnn": deep_proba(model, data, s, deep_pre),
-                 "forest": forest.predict_proba(forest_matrix(data, s, pre, emb, deep_pre)),
-                 "logreg": logreg.predict_proba(forest_matrix(data, s, pre))} for s in ("validation", "test")}
+    glm = fit_glm(data, scaler, C=settings.glm_C)
+    proba = {s: {"cnn": deep_proba(model, data, s, scaler),
+                 "forest": forest.predict_proba(forest_matrix(data, s, pre, emb, scaler)),
+                 "logreg": glm.predict_proba(glm_matrix(data, s, scaler))} for s in ("validation", "test")}
     val_y = data.y[data.masks["validation"]]
     meta = StackingMetaClassifier(penalty="l2", C=settings.meta_C).fit(
-        meta_features(proba["validation"]["cnn"], proba["validation"]["forest"]), val_y)
+        meta_features(*(proba["validation"][m] for m in BASE_MODELS)), val_y)
     test = dict(proba["test"])
-    test["hybrid"] = meta.predict_proba(meta_features(test["cnn"], test["forest"]))
+    test["hybrid"] = meta.predict_proba(meta_features(*(test[m] for m in BASE_MODELS)))
     privacy = {"dp": dp is not None}
     if dp is not None:
         privacy.update(epsilon=result.epsilon, delta=delta, accountant=dp.accountant,
@@ -211,7 +216,7 @@ def render_table(report: dict[str, Any]) -> str:
     if p["dp"]:
         lines.append(f"Deep model trained with DP-SGD: epsilon {p['epsilon']:.3f}, delta {p['delta']:.2e} "
                      f"({p['accountant']} accountant, noise multiplier {p['noise_multiplier']:.3f}, clip {p['max_grad_norm']}); "
-                     "unit: one training record. The forest, logistic baseline and meta-classifier are not DP.")
+                     "unit: one training record. The forest, GLM and meta-classifier are not DP.")
     else:
         lines.append("No differential privacy (--no-dp): the non-private reference.")
     if "folds" in report:

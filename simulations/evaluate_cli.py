@@ -20,7 +20,7 @@ DESCRIPTION = """\
 Train every model on pooled data: the reference every federated result is judged against.
 
 Writes RUNDIR/metrics.json and RUNDIR/metrics.md:
-  models   hybrid, cnn, forest, logreg: auc, accuracy, precision, recall, specificity, f1,
+  models   hybrid, cnn, forest, logreg (the GLM): auc, accuracy, precision, recall, specificity, f1,
            auprc on the test split, each with a bootstrap 95% interval under "ci"
   privacy  epsilon, delta and the accountant of the deep model's DP-SGD (or dp: false)
   folds    with --folds K: per-fold AUC and paired tests of the hybrid against each model

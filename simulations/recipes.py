@@ -376,6 +376,19 @@ MB_NUMERIC = {
     "npi": ("c", "NPI"),
     "tumour_grade": ("b", "Neoplasm Histologic Grade"),
 }
+# Declared value ranges of the numeric fields: public clinical bounds, NOT fitted to the data (a
+# range read off a cohort's min/max would leak it). They clip the noised column moments of the
+# shared preprocessing, and the import refuses a value outside them. Age in years; positive
+# lymph nodes: a count, an axillary dissection yields far fewer than 100; NPI = 0.2 x tumour size
+# (cm) + grade (1-3) + nodal stage (1-3): every term is non-negative, and 10 leaves room for a
+# 20 cm tumour (the lower bound is 0, not the formula's minimum of just over 2: recorded NPIs
+# below 2 exist); histologic grade is Elston-Ellis 1-3.
+MB_RANGES = {
+    "age_at_diagnosis": (0.0, 120.0),
+    "lymph_nodes_positive": (0.0, 100.0),
+    "npi": (0.0, 10.0),
+    "tumour_grade": (1.0, 3.0),
+}
 MB_CATEGORICAL: dict[str, tuple[str, str, tuple[str, ...]]] = {
     "er_ihc": ("c", "ER_IHC", ("Negative", "Positive")),
     "her2_status": ("b", "HER2 Status", ("Negative", "Positive")),
@@ -490,6 +503,11 @@ def metabric_plans(data: Path, sites: int, seed: int) -> tuple[list[SitePlan], d
                 if not np.isfinite(num):
                     raise RecipeError(f"{clin_path if where == 'c' else cbio_path}: patient {pid}: column {col!r}: "
                                       f"{v!r} is not finite")
+                lo, hi = MB_RANGES[name]
+                if not lo <= num <= hi:
+                    raise RecipeError(f"{clin_path if where == 'c' else cbio_path}: patient {pid}: column {col!r}: "
+                                      f"{v!r} is outside the public range [{lo:g}, {hi:g}] the recipe declares for "
+                                      f"{name} (MB_RANGES in simulations/recipes.py): widen it if the value is real")
                 v = str(int(num)) if name == "tumour_grade" and num.is_integer() else v
             out_row.append(v)
         for name, (where, col, cats) in MB_CATEGORICAL.items():
@@ -526,7 +544,8 @@ def metabric_plans(data: Path, sites: int, seed: int) -> tuple[list[SitePlan], d
                                 positive=(MB_CLASSES[1],)),
                 split=SplitSpec(policy="stratified", seed=seed),
                 clinical=ClinicalSpec(file=folder / "clinical.tsv", numeric=tuple(MB_NUMERIC),
-                                      categorical={n: c for n, (_, _, c) in MB_CATEGORICAL.items()}),
+                                      categorical={n: c for n, (_, _, c) in MB_CATEGORICAL.items()},
+                                      ranges=dict(MB_RANGES)),
                 events=EventsSpec(file=folder / "mutations.tsv", feature_column="gene", features=tuple(genes),
                                   absent="missing"),
             )

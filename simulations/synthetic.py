@@ -26,6 +26,13 @@ split across modalities on purpose:
 * site shifts: ``site_hint`` (the natural hospital) depends on ancestry and shifts age and adds an
   omics batch offset (measurement only: the label sees the biological value).
 
+The spec declares public value ranges (the clipping bounds of the shared preprocessing's noised
+column moments), wide enough that the import never refuses a generated value: age is drawn
+clipped to [18, 95] and declared [0, 120]; BMI clipped to [15, 55], declared [10, 80]; the
+omics matrix is declared [-10, 10] and the measured values are clipped to it (a standardised
+value plus a batch offset reaches 10 only with an extreme ``site_shift``; ``truth.json`` counts
+the clipped cells).
+
 Effect sizes are chosen so that a model on sequences alone and a model on tabular data alone are
 both clearly worse than one on both (the tests measure this). Everything is drawn from
 ``numpy.random.default_rng`` children of one ``SeedSequence(seed)``, every file is written with
@@ -91,6 +98,11 @@ SITES = ("north", "central", "south")
 SITE_GIVEN_ANCESTRY = ((0.60, 0.25, 0.15), (0.20, 0.60, 0.20), (0.15, 0.25, 0.60))
 SITE_AGE_SHIFT = {"north": -3.0, "central": 0.0, "south": 4.0}
 SITE_OMICS_OFFSET_SD = 0.25
+
+# Public value ranges declared in the spec (not fitted to the draws). Age and BMI are drawn clipped
+# to narrower bounds; measured omics values are clipped to OMICS_RANGE, so none is ever refused.
+CLINICAL_RANGES = {"age": (0.0, 120.0), "bmi": (10.0, 80.0)}
+OMICS_RANGE = (-10.0, 10.0)
 
 CONTIG = "1"
 CONTIG_LENGTH = 249_250_621
@@ -218,6 +230,8 @@ def generate(*, patients: int, seed: int, sequence_length: int = 200, variants: 
     omics_causal = np.sort(rng_omx.choice(p, size=len(OMICS_EFFECTS), replace=False))
     omics_offset = rng_omx.normal(scale=SITE_OMICS_OFFSET_SD, size=(len(SITES), p)) * site_shift
     measured = bio + omics_offset[site]
+    omics_clipped = int(((measured < OMICS_RANGE[0]) | (measured > OMICS_RANGE[1])).sum())
+    measured = np.clip(measured, *OMICS_RANGE)
     omics_names = [f"expr_{j + 1:03d}" for j in range(p)]
 
     # Clinical.
@@ -325,7 +339,9 @@ def generate(*, patients: int, seed: int, sequence_length: int = 200, variants: 
         "omics": {"causal": [{"feature": omics_names[j], "coefficient": coef}
                              for j, coef in zip(omics_causal, OMICS_EFFECTS)],
                   "latent_factors": N_OMICS_FACTORS,
-                  "note": "label uses the standardised biological value; files hold it plus the site batch offset"},
+                  "note": "label uses the standardised biological value; files hold it plus the site batch offset",
+                  "declared_range": list(OMICS_RANGE),
+                  "clipped_values": omics_clipped},
         "clinical": {"effects": {"age": {"per_year_above_60": AGE_PER_YEAR},
                                  "bmi": {"per_unit_above_27": BMI_PER_UNIT},
                                  "smoker": {k: v for k, v in SMOKER_EFFECTS.items()},
@@ -412,9 +428,10 @@ def _write_files(cohort: SyntheticCohort, folder: Path) -> None:
         sequences=SequencesSpec(file=folder / "sequences.fa", length=int(t["params"]["sequence_length"])),
         variants=VariantsSpec(file=folder / "variants.vcf.gz",
                               sites=tuple(f"{c}:{pos}:{r}:{a}" for c, pos, _, r, a in cohort.variant_sites)),
-        omics=OmicsSpec(file=folder / "omics.csv", features=tuple(cohort.omics_names)),
+        omics=OmicsSpec(file=folder / "omics.csv", features=tuple(cohort.omics_names), range=OMICS_RANGE),
         clinical=ClinicalSpec(file=folder / "clinical.csv", numeric=("age", "bmi"),
-                              categorical={"sex": ("F", "M"), "smoker": tuple(SMOKER_RATES)}),
+                              categorical={"sex": ("F", "M"), "smoker": tuple(SMOKER_RATES)},
+                              ranges=dict(CLINICAL_RANGES)),
         events=EventsSpec(file=folder / "mutations.tsv", feature_column="gene", features=tuple(cohort.genes),
                           absent="zero"),
     )

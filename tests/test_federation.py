@@ -20,16 +20,32 @@ import torch
 
 from client.client_app import app as client_app
 from client.cohort_store import load_cohort
-from client.model_store import CNN_ROLE, arrays_from_bytes, load_forest
-from client.pipeline import SiteData, deep_proba, forest_matrix, meta_features
+from client.model_store import CNN_ROLE, SHARED_ROLE, arrays_from_bytes, load_forest
+from client.pipeline import (
+    SiteData,
+    deep_proba,
+    fit_glm,
+    fit_shared_scaler,
+    forest_matrix,
+    glm_matrix,
+    meta_features,
+)
 from client.vault import KeySource, Vault
+from common.glm import FederatedGLM
 from common.meta import StackingMetaClassifier, flat_coef
-from common.metrics import TEST_BINS, compute_stats, metrics_from_stats, released_arrays, stats_from_released
+from common.metrics import (
+    TEST_BINS,
+    compute_stats,
+    metrics_from_stats,
+    released_arrays,
+    stats_from_released,
+)
 from common.models import DeepModelConfig, build_model
+from common.settings import RunSettings
+from common.tabular import SharedScaler
 from server.exchange import TooFewSitesError
 from server.phases import CensusError
 from server.server_app import run_federation
-from common.settings import RunSettings
 from simulations.site_layout import set_layout_policy, split_cohort
 from simulations.synthetic import write_synthetic_cohort
 from tests.local_grid import LocalGrid, node_configs
@@ -69,9 +85,11 @@ def _site_vaults(sites: Path) -> list[tuple[str, Vault]]:
             for p in sorted(q for q in sites.iterdir() if (q / "vault").is_dir())]
 
 
-def test_run_writes_metrics_with_r_plus_5_exchanges(sites: Path, tmp_path: Path) -> None:
+def test_run_writes_metrics_with_one_exchange_per_round(sites: Path, tmp_path: Path) -> None:
     doc, grid = _run(sites, tmp_path / "run", dp=False)
-    assert grid.exchanges == FAST["cnn_rounds"] + 5
+    # census, moments, CNN rounds, GLM rounds (until converged), meta rounds, evaluation
+    assert grid.exchanges == 2 + FAST["cnn_rounds"] + doc["glm"]["rounds"] + doc["meta"]["rounds"] + 1
+    assert doc["glm"]["converged"] and doc["glm"]["rounds"] <= 8
     on_disk = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert set(on_disk["models"]) == {"hybrid", "cnn", "forest", "logreg"}
     for m in on_disk["models"].values():
@@ -88,20 +106,24 @@ def test_run_writes_metrics_with_r_plus_5_exchanges(sites: Path, tmp_path: Path)
 
 def _union_predictions(sites: Path, meta_coef: list[float], split: str) -> tuple[np.ndarray, dict, np.ndarray]:
     """Per-patient predictions a site could compute locally, pooled here only for the test's check."""
-    ys, probas, xs = [], {"cnn": [], "forest": [], "hybrid": []}, []
+    ys, probas, xs = [], {"cnn": [], "forest": [], "logreg": [], "hybrid": []}, []
     for _, vault in _site_vaults(sites):
         data = SiteData.from_cohort(load_cohort(vault))
         arrays, meta = arrays_from_bytes(vault.read(CNN_ROLE))
+        scaler = SharedScaler.from_arrays(arrays_from_bytes(vault.read(SHARED_ROLE))[0])
+        glm_coef = json.loads(vault.read("model/meta"))["glm_coef"]
         model = build_model(DeepModelConfig.from_dict(meta["config"]))
         model.load_state_dict({k: torch.as_tensor(v) for k, v in arrays.items()})
         stored = load_forest(vault)
-        cnn = deep_proba(model, data, split, stored["preprocessor"])
+        cnn = deep_proba(model, data, split, scaler)
         forest = stored["forest"].predict_proba(forest_matrix(data, split, stored["preprocessor"]))
-        x = meta_features(cnn, forest)
+        x_glm = glm_matrix(data, split, scaler)
+        logreg = FederatedGLM().set_coef(np.asarray(glm_coef), n_features=x_glm.shape[1]).predict_proba(x_glm)
+        x = meta_features(cnn, forest, logreg)
         hybrid = StackingMetaClassifier().set_coef(np.asarray(meta_coef), n_features=x.shape[1]).predict_proba(x)
         ys.append(data.y[data.masks[split]])
         xs.append(x)
-        for name, p in (("cnn", cnn), ("forest", forest), ("hybrid", hybrid)):
+        for name, p in (("cnn", cnn), ("forest", forest), ("logreg", logreg), ("hybrid", hybrid)):
             probas[name].append(p)
     return np.concatenate(ys), {k: np.concatenate(v) for k, v in probas.items()}, np.concatenate(xs)
 
@@ -113,7 +135,7 @@ def test_meta_matches_pooled_fit_and_pooled_metrics_match_the_union(sites: Path,
     pooled = StackingMetaClassifier(penalty="l2", C=1.0).fit(x_val, y_val)
     np.testing.assert_allclose(np.asarray(coef), flat_coef(pooled), atol=1e-4)
     y_test, proba, _ = _union_predictions(sites, coef, "test")
-    for name in ("cnn", "forest", "hybrid"):
+    for name in ("cnn", "forest", "logreg", "hybrid"):
         # The sites released their statistics over TEST_BINS bins: the union with the same bins.
         # (released form: a binary decision is p1 >= 0.5, so the forest's 0.5 ties count as positive)
         union_stats = compute_stats(y_test, proba[name], n_classes=2, n_bins=TEST_BINS)
@@ -122,6 +144,28 @@ def test_meta_matches_pooled_fit_and_pooled_metrics_match_the_union(sites: Path,
         for key in ("accuracy", "precision", "recall", "specificity", "f1"):
             assert fed[key] == pytest.approx(union[key], abs=1e-12), (name, key)
         assert fed["auc"] == pytest.approx(union["auc"], abs=1e-12)  # same bins: identical statistics
+
+
+def _pooled_sites(sites: Path) -> SiteData:
+    """The union of the sites' data with their stored splits (the pooled reference's input)."""
+    from common.cohort import concat_cohorts
+
+    return SiteData.from_cohort(concat_cohorts([load_cohort(v) for _, v in _site_vaults(sites)]))
+
+
+def test_federated_scaler_and_glm_equal_the_pooled_ones(sites: Path, tmp_path: Path) -> None:
+    doc, _ = _run(sites, tmp_path / "run", dp=False, cnn_rounds=1)
+    _, vault = _site_vaults(sites)[0]
+    fed_scaler = SharedScaler.from_arrays(arrays_from_bytes(vault.read(SHARED_ROLE))[0])
+    pooled = _pooled_sites(sites)
+    ref_scaler = fit_shared_scaler(pooled, max_glm_columns=RunSettings().glm_max_features)
+    np.testing.assert_allclose(fed_scaler.mean, ref_scaler.mean, rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(fed_scaler.scale, ref_scaler.scale, rtol=1e-10, atol=1e-10)
+    np.testing.assert_array_equal(fed_scaler.glm_columns, ref_scaler.glm_columns)
+    ref_glm = fit_glm(pooled, ref_scaler, C=RunSettings().glm_c)
+    fed_coef = np.asarray(json.loads(vault.read("model/meta"))["glm_coef"])
+    np.testing.assert_allclose(fed_coef, flat_coef(ref_glm), atol=1e-4)
+    assert doc["glm"]["converged"]
 
 
 def test_a_site_that_raises_leaves_the_run_named_with_its_reason(sites: Path, tmp_path: Path) -> None:

@@ -473,6 +473,66 @@ def test_clinical_missing_not_allowed(site: Site) -> None:
         ("line 4", "column 'age'"), ("line 5", "column 'sex'")]
 
 
+RANGE_HINT = "fix the value, or widen the range in the spec (a public bound every site must agree on)"
+
+
+def test_values_inside_declared_ranges_import(site: Site) -> None:
+    plain = import_cohort(site.spec())
+    # Bounds are inclusive: the omics matrix spans exactly [-2, 1000]; P3's missing age is allowed.
+    site.modality("clinical", ranges={"age": [29, 80]})
+    site.modality("omics", range=[-2, 1000])
+    cohort = import_cohort(site.spec())
+    assert np.array_equal(cohort.omics.values, plain.omics.values)
+    assert np.array_equal(cohort.clinical.numeric, plain.clinical.numeric, equal_nan=True)
+    assert cohort.schema["clinical"]["ranges"] == {"age": [29.0, 80.0]}
+    assert cohort.schema["omics"]["range"] == [-2.0, 1000.0]
+    assert cohort.schema_hash != plain.schema_hash
+
+
+def test_clinical_value_outside_its_declared_range(site: Site) -> None:
+    site.modality("clinical", ranges={"age": [30, 75]})
+    err = site.fail()
+    clinical = site.path("clinical.tsv")
+    assert err.files == [clinical] and err.total == 2
+    assert [str(p) for p in find(err, "outside the declared range")] == [
+        (f"{clinical}:line 8: column 'age': value '80' is outside the declared range [30, 75] "
+         f"(ranges.age in [modalities.clinical]): {RANGE_HINT}"),
+        (f"{clinical}:line 9: column 'age': value '29' is outside the declared range [30, 75] "
+         f"(ranges.age in [modalities.clinical]): {RANGE_HINT}"),
+    ]
+
+
+def test_omics_value_outside_the_declared_range(site: Site) -> None:
+    site.modality("omics", range=[-1.5, 7.5])
+    err = site.fail()
+    omics = site.path("omics.csv")
+    problems = find(err, "outside the declared range [-1.5, 7.5] (range in [modalities.omics])")
+    assert [(p.file, p.location, p.field) for p in problems] == [
+        (omics, "line 2", "column 'TP53'"), (omics, "line 3", "column 'ESR1'"), (omics, "line 4", "column 'ESR1'")]
+    assert [p.message.split(" is outside")[0] for p in problems] == ["value '8'", "value '-2'", "value '1e3'"]
+    assert all(p.message.endswith(RANGE_HINT) for p in problems)
+
+
+def test_out_of_range_value_writes_no_vault(site: Site) -> None:
+    import argparse
+
+    from client.vault import generate_key_file
+    from client.vault_cli import register
+
+    site.modality("clinical", ranges={"age": [0, 75]})
+    generate_key_file(site.root / "key")
+    parser = argparse.ArgumentParser(prog="genofed")
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["vault", "import", "--spec", str(site.root / "spec.toml"),
+                              "--out", str(site.root / "vault"), "--key-file", str(site.root / "key")])
+    site.spec()  # writes spec.toml
+    with pytest.raises(CohortImportError) as info:
+        args.func(args)
+    assert "value '80' is outside the declared range [0, 75]" in str(info.value)
+    assert not (site.root / "vault").exists()
+    assert not [p for p in site.root.iterdir() if p.name.startswith(".")]  # no half-built vault either
+
+
 def test_unknown_category(site: Site) -> None:
     site.write("clinical.tsv", CLINICAL.replace("P6\t33\tF", "P6\t33\tfemale"))
     p = one(site.fail(), "is not one of the categories 'F', 'M'")

@@ -74,6 +74,7 @@ def test_splice_sites(splice):
     for spec in specs:
         assert spec.split.policy == "group" and spec.split.group_column == "locus_group"
         assert spec.sequences.length == 60
+        assert spec.clinical is None and spec.omics is None  # no numeric field to declare a range for
     ids, locus_site, group_site, seq_site = [], {}, {}, {}
     for site in info["sites"]:
         labels = _rows(out / site["folder"] / "labels.csv")
@@ -110,7 +111,9 @@ def test_splice_vaults_match_the_source(splice):
 
 def test_kg1000_sites(tmp_path_factory, monkeypatch_module):
     out, info = _run(tmp_path_factory, "kg1000", "--sites", "4", "--vaults")
-    _check_common(out, info)
+    specs = _check_common(out, info)
+    for spec in specs:  # sex only: no numeric clinical field, no omics, so no range to declare
+        assert spec.clinical.numeric == () and spec.clinical.ranges == {} and spec.omics is None
     panel = pd.read_csv(DATA / "kg1000_chr1" / "integrated_call_samples_v3.20130502.ALL.panel", sep="\t",
                         usecols=["sample", "pop", "super_pop"])
     with gzip.open(DATA / "kg1000_chr1" / "example.vcf.gz", "rt") as fh:
@@ -176,6 +179,20 @@ def test_metabric_sites_against_an_independent_count(tmp_path_factory, monkeypat
     for spec in specs:
         assert spec.events.absent == "missing" and len(spec.events.features) == 173
         assert spec.label.positive == ("died_of_disease",)
+        # Public clinical bounds for every numeric field, declared alike at every site.
+        assert spec.clinical.ranges == {"age_at_diagnosis": (0.0, 120.0), "lymph_nodes_positive": (0.0, 100.0),
+                                        "npi": (0.0, 10.0), "tumour_grade": (1.0, 3.0)}
+        assert set(spec.clinical.ranges) == set(spec.clinical.numeric)
+        assert spec.schema()["clinical"]["ranges"]["npi"] == [0.0, 10.0]
+    # Every source value lies inside its range (the vault imports above enforce it too), with room:
+    # the bounds are not the data's min/max.
+    clin = pd.read_csv(folder / "metabric_clinical.tsv", sep="\t")
+    measured = {"age_at_diagnosis": clin["AGE_AT_DIAGNOSIS"], "lymph_nodes_positive":
+                clin["LYMPH_NODES_EXAMINED_POSITIVE"], "npi": clin["NPI"],
+                "tumour_grade": cbio["Neoplasm Histologic Grade"]}
+    for name, values in measured.items():
+        lo, hi = specs[0].clinical.ranges[name]
+        assert lo <= values.min() and values.max() <= hi, name
 
     import numpy as np
 
@@ -199,3 +216,20 @@ def test_recipes_refuse_bad_requests(tmp_path):
     with pytest.raises(RecipeError, match="not found"):
         recipes.run_recipe("splice", data=tmp_path / "nowhere", out=tmp_path / "s")
     assert not any(tmp_path.iterdir())
+
+
+def test_metabric_source_value_outside_its_declared_range_is_refused(tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(DATA / "metabric", data / "metabric")
+    clin = data / "metabric" / "metabric_clinical.tsv"
+    (data / "metabric").chmod(0o755)
+    clin.chmod(0o644)
+    text = clin.read_text()
+    assert "\nMB-0000\t75.65\t" in text
+    clin.write_text(text.replace("\nMB-0000\t75.65\t", "\nMB-0000\t130\t", 1))
+    with pytest.raises(RecipeError, match=r"patient MB-0000: column 'AGE_AT_DIAGNOSIS': '130' is outside the public "
+                                          r"range \[0, 120\] the recipe declares for age_at_diagnosis"):
+        recipes.run_recipe("metabric", data=data, sites=5, out=tmp_path / "m", show_progress=False)
+    assert not (tmp_path / "m").exists()

@@ -115,7 +115,7 @@ def test_a_looser_delta_or_test_release_is_refused_a_stricter_one_honoured(sites
     assert doc["models"] == {} and doc["test_statistics"]["mode"] == "none"
     for vault in _vaults(sites).values():
         labels = {r.label for r in PrivacyLedger.load(vault).releases}
-        assert labels == {"cnn-update", "meta-statistics"}  # no test-statistics release was made
+        assert labels == {"moments", "cnn-update", "glm-statistics", "meta-statistics"}  # no test-statistics release
 
 
 def test_coordinator_sent_budget_or_delta_changes_nothing(sites: Path, tmp_path: Path) -> None:
@@ -131,8 +131,9 @@ def test_coordinator_sent_budget_or_delta_changes_nothing(sites: Path, tmp_path:
         ledger = PrivacyLedger.load(vault)
         assert (ledger.budget_epsilon, ledger.delta) == (10.0, 1e-5)
         assert [h["change"] for h in ledger.budget_history] == ["created"]
-        assert 3.0 < ledger.spent_epsilon() < 5.0, site  # epsilon 3 DP-SGD + meta 1 + test 1, composed
-        assert {r.label for r in ledger.releases} == {"cnn-update", "meta-statistics", "test-statistics"}
+        assert 3.0 < ledger.spent_epsilon() < 5.0, site  # DP-SGD 3, moments 0.5, GLM 1, meta 1, test 1, composed
+        assert {r.label for r in ledger.releases} == {"moments", "cnn-update", "glm-statistics", "meta-statistics",
+                                                      "test-statistics"}
     assert doc["test_statistics"]["mode"] == "noised"
 
 
@@ -152,12 +153,13 @@ def test_a_second_evaluation_request_gets_the_stored_release(sites: Path, tmp_pa
     spent = PrivacyLedger.load(vault).spent_epsilon()
     first_eval = [e for e in EgressLog(vault).entries() if e["message_type"] == "evaluate"]
     assert len(first_eval) == 1 and first_eval[0]["epsilon"] > 0
-    from client.model_store import CNN_ROLE, arrays_from_bytes
+    from client.model_store import CNN_ROLE, SHARED_ROLE, arrays_from_bytes
 
     cnn, meta = arrays_from_bytes(vault.read(CNN_ROLE))
+    shared, _ = arrays_from_bytes(vault.read(SHARED_ROLE))
     run = RunSettings(**{**FAST})
     coef = [c + 1.0 for c in doc["meta"]["coef"]]  # another request: other coefficients
-    msg = Message(RecordDict({"cnn": to_record(cnn), "config": ConfigRecord(
+    msg = Message(RecordDict({"cnn": to_record(cnn), "shared": to_record(shared), "config": ConfigRecord(
         {"run-id": doc["run"]["run_id"], "server-round": 0, "warm-start": False, "coef": coef,
          "model-config": json.dumps(meta["config"])})}), dst_node_id=101, message_type="evaluate", group_id="again")
     again = client_app(msg, _context(sites, "site-1", run))
@@ -254,7 +256,7 @@ def test_egress_is_the_same_at_300_and_3000_patients_and_every_dp_release_is_in_
                     assert e["charges"] and all(seq in seqs for seq in e["charges"])
     assert logs["small"] == logs["large"]  # sizes never grow with the number of patients
     kinds = {m for m, _, _ in logs["small"]["site-1"]}
-    assert kinds == {"query.census", "train", "train.meta", "evaluate"}
+    assert kinds == {"query.census", "query.moments", "train", "train.glm", "train.meta", "evaluate"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,10 +343,10 @@ def test_egress_command_lists_every_reply(sites: Path, tmp_path: Path, capsys: p
     capsys.readouterr()
     assert main(["ledger", "egress", vault, "--key-file", key, "--json"]) == 0
     entries = json.loads(capsys.readouterr().out)["entries"]
-    assert [e["message_type"] for e in entries] == ["query.census", "train", "train.meta", "train.meta",
-                                                    "train.meta", "evaluate"]
-    assert entries[1]["epsilon"] > 0 and any(k.startswith("arrays.") for k in entries[1]["keys"])
+    kinds = [e["message_type"] for e in entries]
+    assert kinds == ["query.census", "query.moments", "train", *["train.glm"] * 8, *["train.meta"] * 3, "evaluate"]
+    assert entries[2]["epsilon"] > 0 and any(k.startswith("arrays.") for k in entries[2]["keys"])
     assert all("metrics.train-loss" not in e["keys"] for e in entries)  # no loss leaves under DP
     assert main(["ledger", "egress", vault, "--key-file", key]) == 0
     out = capsys.readouterr().out
-    assert "6 replies" in out and "egress log (values are never logged)" in out
+    assert f"{len(kinds)} replies" in out and "egress log (values are never logged)" in out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -148,6 +149,37 @@ def test_diff_reports_missing_modality(tmp_path: Path) -> None:
     (('smoker = ["no", "yes"]', 'smoker = []'), "categorical.smoker: must be a non-empty list"),
     (('file = "sequences.fa"', 'file = "sequences.csv"\nformat = "csv"'), "column: is required when format = 'csv'"),
     (('feature-column = "gene"\n', ""), "[modalities.events] feature-column: is required"),
+    # declared value ranges
+    (('numeric = ["age", "bmi"]', 'numeric = ["age", "bmi"]\nranges = { weight = [0, 300] }'),
+     "[modalities.clinical] ranges.weight: 'weight' is not a numeric field (the numeric fields are ['age', 'bmi'])"),
+    (('numeric = ["age", "bmi"]', 'numeric = ["age", "bmi"]\nranges = { sex = [0, 1] }'),
+     "[modalities.clinical] ranges.sex: 'sex' is not a numeric field"),
+    (('numeric = ["age", "bmi"]', 'numeric = ["age", "bmi"]\nranges = { age = [120, 0] }'),
+     "[modalities.clinical] ranges.age: lo must be less than hi, got [120, 0]"),
+    (('numeric = ["age", "bmi"]', 'numeric = ["age", "bmi"]\nranges = { age = [5, 5.0] }'),
+     "[modalities.clinical] ranges.age: lo must be less than hi, got [5, 5.0]"),
+    (('numeric = ["age", "bmi"]', 'numeric = ["age", "bmi"]\nranges = { age = [0, inf] }'),
+     "[modalities.clinical] ranges.age: must be finite numbers, got [0, inf]"),
+    (('numeric = ["age", "bmi"]', 'numeric = ["age", "bmi"]\nranges = { bmi = [nan, 80] }'),
+     "[modalities.clinical] ranges.bmi: must be finite numbers, got [nan, 80]"),
+    (('numeric = ["age", "bmi"]', 'numeric = ["age", "bmi"]\nranges = { age = [0, 60, 120] }'),
+     "[modalities.clinical] ranges.age: must be a range [lo, hi] of two numbers, got [0, 60, 120]"),
+    (('numeric = ["age", "bmi"]', 'numeric = ["age", "bmi"]\nranges = { age = ["0", "120"] }'),
+     "[modalities.clinical] ranges.age: must be a range [lo, hi] of two numbers"),
+    (('numeric = ["age", "bmi"]', 'numeric = ["age", "bmi"]\nranges = { age = 120 }'),
+     "[modalities.clinical] ranges.age: must be a range [lo, hi] of two numbers, got 120"),
+    (('numeric = ["age", "bmi"]', 'numeric = ["age", "bmi"]\nranges = [0, 120]'),
+     "[modalities.clinical] ranges: must be of type dict"),
+    (('features = ["g1", "g2"]', 'features = ["g1", "g2"]\nrange = [1, -1]'),
+     "[modalities.omics] range: lo must be less than hi, got [1, -1]"),
+    (('features = ["g1", "g2"]', 'features = ["g1", "g2"]\nrange = [-inf, 1]'),
+     "[modalities.omics] range: must be finite numbers, got [-inf, 1]"),
+    (('features = ["g1", "g2"]', 'features = ["g1", "g2"]\nrange = [true, 2]'),
+     "[modalities.omics] range: must be a range [lo, hi] of two numbers"),
+    (('features = ["g1", "g2"]', 'features = ["g1", "g2"]\nrange = 5'),
+     "[modalities.omics] range: must be of type list"),
+    (('features = ["g1", "g2"]', 'features = ["g1", "g2"]\nranges = { g1 = [0, 1] }'),
+     "[modalities.omics] ranges: unknown key"),
 ])
 def test_spec_errors_name_file_and_key(tmp_path: Path, edit: tuple[str, str], message: str) -> None:
     assert edit[0] in FULL_SPEC
@@ -170,3 +202,74 @@ def test_bad_toml_and_missing_file(tmp_path: Path) -> None:
         load_spec(_write(tmp_path, "[label\nfile = 1"))
     with pytest.raises(SpecError, match="spec file not found"):
         load_spec(tmp_path / "nope.toml")
+
+
+# ---------------------------------------------------------------------------------------------
+# Declared value ranges
+
+RANGES = (('numeric = ["age", "bmi"]', 'numeric = ["age", "bmi"]\nranges = { bmi = [10, 80.5], age = [0, 120] }'),
+          ('features = ["g1", "g2"]', 'features = ["g1", "g2"]\nrange = [-10, 10]'))
+
+# The schema hash of FULL_SPEC computed before declared ranges existed: a spec without ranges
+# must keep it, or every federation would have to re-import.
+FULL_SPEC_HASH = "e7dd969aa7ea518de4b08465309dc0abacf738a6c389eb4f6b3ad926074156c3"
+
+
+def _with_ranges(text: str = FULL_SPEC) -> str:
+    for old, new in RANGES:
+        assert old in text
+        text = text.replace(old, new, 1)
+    return text
+
+
+def test_ranges_parse_as_float_pairs(tmp_path: Path) -> None:
+    spec = load_spec(_write(tmp_path, _with_ranges()))
+    assert spec.clinical.ranges == {"bmi": (10.0, 80.5), "age": (0.0, 120.0)}
+    assert all(isinstance(v, float) for r in spec.clinical.ranges.values() for v in r)
+    assert spec.omics.range == (-10.0, 10.0)
+    plain = load_spec(_write(tmp_path, FULL_SPEC, "plain.toml"))
+    assert plain.clinical.ranges == {} and plain.omics.range is None
+
+
+def test_ranges_enter_the_schema_sorted_and_only_when_declared(tmp_path: Path) -> None:
+    spec = load_spec(_write(tmp_path, _with_ranges()))
+    schema = spec.schema()
+    assert schema["clinical"]["ranges"] == {"age": [0.0, 120.0], "bmi": [10.0, 80.5]}
+    assert list(schema["clinical"]["ranges"]) == ["age", "bmi"]
+    assert schema["omics"]["range"] == [-10.0, 10.0]
+    plain = load_spec(_write(tmp_path, FULL_SPEC, "plain.toml")).schema()
+    assert "ranges" not in plain["clinical"] and "range" not in plain["omics"]
+
+
+def test_hash_without_ranges_is_unchanged(tmp_path: Path) -> None:
+    assert load_spec(_write(tmp_path, FULL_SPEC)).schema_hash() == FULL_SPEC_HASH
+    # An empty ranges table declares nothing: same hash as no key at all.
+    empty = FULL_SPEC.replace('numeric = ["age", "bmi"]', 'numeric = ["age", "bmi"]\nranges = {}')
+    assert load_spec(_write(tmp_path, empty, "empty.toml")).schema_hash() == FULL_SPEC_HASH
+
+
+def test_hash_covers_declared_ranges(tmp_path: Path) -> None:
+    ranged = load_spec(_write(tmp_path, _with_ranges()))
+    assert ranged.schema_hash() != FULL_SPEC_HASH
+    lines = diff_schemas(load_spec(_write(tmp_path, FULL_SPEC, "plain.toml")).schema(), ranged.schema(),
+                         names=("a", "b"))
+    assert any(line.startswith("clinical.ranges: only in b") for line in lines)
+    assert any(line.startswith("omics.range: only in b") for line in lines)
+    wider = load_spec(_write(tmp_path, _with_ranges().replace("age = [0, 120]", "age = [0, 130]"), "wider.toml"))
+    assert wider.schema_hash() != ranged.schema_hash()
+    assert diff_schemas(ranged.schema(), wider.schema()) == [
+        "clinical.ranges.age: 1 only in first (120.0); 1 only in second (130.0)"]
+    # Integers and floats spell the same bound.
+    floats = _with_ranges().replace("age = [0, 120]", "age = [0.0, 120.0]").replace("[-10, 10]", "[-10.0, 10.0]")
+    assert load_spec(_write(tmp_path, floats, "floats.toml")).schema_hash() == ranged.schema_hash()
+
+
+def test_ranges_survive_write_and_load(tmp_path: Path) -> None:
+    spec = load_spec(_write(tmp_path, _with_ranges()))
+    again = load_spec(write_spec(spec, tmp_path / "copy" / "spec.toml"))
+    assert again.clinical.ranges == spec.clinical.ranges and again.omics.range == spec.omics.range
+    assert again.schema_hash() == spec.schema_hash()
+    plain = load_spec(_write(tmp_path, FULL_SPEC, "plain.toml"))
+    written = tomllib.loads(write_spec(plain, tmp_path / "plain" / "spec.toml").read_text())
+    assert "ranges" not in written["modalities"]["clinical"]  # nothing declared, nothing written
+    assert "range" not in written["modalities"]["omics"]

@@ -218,6 +218,35 @@ def test_imports_cleanly_with_its_own_spec(cohort):
     assert int(np.isnan(imported.clinical.numeric).sum()) > 0  # the empty cells are missing values
 
 
+def test_spec_declares_public_ranges_that_hold(cohort):
+    from client.importers import import_cohort
+
+    spec = load_spec(cohort / "spec.toml")
+    assert spec.clinical.ranges == {"age": (0.0, 120.0), "bmi": (10.0, 80.0)}
+    assert spec.omics.range == (-10.0, 10.0)
+    schema = spec.schema()
+    assert schema["clinical"]["ranges"] == {"age": [0.0, 120.0], "bmi": [10.0, 80.0]}
+    assert schema["omics"]["range"] == [-10.0, 10.0]
+    imported = import_cohort(spec)  # the import enforces the ranges
+    assert imported.schema["clinical"]["ranges"] == schema["clinical"]["ranges"]
+    # The generator's own bounds sit well inside the declared ones.
+    ages, bmis = imported.clinical.numeric[:, 0], imported.clinical.numeric[:, 1]
+    assert 18 <= np.nanmin(ages) and np.nanmax(ages) <= 95 and 15 <= np.nanmin(bmis) and np.nanmax(bmis) <= 55
+    truth = json.loads((cohort / "truth.json").read_text())
+    assert truth["omics"]["declared_range"] == [-10.0, 10.0] and truth["omics"]["clipped_values"] == 0
+
+
+def test_extreme_site_shift_is_clipped_to_the_declared_omics_range(tmp_path):
+    from client.importers import import_cohort
+
+    out = tmp_path / "shifted"
+    synthetic.write_synthetic_cohort(out=out, patients=300, seed=2, variants=20, omics=12, site_shift=40.0)
+    truth = json.loads((out / "truth.json").read_text())
+    assert truth["omics"]["clipped_values"] > 0
+    cohort = import_cohort(load_spec(out / "spec.toml"))
+    assert np.abs(cohort.omics.values).max() == 10.0
+
+
 def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
     with pytest.raises(SynthError, match="--patients must be at least 50"):
         synthetic.write_synthetic_cohort(out=tmp_path / "x", patients=10, seed=0)

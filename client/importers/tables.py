@@ -5,7 +5,9 @@ header taken as an ordinary row so line numbers stay exact: row ``i`` of the fra
 ``i + 1`` of the file, blank lines included, shifted only by line breaks inside quoted cells
 (which are counted). Cells are stripped of surrounding spaces
 (the UCI splice file pads its columns). An empty cell or ``NA`` is a missing value; every other
-value is parsed here, so each bad cell is reported with its line and column.
+value is parsed here, so each bad cell is reported with its line and column. A numeric value
+outside the public range the spec declares for it (clinical ``ranges``, omics ``range``) is
+refused the same way.
 """
 
 from __future__ import annotations
@@ -305,6 +307,35 @@ def parse_numeric(table: Table, rows: np.ndarray, cols: list[int], log: ProblemL
     return values
 
 
+def check_ranges(table: Table, rows: np.ndarray, cols: list[int], values: np.ndarray,
+                 bounds: list[tuple[float, float] | None], log: ProblemLog, *, named_in: list[str]) -> None:
+    """Log every present value of ``values`` (from :func:`parse_numeric`) outside its column's declared range.
+
+    ``bounds[j]`` is the public ``(lo, hi)`` of column ``j`` (inclusive; None: none declared) and
+    ``named_in[j]`` says where the spec declares it. Missing values (NaN) are never out of range.
+    """
+    if not any(b is not None for b in bounds) or values.size == 0:
+        return
+    lo = np.array([-np.inf if b is None else b[0] for b in bounds])
+    hi = np.array([np.inf if b is None else b[1] for b in bounds])
+    outside = ~np.isnan(values) & ((values < lo) | (values > hi))
+    if not outside.any():
+        return
+
+    def message(r: int, c: int) -> str:
+        cell = str(table.data[rows[r], cols[c]]).strip()
+        a, b = bounds[c]
+        return (f"value {cell!r} is outside the declared range [{_number(a)}, {_number(b)}] ({named_in[c]}): "
+                "fix the value, or widen the range in the spec (a public bound every site must agree on)")
+
+    _list_cells(table, rows, cols, outside, log, "out of declared range", message)
+
+
+def _number(x: float) -> str:
+    """A bound as written in a spec: ``120`` rather than ``120.0``."""
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else repr(float(x))
+
+
 def _to_float(cells: np.ndarray, missing: np.ndarray) -> np.ndarray:
     """Floats of the present cells (NaN where missing or unparseable). numpy's C cast parses a
     whole valid block at once; only a block with a bad cell takes pandas' cell-by-cell path."""
@@ -437,6 +468,8 @@ def read_omics(spec: OmicsSpec, id_column: str, patients: tuple[str, ...], label
     values[present] = parse_numeric(
         table, rows[present], cols, log, allow_missing=spec.allow_missing,
         missing_hint="set allow-missing = true in [modalities.omics] to keep missing values (imputed in training)")
+    check_ranges(table, rows[present], cols, values[present], [spec.range] * len(cols), log,
+                 named_in=["range in [modalities.omics]"] * len(cols))
     features = tuple(table.header[c] for c in cols)
     ignored = len(table.header) - 1 - len(cols)
     report = {"features": len(features), "missing_values": int(np.isnan(values[present]).sum()),
@@ -501,6 +534,8 @@ def read_clinical(spec: ClinicalSpec, id_column: str, patients: tuple[str, ...],
     if num_cols:
         numeric[present] = parse_numeric(table, rows[present], num_cols, log, allow_missing=spec.allow_missing,
                                          missing_hint=hint)
+        check_ranges(table, rows[present], num_cols, numeric[present], [spec.ranges.get(c) for c in spec.numeric],
+                     log, named_in=[f"ranges.{c} in [modalities.clinical]" for c in spec.numeric])
     categorical = np.full((len(patients), len(cat_cols)), -1, dtype=np.int16)
     for j, (name, col) in enumerate(cat_cols.items()):
         categorical[present, j] = parse_categorical(

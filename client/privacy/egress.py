@@ -127,7 +127,8 @@ SCALAR_METRICS = {"num-examples": Field("int"), "handler-seconds": Field("float"
 
 def contract_for(message_type: str, *, dp: bool, n_classes: int, model_shapes: Mapping[str, tuple[int, ...]]
                  | None = None, meta_dim: int = 0, warm_start: bool = False,
-                 stats_shapes: Mapping[str, tuple[int, ...]] | None = None) -> EgressContract:
+                 stats_shapes: Mapping[str, tuple[int, ...]] | None = None, n_columns: int = 0,
+                 glm_dim: int = 0) -> EgressContract:
     """The contract of a reply to ``message_type``.
 
     Parameters
@@ -136,11 +137,20 @@ def contract_for(message_type: str, *, dp: bool, n_classes: int, model_shapes: M
     n_classes : classes of the agreed schema.
     model_shapes : the deep model's float arrays (``train``).
     meta_dim : the meta-classifier's flat coefficient count (``train.meta``).
-    warm_start : a non-DP first meta round that also returns the local fit.
+    warm_start : a non-DP first GLM or meta round that also returns the local fit.
     stats_shapes : the released test-statistics arrays, name -> shape (``evaluate``).
+    n_columns : the shared preprocessing's column count (``query.moments``).
+    glm_dim : the GLM's flat coefficient count (``train.glm``).
     """
     if message_type == "query.census":
         return EgressContract(message_type, _census(n_classes))
+    if message_type == "query.moments":
+        moments = {key: Field("array", (n_columns,)) for key in ("count", "sum", "sumsq")}
+        metrics = {**SCALAR_METRICS, **({"epsilon": Field("float"), "noise-multiplier": Field("float")} if dp
+                                        else {})}
+        return EgressContract(message_type, {"moments": moments, "metrics": metrics})
+    if message_type == "train.glm":
+        return EgressContract(message_type, _newton_records(glm_dim, dp=dp, warm_start=warm_start))
     if message_type == "train":
         metrics = {**SCALAR_METRICS, **({"epsilon": Field("float"), "run-epsilon": Field("float"),
                                          "delta": Field("float")} if dp else
@@ -149,17 +159,22 @@ def contract_for(message_type: str, *, dp: bool, n_classes: int, model_shapes: M
         return EgressContract(message_type, {"arrays": arrays, "metrics": metrics,
                                              "site": {"site": Field("str", max_len=NAME_LEN)}})
     if message_type == "train.meta":
-        terms = {"grad": Field("array", (meta_dim,)), "hess": Field("array", (meta_dim, meta_dim))}
-        if warm_start and not dp:
-            terms |= {"local_coef": Field("array", (meta_dim,)), "local_hess": Field("array", (meta_dim, meta_dim))}
-        metrics = {**SCALAR_METRICS, **({"epsilon": Field("float"), "noise-multiplier": Field("float")} if dp
-                                        else {"loss": Field("float")})}
-        return EgressContract(message_type, {"terms": terms, "metrics": metrics})
+        return EgressContract(message_type, _newton_records(meta_dim, dp=dp, warm_start=warm_start))
     if message_type == "evaluate":
         stats = {name: Field("array", tuple(shape), dtype="i") for name, shape in (stats_shapes or {}).items()}
         metrics = {**SCALAR_METRICS, "epsilon": Field("float"), "noise-std": Field("float")}
         return EgressContract(message_type, {"stats": stats, "metrics": metrics})
     raise EgressViolation(f"no egress contract for message type {message_type!r}: the site answers none")
+
+
+def _newton_records(dim: int, *, dp: bool, warm_start: bool) -> Records:
+    """Newton terms of a federated logistic fit (GLM or meta-classifier)."""
+    terms = {"grad": Field("array", (dim,)), "hess": Field("array", (dim, dim))}
+    if warm_start and not dp:
+        terms |= {"local_coef": Field("array", (dim,)), "local_hess": Field("array", (dim, dim))}
+    metrics = {**SCALAR_METRICS, **({"epsilon": Field("float"), "noise-multiplier": Field("float")} if dp
+                                    else {"loss": Field("float")})}
+    return {"terms": terms, "metrics": metrics}
 
 
 def _census(n_classes: int) -> Records:

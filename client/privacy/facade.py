@@ -170,9 +170,9 @@ class SitePrivacy:
     def plan_run(self, *, n_train: int) -> list[Release]:
         """Every release the run will make if it completes, as known before it starts.
 
-        DP-SGD over ``cnn-rounds`` x ``local-epochs`` epochs (Poisson rate 1 / batches), the
-        meta-classifier statistics over ``meta-rounds``, and one test-statistics release when
-        noised. Calibrated with the ledger's accounting, which needs no more noise than
+        The shared preprocessing's moments, DP-SGD over ``cnn-rounds`` x ``local-epochs`` epochs
+        (Poisson rate 1 / batches), the GLM statistics over ``glm-rounds``, the meta-classifier
+        statistics over ``meta-rounds``, and one test-statistics release when noised. Calibrated with the ledger's accounting, which needs no more noise than
         training's, so what is charged later is at most this plan.
         """
         s = self._settings
@@ -181,8 +181,12 @@ class SitePrivacy:
         batches = math.ceil(max(n_train, 1) / s.batch_size)
         steps = s.cnn_rounds * s.local_epochs * batches
         sigma = dpsgd_noise_multiplier(epsilon=s.epsilon, delta=self.delta, sample_rate=1.0 / batches, steps=steps)
-        plan = [Release(kind="dp-sgd", noise_multiplier=sigma, sample_rate=1.0 / batches, steps=steps,
-                        label="cnn-update", run_id=self._run_id)]
+        plan = [Release.gaussian(noise_multiplier=self.moments_noise_multiplier(), label="moments",
+                                 run_id=self._run_id),
+                Release(kind="dp-sgd", noise_multiplier=sigma, sample_rate=1.0 / batches, steps=steps,
+                        label="cnn-update", run_id=self._run_id),
+                Release.gaussian(noise_multiplier=self.glm_noise_multiplier(), label="glm-statistics",
+                                 run_id=self._run_id, count=s.glm_rounds)]
         plan.append(Release.gaussian(noise_multiplier=self.meta_noise_multiplier(), label="meta-statistics",
                                      run_id=self._run_id, count=s.meta_rounds))
         return plan + self._test_plan()
@@ -223,6 +227,15 @@ class SitePrivacy:
         """Noise multiplier of each meta round's release (``meta-epsilon`` over ``meta-rounds``)."""
         s = self._settings
         return gaussian_noise_multiplier(epsilon=s.meta_epsilon, delta=self.delta, count=s.meta_rounds)
+
+    def moments_noise_multiplier(self) -> float:
+        """Noise multiplier of the one release of the shared preprocessing's moments."""
+        return gaussian_noise_multiplier(epsilon=self._settings.moments_epsilon, delta=self.delta)
+
+    def glm_noise_multiplier(self) -> float:
+        """Noise multiplier of each GLM round's release (``glm-epsilon`` over ``glm-rounds``)."""
+        s = self._settings
+        return gaussian_noise_multiplier(epsilon=s.glm_epsilon, delta=self.delta, count=s.glm_rounds)
 
     def test_noise_multiplier(self) -> float:
         """Noise multiplier of the one noised test-statistics release (``test-epsilon``)."""

@@ -1,15 +1,19 @@
-"""Differential privacy for the meta-classifier's Newton statistics: the Gaussian mechanism.
+"""The Gaussian mechanisms of a site's releases other than DP-SGD.
 
-Under DP a site releases, in every meta round, the gradient and Hessian of its unpenalised
+Newton statistics (GLM and meta-classifier)
+-------------------------------------------
+Under DP a site releases, in every GLM or meta round, the gradient and Hessian of its unpenalised
 log-loss at the coordinator's coefficients (:func:`common.meta.newton_terms`) with Gaussian noise
 added, and charges that release to its privacy ledger. The unit protected is one record added to
-or removed from the site's validation split, as in the DP-SGD accounting.
+or removed from the site's train split (GLM) or validation split (meta-classifier), as in the
+DP-SGD accounting.
 
 Sensitivity
 -----------
-The meta features are base-model log-odds (or log-probabilities) clipped to ``[-B, B]``
-(:data:`common.meta.META_FEATURE_BOUND`); they are clipped again here, so the bound holds by
-construction. One record's design row ``z = [x, 1]`` has ``||z||^2 <= d B^2 + 1`` and adds
+The features are clipped to ``[-B, B]``: the meta features are base-model log-odds (or
+log-probabilities), ``B =`` :data:`common.meta.META_FEATURE_BOUND`; the GLM's are the shared
+standardized columns, ``B =`` :data:`common.tabular.CLIP`. They are clipped again here, so the
+bound holds by construction. One record's design row ``z = [x, 1]`` has ``||z||^2 <= d B^2 + 1`` and adds
 
 - to the gradient ``(p - e_y) (x) z``: L2 norm at most ``||z||`` (binary, ``|p - y| <= 1``) or
   ``sqrt(2) ||z||`` (K classes, ``||p - e_y|| <= sqrt(2)``);
@@ -24,8 +28,13 @@ triangle by its bound gives two blocks of sensitivity 1 each, hence a joint L2 s
 ``sigma * sqrt(2) * bound`` to every entry of each block.
 
 The log-loss itself is not released (its sensitivity grows with the coefficients), so the
-coordinator takes plain Newton steps; the count ``n`` is the validation size the census already
+coordinator takes plain Newton steps; the count ``n`` is the split size the census already
 reported.
+
+Moments of the shared preprocessing
+-----------------------------------
+:func:`noised_moments`: every value rescaled to ``[0, 1]`` by its column's public range, so one
+record adds at most 1 to each count, sum and sum of squares: L2 sensitivity ``sqrt(3 d)``.
 """
 
 from __future__ import annotations
@@ -66,6 +75,23 @@ def private_newton_terms(coef: np.ndarray, x: np.ndarray, y: np.ndarray, *, n_cl
     hess = terms.hess + upper + np.triu(upper, 1).T
     return NewtonTerms(float("nan"), grad, hess, terms.n)
 
+
+
+def noised_moments(moments: dict[str, np.ndarray], *, sensitivity: float, noise_multiplier: float,
+                   rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """The Gaussian mechanism on rescaled column moments (:func:`common.tabular.column_moments`).
+
+    Every entry of count, sum and sum of squares gets N(0, (``noise_multiplier`` *
+    ``sensitivity``)^2) noise: one release of L2 sensitivity ``sensitivity`` (one record adds at
+    most 1 to each entry), charged to the ledger by the caller. The coordinator post-processes
+    the noised sums (:func:`common.tabular.scaler_from_moments`).
+    """
+    for name, value in (("sensitivity", sensitivity), ("noise_multiplier", noise_multiplier)):
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    scale = noise_multiplier * sensitivity
+    return {key: np.asarray(value, dtype=np.float64) + rng.normal(0.0, scale, size=np.shape(value))
+            for key, value in moments.items()}
 
 
 def noised_release(arrays: dict[str, np.ndarray], *, sensitivity: float, noise_multiplier: float,
