@@ -129,6 +129,13 @@ def train_glm(msg: Message, context: Context) -> Message:
     return _answer(msg, context, handlers.glm_round, "shared")
 
 
+@app.query("validation")
+def validation(msg: Message, context: Context) -> Message:
+    from client import handlers
+
+    return _answer(msg, context, handlers.validation, "cnn", "shared")
+
+
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     from client import handlers

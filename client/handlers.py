@@ -98,7 +98,7 @@ def census(site: SiteRef, settings: RunSettings, facts: RoundFacts) -> HandlerRe
     refusal, plan_eps = "", 0.0
     try:
         privacy.check()
-        plan_eps = privacy.check_run(privacy.plan_run(n_train=n_train))
+        plan_eps = privacy.check_run(privacy.plan_run(n_train=n_train, n_classes=len(cohort.classes)))
     except PolicyRefusal as exc:
         refusal = "; ".join(exc.reasons)
     ledger = privacy.ledger
@@ -108,6 +108,7 @@ def census(site: SiteRef, settings: RunSettings, facts: RoundFacts) -> HandlerRe
             "n-test": summary["splits"]["test"]["patients"],
             "class-counts": [int(v) for v in summary["classes"].values()],
             "test-class-counts": [int(v) for v in summary["splits"]["test"]["classes"].values()],
+            "validation-class-counts": [int(v) for v in summary["splits"]["validation"]["classes"].values()],
             "ledger-spent": float(ledger.spent_epsilon()), "ledger-budget": float(ledger.budget_epsilon),
             "ledger-delta": float(ledger.delta), "ledger-created": ledger.created_at,
             "ledger-revision": int(ledger.revision), "plan-epsilon": float(plan_eps), "refusal": refusal}
@@ -497,6 +498,14 @@ def stats_shapes(n_classes: int, *, test_statistics: str) -> dict[str, tuple[int
     return {f"{m}.{key}": shape for m in MODEL_NAMES for key, shape in per_model.items()}
 
 
+def validation(site: SiteRef, cnn_weights: dict[str, np.ndarray], shared: dict[str, np.ndarray],
+               settings: RunSettings, facts: RoundFacts) -> HandlerReply:
+    """Validation-split statistics of every model, from which the coordinator chooses the
+    operating thresholds (binary problems). Released once per run like the test statistics, as
+    the site's policy says (``test-statistics`` and ``test-epsilon`` govern both)."""
+    return _statistics_reply(site, cnn_weights, shared, settings, facts, split="validation")
+
+
 def evaluate(site: SiteRef, cnn_weights: dict[str, np.ndarray], shared: dict[str, np.ndarray],
              settings: RunSettings, facts: RoundFacts) -> HandlerReply:
     """Test-split statistics of every model, released once per run as the site's policy says.
@@ -505,26 +514,35 @@ def evaluate(site: SiteRef, cnn_weights: dict[str, np.ndarray], shared: dict[str
     guarantee); ``noised`` adds Gaussian noise calibrated to one patient's contribution to all
     models' statistics together, charged to the ledger; ``none`` releases only the count. A
     second request in the same run gets the stored release. Also stores the final global models
-    in the vault: this message is the one that hands them to the site.
+    and the operating thresholds in the vault: this message is the one that hands them to the site.
     """
+    return _statistics_reply(site, cnn_weights, shared, settings, facts, split="test")
+
+
+def _statistics_reply(site: SiteRef, cnn_weights: dict[str, np.ndarray], shared: dict[str, np.ndarray],
+                      settings: RunSettings, facts: RoundFacts, *, split: str) -> HandlerReply:
     from client.model_store import release_blob, run_role, stored_release
 
     vault, cohort = _load(site)
     privacy = _privacy(vault, site, cohort, settings, facts)
     k = _n_classes(cohort)
-    contract = contract_for("evaluate", dp=settings.dp, n_classes=k,
+    message_type = "evaluate" if split == "test" else "query.validation"
+    contract = contract_for(message_type, dp=settings.dp, n_classes=k,
                             stats_shapes=stats_shapes(k, test_statistics=settings.test_statistics))
-    role = run_role(facts.run_id, "evaluate-release")
+    role = run_role(facts.run_id, "evaluate-release" if split == "test" else "validation-release")
     if again := stored_release(vault, role, request="one-per-run"):
         return HandlerReply({"stats": ("array", again[0]), "metrics": ("metric", again[1])}, contract, privacy)
-    arrays, metrics = _test_statistics(vault, cohort, cnn_weights, shared, settings, facts, privacy, k)
-    _store_final_models(vault, cohort, cnn_weights, shared, facts)
+    arrays, metrics = _released_statistics(vault, cohort, cnn_weights, shared, settings, facts, privacy, k,
+                                           split=split)
+    if split == "test":
+        _store_final_models(vault, cohort, cnn_weights, shared, facts)
     vault.update({role: release_blob(arrays, metrics, request="one-per-run")})
     return HandlerReply({"stats": ("array", arrays), "metrics": ("metric", metrics)}, contract, privacy)
 
 
-def _test_statistics(vault: Any, cohort: Any, cnn_weights: dict[str, np.ndarray], shared: dict[str, np.ndarray],
-                     settings: RunSettings, facts: RoundFacts, privacy: Any, k: int) -> tuple[dict, dict]:
+def _released_statistics(vault: Any, cohort: Any, cnn_weights: dict[str, np.ndarray], shared: dict[str, np.ndarray],
+                         settings: RunSettings, facts: RoundFacts, privacy: Any, k: int, *,
+                         split: str) -> tuple[dict, dict]:
     from client.privacy.ledger import Release
     from client.privacy.mechanisms import noised_release
     from common.metrics import (
@@ -535,20 +553,20 @@ def _test_statistics(vault: Any, cohort: Any, cnn_weights: dict[str, np.ndarray]
         released_totals,
     )
 
-    data, _ = _site_data(cohort)
-    y = data.y[data.masks["test"]]
+    data, _ = _site_data(cohort, tabular=False)
+    y = data.y[data.masks[split]]
     metrics: dict[str, Any] = {"num-examples": int(len(y)), "epsilon": 0.0, "noise-std": 0.0}
     if settings.test_statistics == "none":
         return {}, metrics
-    proba = _test_probabilities(vault, data, cnn_weights, shared, settings, facts, privacy, cohort)
+    proba = _probabilities(vault, data, cnn_weights, shared, settings, facts, privacy, cohort, split)
     arrays = {f"{name}.{key}": value for name in MODEL_NAMES
               for key, value in released_arrays(compute_stats(y, proba[name], n_classes=k, n_bins=TEST_BINS)).items()}
     if settings.test_statistics == "noised":
         sigma = privacy.test_noise_multiplier()
         sensitivity = released_sensitivity(n_classes=k, n_models=len(MODEL_NAMES))
-        seed = privacy.release(Release.gaussian(noise_multiplier=sigma, label="test-statistics",
-                                                run_id=facts.run_id), purpose="test-statistics")
-        # Post-processing with the test class counts the census already released: each noised
+        seed = privacy.release(Release.gaussian(noise_multiplier=sigma, label=f"{split}-statistics",
+                                                run_id=facts.run_id), purpose=f"{split}-statistics")
+        # Post-processing with the class counts the census already released: each noised
         # histogram is projected onto the counts it must hold (fewer phantom patients than clipping).
         per_model = released_totals(np.bincount(y, minlength=k))
         totals = {f"{name}.{key}": total for name in MODEL_NAMES for key, total in per_model.items()}
@@ -558,12 +576,13 @@ def _test_statistics(vault: Any, cohort: Any, cnn_weights: dict[str, np.ndarray]
     return {name: np.asarray(a, dtype=np.int64) for name, a in arrays.items()}, metrics
 
 
-def _test_probabilities(vault: Any, data: Any, cnn_weights: dict[str, np.ndarray], shared: dict[str, np.ndarray],
-                        settings: RunSettings, facts: RoundFacts, privacy: Any, cohort: Any) -> dict[str, np.ndarray]:
+def _probabilities(vault: Any, data: Any, cnn_weights: dict[str, np.ndarray], shared: dict[str, np.ndarray],
+                   settings: RunSettings, facts: RoundFacts, privacy: Any, cohort: Any,
+                   split: str) -> dict[str, np.ndarray]:
     from client.pipeline import meta_features
     from common.meta import StackingMetaClassifier
 
-    proba = _base_probabilities(vault, data, cnn_weights, shared, settings, facts, privacy, "test")
+    proba = _base_probabilities(vault, data, cnn_weights, shared, settings, facts, privacy, split)
     k = len(cohort.classes)
     meta = StackingMetaClassifier().set_coef(np.asarray(facts.coef, dtype=np.float64),
                                              n_features=len(BASE_MODELS) * (1 if k == 2 else k))
@@ -577,5 +596,6 @@ def _store_final_models(vault: Any, cohort: Any, cnn_weights: dict[str, np.ndarr
 
     save_final_models(vault, cnn=cnn_weights, cnn_config=facts.model(), shared=shared,
                       meta={"coef": [float(c) for c in facts.coef], "glm_coef": [float(c) for c in facts.glm_coef],
-                            "base_models": list(BASE_MODELS), "classes": list(cohort.classes)},
+                            "base_models": list(BASE_MODELS), "classes": list(cohort.classes),
+                            "thresholds": dict(zip(MODEL_NAMES, facts.thresholds))},
                       run_id=facts.run_id)

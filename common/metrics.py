@@ -214,13 +214,17 @@ def metrics_from_stats(stats: EvalStats) -> dict[str, float]:
     }
 
 
-def compute_metrics(y_true: np.ndarray, proba: np.ndarray, *, n_classes: int | None = None) -> dict[str, float]:
-    """Metrics of one set of predictions, through the same statistics a site would send."""
-    return metrics_from_stats(compute_stats(y_true, proba, n_classes=n_classes))
+def compute_metrics(y_true: np.ndarray, proba: np.ndarray, *, n_classes: int | None = None,
+                    threshold: Threshold | None = None) -> dict[str, float]:
+    """Metrics of one set of predictions, through the same statistics a site would send
+    (decisions at ``threshold`` for a binary problem, else argmax)."""
+    stats = compute_stats(y_true, proba, n_classes=n_classes)
+    return metrics_from_stats(at_threshold(stats, threshold) if threshold is not None else stats)
 
 
 def bootstrap_ci(y_true: np.ndarray, proba: np.ndarray, *, n_boot: int = 1000, level: float = 0.95,
-                 seed: int = 0, n_classes: int | None = None) -> dict[str, list[float]]:
+                 seed: int = 0, n_classes: int | None = None,
+                 threshold: Threshold | None = None) -> dict[str, list[float]]:
     """Percentile bootstrap confidence intervals of every metric in ``METRIC_NAMES``.
 
     Patients are resampled with replacement; a resample missing a class gives NaN for the
@@ -232,7 +236,7 @@ def bootstrap_ci(y_true: np.ndarray, proba: np.ndarray, *, n_boot: int = 1000, l
     draws: dict[str, list[float]] = {m: [] for m in METRIC_NAMES}
     for _ in range(n_boot):
         idx = rng.integers(0, len(y), len(y))
-        m = compute_metrics(y[idx], p[idx], n_classes=k)
+        m = compute_metrics(y[idx], p[idx], n_classes=k, threshold=threshold)
         for name in METRIC_NAMES:
             draws[name].append(m[name])
     return _percentile_intervals(draws, level)
@@ -696,3 +700,80 @@ def noise_bias(stats: EvalStats, *, noise_std_per_site: float, n_sites: int, dra
         v = v[~np.isnan(v)]
         out[name] = float(v.mean() - clean[name]) if v.size else float("nan")
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Operating thresholds (binary problems)
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """A binary operating threshold: predict class 1 when the score falls in bin ``bin`` or above.
+
+    ``bin`` counts on the grid of ``n_bins`` logit-uniform bins (:func:`bin_index`); bins at
+    different resolutions share their edges, so a threshold chosen on released (coarse)
+    statistics applies exactly to any statistics with a multiple of its bins.
+    """
+
+    bin: int
+    n_bins: int
+    rule: str
+
+    @property
+    def probability(self) -> float:
+        """The threshold as a probability of class 1 (the bin edge)."""
+        logit = -LOGIT_RANGE + 2.0 * LOGIT_RANGE * self.bin / self.n_bins
+        return float(1.0 / (1.0 + math.exp(-logit)))
+
+    def to_dict(self) -> dict[str, float | int | str]:
+        return {"bin": self.bin, "n_bins": self.n_bins, "rule": self.rule, "probability": self.probability}
+
+    @classmethod
+    def default(cls, n_bins: int = TEST_BINS) -> Threshold:
+        """Probability 0.5 (logit 0): what argmax does."""
+        return cls(n_bins // 2, n_bins, "default (probability 0.5)")
+
+
+def choose_threshold(stats: EvalStats, *, target_sensitivity: float = 0.0) -> Threshold:
+    """The operating threshold on (validation) statistics of a binary problem.
+
+    Youden's J (the bin edge maximising sensitivity + specificity - 1) when
+    ``target_sensitivity`` is 0; else the highest edge whose sensitivity is at least the target.
+    Ties go to the edge nearest probability 0.5. Statistics without positives or negatives give
+    the default threshold.
+    """
+    pos = np.maximum(np.asarray(stats.hist_pos[1], dtype=np.float64), 0.0)
+    neg = np.maximum(np.asarray(stats.hist_neg[1], dtype=np.float64), 0.0)
+    n_bins = pos.shape[0]
+    if pos.sum() <= 0 or neg.sum() <= 0:
+        return Threshold.default(n_bins)
+    # Edge b predicts class 1 for bins >= b: sensitivity = positives at or above b.
+    tpr = np.append(np.cumsum(pos[::-1])[::-1], 0.0) / pos.sum()
+    fpr = np.append(np.cumsum(neg[::-1])[::-1], 0.0) / neg.sum()
+    edges = np.arange(n_bins + 1)
+    if target_sensitivity > 0:
+        ok = np.flatnonzero(tpr >= target_sensitivity - 1e-12)
+        return Threshold(int(ok.max()), n_bins, f"sensitivity >= {target_sensitivity:g} on validation")
+    j = tpr - fpr
+    best = np.flatnonzero(j >= j.max() - 1e-12)
+    b = int(best[np.argmin(np.abs(edges[best] - n_bins / 2))])
+    return Threshold(b, n_bins, "Youden's J on validation")
+
+
+def at_threshold(stats: EvalStats, threshold: Threshold) -> EvalStats:
+    """Binary statistics with the confusion matrix of ``threshold`` in place of argmax's.
+
+    Raises
+    ------
+    ValueError
+        Not a binary problem, or a bin grid the threshold's edge is not on.
+    """
+    if stats.confusion.shape != (2, 2):
+        raise ValueError("an operating threshold applies to binary problems only (multi-class keeps argmax)")
+    n_bins = stats.hist_pos.shape[1]
+    if (threshold.bin * n_bins) % threshold.n_bins:
+        raise ValueError(f"threshold edge {threshold.bin}/{threshold.n_bins} is not an edge of {n_bins} bins")
+    b = threshold.bin * n_bins // threshold.n_bins
+    pos, neg = np.asarray(stats.hist_pos[1]), np.asarray(stats.hist_neg[1])
+    confusion = np.array([[neg[:b].sum(), neg[b:].sum()], [pos[:b].sum(), pos[b:].sum()]], dtype=np.int64)
+    return EvalStats(confusion, stats.hist_pos, stats.hist_neg)

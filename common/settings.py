@@ -73,7 +73,8 @@ class RunSettings:
     meta_c: float = 1.0
     meta_tol: float = 1e-10
     test_statistics: str = "noised"  # none | noised | exact: how sites release test statistics
-    test_epsilon: float = 1.0        # epsilon of the one test-statistics release (noised)
+    test_epsilon: float = 1.0        # epsilon of the one test-statistics release (noised), and of the validation one
+    target_sensitivity: float = 0.0  # binary operating threshold: 0 = Youden's J on validation, else this sensitivity
     ledger_registry: str = ""        # coordinator file remembering each site's ledger (server/ledger_registry.py)
     sites_dir: str = ""
 
@@ -95,6 +96,9 @@ class RunSettings:
                 raise SettingsError(f"run config {_key(name)} = {getattr(self, name)!r}: must be at least 1")
         if not 0 <= self.delta < 1:
             raise SettingsError(f"run config delta = {self.delta!r}: must be in [0, 1) (0: each site's own delta)")
+        if not 0 <= self.target_sensitivity < 1:
+            raise SettingsError(f"run config target-sensitivity = {self.target_sensitivity!r}: must be in [0, 1) "
+                                "(0: Youden's J)")
         if self.max_update_norm < 0:
             raise SettingsError(f"run config max-update-norm = {self.max_update_norm!r}: must be >= 0 "
                                 "(0: derived from the run's settings)")
@@ -169,6 +173,8 @@ class RoundFacts:
     model_config : the deep model's layout as JSON (derived from the agreed schema).
     coef : the coefficients being fitted (GLM or meta rounds) or the meta-classifier's (evaluation).
     glm_coef : the fitted GLM's coefficients (meta rounds and evaluation).
+    thresholds : the operating thresholds (probability of class 1) per model, in
+        ``client.handlers.MODEL_NAMES`` order (evaluation of a binary problem).
     warm_start : first GLM or meta round without DP: also return the local fit.
     """
 
@@ -177,6 +183,7 @@ class RoundFacts:
     model_config: str = ""
     coef: tuple[float, ...] = field(default_factory=tuple)
     glm_coef: tuple[float, ...] = field(default_factory=tuple)
+    thresholds: tuple[float, ...] = field(default_factory=tuple)
     warm_start: bool = False
 
     def to_config(self) -> dict[str, Any]:
@@ -189,6 +196,8 @@ class RoundFacts:
             out["coef"] = [float(c) for c in self.coef]
         if self.glm_coef:
             out["glm-coef"] = [float(c) for c in self.glm_coef]
+        if self.thresholds:
+            out["thresholds"] = [float(c) for c in self.thresholds]
         return out
 
     @classmethod
@@ -199,6 +208,7 @@ class RoundFacts:
                        model_config=str(cfg.get("model-config", "")),
                        coef=tuple(float(c) for c in cfg.get("coef", ())),
                        glm_coef=tuple(float(c) for c in cfg.get("glm-coef", ())),
+                       thresholds=tuple(float(c) for c in cfg.get("thresholds", ())),
                        warm_start=bool(cfg.get("warm-start", False)))
         except (KeyError, TypeError, ValueError) as exc:
             raise SettingsError(f"message config is not a genofed exchange: {exc!r}") from None

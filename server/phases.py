@@ -57,6 +57,7 @@ class RunState:
     meta_round: int = 0
     meta_solver: dict[str, Any] = field(default_factory=dict)
     meta_coef: list[float] = field(default_factory=list)
+    thresholds: dict[str, dict[str, Any]] = field(default_factory=dict)  # model -> Threshold.to_dict()
     rounds: list[dict[str, Any]] = field(default_factory=list)    # per exchange: sites, rejections, epsilon
     excluded: dict[str, str] = field(default_factory=dict)        # site -> why it left the run
     refusals: dict[str, str] = field(default_factory=dict)        # site -> why its policy refused the run
@@ -355,7 +356,7 @@ def run_meta_rounds(grid: Grid, settings: RunSettings, state: RunState, log: Run
                    bound=META_FEATURE_BOUND, max_n="n-validation", warm_start=not settings.dp,
                    facts={"glm_coef": tuple(state.glm_coef)}, checkpoint=lambda: checkpoint(weights))
     state.meta_coef = [float(c) for c in solver.result()]
-    state.phase = "evaluate"
+    state.phase = "threshold"
     return state.meta_coef
 
 
@@ -449,42 +450,95 @@ def _warm_start(replies: list[dict[str, Any]]) -> np.ndarray:
 # Phase 4
 
 
+def run_thresholds(grid: Grid, settings: RunSettings, state: RunState, log: RunLog,
+                   weights: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
+    """Each model's operating threshold, chosen on the sites' summed validation statistics.
+
+    Binary problems only (multi-class decisions stay argmax). Youden's J by default, or the
+    highest threshold reaching ``target-sensitivity``; probability 0.5 where no validation
+    statistics are released (``test-statistics = none``).
+    """
+    from common.metrics import Threshold, choose_threshold
+
+    k = len(state.schema["label"]["classes"])
+    state.phase = "evaluate"
+    if k != 2:
+        state.thresholds = {}
+        return state.thresholds
+    pooled: dict[str, Any] = {}
+    if settings.test_statistics != "none":
+        facts = RoundFacts(run_id=state.run_id, model_config=json.dumps(state.model_config),
+                           coef=tuple(state.meta_coef), glm_coef=tuple(state.glm_coef))
+        pooled, per_site, res = _statistics_exchange(grid, settings, state, log, weights, facts,
+                                                     message_type="query.validation", where="validation")
+        state.rounds.append({"phase": "validation", "seconds": round(res.seconds, 2),
+                             "handler_s": _slowest_handler(res), "sites": sorted(per_site),
+                             "epsilon": {s: v["epsilon"] for s, v in per_site.items() if v["epsilon"] > 0}})
+    chosen = {}
+    for name in MODELS:
+        th = choose_threshold(pooled[name], target_sensitivity=settings.target_sensitivity) if name in pooled \
+            else Threshold.default()
+        chosen[name] = th.to_dict()
+    state.thresholds = chosen
+    log.info("operating thresholds (probability of class 1, " + next(iter(chosen.values()))["rule"] + "): "
+             + ", ".join(f"{m} {t['probability']:.3f}" for m, t in chosen.items()))
+    return chosen
+
+
 def run_evaluation(grid: Grid, settings: RunSettings, state: RunState, log: RunLog,
                    weights: dict[str, np.ndarray]) -> dict[str, Any]:
     """Every site evaluates every model on its test split and stores the final models."""
+    from common.metrics import Threshold, at_threshold
+
+    thresholds = {m: Threshold(int(t["bin"]), int(t["n_bins"]), str(t["rule"])) for m, t in state.thresholds.items()}
+    facts = RoundFacts(run_id=state.run_id, model_config=json.dumps(state.model_config), coef=tuple(state.meta_coef),
+                       glm_coef=tuple(state.glm_coef),
+                       thresholds=tuple(thresholds[m].probability for m in MODELS) if thresholds else ())
+    pooled, per_site, res = _statistics_exchange(grid, settings, state, log, weights, facts, message_type="evaluate",
+                                                 where="evaluation")
+    if thresholds:
+        pooled = {m: at_threshold(st, thresholds[m]) for m, st in pooled.items()}
+        for v in per_site.values():
+            v["stats"] = {m: at_threshold(st, thresholds[m]) for m, st in v["stats"].items()}
+    state.rounds.append({"phase": "evaluate", "seconds": round(res.seconds, 2), "handler_s": _slowest_handler(res),
+                         "sites": sorted(per_site),
+                         "epsilon": {s: v["epsilon"] for s, v in per_site.items() if v["epsilon"] > 0}})
+    log.event("evaluate", seconds=res.seconds, sites=sorted(per_site))
+    state.phase = "done"
+    log.info(f"evaluation: {len(per_site)} sites returned test statistics; final models stored at every site")
+    return {"pooled": pooled, "sites": per_site}
+
+
+def _statistics_exchange(grid: Grid, settings: RunSettings, state: RunState, log: RunLog,
+                         weights: dict[str, np.ndarray], facts: RoundFacts, *, message_type: str,
+                         where: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]], Any]:
+    """Ask every site for its released statistics of one split; sum them per model."""
     from common.metrics import EvalStats
 
-    nodes = _require_quorum(state, settings, "evaluation")
-    cfg = ConfigRecord(RoundFacts(run_id=state.run_id, model_config=json.dumps(state.model_config),
-                                  coef=tuple(state.meta_coef), glm_coef=tuple(state.glm_coef)).to_config())
+    nodes = _require_quorum(state, settings, where)
+    cfg = ConfigRecord(facts.to_config())
     shared = shared_record(state)
-    res = exchange(grid, nodes, lambda n: RecordDict({"cnn": to_record(weights), "shared": shared, "config": cfg}),
-                   message_type="evaluate", group_id=f"{state.run_id}-evaluate", timeout=settings.round_timeout)
-    _note_failures(state, log, res.failures, "evaluation")
+    cnn = to_record(weights)
+    res = exchange(grid, nodes, lambda n: RecordDict({"cnn": cnn, "shared": shared, "config": cfg}),
+                   message_type=message_type, group_id=f"{state.run_id}-{where}", timeout=settings.round_timeout)
+    _note_failures(state, log, res.failures, where)
     k = max(len(state.schema["label"]["classes"]), 2)
     pooled: dict[str, EvalStats] = {}
     per_site: dict[str, dict[str, Any]] = {}
-    rejected: dict[str, str] = {}
     for node in sorted(res.replies, key=state.site_of):
         site, reply = state.site_of(node), res.replies[node]
         metrics = dict(reply.content.metric_records["metrics"])
         try:
             stats = _site_stats(reply, k)
         except ValueError as exc:
-            rejected[site] = str(exc)
-            log.warning(f"evaluation: statistics of site {site} rejected: {exc}")
+            state.excluded.setdefault(site, f"{where}: statistics rejected: {exc}")
+            log.warning(f"{where}: statistics of site {site} rejected: {exc}")
             continue
         per_site[site] = {"n": int(metrics.get("num-examples", 0)), "noise_std": float(metrics.get("noise-std", 0.0)),
                           "epsilon": float(metrics.get("epsilon", 0.0)), "stats": stats}
         for name, st in stats.items():
             pooled[name] = pooled[name] + st if name in pooled else st
-    state.rounds.append({"phase": "evaluate", "seconds": round(res.seconds, 2), "handler_s": _slowest_handler(res),
-                         "sites": sorted(per_site), "rejected": rejected,
-                         "epsilon": {s: v["epsilon"] for s, v in per_site.items() if v["epsilon"] > 0}})
-    log.event("evaluate", seconds=res.seconds, sites=sorted(per_site))
-    state.phase = "done"
-    log.info(f"evaluation: {len(per_site)} sites returned test statistics; final models stored at every site")
-    return {"pooled": pooled, "sites": per_site}
+    return pooled, per_site, res
 
 
 def _site_stats(reply: Any, n_classes: int) -> dict[str, Any]:

@@ -94,6 +94,7 @@ def build_metrics(evaluation: dict[str, Any], state: RunState, settings: RunSett
         "refusals": dict(state.refusals),
         "test_statistics": _test_statistics_note(settings, evaluation),
         "model_roles": _model_roles(state),
+        "thresholds": dict(state.thresholds),
         "meta": {"coef": list(state.meta_coef), "rounds": state.meta_round,
                  "converged": bool(state.meta_solver.get("converged", False))},
         "glm": {"rounds": state.glm_round, "converged": bool(state.glm_solver.get("converged", False)),
@@ -167,6 +168,14 @@ def render_markdown(doc: dict[str, Any]) -> str:
     for name, m in doc["models"].items():
         lines.append(f"| {name} | " + " | ".join(f"{_fmt(m[k])} [{_fmt(m['ci'][k][0])}, {_fmt(m['ci'][k][1])}]"
                                                  for k in METRIC_NAMES) + " |")
+    th = doc.get("thresholds", {})
+    if th:
+        lines += ["", "Accuracy, precision, recall, specificity and F1 at each model's operating threshold ("
+                  + next(iter(th.values()))["rule"] + "): "
+                  + ", ".join(f"{m} p >= {t['probability']:.3f}" for m, t in th.items()) + "; AUC and AUPRC are "
+                  "threshold-free."]
+    elif doc["run"].get("classes") and len(doc["run"]["classes"]) > 2:
+        lines += ["", "Decisions are the most probable class (argmax); AUC and AUPRC are macro one-vs-rest."]
     roles = doc.get("model_roles", {})
     if roles:
         lines += [""] + [f"- {name}: {roles[name]}" for name in doc["models"] if name in roles]

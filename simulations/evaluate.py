@@ -39,7 +39,15 @@ from client.pipeline import (
 from common.cohort import Cohort
 from common.files import json_default, write_text_atomic
 from common.meta import StackingMetaClassifier
-from common.metrics import METRIC_NAMES, bootstrap_ci, compute_metrics, paired_tests
+from common.metrics import (
+    METRIC_NAMES,
+    Threshold,
+    bootstrap_ci,
+    choose_threshold,
+    compute_metrics,
+    compute_stats,
+    paired_tests,
+)
 from common.progress import progress_bar
 
 MODELS = ("hybrid", "cnn", "forest", "logreg")
@@ -119,12 +127,19 @@ def evaluate_split(data: SiteData, settings: EvaluateSettings, *, label: str = "
         meta_features(*(proba["validation"][m] for m in BASE_MODELS)), val_y)
     test = dict(proba["test"])
     test["hybrid"] = meta.predict_proba(meta_features(*(test[m] for m in BASE_MODELS)))
+    validation = dict(proba["validation"])
+    validation["hybrid"] = meta.predict_proba(meta_features(*(validation[m] for m in BASE_MODELS)))
+    thresholds = {}
+    if data.n_classes == 2:  # decisions at thresholds chosen on validation; multi-class keeps argmax
+        thresholds = {name: choose_threshold(compute_stats(val_y, validation[name], n_classes=2))
+                      for name in MODELS}
     privacy = {"dp": dp is not None}
     if dp is not None:
         privacy.update(epsilon=result.epsilon, delta=delta, accountant=dp.accountant,
                        noise_multiplier=result.noise_multiplier, max_grad_norm=dp.max_grad_norm,
                        target_epsilon=dp.target_epsilon, steps=result.steps)
     return {"test_proba": test, "y_test": data.y[data.masks["test"]], "privacy": privacy, "timing": timing,
+            "thresholds": thresholds,
             "deep": {"epochs_run": result.epochs_run, "best_epoch": result.best_epoch, "config": cfg.to_dict()},
             "forest": {"best_params": forest.best_params_, "cv_auc": forest.cv_score_},
             "meta": {"coef": meta.coef_.tolist(), "intercept": meta.intercept_.tolist()}}
@@ -154,12 +169,13 @@ def _fold_masks(data: SiteData, folds: int, seed: int, groups: np.ndarray | None
     return out
 
 
-def _model_metrics(y: np.ndarray, proba: np.ndarray, k: int, n_boot: int, seed: int) -> dict[str, Any]:
-    m = compute_metrics(y, proba, n_classes=k)
+def _model_metrics(y: np.ndarray, proba: np.ndarray, k: int, n_boot: int, seed: int,
+                   threshold: Threshold | None) -> dict[str, Any]:
+    m = compute_metrics(y, proba, n_classes=k, threshold=threshold)
     out: dict[str, Any] = {name: m[name] for name in METRIC_NAMES}
     out["auc_bound"] = m["auc_bound"]
     out["n"] = m["n"]
-    out["ci"] = bootstrap_ci(y, proba, n_boot=n_boot, seed=seed, n_classes=k)
+    out["ci"] = bootstrap_ci(y, proba, n_boot=n_boot, seed=seed, n_classes=k, threshold=threshold)
     return out
 
 
@@ -173,8 +189,10 @@ def run_evaluate(cohort: Cohort, settings: EvaluateSettings, out: Path, *, sourc
         "source": source, "classes": list(data.classes),
         "cohort": {"patients": int(len(data.y)), "splits": {s: int(m.sum()) for s, m in data.masks.items()},
                    "schema_hash": cohort.schema_hash},
-        "models": {name: _model_metrics(main["y_test"], main["test_proba"][name], k, settings.n_boot, settings.seed)
+        "models": {name: _model_metrics(main["y_test"], main["test_proba"][name], k, settings.n_boot, settings.seed,
+                                        main["thresholds"].get(name))
                    for name in MODELS},
+        "thresholds": {name: th.to_dict() for name, th in main["thresholds"].items()},
         "privacy": main["privacy"], "details": {key: main[key] for key in ("deep", "forest", "meta", "timing")},
         "settings": asdict(settings),
     }
@@ -192,7 +210,8 @@ def _cross_validate(data: SiteData, groups: np.ndarray | None, settings: Evaluat
         fold = replace(data, masks=masks)
         res = evaluate_split(fold, replace(settings, seed=settings.seed + f), label=f" (fold {f + 1})")
         for name in MODELS:
-            per_fold[name].append(compute_metrics(res["y_test"], res["test_proba"][name], n_classes=data.n_classes)["auc"])
+            per_fold[name].append(compute_metrics(res["y_test"], res["test_proba"][name],
+                                                  n_classes=data.n_classes)["auc"])
         if res["privacy"].get("epsilon") is not None:
             eps.append(res["privacy"]["epsilon"])
     tests = {f"hybrid_vs_{m}": paired_tests(per_fold["hybrid"], per_fold[m]) for m in MODELS if m != "hybrid"}
@@ -211,8 +230,12 @@ def render_table(report: dict[str, Any]) -> str:
     for name, m in report["models"].items():
         cells = [f"{_fmt(m[k])} [{_fmt(m['ci'][k][0])}, {_fmt(m['ci'][k][1])}]" for k in METRIC_NAMES]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    p = report["privacy"]
+    th = report.get("thresholds", {})
     lines.append("")
+    if th:
+        lines.append("Accuracy, precision, recall, specificity and F1 at each model's threshold (Youden's J on the "
+                     "validation split): " + ", ".join(f"{m} p >= {t['probability']:.3f}" for m, t in th.items()))
+    p = report["privacy"]
     if p["dp"]:
         lines.append(f"Deep model trained with DP-SGD: epsilon {p['epsilon']:.3f}, delta {p['delta']:.2e} "
                      f"({p['accountant']} accountant, noise multiplier {p['noise_multiplier']:.3f}, clip {p['max_grad_norm']}); "

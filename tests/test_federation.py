@@ -35,6 +35,8 @@ from common.glm import FederatedGLM
 from common.meta import StackingMetaClassifier, flat_coef
 from common.metrics import (
     TEST_BINS,
+    Threshold,
+    at_threshold,
     compute_stats,
     metrics_from_stats,
     released_arrays,
@@ -87,8 +89,9 @@ def _site_vaults(sites: Path) -> list[tuple[str, Vault]]:
 
 def test_run_writes_metrics_with_one_exchange_per_round(sites: Path, tmp_path: Path) -> None:
     doc, grid = _run(sites, tmp_path / "run", dp=False)
-    # census, moments, CNN rounds, GLM rounds (until converged), meta rounds, evaluation
-    assert grid.exchanges == 2 + FAST["cnn_rounds"] + doc["glm"]["rounds"] + doc["meta"]["rounds"] + 1
+    # census, moments, CNN rounds, GLM rounds (until converged), meta rounds, validation, evaluation
+    assert grid.exchanges == 2 + FAST["cnn_rounds"] + doc["glm"]["rounds"] + doc["meta"]["rounds"] + 2
+    assert set(doc["thresholds"]) == set(doc["models"]) and "Youden" in doc["thresholds"]["hybrid"]["rule"]
     assert doc["glm"]["converged"] and doc["glm"]["rounds"] <= 8
     on_disk = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert set(on_disk["models"]) == {"hybrid", "cnn", "forest", "logreg"}
@@ -139,7 +142,8 @@ def test_meta_matches_pooled_fit_and_pooled_metrics_match_the_union(sites: Path,
         # The sites released their statistics over TEST_BINS bins: the union with the same bins.
         # (released form: a binary decision is p1 >= 0.5, so the forest's 0.5 ties count as positive)
         union_stats = compute_stats(y_test, proba[name], n_classes=2, n_bins=TEST_BINS)
-        union = metrics_from_stats(stats_from_released(released_arrays(union_stats), n_classes=2))
+        th = Threshold(**{k: v for k, v in doc["thresholds"][name].items() if k != "probability"})
+        union = metrics_from_stats(at_threshold(stats_from_released(released_arrays(union_stats), n_classes=2), th))
         fed = doc["models"][name]
         for key in ("accuracy", "precision", "recall", "specificity", "f1"):
             assert fed[key] == pytest.approx(union[key], abs=1e-12), (name, key)

@@ -193,3 +193,26 @@ def test_noised_statistics_give_nan_not_exceptions(recwarn: pytest.WarningsRecor
     m3, m2 = metrics_from_stats(s3), metrics_from_stats(compute_stats(y3, p3, n_bins=32))
     assert m3["recall"] == pytest.approx(np.mean([m2["specificity"], m2["recall"]]))
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
+def test_youden_threshold_and_metrics_at_it() -> None:
+    from common.metrics import N_BINS, TEST_BINS, Threshold, at_threshold, choose_threshold, coarsen_stats
+
+    rng = np.random.default_rng(0)
+    y = (rng.random(4000) < 0.15).astype(int)
+    p = 1 / (1 + np.exp(-(rng.normal(size=y.size) + 1.5 * y - 2.5)))  # a low-prevalence, shifted score
+    stats = compute_stats(y, p, n_bins=N_BINS)
+    default = metrics_from_stats(stats)
+    th = choose_threshold(coarsen_stats(stats, n_bins=TEST_BINS))
+    assert th.probability < 0.5 and th.rule.startswith("Youden")
+    at = metrics_from_stats(at_threshold(stats, th))
+    # The same edge applied by hand to the patients' scores.
+    pred = p >= th.probability
+    assert at["recall"] == pytest.approx(pred[y == 1].mean()) and at["specificity"] == pytest.approx(1 - pred[y == 0].mean())
+    assert at["recall"] > default["recall"] and at["recall"] + at["specificity"] > default["recall"] + default["specificity"]
+    assert at["auc"] == default["auc"]  # threshold-free metrics do not move
+    target = choose_threshold(stats, target_sensitivity=0.9)
+    assert metrics_from_stats(at_threshold(stats, target))["recall"] >= 0.9
+    assert choose_threshold(compute_stats(np.zeros(5, int), np.full(5, 0.2), n_bins=32)) == Threshold.default(32)
+    with pytest.raises(ValueError, match="not an edge"):
+        at_threshold(compute_stats(y, p, n_bins=48), Threshold(1, 32, "x"))

@@ -131,9 +131,9 @@ def test_coordinator_sent_budget_or_delta_changes_nothing(sites: Path, tmp_path:
         ledger = PrivacyLedger.load(vault)
         assert (ledger.budget_epsilon, ledger.delta) == (10.0, 1e-5)
         assert [h["change"] for h in ledger.budget_history] == ["created"]
-        assert 3.0 < ledger.spent_epsilon() < 5.0, site  # DP-SGD 3, moments 0.5, GLM 1, meta 1, test 1, composed
+        assert 3.0 < ledger.spent_epsilon() < 5.0, site  # DP-SGD 3, moments 0.5, GLM 1, meta 1, validation 1, test 1, composed
         assert {r.label for r in ledger.releases} == {"moments", "cnn-update", "glm-statistics", "meta-statistics",
-                                                      "test-statistics"}
+                                                      "validation-statistics", "test-statistics"}
     assert doc["test_statistics"]["mode"] == "noised"
 
 
@@ -256,7 +256,8 @@ def test_egress_is_the_same_at_300_and_3000_patients_and_every_dp_release_is_in_
                     assert e["charges"] and all(seq in seqs for seq in e["charges"])
     assert logs["small"] == logs["large"]  # sizes never grow with the number of patients
     kinds = {m for m, _, _ in logs["small"]["site-1"]}
-    assert kinds == {"query.census", "query.moments", "train", "train.glm", "train.meta", "evaluate"}
+    assert kinds == {"query.census", "query.moments", "train", "train.glm", "train.meta", "query.validation",
+                     "evaluate"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,7 +345,7 @@ def test_egress_command_lists_every_reply(sites: Path, tmp_path: Path, capsys: p
     assert main(["ledger", "egress", vault, "--key-file", key, "--json"]) == 0
     entries = json.loads(capsys.readouterr().out)["entries"]
     kinds = [e["message_type"] for e in entries]
-    assert kinds == ["query.census", "query.moments", "train", *["train.glm"] * 8, *["train.meta"] * 3, "evaluate"]
+    assert kinds == ["query.census", "query.moments", "train", *["train.glm"] * 8, *["train.meta"] * 3, "query.validation", "evaluate"]
     assert entries[2]["epsilon"] > 0 and any(k.startswith("arrays.") for k in entries[2]["keys"])
     assert all("metrics.train-loss" not in e["keys"] for e in entries)  # no loss leaves under DP
     assert main(["ledger", "egress", vault, "--key-file", key]) == 0

@@ -160,7 +160,7 @@ def contract_for(message_type: str, *, dp: bool, n_classes: int, model_shapes: M
                                              "site": {"site": Field("str", max_len=NAME_LEN)}})
     if message_type == "train.meta":
         return EgressContract(message_type, _newton_records(meta_dim, dp=dp, warm_start=warm_start))
-    if message_type == "evaluate":
+    if message_type in ("evaluate", "query.validation"):
         stats = {name: Field("array", tuple(shape), dtype="i") for name, shape in (stats_shapes or {}).items()}
         metrics = {**SCALAR_METRICS, "epsilon": Field("float"), "noise-std": Field("float")}
         return EgressContract(message_type, {"stats": stats, "metrics": metrics})
@@ -182,7 +182,8 @@ def _census(n_classes: int) -> Records:
               "schema-json": Field("str", max_len=SCHEMA_JSON_LEN),
               "n-train": Field("int"), "n-validation": Field("int"), "n-test": Field("int"),
               "class-counts": Field("ints", (n_classes,)),
-              "test-class-counts": Field("ints", (n_classes,)), "ledger-spent": Field("float"),
+              "test-class-counts": Field("ints", (n_classes,)),
+              "validation-class-counts": Field("ints", (n_classes,)), "ledger-spent": Field("float"),
               "ledger-budget": Field("float"), "ledger-delta": Field("float"),
               "ledger-created": Field("str", max_len=40), "ledger-revision": Field("int"),
               "plan-epsilon": Field("float"), "refusal": Field("str", max_len=TEXT_LEN)}
