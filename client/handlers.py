@@ -26,9 +26,7 @@ from client.privacy.egress import EgressContract, contract_for
 from client.site import SiteRef
 from common.settings import RoundFacts, RunSettings
 
-MODEL_NAMES = ("hybrid", "cnn", "forest", "logreg")
-BASE_MODELS = ("cnn", "forest", "logreg")
-"""The stack's base models, in the order of the meta-classifier's features."""
+from common.stack import BASE_MODELS, MODEL_NAMES, released_models
 
 
 @dataclass
@@ -487,15 +485,16 @@ def meta_round(site: SiteRef, cnn_weights: dict[str, np.ndarray], shared: dict[s
 # Phase 4: evaluation and the final models
 
 
-def stats_shapes(n_classes: int, *, test_statistics: str) -> dict[str, tuple[int, ...]]:
-    """The released test-statistics arrays of every model (none when ``test-statistics = none``)."""
+def stats_shapes(n_classes: int, *, test_statistics: str,
+                 models: tuple[str, ...] = MODEL_NAMES) -> dict[str, tuple[int, ...]]:
+    """The released statistics arrays of ``models`` (none when ``test-statistics = none``)."""
     from common.metrics import TEST_BINS
 
     if test_statistics == "none":
         return {}
     per_model = {"hist_pos": (TEST_BINS,), "hist_neg": (TEST_BINS,)} if n_classes == 2 else \
         {"confusion": (n_classes, n_classes), "hist_pos": (n_classes, TEST_BINS), "hist_neg": (n_classes, TEST_BINS)}
-    return {f"{m}.{key}": shape for m in MODEL_NAMES for key, shape in per_model.items()}
+    return {f"{m}.{key}": shape for m in models for key, shape in per_model.items()}
 
 
 def validation(site: SiteRef, cnn_weights: dict[str, np.ndarray], shared: dict[str, np.ndarray],
@@ -528,7 +527,8 @@ def _statistics_reply(site: SiteRef, cnn_weights: dict[str, np.ndarray], shared:
     k = _n_classes(cohort)
     message_type = "evaluate" if split == "test" else "query.validation"
     contract = contract_for(message_type, dp=settings.dp, n_classes=k,
-                            stats_shapes=stats_shapes(k, test_statistics=settings.test_statistics))
+                            stats_shapes=stats_shapes(k, test_statistics=settings.test_statistics,
+                                                      models=released_models(site_alone=settings.site_alone)))
     role = run_role(facts.run_id, "evaluate-release" if split == "test" else "validation-release")
     if again := stored_release(vault, role, request="one-per-run"):
         return HandlerReply({"stats": ("array", again[0]), "metrics": ("metric", again[1])}, contract, privacy)
@@ -559,21 +559,58 @@ def _released_statistics(vault: Any, cohort: Any, cnn_weights: dict[str, np.ndar
     if settings.test_statistics == "none":
         return {}, metrics
     proba = _probabilities(vault, data, cnn_weights, shared, settings, facts, privacy, cohort, split)
-    arrays = {f"{name}.{key}": value for name in MODEL_NAMES
+    if settings.site_alone:
+        proba |= _alone_probabilities(vault, data, settings, facts, privacy, split)
+    models = released_models(site_alone=settings.site_alone)
+    arrays = {f"{name}.{key}": value for name in models
               for key, value in released_arrays(compute_stats(y, proba[name], n_classes=k, n_bins=TEST_BINS)).items()}
     if settings.test_statistics == "noised":
         sigma = privacy.test_noise_multiplier()
-        sensitivity = released_sensitivity(n_classes=k, n_models=len(MODEL_NAMES))
+        sensitivity = released_sensitivity(n_classes=k, n_models=len(models))
         seed = privacy.release(Release.gaussian(noise_multiplier=sigma, label=f"{split}-statistics",
                                                 run_id=facts.run_id), purpose=f"{split}-statistics")
         # Post-processing with the class counts the census already released: each noised
         # histogram is projected onto the counts it must hold (fewer phantom patients than clipping).
         per_model = released_totals(np.bincount(y, minlength=k))
-        totals = {f"{name}.{key}": total for name in MODEL_NAMES for key, total in per_model.items()}
+        totals = {f"{name}.{key}": total for name in models for key, total in per_model.items()}
         arrays = noised_release(arrays, sensitivity=sensitivity, noise_multiplier=sigma,
                                 rng=np.random.default_rng(seed), totals=totals)
         metrics |= {"epsilon": float(privacy.ledger.spent_epsilon()), "noise-std": float(sigma * sensitivity)}
     return {name: np.asarray(a, dtype=np.int64) for name, a in arrays.items()}, metrics
+
+
+def _alone_probabilities(vault: Any, data: Any, settings: RunSettings, facts: RoundFacts, privacy: Any,
+                         split: str) -> dict[str, np.ndarray]:
+    """The site's own deep model and GLM, trained on its data alone (once per run), on one split.
+
+    They never leave the site and need no DP of their own (only their released statistics do):
+    a hospital alone would train without noise, which is the comparison a consortium must win.
+    The deep model trains for the federation's total epochs with early stopping on validation.
+    """
+    import torch
+
+    from client.dp_training import TrainConfig
+    from client.model_store import load_alone_models, save_alone_models
+    from client.pipeline import deep_proba, fit_glm, fit_shared_scaler, glm_matrix, train_deep
+    from common.models import build_model
+
+    model_cfg = _model_config(facts)
+    stored = load_alone_models(vault, run_id=facts.run_id)
+    if stored is None:
+        scaler = fit_shared_scaler(data, max_glm_columns=settings.glm_max_features)
+        glm = fit_glm(data, scaler, C=settings.glm_c)
+        epochs = settings.cnn_rounds * settings.local_epochs
+        train_cfg = TrainConfig(epochs=epochs, batch_size=settings.batch_size, lr=settings.lr,
+                                weight_decay=settings.weight_decay, patience=max(3, epochs // 4),
+                                seed=privacy.seed(purpose="alone-deep-model"), select_best=True)
+        model, _ = train_deep(data, cfg=model_cfg, train=train_cfg, dp=None, scaler=scaler)
+        stored = {"scaler": scaler, "glm": glm,
+                  "cnn": {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}}
+        save_alone_models(vault, stored, run_id=facts.run_id)
+    model = build_model(model_cfg)
+    model.load_state_dict({k: torch.as_tensor(v) for k, v in stored["cnn"].items()})
+    return {"alone-cnn": deep_proba(model, data, split, stored["scaler"]),
+            "alone-logreg": stored["glm"].predict_proba(glm_matrix(data, split, stored["scaler"]))}
 
 
 def _probabilities(vault: Any, data: Any, cnn_weights: dict[str, np.ndarray], shared: dict[str, np.ndarray],

@@ -66,6 +66,18 @@ def load_forest(vault: Vault) -> dict[str, Any] | None:
     return pickle.loads(vault.read(FOREST_ROLE))  # noqa: S301 - authenticated blob written by this site
 
 
+def save_alone_models(vault: Vault, models: dict[str, Any], *, run_id: str) -> None:
+    """The site's own models of one run (trained on its data alone; they never leave)."""
+    vault.update({run_role(run_id, "alone-models"): pickle.dumps(models)})
+
+
+def load_alone_models(vault: Vault, *, run_id: str) -> dict[str, Any] | None:
+    role = run_role(run_id, "alone-models")
+    if role not in vault.roles:
+        return None
+    return pickle.loads(vault.read(role))  # noqa: S301 - authenticated blob written by this site
+
+
 def save_final_models(vault: Vault, *, cnn: dict[str, np.ndarray], cnn_config: dict[str, Any],
                       shared: dict[str, np.ndarray], meta: dict[str, Any], run_id: str) -> None:
     """The global models a run ends with (deep model, shared scaler, GLM and meta-classifier

@@ -29,9 +29,8 @@ from common.spec import diff_schemas
 from server.exchange import TooFewSitesError, exchange, wait_for_nodes
 from server.runlog import RunLog
 
-MODELS = ("hybrid", "cnn", "forest", "logreg")
-BASE_MODELS = ("cnn", "forest", "logreg")
-"""The stack's base models, in the order of the meta-classifier's features (as the sites have them)."""
+from common.stack import ALONE_MODELS, BASE_MODELS, SITE_ALONE_ROWS
+from common.stack import MODEL_NAMES as MODELS
 
 
 class CensusError(GenofedError):
@@ -58,6 +57,8 @@ class RunState:
     meta_solver: dict[str, Any] = field(default_factory=dict)
     meta_coef: list[float] = field(default_factory=list)
     thresholds: dict[str, dict[str, Any]] = field(default_factory=dict)  # model -> Threshold.to_dict()
+    site_thresholds: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # site -> its own models'
+
     rounds: list[dict[str, Any]] = field(default_factory=list)    # per exchange: sites, rejections, epsilon
     excluded: dict[str, str] = field(default_factory=dict)        # site -> why it left the run
     refusals: dict[str, str] = field(default_factory=dict)        # site -> why its policy refused the run
@@ -466,6 +467,7 @@ def run_thresholds(grid: Grid, settings: RunSettings, state: RunState, log: RunL
         state.thresholds = {}
         return state.thresholds
     pooled: dict[str, Any] = {}
+    per_site: dict[str, dict[str, Any]] = {}
     if settings.test_statistics != "none":
         facts = RoundFacts(run_id=state.run_id, model_config=json.dumps(state.model_config),
                            coef=tuple(state.meta_coef), glm_coef=tuple(state.glm_coef))
@@ -480,6 +482,11 @@ def run_thresholds(grid: Grid, settings: RunSettings, state: RunState, log: RunL
             else Threshold.default()
         chosen[name] = th.to_dict()
     state.thresholds = chosen
+    # A site alone would choose its own models' thresholds on its own validation split.
+    state.site_thresholds = {
+        site: {row: choose_threshold(v["stats"][released], target_sensitivity=settings.target_sensitivity).to_dict()
+               for row, released in SITE_ALONE_ROWS.items() if released in v["stats"]}
+        for site, v in per_site.items()}
     log.info("operating thresholds (probability of class 1, " + next(iter(chosen.values()))["rule"] + "): "
              + ", ".join(f"{m} {t['probability']:.3f}" for m, t in chosen.items()))
     return chosen
@@ -496,10 +503,16 @@ def run_evaluation(grid: Grid, settings: RunSettings, state: RunState, log: RunL
                        thresholds=tuple(thresholds[m].probability for m in MODELS) if thresholds else ())
     pooled, per_site, res = _statistics_exchange(grid, settings, state, log, weights, facts, message_type="evaluate",
                                                  where="evaluation")
+    for site, v in per_site.items():
+        v["alone"] = _site_alone_stats(v["stats"], state.site_thresholds.get(site, {}))
     if thresholds:
-        pooled = {m: at_threshold(st, thresholds[m]) for m, st in pooled.items()}
+        pooled = {m: at_threshold(st, thresholds[m]) for m, st in pooled.items() if m in thresholds}
         for v in per_site.values():
-            v["stats"] = {m: at_threshold(st, thresholds[m]) for m, st in v["stats"].items()}
+            v["stats"] = {m: at_threshold(st, thresholds[m]) for m, st in v["stats"].items() if m in thresholds}
+    else:
+        pooled = {m: st for m, st in pooled.items() if m in MODELS}
+        for v in per_site.values():
+            v["stats"] = {m: st for m, st in v["stats"].items() if m in MODELS}
     state.rounds.append({"phase": "evaluate", "seconds": round(res.seconds, 2), "handler_s": _slowest_handler(res),
                          "sites": sorted(per_site),
                          "epsilon": {s: v["epsilon"] for s, v in per_site.items() if v["epsilon"] > 0}})
@@ -507,6 +520,20 @@ def run_evaluation(grid: Grid, settings: RunSettings, state: RunState, log: RunL
     state.phase = "done"
     log.info(f"evaluation: {len(per_site)} sites returned test statistics; final models stored at every site")
     return {"pooled": pooled, "sites": per_site}
+
+
+def _site_alone_stats(stats: dict[str, Any], thresholds: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A site's own models (deep model, forest, GLM) at the site's own thresholds (binary)."""
+    from common.metrics import Threshold, at_threshold
+
+    out = {}
+    for row, released in SITE_ALONE_ROWS.items():
+        if released not in stats:
+            continue
+        th = thresholds.get(row)
+        out[row] = at_threshold(stats[released], Threshold(int(th["bin"]), int(th["n_bins"]), str(th["rule"]))) \
+            if th else stats[released]
+    return out
 
 
 def _statistics_exchange(grid: Grid, settings: RunSettings, state: RunState, log: RunLog,
@@ -555,7 +582,7 @@ def _site_stats(reply: Any, n_classes: int) -> dict[str, Any]:
     by_model: dict[str, dict[str, np.ndarray]] = {}
     for key, value in arrays.items():
         model, _, part = key.partition(".")
-        if model not in MODELS:
+        if model not in MODELS + ALONE_MODELS:
             raise ValueError(f"unknown model {model!r} in test statistics")
         by_model.setdefault(model, {})[part] = value
     return {m: stats_from_released(parts, n_classes=n_classes) for m, parts in by_model.items()}

@@ -45,6 +45,47 @@ def _site_metrics(site: dict[str, Any], census: dict[str, Any]) -> dict[str, Any
     return out
 
 
+def site_alone_comparison(evaluation: dict[str, Any], state: RunState) -> dict[str, Any]:
+    """What federation bought: each site's own models alone against the federated hybrid, on its test split.
+
+    ``sites``: per site, the test class counts, each own model's metrics (deep model and GLM
+    trained on the site alone, its forest; each at the site's own validation threshold), the
+    best of them by AUC, and the federated models' AUCs there. ``pooled``: each own model's
+    statistics summed over the sites. ``mean_auc``: averaged over sites, the federated hybrid and
+    each site's best model alone.
+    """
+    sites, pooled = {}, {}
+    for site, v in evaluation["sites"].items():
+        alone = v.get("alone", {})
+        if not alone:
+            continue
+        own = {row: _metric_subset(metrics_from_stats(st)) for row, st in alone.items()}
+        best = max(own, key=lambda r: -1.0 if math.isnan(own[r]["auc"]) else own[r]["auc"])
+        fed = {m: metrics_from_stats(st)["auc"] for m, st in v["stats"].items()}
+        sites[site] = {"class_counts": _test_class_counts(state.census.get(site, {})), **own,
+                       "best_alone": best, "best_alone_auc": own[best]["auc"], "federated_auc": fed,
+                       "federated_hybrid_minus_best_alone": fed.get("hybrid", float("nan")) - own[best]["auc"]}
+        for row, st in alone.items():
+            pooled[row] = pooled[row] + st if row in pooled else st
+    if not sites:
+        return {}
+    hybrid = [s["federated_auc"].get("hybrid", float("nan")) for s in sites.values()]
+    best = [s["best_alone_auc"] for s in sites.values()]
+    return {"sites": sites, "pooled": {row: _metric_subset(metrics_from_stats(st)) for row, st in pooled.items()},
+            "mean_auc": {"federated_hybrid": _nanmean(hybrid), "best_alone": _nanmean(best),
+                         **{f"alone_{row}": _nanmean([s[row]["auc"] for s in sites.values() if row in s])
+                            for row in pooled}}}
+
+
+def _metric_subset(m: dict[str, float]) -> dict[str, float]:
+    return {k: m[k] for k in METRIC_NAMES}
+
+
+def _nanmean(values: list[float]) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return float(sum(finite) / len(finite)) if finite else float("nan")
+
+
 def _test_class_counts(census: dict[str, Any]) -> list[int] | None:
     counts = census.get("test-class-counts")
     return [int(c) for c in counts] if counts is not None else None
@@ -88,12 +129,13 @@ def build_metrics(evaluation: dict[str, Any], state: RunState, settings: RunSett
                 "classes": state.schema.get("label", {}).get("classes", [])},
         "models": models,
         "sites": {site: _site_metrics(v, state.census.get(site, {})) for site, v in evaluation["sites"].items()},
+        "site_alone": site_alone_comparison(evaluation, state),
         "privacy": _privacy(state, settings),
         "privacy_note": _privacy_note(settings),
         "missing_sites": dict(state.excluded),
         "refusals": dict(state.refusals),
         "test_statistics": _test_statistics_note(settings, evaluation),
-        "model_roles": _model_roles(state),
+        "model_roles": _model_roles(state, settings),
         "thresholds": dict(state.thresholds),
         "meta": {"coef": list(state.meta_coef), "rounds": state.meta_round,
                  "converged": bool(state.meta_solver.get("converged", False))},
@@ -105,11 +147,13 @@ def build_metrics(evaluation: dict[str, Any], state: RunState, settings: RunSett
     }
 
 
-def _model_roles(state: RunState) -> dict[str, str]:
+def _model_roles(state: RunState, settings: RunSettings) -> dict[str, str]:
     roles = dict(MODEL_ROLES)
-    if state.model_config.get("tracks") == [] or not state.model_config.get("tracks"):
+    updates = "DP-SGD updates" if settings.dp else "updates (no DP)"
+    roles["cnn"] = roles["cnn"].replace("DP-SGD updates", updates)
+    if not state.model_config.get("tracks"):
         roles["cnn"] = ("federated deep model: a dense network on the shared tabular features (the cohort has no "
-                        "sequence tracks), FedAvg of the sites' DP-SGD updates")
+                        f"sequence tracks), FedAvg of the sites' {updates}")
     return roles
 
 
@@ -189,6 +233,7 @@ def render_markdown(doc: dict[str, Any]) -> str:
         f"{site} ({_counts(m.get('class_counts'), doc['run']['classes'])}): "
         + ", ".join(f"{mod} {_fmt(v.get('auc'))}" for mod, v in m.items() if isinstance(v, dict))
         for site, m in doc["sites"].items())]
+    lines += _site_alone_lines(doc)
     ts = doc.get("test_statistics", {})
     if ts.get("mode") == "noised":
         err = ts.get("pooled_metric_error_sd", {}).get("hybrid", {})
@@ -213,6 +258,27 @@ def render_markdown(doc: dict[str, Any]) -> str:
     if doc["missing_sites"]:
         lines.append("Sites that left the run: " + "; ".join(f"{s} ({r})" for s, r in doc["missing_sites"].items()))
     return "\n".join(lines) + "\n"
+
+
+def _site_alone_lines(doc: dict[str, Any]) -> list[str]:
+    """The site-alone vs federated table of ``metrics.md``."""
+    sa = doc.get("site_alone") or {}
+    if not sa:
+        return []
+    lines = ["", "What federation bought (test AUC at each site; the site's own models trained on its data alone, "
+             "its forest included; the federated models' rows above):", "",
+             "| site | test class counts | own deep model | own forest | own GLM | best alone | federated hybrid | "
+             "hybrid - best alone |", "|---|---|---|---|---|---|---|---|"]
+    for site, v in sa["sites"].items():
+        lines.append(f"| {site} | {_counts(v.get('class_counts'), doc['run']['classes'])} | "
+                     + " | ".join(_fmt(v.get(r, {}).get("auc")) for r in ("cnn", "forest", "logreg"))
+                     + f" | {_fmt(v['best_alone_auc'])} ({v['best_alone']}) | {_fmt(v['federated_auc'].get('hybrid'))} | "
+                     f"{v['federated_hybrid_minus_best_alone']:+.3f} |")
+    m = sa["mean_auc"]
+    lines.append(f"| mean over sites | | {_fmt(m.get('alone_cnn'))} | {_fmt(m.get('alone_forest'))} | "
+                 f"{_fmt(m.get('alone_logreg'))} | {_fmt(m['best_alone'])} | {_fmt(m['federated_hybrid'])} | "
+                 f"{m['federated_hybrid'] - m['best_alone']:+.3f} |")
+    return lines
 
 
 def _counts(counts: list[int] | None, classes: list[str]) -> str:

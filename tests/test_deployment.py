@@ -21,7 +21,7 @@ from simulations.synthetic import write_synthetic_cohort
 APP_DIR = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 RUN = {"cnn-rounds": 2, "dp": True, "epsilon": 4.0, "forest-trees": 20, "round-timeout": 150.0,
-       "wait-timeout": 60.0, "min-sites": 2}
+       "wait-timeout": 60.0, "min-sites": 2, "glm-rounds": 2, "site-alone": False}
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,8 @@ def test_tls_federation_completes_and_writes_the_run_directory(deployment) -> No
     doc = json.loads((run_dir / "metrics.json").read_text())
     assert set(doc["sites"]) == {"site-1", "site-2", "site-3"}
     assert set(doc["privacy"]) == {"site-1", "site-2", "site-3"}
-    assert doc["run"]["exchanges"] == RUN["cnn-rounds"] + 5
+    # census, moments, CNN, GLM and meta rounds, validation, evaluation
+    assert doc["run"]["exchanges"] == 2 + RUN["cnn-rounds"] + doc["glm"]["rounds"] + doc["meta"]["rounds"] + 2
     assert all(0.0 <= doc["models"][m]["auc"] <= 1.0 for m in ("hybrid", "cnn", "forest", "logreg"))
     assert (run_dir / "checkpoints" / "latest.json").exists()
     print(f"deployment run: {time.monotonic() - started:.1f} s wall; exchanges "

@@ -372,3 +372,25 @@ def test_resumed_run_ends_at_the_same_model(sites: Path, sites_template: Path, t
     assert "resuming run" in log
     for (_, a), (_, b) in zip(_site_vaults(sites), _site_vaults(other)):  # every release charged exactly once
         assert PrivacyLedger.load(b).spent_epsilon() == pytest.approx(PrivacyLedger.load(a).spent_epsilon())
+
+
+def test_site_alone_rows_are_each_sites_own_models(sites: Path, tmp_path: Path) -> None:
+    doc, _ = _run(sites, tmp_path / "run", dp=False, cnn_rounds=1)
+    alone = doc["site_alone"]
+    assert set(alone["sites"]) == {"site-1", "site-2", "site-3"}
+    defaults = RunSettings()
+    for name, vault in _site_vaults(sites):
+        data = SiteData.from_cohort(load_cohort(vault))
+        scaler = fit_shared_scaler(data, max_glm_columns=defaults.glm_max_features)  # the site's own moments
+        glm = fit_glm(data, scaler, C=defaults.glm_c)
+        y = data.y[data.masks["test"]]
+        stats = compute_stats(y, glm.predict_proba(glm_matrix(data, "test", scaler)), n_classes=2, n_bins=TEST_BINS)
+        expected = metrics_from_stats(stats_from_released(released_arrays(stats), n_classes=2))["auc"]
+        row = alone["sites"][name]
+        assert row["logreg"]["auc"] == pytest.approx(expected, abs=1e-12)
+        assert row["class_counts"] == [int(c) for c in np.bincount(y, minlength=2)]
+        assert row["best_alone_auc"] == max(row[m]["auc"] for m in ("cnn", "forest", "logreg"))
+    assert set(alone["mean_auc"]) >= {"federated_hybrid", "best_alone"}
+    md = (tmp_path / "run" / "metrics.md").read_text()
+    assert "What federation bought" in md and "| mean over sites |" in md
+    assert "forest: each site's own random forest (local" in md

@@ -10,7 +10,7 @@ empty ``FLWR_HOME``, writes its default ``config.toml`` (connection ``local`` at
 starts Flower's managed local SuperLink in simulation mode on 127.0.0.1:39091 (Control API
 address 39093) and streams the run's logs until it ends. The test checks the run directory the
 ServerApp wrote (``metrics.json`` with a finite pooled hybrid AUC, the three sites, a privacy
-entry per site, R + 5 exchanges; ``run.log``).
+entry per site, one exchange per round of every phase; ``run.log``).
 
 Notes
 -----
@@ -185,7 +185,7 @@ def test_flwr_run_from_the_repository_root_completes(flwr_home: Path, three_site
     sites = [p.name for p in site_dirs(three_sites)]
     assert len(sites) == 3
     run_dir = (tmp_path / "run").resolve()
-    run_config = (f'sites-dir="{three_sites.resolve()}" run-dir="{run_dir}" cnn-rounds={ROUNDS} dp=true '
+    run_config = (f'sites-dir="{three_sites.resolve()}" run-dir="{run_dir}" cnn-rounds={ROUNDS} glm-rounds=2 dp=true '
                   f"epsilon={EPSILON} forest-trees=10")
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLWR_")}  # e.g. no inherited port overrides
     env.update(QUIET_ENV, FLWR_HOME=str(flwr_home))
@@ -217,6 +217,6 @@ def test_flwr_run_from_the_repository_root_completes(flwr_home: Path, three_site
     for p in doc["privacy"].values():  # DP-SGD near its target; the ledger adds the meta statistics (epsilon 1)
         assert 0.0 < p["run_epsilon"] <= EPSILON + 0.02
         assert p["run_epsilon"] < p["epsilon"] <= EPSILON + 1.0
-    assert doc["run"]["exchanges"] == ROUNDS + 5
+    assert doc["run"]["exchanges"] == 2 + ROUNDS + doc["glm"]["rounds"] + doc["meta"]["rounds"] + 2
     assert not doc["missing_sites"]
     assert (run_dir / "run.log").is_file() and (run_dir / "run.log").read_text().strip()

@@ -1,0 +1,21 @@
+"""The stack's model names, which both sides and the report agree on.
+
+``MODEL_NAMES`` are the rows of ``metrics.json`` ``models`` (the contract's keys: ``logreg`` is
+the federated GLM); ``BASE_MODELS`` are the meta-classifier's inputs, in its feature order;
+``ALONE_MODELS`` are a site's own deep model and GLM trained on its data alone (its forest is
+already its own), whose statistics a site releases beside the federated models' when the run
+asks for ``site-alone``.
+"""
+
+from __future__ import annotations
+
+MODEL_NAMES = ("hybrid", "cnn", "forest", "logreg")
+BASE_MODELS = ("cnn", "forest", "logreg")
+ALONE_MODELS = ("alone-cnn", "alone-logreg")
+SITE_ALONE_ROWS = {"cnn": "alone-cnn", "forest": "forest", "logreg": "alone-logreg"}
+"""A site alone: its deep model, forest and GLM, by the released model that holds each."""
+
+
+def released_models(*, site_alone: bool) -> tuple[str, ...]:
+    """The models whose validation and test statistics a site releases."""
+    return MODEL_NAMES + (ALONE_MODELS if site_alone else ())
