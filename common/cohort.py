@@ -202,7 +202,8 @@ def concat_cohorts(cohorts: list[Cohort]) -> Cohort:
     pooled = Cohort(patient_ids=cat(lambda c: c.patient_ids), labels=cat(lambda c: c.labels), classes=first.classes,
                     split=cat(lambda c: c.split), schema=first.schema,
                     groups=cat(lambda c: c.groups) if all(c.groups is not None for c in cohorts) else None,
-                    sequences=cat(lambda c: c.sequences), report={"pooled_from": len(cohorts)})
+                    sequences=cat(lambda c: c.sequences),
+                    report={"pooled_from": len(cohorts), "site_sizes": [int(c.n) for c in cohorts]})
     for name in ("variants", "omics", "events"):
         part = getattr(first, name)
         if part is not None:

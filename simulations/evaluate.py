@@ -91,8 +91,14 @@ class EvaluateSettings:
         return self.delta if self.delta is not None else min(1e-5, 0.1 / max(n_train, 1))
 
 
-def evaluate_split(data: SiteData, settings: EvaluateSettings, *, label: str = "") -> dict[str, Any]:
-    """Train every model on the stored train/validation split; test probabilities and privacy facts."""
+def evaluate_split(data: SiteData, settings: EvaluateSettings, *, label: str = "",
+                   site_index: np.ndarray | None = None) -> dict[str, Any]:
+    """Train every model on the stored train/validation split; test probabilities and privacy facts.
+
+    With ``site_index`` (each patient's site, for pooled sites), also the reference that the
+    federation can reach when forests never leave their sites: the deep model and GLM pooled,
+    each site's forest trained on its own train split, the meta-classifier over those.
+    """
     n_train = int(data.masks["train"].sum())
     delta = settings.delta_for(n_train)
     dp = None
@@ -123,6 +129,30 @@ def evaluate_split(data: SiteData, settings: EvaluateSettings, *, label: str = "
                  "forest": forest.predict_proba(forest_matrix(data, s, pre, emb, scaler)),
                  "logreg": glm.predict_proba(glm_matrix(data, s, scaler))} for s in ("validation", "test")}
     val_y = data.y[data.masks["validation"]]
+    test, thresholds, meta = _stack(proba, val_y, data.n_classes, settings)
+    site_forests = None
+    if site_index is not None:
+        local = {s: {**proba[s], "forest": _site_forest_proba(data, site_index, s, settings)}
+                 for s in ("validation", "test")}
+        sf_test, sf_thresholds, _ = _stack(local, val_y, data.n_classes, settings)
+        site_forests = {"test_proba": {m: sf_test[m] for m in ("hybrid", "forest")},
+                        "thresholds": {m: sf_thresholds[m] for m in ("hybrid", "forest") if m in sf_thresholds}}
+    privacy = {"dp": dp is not None}
+    if dp is not None:
+        privacy.update(epsilon=result.epsilon, delta=delta, accountant=dp.accountant,
+                       noise_multiplier=result.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+                       target_epsilon=dp.target_epsilon, steps=result.steps)
+    return {"test_proba": test, "y_test": data.y[data.masks["test"]], "privacy": privacy, "timing": timing,
+            "thresholds": thresholds, "site_forests": site_forests,
+            "deep": {"epochs_run": result.epochs_run, "best_epoch": result.best_epoch, "config": cfg.to_dict()},
+            "forest": {"best_params": forest.best_params_, "cv_auc": forest.cv_score_},
+            "meta": {"coef": meta.coef_.tolist(), "intercept": meta.intercept_.tolist()}}
+
+
+def _stack(proba: dict[str, dict[str, np.ndarray]], val_y: np.ndarray, n_classes: int,
+           settings: EvaluateSettings) -> tuple[dict[str, np.ndarray], dict[str, Threshold], StackingMetaClassifier]:
+    """The meta-classifier fitted on the validation split; test probabilities of every model and
+    (binary problems) each model's threshold chosen on the validation split."""
     meta = StackingMetaClassifier(penalty="l2", C=settings.meta_C).fit(
         meta_features(*(proba["validation"][m] for m in BASE_MODELS)), val_y)
     test = dict(proba["test"])
@@ -130,19 +160,26 @@ def evaluate_split(data: SiteData, settings: EvaluateSettings, *, label: str = "
     validation = dict(proba["validation"])
     validation["hybrid"] = meta.predict_proba(meta_features(*(validation[m] for m in BASE_MODELS)))
     thresholds = {}
-    if data.n_classes == 2:  # decisions at thresholds chosen on validation; multi-class keeps argmax
-        thresholds = {name: choose_threshold(compute_stats(val_y, validation[name], n_classes=2))
-                      for name in MODELS}
-    privacy = {"dp": dp is not None}
-    if dp is not None:
-        privacy.update(epsilon=result.epsilon, delta=delta, accountant=dp.accountant,
-                       noise_multiplier=result.noise_multiplier, max_grad_norm=dp.max_grad_norm,
-                       target_epsilon=dp.target_epsilon, steps=result.steps)
-    return {"test_proba": test, "y_test": data.y[data.masks["test"]], "privacy": privacy, "timing": timing,
-            "thresholds": thresholds,
-            "deep": {"epochs_run": result.epochs_run, "best_epoch": result.best_epoch, "config": cfg.to_dict()},
-            "forest": {"best_params": forest.best_params_, "cv_auc": forest.cv_score_},
-            "meta": {"coef": meta.coef_.tolist(), "intercept": meta.intercept_.tolist()}}
+    if n_classes == 2:  # decisions at thresholds chosen on validation; multi-class keeps argmax
+        thresholds = {name: choose_threshold(compute_stats(val_y, validation[name], n_classes=2)) for name in MODELS}
+    return test, thresholds, meta
+
+
+def _site_forest_proba(data: SiteData, site_index: np.ndarray, split: str, settings: EvaluateSettings) -> np.ndarray:
+    """Each site's own forest (fitted on its own train split) on its patients of ``split``, in pooled order."""
+    out = np.zeros((int(data.masks[split].sum()), data.n_classes))
+    rows = np.flatnonzero(data.masks[split])
+    for s in np.unique(site_index):
+        mine = site_index == s
+        site = replace(data, masks={k: m & mine for k, m in data.masks.items()})
+        pre = fit_tabular_preprocessor(site)
+        forest = fit_forest(site, pre, n_estimators=settings.forest_trees, random_state=settings.seed)
+        # A site may lack a class in its train split: its forest then has fewer columns.
+        columns = np.searchsorted(np.arange(data.n_classes), forest.classes_)
+        block = np.zeros((int(site.masks[split].sum()), data.n_classes))
+        block[:, columns] = forest.predict_proba(forest_matrix(site, split, pre))
+        out[np.isin(rows, np.flatnonzero(site.masks[split]))] = block
+    return out
 
 
 def _fold_masks(data: SiteData, folds: int, seed: int, groups: np.ndarray | None) -> list[dict[str, np.ndarray]]:
@@ -184,7 +221,9 @@ def run_evaluate(cohort: Cohort, settings: EvaluateSettings, out: Path, *, sourc
     t_start = time.perf_counter()
     data = SiteData.from_cohort(cohort)
     k = data.n_classes
-    main = evaluate_split(data, settings)
+    sizes = cohort.report.get("site_sizes") if isinstance(cohort.report, dict) else None
+    site_index = np.repeat(np.arange(len(sizes)), sizes) if sizes and len(sizes) > 1 else None
+    main = evaluate_split(data, settings, site_index=site_index)
     report: dict[str, Any] = {
         "source": source, "classes": list(data.classes),
         "cohort": {"patients": int(len(data.y)), "splits": {s: int(m.sum()) for s, m in data.masks.items()},
@@ -193,6 +232,7 @@ def run_evaluate(cohort: Cohort, settings: EvaluateSettings, out: Path, *, sourc
                                         main["thresholds"].get(name))
                    for name in MODELS},
         "thresholds": {name: th.to_dict() for name, th in main["thresholds"].items()},
+        "reference_site_forests": _site_forest_reference(main, k, settings),
         "privacy": main["privacy"], "details": {key: main[key] for key in ("deep", "forest", "meta", "timing")},
         "settings": asdict(settings),
     }
@@ -201,6 +241,15 @@ def run_evaluate(cohort: Cohort, settings: EvaluateSettings, out: Path, *, sourc
     report["timing"] = {"total_s": round(time.perf_counter() - t_start, 2)}
     _write(out, report)
     return report
+
+
+def _site_forest_reference(main: dict[str, Any], k: int, settings: EvaluateSettings) -> dict[str, Any] | None:
+    """Pooled deep model and GLM with each site's own forest: what federation can reach (forests stay home)."""
+    sf = main.get("site_forests")
+    if sf is None:
+        return None
+    return {name: _model_metrics(main["y_test"], p, k, settings.n_boot, settings.seed, sf["thresholds"].get(name))
+            for name, p in sf["test_proba"].items()}
 
 
 def _cross_validate(data: SiteData, groups: np.ndarray | None, settings: EvaluateSettings) -> dict[str, Any]:
@@ -230,6 +279,12 @@ def render_table(report: dict[str, Any]) -> str:
     for name, m in report["models"].items():
         cells = [f"{_fmt(m[k])} [{_fmt(m['ci'][k][0])}, {_fmt(m['ci'][k][1])}]" for k in METRIC_NAMES]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    ref = report.get("reference_site_forests")
+    if ref:
+        lines += ["", "Reference with each site's own forest (the deep model and GLM pooled; forests never leave their "
+                  "sites, as in the federation):"]
+        for name, m in ref.items():
+            lines.append(f"- {name}: " + ", ".join(f"{k} {_fmt(m[k])}" for k in METRIC_NAMES))
     th = report.get("thresholds", {})
     lines.append("")
     if th:

@@ -114,3 +114,40 @@ def test_lstm_and_cnn_features_into_the_forest(tmp_path: Path) -> None:
     report = run_evaluate(cohort, settings, tmp_path, source="test")
     assert report["details"]["deep"]["config"]["arch"] == "lstm"
     _check_contract(report, tmp_path)
+
+
+def test_pooled_sites_also_give_the_site_forest_reference(small_spec: Path, tmp_path: Path) -> None:
+    """Pooled from several sites, the forest of the reference is each site's own, evaluated on its patients."""
+    import numpy as np
+
+    from client.pipeline import SiteData, fit_forest, fit_tabular_preprocessor, forest_matrix
+    from common.cohort import concat_cohorts
+    from common.metrics import compute_metrics
+    from simulations.evaluate import _site_forest_proba
+
+    from client.cohort_store import load_cohort
+    from client.vault import KeySource
+    from simulations.site_layout import split_cohort
+
+    split_cohort(spec_path=small_spec, sites=2, by="iid", out=tmp_path / "sites", seed=0, vaults=True,
+                 show_progress=False)
+    halves = [load_cohort(tmp_path / "sites" / s / "vault", KeySource.from_key_file(tmp_path / "sites" / s / "key"))
+              for s in ("site-1", "site-2")]
+    pooled = concat_cohorts(halves)
+    sizes = [c.n for c in halves]
+    assert pooled.report["site_sizes"] == sizes
+    settings = EvaluateSettings(epsilon=None, **FAST)
+    report = run_evaluate(pooled, settings, tmp_path / "out", source="test")
+    ref = report["reference_site_forests"]
+    assert set(ref) == {"hybrid", "forest"}
+    # The reference forest's test AUC is that of the two sites' own forests on their own test patients.
+    data = SiteData.from_cohort(pooled)
+    site_index = np.repeat([0, 1], sizes)
+    proba = _site_forest_proba(data, site_index, "test", settings)
+    first = SiteData.from_cohort(halves[0])
+    pre = fit_tabular_preprocessor(first)
+    own = fit_forest(first, pre, n_estimators=settings.forest_trees, random_state=settings.seed)
+    np.testing.assert_allclose(proba[: int(first.masks["test"].sum())],
+                               own.predict_proba(forest_matrix(first, "test", pre)))
+    assert ref["forest"]["auc"] == compute_metrics(data.y[data.masks["test"]], proba, n_classes=2)["auc"]
+    assert "Reference with each site's own forest" in (tmp_path / "out" / "metrics.md").read_text()
