@@ -62,9 +62,12 @@ class RunState:
     rounds: list[dict[str, Any]] = field(default_factory=list)    # per exchange: sites, rejections, epsilon
     excluded: dict[str, str] = field(default_factory=dict)        # site -> why it left the run
     refusals: dict[str, str] = field(default_factory=dict)        # site -> why its policy refused the run
+    held_out: str = ""                                            # a site that only joins the evaluation
 
-    def active_nodes(self) -> list[int]:
-        return sorted(int(n) for n, s in self.sites.items() if s not in self.excluded)
+    def active_nodes(self, *, training: bool = True) -> list[int]:
+        """Nodes still in the run; ``training`` leaves out the held-out site."""
+        return sorted(int(n) for n, s in self.sites.items()
+                      if s not in self.excluded and not (training and s == self.held_out))
 
     def site_of(self, node: int) -> str:
         return self.sites.get(str(node), f"node-{node}")
@@ -83,9 +86,10 @@ def _note_failures(state: RunState, log: RunLog, failures: dict[int, str], where
         log.warning(f"{where}: site {site} failed and leaves the run: {reason}")
 
 
-def _require_quorum(state: RunState, settings: RunSettings, where: str) -> list[int]:
-    nodes = state.active_nodes()
-    if len(nodes) < settings.min_sites:
+def _require_quorum(state: RunState, settings: RunSettings, where: str, *, training: bool = True) -> list[int]:
+    """The nodes to ask (``training``: without the held-out site), at least ``min-sites`` of them training."""
+    nodes = state.active_nodes(training=training)
+    if len(state.active_nodes()) < settings.min_sites:
         gone = "; ".join(f"{s}: {r}" for s, r in state.excluded.items())
         raise TooFewSitesError(f"{where}: only {len(nodes)} site(s) left, min-sites is {settings.min_sites} ({gone})")
     return nodes
@@ -119,6 +123,12 @@ def run_census(grid: Grid, settings: RunSettings, state: RunState, log: RunLog) 
     state.sites = {str(n): str(i["site"]) for n, i in infos.items()}
     state.census = {str(i["site"]): {k: v for k, v in i.items() if k != "schema-json"} for i in infos.values()}
     state.schema = json.loads(next(iter(infos.values()))["schema-json"])
+    if settings.hold_out_site:
+        if settings.hold_out_site not in state.sites.values():
+            raise CensusError(f"census: hold-out-site {settings.hold_out_site!r} is not among the sites that answered "
+                              f"({', '.join(sorted(state.sites.values()))})")
+        state.held_out = settings.hold_out_site
+        log.info(f"census: site {state.held_out} is held out: it does not train and joins only the evaluation")
     model_cfg = deep_config_for_schema(state.schema, arch=settings.arch)
     state.model_config = model_cfg.to_dict()
     state.phase = "moments"
@@ -502,7 +512,7 @@ def run_evaluation(grid: Grid, settings: RunSettings, state: RunState, log: RunL
                        glm_coef=tuple(state.glm_coef),
                        thresholds=tuple(thresholds[m].probability for m in MODELS) if thresholds else ())
     pooled, per_site, res = _statistics_exchange(grid, settings, state, log, weights, facts, message_type="evaluate",
-                                                 where="evaluation")
+                                                 where="evaluation", training=False)
     for site, v in per_site.items():
         v["alone"] = _site_alone_stats(v["stats"], state.site_thresholds.get(site, {}))
     if thresholds:
@@ -538,11 +548,12 @@ def _site_alone_stats(stats: dict[str, Any], thresholds: dict[str, dict[str, Any
 
 def _statistics_exchange(grid: Grid, settings: RunSettings, state: RunState, log: RunLog,
                          weights: dict[str, np.ndarray], facts: RoundFacts, *, message_type: str,
-                         where: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]], Any]:
-    """Ask every site for its released statistics of one split; sum them per model."""
+                         where: str, training: bool = True) -> tuple[dict[str, Any], dict[str, dict[str, Any]], Any]:
+    """Ask every site for its released statistics of one split; sum them per model (the held-out
+    site, asked when not ``training``, is left out of the sums)."""
     from common.metrics import EvalStats
 
-    nodes = _require_quorum(state, settings, where)
+    nodes = _require_quorum(state, settings, where, training=training)
     cfg = ConfigRecord(facts.to_config())
     shared = shared_record(state)
     cnn = to_record(weights)
@@ -563,6 +574,8 @@ def _statistics_exchange(grid: Grid, settings: RunSettings, state: RunState, log
             continue
         per_site[site] = {"n": int(metrics.get("num-examples", 0)), "noise_std": float(metrics.get("noise-std", 0.0)),
                           "epsilon": float(metrics.get("epsilon", 0.0)), "stats": stats}
+        if site == state.held_out:
+            continue
         for name, st in stats.items():
             pooled[name] = pooled[name] + st if name in pooled else st
     return pooled, per_site, res

@@ -57,7 +57,7 @@ def site_alone_comparison(evaluation: dict[str, Any], state: RunState) -> dict[s
     sites, pooled = {}, {}
     for site, v in evaluation["sites"].items():
         alone = v.get("alone", {})
-        if not alone:
+        if not alone or site == state.held_out:
             continue
         own = {row: _metric_subset(metrics_from_stats(st)) for row, st in alone.items()}
         best = max(own, key=lambda r: -1.0 if math.isnan(own[r]["auc"]) else own[r]["auc"])
@@ -75,6 +75,16 @@ def site_alone_comparison(evaluation: dict[str, Any], state: RunState) -> dict[s
             "mean_auc": {"federated_hybrid": _nanmean(hybrid), "best_alone": _nanmean(best),
                          **{f"alone_{row}": _nanmean([s[row]["auc"] for s in sites.values() if row in s])
                             for row in pooled}}}
+
+
+def _held_out(evaluation: dict[str, Any], state: RunState) -> dict[str, Any]:
+    """The held-out site (it did not train): the federated models there against its own models."""
+    v = evaluation["sites"].get(state.held_out)
+    if not state.held_out or v is None:
+        return {}
+    return {"site": state.held_out, "class_counts": _test_class_counts(state.census.get(state.held_out, {})),
+            "federated": {m: _metric_subset(metrics_from_stats(st)) for m, st in v["stats"].items()},
+            "own": {row: _metric_subset(metrics_from_stats(st)) for row, st in v.get("alone", {}).items()}}
 
 
 def _metric_subset(m: dict[str, float]) -> dict[str, float]:
@@ -128,8 +138,10 @@ def build_metrics(evaluation: dict[str, Any], state: RunState, settings: RunSett
         "run": {"run_id": state.run_id, "status": "completed", "exchanges": len(state.rounds), "timing": timing,
                 "classes": state.schema.get("label", {}).get("classes", [])},
         "models": models,
-        "sites": {site: _site_metrics(v, state.census.get(site, {})) for site, v in evaluation["sites"].items()},
+        "sites": {site: _site_metrics(v, state.census.get(site, {})) for site, v in evaluation["sites"].items()
+                  if site != state.held_out},
         "site_alone": site_alone_comparison(evaluation, state),
+        "held_out": _held_out(evaluation, state),
         "privacy": _privacy(state, settings),
         "privacy_note": _privacy_note(settings),
         "missing_sites": dict(state.excluded),
@@ -234,6 +246,13 @@ def render_markdown(doc: dict[str, Any]) -> str:
         + ", ".join(f"{mod} {_fmt(v.get('auc'))}" for mod, v in m.items() if isinstance(v, dict))
         for site, m in doc["sites"].items())]
     lines += _site_alone_lines(doc)
+    ho = doc.get("held_out") or {}
+    if ho:
+        lines += ["", f"Held-out site {ho['site']} ({_counts(ho.get('class_counts'), doc['run']['classes'])}; it did "
+                  "not train, it only evaluated): test AUC of the federated models "
+                  + ", ".join(f"{m} {_fmt(v['auc'])}" for m, v in ho["federated"].items())
+                  + ("; of its own models " + ", ".join(f"{m} {_fmt(v['auc'])}" for m, v in ho["own"].items())
+                     if ho["own"] else "") + "."]
     ts = doc.get("test_statistics", {})
     if ts.get("mode") == "noised":
         err = ts.get("pooled_metric_error_sd", {}).get("hybrid", {})

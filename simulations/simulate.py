@@ -126,12 +126,18 @@ class LocalSuperLink:
 def simulate(req: SimulationRequest) -> dict[str, Any]:
     """Run the federation on ``req.sites_dir``; returns the run's ``metrics.json``."""
     sites = _sites(req.sites_dir)
+    held_out = str(req.run_config.get("hold-out-site", "") or "")
+    if held_out and held_out not in {s.name for s in sites}:
+        raise SimulationError(f"--hold-out-site {held_out}: not a site of {req.sites_dir} "
+                              f"({', '.join(s.name for s in sites)})")
+    if held_out and len(sites) < 3:
+        raise SimulationError(f"--hold-out-site {held_out}: needs at least 3 sites (2 to train, 1 held out)")
     resume = bool(req.run_config.get("resume", False))
     if req.out.exists() and any(req.out.iterdir()) and not resume:
         raise SimulationError(f"{req.out}: already exists; give a new --out (or --resume to continue that run)")
     req.out.mkdir(parents=True, exist_ok=True)
     cfg = {**req.run_config, "run-dir": str(req.out.resolve()), "sites-dir": str(req.sites_dir.resolve())}
-    cfg.setdefault("min-sites", min(len(sites), 2))
+    cfg.setdefault("min-sites", min(len(sites) - (1 if held_out else 0), 2))
     fed = f"num-supernodes={len(sites)} client-resources-num-cpus={req.cpus_per_site}"
     with LocalSuperLink(req.out / ".flower") as link:
         started = link.flwr("run", str(APP_DIR), "sim", "--format", "json", "--run-config", format_config(cfg),

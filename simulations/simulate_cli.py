@@ -31,6 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--local-epochs", type=int, help="local epochs per round (default 1)")
     p.add_argument("--seed", type=int, help="seed of the initial model and local training (default 0)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--hold-out-site", metavar="NAME",
+                   help="a site that does not train and joins only the evaluation (an independent test cohort)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other run setting, e.g. --set meta-rounds=4 (repeatable)")
     p.add_argument("--cpus-per-site", type=int, default=1, help="CPUs per simulated site (default 1)")
@@ -53,7 +55,7 @@ def build_run_config(args: argparse.Namespace) -> dict[str, Any]:
         except tomllib.TOMLDecodeError:
             cfg[key.strip()] = value
     named = {"cnn-rounds": args.rounds, "epsilon": args.epsilon, "strategy": args.strategy,
-             "local-epochs": args.local_epochs, "seed": args.seed}
+             "local-epochs": args.local_epochs, "seed": args.seed, "hold-out-site": args.hold_out_site}
     cfg.update({k: v for k, v in named.items() if v is not None})
     if args.no_dp:
         cfg["dp"] = False

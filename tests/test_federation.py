@@ -394,3 +394,20 @@ def test_site_alone_rows_are_each_sites_own_models(sites: Path, tmp_path: Path) 
     md = (tmp_path / "run" / "metrics.md").read_text()
     assert "What federation bought" in md and "| mean over sites |" in md
     assert "forest: each site's own random forest (local" in md
+
+
+def test_a_held_out_site_only_evaluates(sites: Path, tmp_path: Path) -> None:
+    from client.privacy.egress import EgressLog
+
+    doc, _ = _run(sites, tmp_path / "run", dp=False, cnn_rounds=1, hold_out_site="site-3")
+    assert all("site-3" not in r["sites"] for r in doc["rounds"] if r["phase"] in ("moments", "cnn", "glm", "meta",
+                                                                                    "validation"))
+    assert set(doc["sites"]) == {"site-1", "site-2"}  # pooled and per-site metrics: the training sites
+    held = doc["held_out"]
+    assert held["site"] == "site-3" and set(held["federated"]) == {"hybrid", "cnn", "forest", "logreg"}
+    assert set(held["own"]) == {"cnn", "forest", "logreg"} and sum(held["class_counts"]) > 0
+    vault = dict(_site_vaults(sites))["site-3"]
+    assert [e["message_type"] for e in EgressLog(vault).entries()] == ["query.census", "evaluate"]
+    assert "Held-out site site-3" in (tmp_path / "run" / "metrics.md").read_text()
+    with pytest.raises(CensusError, match="hold-out-site 'site-9' is not among"):
+        _run(sites, tmp_path / "bad", dp=False, cnn_rounds=1, hold_out_site="site-9")
