@@ -74,6 +74,7 @@ class RunSettings:
     meta_tol: float = 1e-10
     test_statistics: str = "noised"  # none | noised | exact: how sites release test statistics
     test_epsilon: float = 1.0        # epsilon of the one test-statistics release (noised), and of the validation one
+    init_from: str = ""              # start the deep model from an earlier run directory or checkpoint file
     hold_out_site: str = ""          # a site that does not train and joins only the evaluation
     site_alone: bool = True          # each site also trains its own models alone and reports them (what federation bought)
     target_sensitivity: float = 0.0  # binary operating threshold: 0 = Youden's J on validation, else this sensitivity

@@ -63,6 +63,7 @@ class RunState:
     excluded: dict[str, str] = field(default_factory=dict)        # site -> why it left the run
     refusals: dict[str, str] = field(default_factory=dict)        # site -> why its policy refused the run
     held_out: str = ""                                            # a site that only joins the evaluation
+    init_from: str = ""                                           # the earlier model the deep model started from
 
     def active_nodes(self, *, training: bool = True) -> list[int]:
         """Nodes still in the run; ``training`` leaves out the held-out site."""
@@ -139,7 +140,14 @@ def run_census(grid: Grid, settings: RunSettings, state: RunState, log: RunLog) 
     log.event("census", sites={i["site"]: {k: i[k] for k in ("n-train", "n-validation", "n-test", "ledger-spent",
                                                             "ledger-budget")} for i in infos.values()},
               seconds=res.seconds)
-    return {k: v.detach().numpy() for k, v in build_model(model_cfg, seed=settings.seed).state_dict().items()}
+    weights = {k: v.detach().numpy() for k, v in build_model(model_cfg, seed=settings.seed).state_dict().items()}
+    if settings.init_from:
+        from server.warm_start import load_initial_weights
+
+        weights = load_initial_weights(settings.init_from, model_config=state.model_config, expected=weights)
+        state.init_from = settings.init_from
+        log.info(f"census: the deep model starts from {settings.init_from} (warm start; layout checked)")
+    return weights
 
 
 def _drop_rolled_back_ledgers(infos: dict[int, dict], settings: RunSettings, state: RunState,

@@ -142,6 +142,7 @@ def build_metrics(evaluation: dict[str, Any], state: RunState, settings: RunSett
                   if site != state.held_out},
         "site_alone": site_alone_comparison(evaluation, state),
         "held_out": _held_out(evaluation, state),
+        "init_from": state.init_from,
         "privacy": _privacy(state, settings),
         "privacy_note": _privacy_note(settings),
         "missing_sites": dict(state.excluded),
@@ -245,6 +246,8 @@ def render_markdown(doc: dict[str, Any]) -> str:
         f"{site} ({_counts(m.get('class_counts'), doc['run']['classes'])}): "
         + ", ".join(f"{mod} {_fmt(v.get('auc'))}" for mod, v in m.items() if isinstance(v, dict))
         for site, m in doc["sites"].items())]
+    if doc.get("init_from"):
+        lines += ["", f"Warm start: the federated deep model started from {doc['init_from']} (not from random weights)."]
     lines += _site_alone_lines(doc)
     ho = doc.get("held_out") or {}
     if ho:

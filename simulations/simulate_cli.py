@@ -31,6 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--local-epochs", type=int, help="local epochs per round (default 1)")
     p.add_argument("--seed", type=int, help="seed of the initial model and local training (default 0)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--init-from", type=Path, metavar="PATH",
+                   help="start the deep model from an earlier run directory or checkpoint file (warm start)")
     p.add_argument("--hold-out-site", metavar="NAME",
                    help="a site that does not train and joins only the evaluation (an independent test cohort)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -57,6 +59,10 @@ def build_run_config(args: argparse.Namespace) -> dict[str, Any]:
     named = {"cnn-rounds": args.rounds, "epsilon": args.epsilon, "strategy": args.strategy,
              "local-epochs": args.local_epochs, "seed": args.seed, "hold-out-site": args.hold_out_site}
     cfg.update({k: v for k, v in named.items() if v is not None})
+    if args.init_from is not None:
+        if not args.init_from.exists():
+            raise SimulationError(f"--init-from {args.init_from}: no such run directory or checkpoint file")
+        cfg["init-from"] = str(args.init_from.resolve())
     if args.no_dp:
         cfg["dp"] = False
     if args.resume:

@@ -43,6 +43,7 @@ from common.metrics import (
     stats_from_released,
 )
 from common.models import DeepModelConfig, build_model
+from common.records import from_record
 from common.settings import RunSettings
 from common.tabular import SharedScaler
 from server.exchange import TooFewSitesError
@@ -411,3 +412,28 @@ def test_a_held_out_site_only_evaluates(sites: Path, tmp_path: Path) -> None:
     assert "Held-out site site-3" in (tmp_path / "run" / "metrics.md").read_text()
     with pytest.raises(CensusError, match="hold-out-site 'site-9' is not among"):
         _run(sites, tmp_path / "bad", dp=False, cnn_rounds=1, hold_out_site="site-9")
+
+
+def test_warm_start_from_an_earlier_run_with_its_layout_checked(sites: Path, tmp_path: Path) -> None:
+    from server.checkpoint import load_latest, save_checkpoint
+    from server.warm_start import WarmStartError
+
+    _run(sites, tmp_path / "first", dp=False, cnn_rounds=1, site_alone=False)
+    earlier = load_latest(tmp_path / "first").arrays
+    sent = []
+
+    def capture(node: int, msg) -> None:
+        if msg.metadata.message_type == "train" and not sent:
+            sent.append(from_record(msg.content.array_records["arrays"]))
+
+    doc, _ = _run(sites, tmp_path / "second", dp=False, cnn_rounds=1, site_alone=False,
+                  init_from=str(tmp_path / "first"), fail=capture)
+    assert doc["init_from"] == str(tmp_path / "first")
+    for name, value in earlier.items():
+        np.testing.assert_array_equal(sent[0][name], value)
+    assert "Warm start" in (tmp_path / "second" / "metrics.md").read_text()
+    # Another layout (one array reshaped) is refused before any training, naming the file.
+    bad = {k: (v[..., :1] if v.ndim > 1 else v) for k, v in earlier.items()}
+    save_checkpoint(tmp_path / "other", phase="cnn", round=1, arrays=bad, state={"model_config": doc["run"]})
+    with pytest.raises(WarmStartError, match="init-from .*ckpt.*another layout"):
+        _run(sites, tmp_path / "third", dp=False, cnn_rounds=1, init_from=str(tmp_path / "other"))
