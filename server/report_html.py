@@ -149,9 +149,53 @@ def _pooled_section(doc: dict[str, Any], pooled: Any) -> str:
     else:
         how = f"counts exactly ({ts.get('bins', '')} bins, released exact by the sites' policies); AUC within {bound:.4f}"
     return (f"<h2>Pooled test metrics (95% intervals)</h2>{_metrics_table(doc)}<p><small>Pooled from the sites' summed "
-            f"test statistics: {html.escape(how)}. The forest and the logistic baseline are each site's own (they "
-            "never leave it); the CNN and the meta-classifier are federated.</small></p>"
+            f"test statistics: {html.escape(how)}.</small></p>{_roles_and_decisions(doc)}"
             f'<img alt="ROC curves" src="data:image/png;base64,{roc_figure(pooled, doc)}">')
+
+
+def _roles_and_decisions(doc: dict[str, Any]) -> str:
+    """What each row is (local models labelled), the operating thresholds, and fits that did not converge."""
+    roles = "".join(f"<li><b>{html.escape(m)}</b>: {html.escape(r)}</li>" for m, r in doc.get("model_roles", {}).items())
+    th = doc.get("thresholds", {})
+    decisions = ("Decisions at each model's operating threshold (" + html.escape(next(iter(th.values()))["rule"]) + "): "
+                 + ", ".join(f"{html.escape(m)} p &ge; {t['probability']:.3f}" for m, t in th.items())
+                 + "; AUC and AUPRC are threshold-free.") if th else "Decisions: the most probable class (argmax)."
+    notes = "".join(f"<li>The {'GLM' if fit == 'glm' else 'meta-classifier'} did not converge in "
+                    f"{doc[fit].get('rounds')} Newton rounds (converged: false).</li>"
+                    for fit in ("glm", "meta") if doc.get(fit) and not doc[fit].get("converged", True))
+    return f"<ul>{roles}{notes}</ul><p><small>{decisions}</small></p>"
+
+
+def _site_alone_section(doc: dict[str, Any]) -> str:
+    """Site alone vs federated: each site's own models against the federated hybrid, with class counts."""
+    sa = doc.get("site_alone") or {}
+    if not sa:
+        return ""
+    classes = doc["run"].get("classes", [])
+    rows = []
+    for site, v in sa["sites"].items():
+        counts = ", ".join(f"{html.escape(str(c))} {n}" for c, n in zip(classes, v.get("class_counts") or []))
+        own = "".join(f"<td>{_fmt(v.get(r, {}).get('auc'))}</td>" for r in ("cnn", "forest", "logreg"))
+        rows.append(f"<tr><th>{html.escape(site)}</th><td>{counts}</td>{own}<td>{_fmt(v['best_alone_auc'])} "
+                    f"({html.escape(v['best_alone'])})</td><td>{_fmt(v['federated_auc'].get('hybrid'))}</td>"
+                    f"<td>{v['federated_hybrid_minus_best_alone']:+.3f}</td></tr>")
+    m = sa["mean_auc"]
+    rows.append(f"<tr><th>mean over sites</th><td></td><td>{_fmt(m.get('alone_cnn'))}</td>"
+                f"<td>{_fmt(m.get('alone_forest'))}</td><td>{_fmt(m.get('alone_logreg'))}</td>"
+                f"<td>{_fmt(m['best_alone'])}</td><td>{_fmt(m['federated_hybrid'])}</td>"
+                f"<td>{m['federated_hybrid'] - m['best_alone']:+.3f}</td></tr>")
+    ho = doc.get("held_out") or {}
+    held = ""
+    if ho:
+        held = (f"<p>Held-out site <b>{html.escape(ho['site'])}</b> (did not train): federated "
+                + ", ".join(f"{html.escape(k)} {_fmt(v['auc'])}" for k, v in ho["federated"].items())
+                + "; its own " + ", ".join(f"{html.escape(k)} {_fmt(v['auc'])}" for k, v in ho["own"].items())
+                + " (test AUC).</p>")
+    return ("<h2>What federation bought</h2><p><small>Test AUC at each site: its own models trained on its data "
+            "alone (local models, each at the site's own threshold) against the federated hybrid.</small></p>"
+            "<table><tr><th>site</th><th>test class counts</th><th>own deep model</th><th>own forest</th>"
+            "<th>own GLM</th><th>best alone</th><th>federated hybrid</th><th>hybrid - best alone</th></tr>"
+            f"{''.join(rows)}</table>{held}")
 
 
 def render_run_report(run_dir: Path, *, title: str = "genofed run", preamble: str = "",
@@ -176,6 +220,7 @@ border-left:4px solid #4a7bd0}}img{{margin:.5em 1em .5em 0}}</style></head><body
 {_pooled_section(doc, pooled)}
 {f'<img alt="privacy spend" src="data:image/png;base64,{privacy_png}">' if privacy_png else ''}
 <h2>Per site</h2>{_sites_table(doc)}
+{_site_alone_section(doc)}
 {f'<h2>Sites that left the run</h2><ul>{missing}</ul>' if missing else ''}
 {f'<h2>Refused by the sites (their own privacy policies)</h2><ul>{refused}</ul>' if refused else ''}
 <h2>Privacy</h2><p class="note">{html.escape(doc['privacy_note'])}</p>

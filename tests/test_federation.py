@@ -395,6 +395,8 @@ def test_site_alone_rows_are_each_sites_own_models(sites: Path, tmp_path: Path) 
     md = (tmp_path / "run" / "metrics.md").read_text()
     assert "What federation bought" in md and "| mean over sites |" in md
     assert "forest: each site's own random forest (local" in md
+    report = (tmp_path / "run" / "report.html").read_text()
+    assert "What federation bought" in report and "operating threshold" in report
 
 
 def test_a_held_out_site_only_evaluates(sites: Path, tmp_path: Path) -> None:
