@@ -45,10 +45,33 @@ def run_demo_command(args: argparse.Namespace) -> int:
     hybrid = summary["metrics"]["models"]["hybrid"]
     print(f"demo finished: {len(summary['sites'])} sites, vaults verified, schema hashes "
           f"{'agree' if summary['schema_agrees'] else 'DIFFER'}; federated hybrid test AUC {hybrid['auc']:.3f}")
+    print(comparison_text(summary["metrics"]))
     print(f"report:   {args.out / 'report.html'}")
     print(f"run:      {args.out / 'run'}  (metrics.json, report.html, run.log, checkpoints/)")
     print(f"sites:    {args.out / 'sites'}  (each with spec.toml, vault/ and key)")
     return 0
+
+
+def comparison_text(metrics: dict[str, Any]) -> str:
+    """What the run shows, in a few lines: the federated hybrid against each base model and each site alone."""
+    models = metrics["models"]
+    lines = ["", "test AUC, pooled over the sites (decisions at thresholds chosen on validation):"]
+    for name, m in models.items():
+        role = metrics.get("model_roles", {}).get(name, "")
+        lines.append(f"  {name:8s} {m['auc']:.3f}  (recall {m['recall']:.3f}, specificity {m['specificity']:.3f})"
+                     f"  {role}")
+    best_base = max((n for n in models if n != "hybrid"), key=lambda n: models[n]["auc"])
+    lines.append(f"  hybrid - best base model ({best_base}): {models['hybrid']['auc'] - models[best_base]['auc']:+.3f}")
+    alone = metrics.get("site_alone") or {}
+    if alone:
+        lines.append("each site alone (its own deep model, forest and GLM) vs the federated hybrid, test AUC at the site:")
+        for site, v in alone["sites"].items():
+            lines.append(f"  {site:10s} best alone {v['best_alone_auc']:.3f} ({v['best_alone']})  federated hybrid "
+                         f"{v['federated_auc'].get('hybrid', float('nan')):.3f}  ({v['federated_hybrid_minus_best_alone']:+.3f})")
+        m = alone["mean_auc"]
+        lines.append(f"  mean over sites: best alone {m['best_alone']:.3f}, federated hybrid {m['federated_hybrid']:.3f} "
+                     f"({m['federated_hybrid'] - m['best_alone']:+.3f})")
+    return "\n".join(lines)
 
 
 def run_demo(*, out: Path, patients: int, sites: int, rounds: int, epsilon: float, seed: int) -> dict[str, Any]:

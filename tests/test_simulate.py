@@ -21,11 +21,12 @@ def test_simulation_engine_run_completes(tmp_path: Path, capsys: pytest.CaptureF
                  vaults=True, show_progress=False)
     out = tmp_path / "run"
     assert main(["simulate", "--sites-dir", str(tmp_path / "sites"), "--out", str(out), "--rounds", "1",
-                 "--epsilon", "4", "--set", "forest-trees=10"]) == 0
+                 "--epsilon", "4", "--set", "forest-trees=10", "--set", "glm-rounds=2"]) == 0
     doc = json.loads((out / "metrics.json").read_text())
     assert set(doc["sites"]) == {"site-1", "site-2", "site-3"}
-    assert doc["run"]["exchanges"] == 1 + 5
-    for p in doc["privacy"].values():  # DP-SGD near its target; the ledger adds the meta statistics (epsilon 1)
+    # census, moments, CNN round, GLM rounds, meta rounds, validation, evaluation
+    assert doc["run"]["exchanges"] == 2 + 1 + doc["glm"]["rounds"] + doc["meta"]["rounds"] + 2
+    for p in doc["privacy"].values():  # DP-SGD near its target; the ledger adds the other releases, composed
         assert 0 < p["run_epsilon"] <= 4.0 + 0.02 and p["run_epsilon"] < p["epsilon"] <= 4.0 + 1.0
     assert (out / "report.html").exists() and "run directory" in capsys.readouterr().out
     # Nothing keeps running: the private SuperLink was stopped.
