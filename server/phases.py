@@ -246,6 +246,7 @@ def run_moments(grid: Grid, settings: RunSettings, state: RunState, log: RunLog)
     if spent:
         record["epsilon"] = dict(sorted(spent.items()))
     state.rounds.append(record)
+    log.event("moments", seconds=res.seconds)
     log.info(f"moments: one scaler for {columns.width} shared columns from {len(res.replies)} sites"
              + (" (noised)" if settings.dp else "") + f"; the GLM reads {len(scaler.glm_columns)} of them")
     state.phase = "cnn"
@@ -491,6 +492,7 @@ def run_thresholds(grid: Grid, settings: RunSettings, state: RunState, log: RunL
                            coef=tuple(state.meta_coef), glm_coef=tuple(state.glm_coef))
         pooled, per_site, res = _statistics_exchange(grid, settings, state, log, weights, facts,
                                                      message_type="query.validation", where="validation")
+        log.event("validation", seconds=res.seconds)
         state.rounds.append({"phase": "validation", "seconds": round(res.seconds, 2),
                              "handler_s": _slowest_handler(res), "sites": sorted(per_site),
                              "epsilon": {s: v["epsilon"] for s, v in per_site.items() if v["epsilon"] > 0}})

@@ -145,7 +145,7 @@ def simulate(req: SimulationRequest) -> dict[str, Any]:
         if started.returncode != 0:
             raise SimulationError("flwr run failed: " + _last_line(started.stderr or started.stdout))
         run_id = int(json.loads(started.stdout)["run-id"])
-        status = _follow(link, run_id, req, n_rounds=int(cfg.get("cnn-rounds", 5)))
+        status = _follow(link, run_id, req, n_exchanges=_planned_exchanges(cfg))
         failed = status != "finished:completed" or not (req.out / "metrics.json").exists()
         if failed:  # Flower's own log (simulation engine, ClientApps) helps only when something went wrong
             (req.out / "flower.log").write_text(link.flwr("log", str(run_id), "sim", "--show").stdout)
@@ -155,7 +155,15 @@ def simulate(req: SimulationRequest) -> dict[str, Any]:
     return json.loads((req.out / "metrics.json").read_text())
 
 
-def _follow(link: LocalSuperLink, run_id: int, req: SimulationRequest, *, n_rounds: int) -> str:
+def _planned_exchanges(cfg: dict[str, Any]) -> int:
+    """Exchanges of a run at most: census, moments, CNN, GLM and meta rounds, validation, evaluation."""
+    from common.settings import RunSettings
+
+    s = RunSettings.from_run_config(cfg)
+    return 4 + s.cnn_rounds + s.glm_rounds + s.meta_rounds
+
+
+def _follow(link: LocalSuperLink, run_id: int, req: SimulationRequest, *, n_exchanges: int) -> str:
     """Wait for the run to finish, showing progress from the run's events.
 
     The ServerApp appends to ``events.jsonl`` after every exchange and at its end (``done`` or
@@ -168,11 +176,13 @@ def _follow(link: LocalSuperLink, run_id: int, req: SimulationRequest, *, n_roun
     first_new = len(_events(req.out))  # a resumed run directory already holds earlier events
     next_status = time.monotonic() + STATUS_EVERY_S
     with progress_bar() as bar:
-        task = bar.add_task("federation", total=n_rounds + 5)
+        task = bar.add_task("federation", total=n_exchanges)
         while time.monotonic() < deadline:
             events = _events(req.out)[first_new:]
-            bar.update(task, completed=sum(1 for e in events if e.get("event") not in ("done", "failed")))
             ended = any(e.get("event") in ("done", "failed") for e in events)
+            # GLM and meta rounds stop early once converged: the bar then jumps to its end.
+            done = sum(1 for e in events if e.get("event") not in ("done", "failed"))
+            bar.update(task, completed=n_exchanges if ended else min(done, n_exchanges))
             if ended or time.monotonic() >= next_status:
                 status = _run_status(link, run_id)
                 if status.startswith("finished"):
