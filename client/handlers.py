@@ -309,7 +309,7 @@ def _train_reply(weights: dict, metrics: dict, site: SiteRef, contract: EgressCo
 # Phases 2-3: the GLM's and the meta-classifier's Newton terms (the forest is fitted on the way)
 
 
-def glm_dim_of(cohort_schema: dict[str, Any], shared: dict[str, np.ndarray], n_classes: int) -> int:
+def glm_dim_of(shared: dict[str, np.ndarray], n_classes: int) -> int:
     """Flat coefficient count of the GLM over the coordinator's chosen columns."""
     from common.glm import glm_dim
 
@@ -321,9 +321,9 @@ def glm_round(site: SiteRef, shared: dict[str, np.ndarray], settings: RunSetting
     """Gradient and Hessian of the GLM's log-loss on the train split at the coordinator's coefficients.
 
     The inputs are the shared columns, imputed, standardized and clipped with the coordinator's
-    shared scaler (so one record's design row is bounded). The first round without DP also
-    returns the site's local penalized fit and its Hessian (a warm start); under DP the terms are
-    released through the Gaussian mechanism (``glm-epsilon`` over ``glm-rounds``), charged first.
+    shared scaler (so one record's design row is bounded). The coordinator starts from zero (no
+    local fit is asked for); under DP the terms are released through the Gaussian mechanism
+    (``glm-epsilon`` over ``glm-rounds``), charged first.
 
     Raises
     ------
@@ -333,22 +333,20 @@ def glm_round(site: SiteRef, shared: dict[str, np.ndarray], settings: RunSetting
         Before any work, when this round's release would exceed the site's budget.
     """
     from client.pipeline import SiteData, glm_matrix
-    from common.glm import GLM_FEATURE_BOUND, FederatedGLM
+    from common.glm import GLM_FEATURE_BOUND
 
     vault, cohort = _load(site)
     privacy = _privacy(vault, site, cohort, settings, facts)
     k = _n_classes(cohort)
-    warm = False  # the coordinator starts the GLM from zero (server/phases.py)
-    dim = glm_dim_of(cohort.schema, shared, k)
-    contract = contract_for("train.glm", dp=settings.dp, n_classes=k, glm_dim=dim, warm_start=warm)
+    dim = glm_dim_of(shared, k)
+    contract = contract_for("train.glm", dp=settings.dp, n_classes=k, glm_dim=dim, warm_start=False)
 
     def inputs() -> tuple[np.ndarray, np.ndarray]:
         data = SiteData.from_cohort(cohort)
         return glm_matrix(data, "train", _scaler(shared)), data.y[data.masks["train"]]
 
-    records = _newton_records(vault, privacy, settings, facts, inputs, shared, n_classes=k, warm=warm,
-                              bound=GLM_FEATURE_BOUND, sigma=privacy.glm_noise_multiplier, label="glm",
-                              local=lambda: FederatedGLM(C=settings.glm_c))
+    records = _newton_records(vault, privacy, settings, facts, inputs, shared, n_classes=k, warm=False,
+                              bound=GLM_FEATURE_BOUND, sigma=privacy.glm_noise_multiplier, label="glm", local=None)
     return HandlerReply(records, contract, privacy)
 
 
