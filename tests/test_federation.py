@@ -53,7 +53,8 @@ from simulations.site_layout import set_layout_policy, split_cohort
 from simulations.synthetic import write_synthetic_cohort
 from tests.local_grid import LocalGrid, node_configs
 
-FAST = dict(cnn_rounds=2, forest_trees=20, wait_timeout=2.0, round_timeout=60.0, test_statistics="exact")
+FAST = dict(cnn_rounds=2, forest_trees=20, wait_timeout=2.0, round_timeout=60.0, test_statistics="exact",
+            site_alone=False, glm_rounds=2)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +90,7 @@ def _site_vaults(sites: Path) -> list[tuple[str, Vault]]:
 
 
 def test_run_writes_metrics_with_one_exchange_per_round(sites: Path, tmp_path: Path) -> None:
-    doc, grid = _run(sites, tmp_path / "run", dp=False)
+    doc, grid = _run(sites, tmp_path / "run", dp=False, glm_rounds=8)
     # census, moments, CNN rounds, GLM rounds (until converged), meta rounds, validation, evaluation
     assert grid.exchanges == 2 + FAST["cnn_rounds"] + doc["glm"]["rounds"] + doc["meta"]["rounds"] + 2
     assert set(doc["thresholds"]) == set(doc["models"]) and "Youden" in doc["thresholds"]["hybrid"]["rule"]
@@ -159,7 +160,7 @@ def _pooled_sites(sites: Path) -> SiteData:
 
 
 def test_federated_scaler_and_glm_equal_the_pooled_ones(sites: Path, tmp_path: Path) -> None:
-    doc, _ = _run(sites, tmp_path / "run", dp=False, cnn_rounds=1)
+    doc, _ = _run(sites, tmp_path / "run", dp=False, cnn_rounds=1, glm_rounds=8)
     _, vault = _site_vaults(sites)[0]
     fed_scaler = SharedScaler.from_arrays(arrays_from_bytes(vault.read(SHARED_ROLE))[0])
     pooled = _pooled_sites(sites)
@@ -376,7 +377,7 @@ def test_resumed_run_ends_at_the_same_model(sites: Path, sites_template: Path, t
 
 
 def test_site_alone_rows_are_each_sites_own_models(sites: Path, tmp_path: Path) -> None:
-    doc, _ = _run(sites, tmp_path / "run", dp=False, cnn_rounds=1)
+    doc, _ = _run(sites, tmp_path / "run", dp=False, cnn_rounds=1, site_alone=True)
     alone = doc["site_alone"]
     assert set(alone["sites"]) == {"site-1", "site-2", "site-3"}
     defaults = RunSettings()
@@ -402,7 +403,7 @@ def test_site_alone_rows_are_each_sites_own_models(sites: Path, tmp_path: Path) 
 def test_a_held_out_site_only_evaluates(sites: Path, tmp_path: Path) -> None:
     from client.privacy.egress import EgressLog
 
-    doc, _ = _run(sites, tmp_path / "run", dp=False, cnn_rounds=1, hold_out_site="site-3")
+    doc, _ = _run(sites, tmp_path / "run", dp=False, cnn_rounds=1, hold_out_site="site-3", site_alone=True)
     assert all("site-3" not in r["sites"] for r in doc["rounds"] if r["phase"] in ("moments", "cnn", "glm", "meta",
                                                                                     "validation"))
     assert set(doc["sites"]) == {"site-1", "site-2"}  # pooled and per-site metrics: the training sites
@@ -420,7 +421,7 @@ def test_warm_start_from_an_earlier_run_with_its_layout_checked(sites: Path, tmp
     from server.checkpoint import load_latest, save_checkpoint
     from server.warm_start import WarmStartError
 
-    _run(sites, tmp_path / "first", dp=False, cnn_rounds=1, site_alone=False)
+    _run(sites, tmp_path / "first", dp=False, cnn_rounds=1)
     earlier = load_latest(tmp_path / "first").arrays
     sent = []
 
@@ -428,8 +429,8 @@ def test_warm_start_from_an_earlier_run_with_its_layout_checked(sites: Path, tmp
         if msg.metadata.message_type == "train" and not sent:
             sent.append(from_record(msg.content.array_records["arrays"]))
 
-    doc, _ = _run(sites, tmp_path / "second", dp=False, cnn_rounds=1, site_alone=False,
-                  init_from=str(tmp_path / "first"), fail=capture)
+    doc, _ = _run(sites, tmp_path / "second", dp=False, cnn_rounds=1, init_from=str(tmp_path / "first"),
+                  fail=capture)
     assert doc["init_from"] == str(tmp_path / "first")
     for name, value in earlier.items():
         np.testing.assert_array_equal(sent[0][name], value)

@@ -32,7 +32,7 @@ def test_federated_hybrid_matches_pooled_on_splice(tmp_path: Path) -> None:
     assert main(["evaluate", "--sites-dir", str(sites), "--no-dp", "--out", str(tmp_path / "pooled"),
                  "--bootstrap", "1"]) == 0
     assert main(["simulate", "--sites-dir", str(sites), "--no-dp", "--rounds", "10", "--local-epochs", "2",
-                 "--set", 'test-statistics="exact"', "--out", str(tmp_path / "fed")]) == 0
+                 "--set", 'test-statistics="exact"', "--set", "site-alone=false", "--out", str(tmp_path / "fed")]) == 0
     pooled = json.loads((tmp_path / "pooled" / "metrics.json").read_text())["models"]
     fed = json.loads((tmp_path / "fed" / "metrics.json").read_text())["models"]
     assert fed["hybrid"]["auc"] == pytest.approx(pooled["hybrid"]["auc"], abs=0.01)

@@ -30,7 +30,8 @@ from simulations.site_layout import set_layout_policy, split_cohort
 from simulations.synthetic import write_synthetic_cohort
 from tests.local_grid import LocalGrid, node_configs
 
-FAST = dict(cnn_rounds=2, forest_trees=20, wait_timeout=2.0, round_timeout=120.0, epsilon=3.0, site_alone=False)
+FAST = dict(cnn_rounds=2, forest_trees=20, wait_timeout=2.0, round_timeout=120.0, epsilon=3.0, site_alone=False,
+            glm_rounds=2)
 
 
 def _layout(root: Path, patients: int) -> Path:
@@ -345,7 +346,8 @@ def test_egress_command_lists_every_reply(sites: Path, tmp_path: Path, capsys: p
     assert main(["ledger", "egress", vault, "--key-file", key, "--json"]) == 0
     entries = json.loads(capsys.readouterr().out)["entries"]
     kinds = [e["message_type"] for e in entries]
-    assert kinds == ["query.census", "query.moments", "train", *["train.glm"] * RunSettings().glm_rounds, *["train.meta"] * 3, "query.validation", "evaluate"]
+    assert kinds == ["query.census", "query.moments", "train", *["train.glm"] * FAST["glm_rounds"],
+                     *["train.meta"] * 3, "query.validation", "evaluate"]
     assert entries[2]["epsilon"] > 0 and any(k.startswith("arrays.") for k in entries[2]["keys"])
     assert all("metrics.train-loss" not in e["keys"] for e in entries)  # no loss leaves under DP
     assert main(["ledger", "egress", vault, "--key-file", key]) == 0
