@@ -164,15 +164,6 @@ def _scaler(shared: dict[str, np.ndarray]) -> Any:
 # Phase 1: a CNN round
 
 
-def _site_data(cohort: Any, *, tabular: bool = True) -> tuple[Any, Any]:
-    """Model inputs and, when ``tabular``, the site's own tabular preprocessor (kNN imputation and
-    scaling from its train split, for its forest) fitted on the train split."""
-    from client.pipeline import SiteData, fit_tabular_preprocessor
-
-    data = SiteData.from_cohort(cohort)
-    return data, (fit_tabular_preprocessor(data) if tabular else None)
-
-
 def _model_config(facts: RoundFacts) -> Any:
     from common.models import DeepModelConfig
 
@@ -249,7 +240,7 @@ def train_round(site: SiteRef, global_weights: dict[str, np.ndarray], shared: di
         run_role,
         stored_release,
     )
-    from client.pipeline import deep_config, train_deep
+    from client.pipeline import SiteData, deep_config, train_deep
     from client.privacy.ledger import Release
 
     vault, cohort = _load(site)
@@ -262,7 +253,7 @@ def train_round(site: SiteRef, global_weights: dict[str, np.ndarray], shared: di
     request = request_digest({"settings": settings.release_settings(), "facts": facts.to_config()}, global_weights)
     if settings.dp and (again := stored_release(vault, release_role, request=request)):
         return _train_reply(again[0], again[1], site, contract, privacy)  # charged once, sent again
-    data, _ = _site_data(cohort, tabular=False)
+    data = SiteData.from_cohort(cohort)
     if deep_config(data, arch=model_cfg.arch).to_dict()["tracks"] != model_cfg.to_dict()["tracks"]:
         raise ValueError(f"site {site.name}: its data does not fit the coordinator's model")
     n_train = int(data.masks["train"].sum())
@@ -541,6 +532,7 @@ def _statistics_reply(site: SiteRef, cnn_weights: dict[str, np.ndarray], shared:
 def _released_statistics(vault: Any, cohort: Any, cnn_weights: dict[str, np.ndarray], shared: dict[str, np.ndarray],
                          settings: RunSettings, facts: RoundFacts, privacy: Any, k: int, *,
                          split: str) -> tuple[dict, dict]:
+    from client.pipeline import SiteData
     from client.privacy.ledger import Release
     from client.privacy.mechanisms import noised_release
     from common.metrics import (
@@ -551,7 +543,7 @@ def _released_statistics(vault: Any, cohort: Any, cnn_weights: dict[str, np.ndar
         released_totals,
     )
 
-    data, _ = _site_data(cohort, tabular=False)
+    data = SiteData.from_cohort(cohort)
     y = data.y[data.masks[split]]
     metrics: dict[str, Any] = {"num-examples": int(len(y)), "epsilon": 0.0, "noise-std": 0.0}
     if settings.test_statistics == "none":

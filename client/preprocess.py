@@ -8,8 +8,9 @@ What the federation needs to share, and what stays local: the forest and the log
 baseline are fitted on site, so their preprocessing is local and stored in the vault with
 them. The deep model's dense branch is shared, so its inputs must be scaled the same way at
 every site: the means and variances for that are sums (count, sum, sum of squares per column)
-that the coordinator can add up (``column_moments`` below), while imputation neighbours and
-PCA bases would reveal patients and are never shared.
+that the coordinator adds up (:func:`common.tabular.column_moments`, sent in the moments phase and
+turned into the one shared scaler there), while imputation neighbours and PCA bases would reveal
+patients and are never shared.
 """
 
 from __future__ import annotations
@@ -22,14 +23,7 @@ from sklearn.decomposition import PCA
 from sklearn.impute import KNNImputer
 
 from client.features import TabularFrame
-
-
-def column_moments(x: np.ndarray) -> dict[str, np.ndarray]:
-    """Additive per-column statistics (count, sum, sum of squares) ignoring NaN."""
-    observed = ~np.isnan(x)
-    filled = np.where(observed, x, 0.0)
-    return {"count": observed.sum(axis=0).astype(np.float64), "sum": filled.sum(axis=0),
-            "sumsq": (filled**2).sum(axis=0)}
+from common.tabular import column_moments
 
 
 def moments_to_scaler(moments: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
