@@ -466,7 +466,8 @@ def meta_round(site: SiteRef, cnn_weights: dict[str, np.ndarray], shared: dict[s
 
     records = _newton_records(vault, privacy, settings, facts, inputs, {**cnn_weights, **shared}, n_classes=k,
                               warm=warm, bound=META_FEATURE_BOUND, sigma=privacy.meta_noise_multiplier,
-                              label="meta", local=lambda: StackingMetaClassifier(penalty="l2", C=settings.meta_c))
+                              label="meta", local=lambda: StackingMetaClassifier(penalty="l2", C=settings.meta_c,
+                                                                   positive=settings.meta_positive))
     return HandlerReply(records, contract, privacy)
 
 

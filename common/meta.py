@@ -94,6 +94,10 @@ class NewtonSolver:
     next coefficients to evaluate. A step that raised the objective is halved back towards
     the last accepted point, so each round needs exactly one exchange with the holders.
     The state is plain data (``state_dict`` / ``load_state_dict``) so it can be checkpointed.
+
+    ``positive`` (a mask over the flat coefficients, or None) keeps those coefficients at or above
+    zero: each step then solves the Newton model's quadratic under that bound
+    (:func:`bounded_newton_direction`), and step halving stays feasible.
     """
 
     n_features: int
@@ -101,6 +105,7 @@ class NewtonSolver:
     penalty: Literal["l2"] | None = "l2"
     C: float = 1.0
     tol: float = 1e-10
+    positive: np.ndarray | None = None
     coef: np.ndarray = field(init=False)
     best_coef: np.ndarray = field(init=False)
     best_objective: float = field(init=False, default=np.inf)
@@ -143,6 +148,8 @@ class NewtonSolver:
         self.best_coef, self.best_objective = self.coef.copy(), obj
         # lstsq copes with the singular Hessian of the unpenalized multinomial model.
         direction = -np.linalg.lstsq(hess, grad, rcond=None)[0]
+        if self.positive is not None:
+            direction = bounded_newton_direction(hess, grad, direction, lower=self._lower())
         decrement = float(-grad @ direction)
         if decrement / 2.0 <= self.tol * max(1.0, terms.n):
             self.converged = True
@@ -150,6 +157,16 @@ class NewtonSolver:
         self.direction, self.step_size = direction, 1.0
         self.coef = self.best_coef + direction
         return self.coef
+
+    def _lower(self) -> np.ndarray:
+        """Lower bounds of a step from :attr:`coef` (``-coef`` where positive, else unbounded)."""
+        return np.where(np.asarray(self.positive, dtype=bool), -self.coef, -np.inf)
+
+    def feasible(self, coef: np.ndarray) -> np.ndarray:
+        """``coef`` with the ``positive`` coefficients raised to zero (a warm start's projection)."""
+        if self.positive is None:
+            return np.asarray(coef, dtype=np.float64)
+        return np.where(np.asarray(self.positive, dtype=bool), np.maximum(coef, 0.0), coef)
 
     def result(self) -> np.ndarray:
         """The coefficients to use: the best accepted point once converged, else the current one."""
@@ -168,6 +185,35 @@ class NewtonSolver:
         self.best_objective, self.step_size = float(state["best_objective"]), float(state["step_size"])
         self.direction = None if state["direction"] is None else np.asarray(state["direction"])
         self.converged, self.iterations = bool(state["converged"]), int(state["iterations"])
+
+
+def bounded_newton_direction(hess: np.ndarray, grad: np.ndarray, direction: np.ndarray, *,
+                             lower: np.ndarray, sweeps: int = 1000) -> np.ndarray:
+    """The step ``s >= lower`` minimising the Newton model ``s'Hs / 2 + g's``.
+
+    ``direction`` is the unbounded minimiser: returned as it is when it satisfies the bounds.
+    Otherwise projected coordinate descent from its projection, exact for this convex quadratic
+    (the models here have a few dozen coefficients at most).
+    """
+    if np.all(direction >= lower - 1e-12):
+        return direction
+    s = np.maximum(direction, lower)
+    diag = np.maximum(np.diag(hess), 1e-12)
+    for _ in range(sweeps):
+        largest = 0.0
+        for j in range(s.shape[0]):
+            new = max(s[j] - (hess[j] @ s + grad[j]) / diag[j], lower[j])
+            largest = max(largest, abs(new - s[j]))
+            s[j] = new
+        if largest <= 1e-12 * max(1.0, float(np.abs(s).max())):
+            break
+    return s
+
+
+def positive_evidence(*, n_models: int, n_classes: int) -> np.ndarray:
+    """Mask of the stacking weights each model puts on its own evidence for each class (the
+    entries :func:`averaging_prior` sets), which non-negative stacking keeps at or above zero."""
+    return averaging_prior(n_models=n_models, n_classes=n_classes) > 0
 
 
 def statistic_bounds(*, n_features: int, n_classes: int, bound: float) -> tuple[float, float]:
@@ -299,13 +345,18 @@ class NewtonLogisticRegression:
         classes = np.unique(y)
         y_idx = np.searchsorted(classes, y)
         k = max(2, len(classes))
-        solver = NewtonSolver(n_features=X.shape[1], n_classes=k, penalty=self.penalty, C=self.C, tol=self.tol)
+        solver = NewtonSolver(n_features=X.shape[1], n_classes=k, penalty=self.penalty, C=self.C, tol=self.tol,
+                              positive=self._positive_mask(X.shape[1], k))
         for _ in range(self.max_iter):
             solver.step(newton_terms(solver.coef, X, y_idx, n_classes=k))
             if solver.converged:
                 break
         return self.set_coef(solver.result(), n_features=X.shape[1], classes=classes,
                              converged=solver.converged, n_iter=solver.iterations)
+
+    def _positive_mask(self, n_features: int, n_classes: int) -> np.ndarray | None:
+        """Coefficients the fit keeps at or above zero (none here)."""
+        return None
 
     def set_coef(self, coef: np.ndarray, *, n_features: int, classes: Any = None, converged: bool | None = None,
                  n_iter: int | None = None) -> NewtonLogisticRegression:
@@ -346,5 +397,22 @@ class StackingMetaClassifier(NewtonLogisticRegression):
     """The stacking meta-classifier: logistic regression over the base models' log-odds.
 
     Its features are :func:`client.pipeline.meta_features` of the base models, clipped to
-    :data:`META_FEATURE_BOUND`; see :class:`NewtonLogisticRegression` for the parameters.
+    :data:`META_FEATURE_BOUND`; see :class:`NewtonLogisticRegression` for the other parameters.
+
+    Parameters
+    ----------
+    positive : keep each model's weight on its own evidence at or above zero (non-negative
+        stacking, Breiman 1996). A negative weight says "believe the opposite of a model trained
+        for the same target"; on a small validation split it is almost always noise fitted, and
+        it is what made the hybrid lose to its own best base model on test data.
     """
+
+    def __init__(self, *, penalty: Literal["l2"] | None = "l2", C: float = 1.0, max_iter: int = 100,
+                 tol: float = 1e-10, positive: bool = True) -> None:
+        super().__init__(penalty=penalty, C=C, max_iter=max_iter, tol=tol)
+        self.positive = positive
+
+    def _positive_mask(self, n_features: int, n_classes: int) -> np.ndarray | None:
+        if not self.positive:
+            return None
+        return positive_evidence(n_models=n_features // (1 if n_classes == 2 else n_classes), n_classes=n_classes)

@@ -2,8 +2,10 @@
 
 A site never sends per-patient scores. It sends :class:`EvalStats`: the confusion matrix of
 its argmax predictions and, per class, histograms of that class's predicted probability among
-patients of the class and among the others, over a fixed grid of bins that is uniform in logit
-space (so confident scores near 0 and 1 keep their resolution). Statistics from several sites
+patients of the class and among the others, over a fixed public grid of bins (:func:`bin_index`)
+that is uniform in ``sigmoid(logit / GRID_SCALE)``: finest around probability 0.5, where weak
+models put their scores and where ties between classes cost AUC, and coarser toward 0 and 1
+without losing them (the outermost of :data:`N_BINS` bins starts near logit 15). Statistics from several sites
 add up (``a + b``), and :func:`metrics_from_stats` turns a sum into pooled metrics.
 
 Counts-based metrics (accuracy, precision, recall, specificity, F1) are exact. ROC AUC is exact
@@ -23,7 +25,7 @@ the *released form* (:func:`released_arrays`), on at most :data:`MAX_RELEASED_BI
 exactly), holding nothing that the coordinator can derive itself:
 
 - binary problems: only class 1's histograms ``hist_pos[1]`` and ``hist_neg[1]``. Class 0's are
-  their mirror images (``p0 = 1 - p1`` and the logit grid is symmetric, so bin ``b`` of class 1 is
+  their mirror images (``p0 = 1 - p1`` and the grid is symmetric about 0.5, so bin ``b`` of class 1 is
   bin ``B - 1 - b`` of class 0), and the argmax confusion matrix follows from the bin edge at
   logit 0 (``B`` even: bins ``>= B / 2`` are predicted class 1);
 - K > 2 classes: the confusion matrix and both histogram sets.
@@ -52,7 +54,11 @@ TEST_BINS = 32
 """Bins of a released test-statistics set (see :func:`released_arrays`)."""
 MAX_RELEASED_BINS = 64
 """Most bins a released set may have: beyond that, bins hold single patients of a small split."""
-LOGIT_RANGE = 16.0
+GRID_SCALE = 2.0
+"""Bins are uniform in ``u = sigmoid(logit / GRID_SCALE)``. A scale of 1 (uniform in probability)
+would put every score beyond 0.97 into the last of 32 released bins; uniform in logit (the grid
+before) gave weak models' scores two or three of them. At 2, 32 bins are 0.25 logit wide at 0.5
+and still 0.6 wide at logit 4."""
 METRIC_NAMES = ("auc", "accuracy", "precision", "recall", "specificity", "f1", "auprc")
 
 
@@ -100,13 +106,22 @@ class EvalStats:
         return cls(conf, pos, neg)
 
 
+def grid_position(p: np.ndarray) -> np.ndarray:
+    """``sigmoid(logit(p) / GRID_SCALE)`` in [0, 1], the coordinate the bins are uniform in."""
+    p = np.clip(np.asarray(p, dtype=np.float64), 0.0, 1.0)
+    a, b = p ** (1.0 / GRID_SCALE), (1.0 - p) ** (1.0 / GRID_SCALE)
+    return a / (a + b)
+
+
+def grid_probability(u: float) -> float:
+    """The probability at grid position ``u`` (inverse of :func:`grid_position`)."""
+    a, b = u ** GRID_SCALE, (1.0 - u) ** GRID_SCALE
+    return float(a / (a + b))
+
+
 def bin_index(p: np.ndarray, *, n_bins: int = N_BINS) -> np.ndarray:
-    """Bin of each probability on a grid uniform in logit over [-LOGIT_RANGE, LOGIT_RANGE]."""
-    p = np.clip(np.asarray(p, dtype=np.float64), 1e-300, 1.0)
-    with np.errstate(divide="ignore"):
-        logit = np.log(p) - np.log1p(-np.minimum(p, 1.0 - 1e-16))
-    scaled = (logit + LOGIT_RANGE) / (2 * LOGIT_RANGE) * n_bins
-    return np.clip(np.floor(scaled), 0, n_bins - 1).astype(np.int64)
+    """Bin of each probability on the public grid of ``n_bins`` bins (uniform in :func:`grid_position`)."""
+    return np.clip(np.floor(grid_position(p) * n_bins), 0, n_bins - 1).astype(np.int64)
 
 
 def compute_stats(y_true: np.ndarray, proba: np.ndarray, *, n_classes: int | None = None,
@@ -318,7 +333,7 @@ def roc_points(stats: EvalStats, *, klass: int | None = None) -> tuple[np.ndarra
 def coarsen_stats(stats: EvalStats, *, n_bins: int) -> EvalStats:
     """The same statistics on a coarser grid of ``n_bins`` bins (a divisor of the current count).
 
-    The grid is uniform in logit over a fixed range, so summing groups of adjacent bins gives
+    The grid is uniform in a fixed coordinate, so summing groups of adjacent bins gives
     exactly what :func:`compute_stats` would give with ``n_bins``: a site can compute
     :data:`N_BINS` statistics once and release :data:`TEST_BINS` ones.
 
@@ -710,7 +725,7 @@ def noise_bias(stats: EvalStats, *, noise_std_per_site: float, n_sites: int, dra
 class Threshold:
     """A binary operating threshold: predict class 1 when the score falls in bin ``bin`` or above.
 
-    ``bin`` counts on the grid of ``n_bins`` logit-uniform bins (:func:`bin_index`); bins at
+    ``bin`` counts on the public grid of ``n_bins`` bins (:func:`bin_index`); bins at
     different resolutions share their edges, so a threshold chosen on released (coarse)
     statistics applies exactly to any statistics with a multiple of its bins.
     """
@@ -722,8 +737,7 @@ class Threshold:
     @property
     def probability(self) -> float:
         """The threshold as a probability of class 1 (the bin edge)."""
-        logit = -LOGIT_RANGE + 2.0 * LOGIT_RANGE * self.bin / self.n_bins
-        return float(1.0 / (1.0 + math.exp(-logit)))
+        return grid_probability(self.bin / self.n_bins)
 
     def to_dict(self) -> dict[str, float | int | str]:
         return {"bin": self.bin, "n_bins": self.n_bins, "rule": self.rule, "probability": self.probability}

@@ -58,6 +58,7 @@ class RunState:
     meta_coef: list[float] = field(default_factory=list)
     thresholds: dict[str, dict[str, Any]] = field(default_factory=dict)  # model -> Threshold.to_dict()
     site_thresholds: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # site -> its own models'
+    site_validation_auc: dict[str, dict[str, float]] = field(default_factory=dict)  # site -> own model -> AUC
 
     rounds: list[dict[str, Any]] = field(default_factory=list)    # per exchange: sites, rejections, epsilon
     excluded: dict[str, str] = field(default_factory=dict)        # site -> why it left the run
@@ -359,12 +360,13 @@ def run_glm_rounds(grid: Grid, settings: RunSettings, state: RunState, log: RunL
 def run_meta_rounds(grid: Grid, settings: RunSettings, state: RunState, log: RunLog,
                     weights: dict[str, np.ndarray], checkpoint: Any) -> list[float]:
     """Federated Newton on the stacking meta-classifier (the first round also fits the forests)."""
-    from common.meta import META_FEATURE_BOUND, NewtonSolver, averaging_prior
+    from common.meta import META_FEATURE_BOUND, NewtonSolver, averaging_prior, positive_evidence
 
     k = len(state.schema["label"]["classes"])
     n_models = len(BASE_MODELS)
+    positive = positive_evidence(n_models=n_models, n_classes=max(k, 2)) if settings.meta_positive else None
     solver = NewtonSolver(n_features=n_models * (1 if k == 2 else k), n_classes=max(k, 2), penalty="l2",
-                          C=settings.meta_c, tol=settings.meta_tol)
+                          C=settings.meta_c, tol=settings.meta_tol, positive=positive)
     if state.meta_solver:
         solver.load_state_dict(state.meta_solver)
     elif settings.dp:
@@ -411,7 +413,7 @@ def _newton_rounds(grid: Grid, settings: RunSettings, state: RunState, log: RunL
                                 noise_multipliers=[float(r.get("noise-multiplier", 0.0)) for r in replies])
             total.hess = nearest_positive_definite(total.hess, floor=floor)
         if warm:
-            solver.coef = _warm_start(replies)
+            solver.coef = solver.feasible(_warm_start(replies))
             solver.best_objective = np.inf
             log.info(f"{name} round 1: {'forests fitted and ' if kind == 'meta' else ''}warm start from "
                      f"{len(replies)} sites' local fits")
@@ -478,7 +480,7 @@ def run_thresholds(grid: Grid, settings: RunSettings, state: RunState, log: RunL
     highest threshold reaching ``target-sensitivity``; probability 0.5 where no validation
     statistics are released (``test-statistics = none``).
     """
-    from common.metrics import Threshold, choose_threshold
+    from common.metrics import Threshold, choose_threshold, metrics_from_stats
 
     k = len(state.schema["label"]["classes"])
     state.phase = "evaluate"
@@ -505,6 +507,11 @@ def run_thresholds(grid: Grid, settings: RunSettings, state: RunState, log: RunL
     # A site alone would choose its own models' thresholds on its own validation split.
     state.site_thresholds = {
         site: {row: choose_threshold(v["stats"][released], target_sensitivity=settings.target_sensitivity).to_dict()
+               for row, released in SITE_ALONE_ROWS.items() if released in v["stats"]}
+        for site, v in per_site.items()}
+    # ... and would pick its best model alone on that split too, never on its test split.
+    state.site_validation_auc = {
+        site: {row: metrics_from_stats(v["stats"][released])["auc"]
                for row, released in SITE_ALONE_ROWS.items() if released in v["stats"]}
         for site, v in per_site.items()}
     log.info("operating thresholds (probability of class 1, " + next(iter(chosen.values()))["rule"] + "): "

@@ -50,7 +50,9 @@ def site_alone_comparison(evaluation: dict[str, Any], state: RunState) -> dict[s
 
     ``sites``: per site, the test class counts, each own model's metrics (deep model and GLM
     trained on the site alone, its forest; each at the site's own validation threshold), the
-    best of them by AUC, and the federated models' AUCs there. ``pooled``: each own model's
+    best of them (``best_alone``: by AUC on the site's validation split, as the site alone would
+    choose; by test AUC, an optimistic choice said in ``best_alone_chosen_on``, where no validation
+    statistics were released, as for multi-class runs), and the federated models' AUCs there. ``pooled``: each own model's
     statistics summed over the sites. ``mean_auc``: averaged over sites, the federated hybrid and
     each site's best model alone.
     """
@@ -60,10 +62,15 @@ def site_alone_comparison(evaluation: dict[str, Any], state: RunState) -> dict[s
         if not alone or site == state.held_out:
             continue
         own = {row: _metric_subset(metrics_from_stats(st)) for row, st in alone.items()}
-        best = max(own, key=lambda r: -1.0 if math.isnan(own[r]["auc"]) else own[r]["auc"])
+        validation = state.site_validation_auc.get(site, {})
+        chosen_on = "validation" if all(row in validation for row in own) else "test"
+        score = validation if chosen_on == "validation" else {row: own[row]["auc"] for row in own}
+        best = max(own, key=lambda r: -1.0 if math.isnan(score[r]) else score[r])
         fed = {m: metrics_from_stats(st)["auc"] for m, st in v["stats"].items()}
         sites[site] = {"class_counts": _test_class_counts(state.census.get(site, {})), **own,
-                       "best_alone": best, "best_alone_auc": own[best]["auc"], "federated_auc": fed,
+                       "validation_auc": dict(validation), "best_alone": best, "best_alone_chosen_on": chosen_on,
+                       "best_alone_auc": own[best]["auc"],
+                       "federated_auc": fed,
                        "federated_hybrid_minus_best_alone": fed.get("hybrid", float("nan")) - own[best]["auc"]}
         for row, st in alone.items():
             pooled[row] = pooled[row] + st if row in pooled else st
@@ -173,19 +180,21 @@ def _model_roles(state: RunState, settings: RunSettings) -> dict[str, str]:
 def _privacy_note(settings: RunSettings) -> str:
     if not settings.dp:
         return ("No differential privacy in this run (dp = false): the non-private reference, run only where every "
-                "site's policy allows it. Model updates, meta-classifier statistics and losses left the sites exact.")
+                "site's policy allows it. Everything left the sites exact: the shared preprocessing's moments, model "
+                "updates, the GLM's and the meta-classifier's Newton statistics, losses, and the validation and test "
+                "statistics.")
     return ("Sample-level DP-SGD (Opacus, RDP accountant) protects each site's training records in the CNN updates "
             "(no losses are released); the Gaussian mechanism protects the shared preprocessing's moments "
             "(moments-epsilon) and the GLM statistics (glm-epsilon over the GLM rounds) of each site's training "
             "records and the meta-classifier statistics (meta-epsilon over the meta rounds) of its validation "
             "records" + (
-                ", and the test statistics (test-epsilon, noise calibrated to one patient)"
+                ", and the validation and test statistics (test-epsilon each, noise calibrated to one patient)"
                 if settings.test_statistics == "noised" else "") +
             "; every release is charged to the site's own ledger, composed with all earlier ones at the ledger's "
             "delta, and recorded in its egress log. Not covered by the guarantee: the census counts (patients per "
             "split and class), the number of examples sent with each update, "
-            + ("the test statistics (released exact, by the sites' policies), " if settings.test_statistics == "exact"
-               else "") +
+            + ("the validation and test statistics (released exact, by the sites' policies), "
+               if settings.test_statistics == "exact" else "") +
             "the site forests' fit and their kNN imputation from each site's own data (both stay on site but "
             "shape what the meta-classifier statistics and test statistics release), early stopping, and the random number generator, which "
             "is not cryptographically secure here (it is seeded from each site's vault key and ledger, never from "
@@ -282,13 +291,22 @@ def render_markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def best_alone_rule(sa: dict[str, Any]) -> str:
+    """How each site's best model alone was chosen, in words."""
+    on = {v.get("best_alone_chosen_on", "test") for v in sa["sites"].values()}
+    if on == {"validation"}:
+        return "Best alone: the site's own model with the highest AUC on its validation split."
+    return ("Best alone: the site's own model with the highest AUC on its test split (no validation statistics "
+            "were released), an optimistic choice.")
+
+
 def _site_alone_lines(doc: dict[str, Any]) -> list[str]:
     """The site-alone vs federated table of ``metrics.md``."""
     sa = doc.get("site_alone") or {}
     if not sa:
         return []
     lines = ["", "What federation bought (test AUC at each site; the site's own models trained on its data alone, "
-             "its forest included; the federated models' rows above):", "",
+             "its forest included; the federated models' rows above). " + best_alone_rule(sa), "",
              "| site | test class counts | own deep model | own forest | own GLM | best alone | federated hybrid | "
              "hybrid - best alone |", "|---|---|---|---|---|---|---|---|"]
     for site, v in sa["sites"].items():

@@ -21,6 +21,7 @@ import numpy as np
 from common.files import write_text_atomic
 from common.metrics import METRIC_NAMES, EvalStats, roc_points
 from server.phases import MODELS
+from server.report import best_alone_rule
 
 
 def save_pooled_stats(run_dir: Path, pooled: dict[str, EvalStats]) -> None:
@@ -192,7 +193,8 @@ def _site_alone_section(doc: dict[str, Any]) -> str:
                 + "; its own " + ", ".join(f"{html.escape(k)} {_fmt(v['auc'])}" for k, v in ho["own"].items())
                 + " (test AUC).</p>")
     return ("<h2>What federation bought</h2><p><small>Test AUC at each site: its own models trained on its data "
-            "alone (local models, each at the site's own threshold) against the federated hybrid.</small></p>"
+            "alone (local models, each at the site's own threshold) against the federated hybrid. "
+            f"{html.escape(best_alone_rule(sa))}</small></p>"
             "<table><tr><th>site</th><th>test class counts</th><th>own deep model</th><th>own forest</th>"
             "<th>own GLM</th><th>best alone</th><th>federated hybrid</th><th>hybrid - best alone</th></tr>"
             f"{''.join(rows)}</table>{held}")

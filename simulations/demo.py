@@ -66,7 +66,10 @@ def comparison_text(metrics: dict[str, Any]) -> str:
     lines.append(f"  hybrid - best base model ({best_base}): {models['hybrid']['auc'] - models[best_base]['auc']:+.3f}")
     alone = metrics.get("site_alone") or {}
     if alone:
-        lines.append("each site alone (its own deep model, forest and GLM) vs the federated hybrid, test AUC at the site:")
+        from server.report import best_alone_rule
+
+        lines.append("each site alone (its own deep model, forest and GLM) vs the federated hybrid, test AUC at the site. "
+                     + best_alone_rule(alone))
         for site, v in alone["sites"].items():
             lines.append(f"  {site:10s} best alone {v['best_alone_auc']:.3f} ({v['best_alone']})  federated hybrid "
                          f"{v['federated_auc'].get('hybrid', float('nan')):.3f}  ({v['federated_hybrid_minus_best_alone']:+.3f})")

@@ -75,6 +75,7 @@ class EvaluateSettings:
     omics_pca: int | None = None
     arch: str = "cnn"
     meta_C: float = 1.0
+    meta_positive: bool = True
     glm_C: float = 0.1
     glm_max_features: int = 256
 
@@ -153,7 +154,7 @@ def _stack(proba: dict[str, dict[str, np.ndarray]], val_y: np.ndarray, n_classes
            settings: EvaluateSettings) -> tuple[dict[str, np.ndarray], dict[str, Threshold], StackingMetaClassifier]:
     """The meta-classifier fitted on the validation split; test probabilities of every model and
     (binary problems) each model's threshold chosen on the validation split."""
-    meta = StackingMetaClassifier(penalty="l2", C=settings.meta_C).fit(
+    meta = StackingMetaClassifier(penalty="l2", C=settings.meta_C, positive=settings.meta_positive).fit(
         meta_features(*(proba["validation"][m] for m in BASE_MODELS)), val_y)
     test = dict(proba["test"])
     test["hybrid"] = meta.predict_proba(meta_features(*(test[m] for m in BASE_MODELS)))

@@ -20,8 +20,10 @@ from simulations.synthetic import write_synthetic_cohort
 
 APP_DIR = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+# One GLM and one meta round where a test is about the transport, not the fit: each exchange here
+# costs about 15 s (a fresh process per message), and the module runs four federations.
 RUN = {"cnn-rounds": 2, "dp": True, "epsilon": 4.0, "forest-trees": 20, "round-timeout": 150.0,
-       "wait-timeout": 60.0, "min-sites": 2, "glm-rounds": 2, "site-alone": False}
+       "wait-timeout": 60.0, "min-sites": 2, "glm-rounds": 1, "meta-rounds": 1, "site-alone": False}
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +43,8 @@ def test_tls_federation_completes_and_writes_the_run_directory(deployment) -> No
     dep, root = deployment
     run_dir = root / "run-ok"
     started = time.monotonic()
-    result = dep.run(APP_DIR, run_config={**RUN, "run-dir": str(run_dir)}, timeout=420.0)
+    settings = {**RUN, "glm-rounds": 2, "meta-rounds": 2, "run-dir": str(run_dir)}
+    result = dep.run(APP_DIR, run_config=settings, timeout=420.0)
     assert result.status.completed, result.log[-3000:]
     doc = json.loads((run_dir / "metrics.json").read_text())
     assert set(doc["sites"]) == {"site-1", "site-2", "site-3"}

@@ -41,7 +41,8 @@ def test_federated_glm_equals_pooled_sklearn_fit(k: int) -> None:
 @pytest.mark.parametrize("cls", [FederatedGLM, StackingMetaClassifier])
 def test_estimator_contract(cls: type) -> None:
     est = cls(C=0.5)
-    assert est.get_params() == {"C": 0.5, "max_iter": 100, "penalty": "l2", "tol": 1e-10}
+    extra = {"positive": True} if cls is StackingMetaClassifier else {}
+    assert est.get_params() == {"C": 0.5, "max_iter": 100, "penalty": "l2", "tol": 1e-10, **extra}
     twin = clone(est)
     assert twin is not est and twin.get_params() == est.get_params()
     with pytest.raises(ValueError, match="invalid parameter"):

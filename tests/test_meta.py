@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 
-from common.meta import NewtonSolver, StackingMetaClassifier, newton_terms
+from common.meta import NewtonSolver, StackingMetaClassifier, newton_terms, positive_evidence
 
 
 def _scores(seed: int, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -88,3 +88,54 @@ def test_solver_state_round_trip_resumes_identically() -> None:
     for s in (a, b):
         s.step(newton_terms(s.coef, x, y, n_classes=2))
     np.testing.assert_array_equal(a.coef, b.coef)
+
+
+def _with_a_contrary_model(seed: int, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Two informative models' log-probabilities and a third whose own evidence, in this sample,
+    runs against the label: the unbounded fit gives it negative weight."""
+    x, y = _scores(seed, n, k)
+    rng = np.random.default_rng(seed + 100)
+    contrary = rng.normal(size=(n, 1 if k == 2 else k)) - 0.4 * (np.eye(k)[y][:, 1:] if k == 2 else np.eye(k)[y])
+    return np.hstack([np.log(np.clip(x, 1e-6, 1)), contrary]), y
+
+
+def _bounded_reference(x: np.ndarray, y: np.ndarray, k: int, C: float, mask: np.ndarray) -> np.ndarray:
+    """The penalized optimum under the bounds by an independent optimizer (L-BFGS-B)."""
+    from scipy.optimize import minimize
+
+    solver = NewtonSolver(n_features=x.shape[1], n_classes=k, penalty="l2", C=C)
+
+    def fun(c: np.ndarray) -> tuple[float, np.ndarray]:
+        solver.coef = c
+        obj, grad, _ = solver.objective(newton_terms(c, x, y, n_classes=k))
+        return obj, grad
+
+    bounds = [(0.0, None) if m else (None, None) for m in mask]
+    res = minimize(fun, np.zeros(mask.shape[0]), jac=True, method="L-BFGS-B", bounds=bounds,
+                   options={"ftol": 1e-15, "gtol": 1e-10, "maxiter": 10_000})
+    return res.x
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_non_negative_stacking_is_the_bounded_optimum_pooled_and_federated(k: int) -> None:
+    x, y = _with_a_contrary_model(5, 1200, k)
+    free = StackingMetaClassifier(penalty="l2", C=1.0, positive=False).fit(x, y)
+    own = positive_evidence(n_models=3, n_classes=k)
+    free_flat = np.hstack([free.coef_, free.intercept_[:, None]]).ravel()
+    assert (free_flat[own] < -0.05).any()  # the case the bound is for
+    bounded = StackingMetaClassifier(penalty="l2", C=1.0).fit(x, y)
+    flat = np.hstack([bounded.coef_, bounded.intercept_[:, None]]).ravel()
+    assert bounded.converged_ and (flat[own] >= 0).all()
+    # Compared through probabilities: K-class intercepts are unpenalized, so only their differences are fixed.
+    reference = StackingMetaClassifier().set_coef(_bounded_reference(x, y, k, 1.0, own), n_features=x.shape[1])
+    np.testing.assert_allclose(bounded.predict_proba(x), reference.predict_proba(x), atol=1e-4)
+    # From the sites' summed terms, as the coordinator runs it.
+    sites = np.array_split(np.arange(len(y)), 3)
+    solver = NewtonSolver(n_features=x.shape[1], n_classes=k, penalty="l2", C=1.0, positive=own)
+    for _ in range(50):
+        terms = [newton_terms(solver.coef, x[idx], y[idx], n_classes=k) for idx in sites]
+        solver.step(sum(terms[1:], terms[0]))
+        if solver.converged:
+            break
+    assert solver.converged
+    np.testing.assert_allclose(solver.result(), flat, atol=1e-8)

@@ -238,7 +238,7 @@ def test_egress_is_the_same_at_300_and_3000_patients_and_every_dp_release_is_in_
     large = _layout(tmp_path / "large", 3000)
     logs = {}
     for name, sites in (("small", small), ("large", large)):
-        doc = _run(sites, tmp_path / f"run-{name}", cnn_rounds=2)
+        doc = _run(sites, tmp_path / f"run-{name}", cnn_rounds=1)
         logs[name] = {}
         for site, vault in _vaults(sites).items():
             # The plan the site checked at the census never under-states what the run then charged.
