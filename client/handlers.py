@@ -314,7 +314,8 @@ def glm_round(site: SiteRef, shared: dict[str, np.ndarray], settings: RunSetting
     The inputs are the shared columns, imputed, standardized and clipped with the coordinator's
     shared scaler (so one record's design row is bounded). The coordinator starts from zero (no
     local fit is asked for); under DP the terms are released through the Gaussian mechanism
-    (``glm-epsilon`` over ``glm-rounds``), charged first.
+    Under DP the site releases only a noised gradient, in the one GLM round a DP run has
+    (``glm-epsilon``; :mod:`common.glm` says why), charged first.
 
     Raises
     ------
@@ -324,7 +325,7 @@ def glm_round(site: SiteRef, shared: dict[str, np.ndarray], settings: RunSetting
         Before any work, when this round's release would exceed the site's budget.
     """
     from client.pipeline import SiteData, glm_matrix
-    from common.glm import GLM_FEATURE_BOUND
+    from client.privacy.mechanisms import private_glm_gradient
 
     vault, cohort = _load(site)
     privacy = _privacy(vault, site, cohort, settings, facts)
@@ -336,18 +337,22 @@ def glm_round(site: SiteRef, shared: dict[str, np.ndarray], settings: RunSetting
         data = SiteData.from_cohort(cohort)
         return glm_matrix(data, "train", _scaler(shared)), data.y[data.masks["train"]]
 
+    def mechanism(coef: np.ndarray, x: np.ndarray, y: np.ndarray, noise: float, rng: Any) -> dict[str, np.ndarray]:
+        return {"grad": private_glm_gradient(coef, x, y, n_classes=k, noise_multiplier=noise, rng=rng)}
+
     records = _newton_records(vault, privacy, settings, facts, inputs, shared, n_classes=k, warm=False,
-                              bound=GLM_FEATURE_BOUND, sigma=privacy.glm_noise_multiplier, label="glm", local=None)
+                              mechanism=mechanism, sigma=privacy.glm_noise_multiplier, label="glm", local=None)
     return HandlerReply(records, contract, privacy)
 
 
 def _newton_records(vault: Any, privacy: Any, settings: RunSettings, facts: RoundFacts, inputs: Any,
-                    request_arrays: dict[str, np.ndarray], *, n_classes: int, warm: bool, bound: float,
+                    request_arrays: dict[str, np.ndarray], *, n_classes: int, warm: bool, mechanism: Any,
                     sigma: Any, label: str, local: Any) -> dict[str, tuple[str, dict[str, Any]]]:
     """One round's Newton terms of a federated logistic fit: exact, or a charged Gaussian release.
 
-    Under DP the release is stored with a digest of the request; the same request again (a
-    coordinator resumed from a checkpoint) gets the stored release back, charged once.
+    Under DP ``mechanism(coef, x, y, noise_multiplier, rng)`` makes the released arrays. The
+    release is stored with a digest of the request; the same request again (a coordinator
+    resumed from a checkpoint) gets the stored release back, charged once.
     """
     from client.model_store import (
         release_blob,
@@ -356,7 +361,6 @@ def _newton_records(vault: Any, privacy: Any, settings: RunSettings, facts: Roun
         stored_release,
     )
     from client.privacy.ledger import Release
-    from client.privacy.mechanisms import private_newton_terms
     from common.meta import flat_coef, newton_terms
 
     coef = np.asarray(facts.coef, dtype=np.float64)
@@ -381,9 +385,8 @@ def _newton_records(vault: Any, privacy: Any, settings: RunSettings, facts: Roun
     privacy.refuse_over_budget([release], round=facts.server_round)  # before fitting anything for nothing
     x, y = inputs()
     rng = np.random.default_rng(privacy.release(release, purpose=f"{label}-noise"))
-    terms = private_newton_terms(coef, x, y, n_classes=n_classes, bound=bound, noise_multiplier=noise, rng=rng)
-    arrays = {"grad": np.asarray(terms.grad), "hess": np.asarray(terms.hess)}
-    metrics = {"num-examples": int(terms.n), "epsilon": float(privacy.ledger.spent_epsilon()),
+    arrays = mechanism(coef, x, y, noise, rng)
+    metrics = {"num-examples": int(len(y)), "epsilon": float(privacy.ledger.spent_epsilon()),
                "noise-multiplier": float(noise)}
     vault.update({release_role: release_blob(arrays, metrics, request=request)})
     return {"terms": ("array", arrays), "metrics": ("metric", metrics)}
@@ -449,6 +452,7 @@ def meta_round(site: SiteRef, cnn_weights: dict[str, np.ndarray], shared: dict[s
         Before any work, when this round's release would exceed the site's budget.
     """
     from client.pipeline import meta_features
+    from client.privacy.mechanisms import private_newton_terms
     from common.meta import META_FEATURE_BOUND, StackingMetaClassifier
 
     vault, cohort = _load(site)
@@ -464,9 +468,14 @@ def meta_round(site: SiteRef, cnn_weights: dict[str, np.ndarray], shared: dict[s
         proba = _base_probabilities(vault, data, cnn_weights, shared, settings, facts, privacy, "validation")
         return meta_features(*(proba[m] for m in BASE_MODELS)), data.y[data.masks["validation"]]
 
+    def mechanism(coef: np.ndarray, x: np.ndarray, y: np.ndarray, noise: float, rng: Any) -> dict[str, np.ndarray]:
+        terms = private_newton_terms(coef, x, y, n_classes=k, bound=META_FEATURE_BOUND, noise_multiplier=noise,
+                                     rng=rng)
+        return {"grad": np.asarray(terms.grad), "hess": np.asarray(terms.hess)}
+
     records = _newton_records(vault, privacy, settings, facts, inputs, {**cnn_weights, **shared}, n_classes=k,
-                              warm=warm, bound=META_FEATURE_BOUND, sigma=privacy.meta_noise_multiplier,
-                              label="meta", local=lambda: StackingMetaClassifier(penalty="l2", C=settings.meta_c,
+                              warm=warm, mechanism=mechanism, sigma=privacy.meta_noise_multiplier, label="meta",
+                              local=lambda: StackingMetaClassifier(penalty="l2", C=settings.meta_c,
                                                                    positive=settings.meta_positive))
     return HandlerReply(records, contract, privacy)
 

@@ -5,18 +5,31 @@ model of the stack. Its inputs are the shared columns of :mod:`common.tabular`, 
 standardized and clipped with the one :class:`~common.tabular.SharedScaler` every site uses, so
 one record's design row is bounded (``|x_j| <= CLIP``), which is what its DP release needs.
 
-It is fitted like the meta-classifier: the sites send the gradient and Hessian of their log-loss
-at the coordinator's coefficients (:func:`common.meta.newton_terms`), the coordinator takes
-Newton steps on their sum (:class:`common.meta.NewtonSolver`), and without noise the result is
-the pooled fit.
+Without DP it is fitted like the meta-classifier: the sites send the gradient and Hessian of
+their log-loss at the coordinator's coefficients (:func:`common.meta.newton_terms`), the
+coordinator takes Newton steps on their sum (:class:`common.meta.NewtonSolver`), and the result
+is the pooled fit.
+
+Under DP a released Hessian is noise: its sensitivity grows with the square of the row bound
+(``d``), its signal only with the site's size, and at a few hundred records a site and 100-odd
+columns the noise swamps it. So under DP the sites release one noised gradient at zero
+(sensitivity :func:`gradient_bound`), and the coordinator takes one step with a public curvature
+in place of the Hessian (:func:`public_curvature`: Boehning's bound with ``X'X = n I``, which the
+shared standardization makes true on the diagonal). The result is a ridge-shrunk score of the
+columns' marginal associations with the label: the classical polygenic-score construction. Its
+scale is not calibrated when columns are correlated; the meta-classifier and the threshold chosen
+on validation data do not need it to be.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
+import numpy as np
+
 from common.meta import NewtonLogisticRegression, n_params
-from common.tabular import CLIP
+from common.tabular import CLIP, glm_row_bound
 
 GLM_FEATURE_BOUND = CLIP
 
@@ -41,3 +54,25 @@ class FederatedGLM(NewtonLogisticRegression):
 def glm_dim(n_features: int, n_classes: int) -> int:
     """Flat coefficient count of the GLM."""
     return n_params(n_features, max(n_classes, 2))
+
+
+def gradient_bound(*, n_features: int, n_classes: int) -> float:
+    """L2 bound of one record's contribution to the GLM's gradient.
+
+    The record adds ``(p - e_y) (x) z`` with ``z = [x, 1]``, ``||x|| <=`` :func:`glm_row_bound`:
+    at most ``||z||`` (binary, ``|p - y| <= 1``) or ``sqrt(2) ||z||`` (K classes).
+    """
+    z = math.sqrt(glm_row_bound(n_features) ** 2 + 1.0)
+    return z if n_classes == 2 else math.sqrt(2.0) * z
+
+
+def public_curvature(*, n: int, n_features: int, n_classes: int) -> np.ndarray:
+    """Boehning's bound on the log-loss Hessian of ``n`` records with ``X'X`` replaced by ``n I``.
+
+    Binary: ``n I / 4``; K classes: ``(I_K - 1 1' / K) / 2 (x) n I``. Computed by the coordinator
+    from the records count alone (the census reports it), so the DP GLM releases no Hessian.
+    """
+    eye = float(n) * np.eye(n_features + 1)
+    if n_classes == 2:
+        return 0.25 * eye
+    return np.kron(0.5 * (np.eye(n_classes) - 1.0 / n_classes), eye)

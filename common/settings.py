@@ -64,8 +64,8 @@ class RunSettings:
     arch: str = "cnn"
     forest_trees: int = 200
     moments_epsilon: float = 0.5     # under DP: epsilon of the shared preprocessing's moments
-    glm_rounds: int = 8              # federated Newton rounds of the GLM at most (stops when converged)
-    glm_epsilon: float = 1.0         # under DP: the GLM statistics' epsilon over all GLM rounds
+    glm_rounds: int = 8              # federated Newton rounds of the GLM at most (stops when converged); 1 under DP
+    glm_epsilon: float = 1.0         # under DP: the epsilon of the GLM's one noised gradient
     glm_c: float = 0.1               # the GLM's inverse L2 penalty (the objective sums over records)
     glm_max_features: int = 256      # the GLM reads at most this many shared columns
     meta_rounds: int = 3
@@ -127,6 +127,12 @@ class RunSettings:
                 raise SettingsError(f"run config {key} = {cfg[key]!r}: expected "
                                     f"{type(f.default).__name__}") from None
         return cls(**values)
+
+    @property
+    def glm_fit_rounds(self) -> int:
+        """GLM rounds the run takes at most: ``glm-rounds`` Newton rounds, or under DP the one
+        round of a noised gradient with a public curvature (:mod:`common.glm`)."""
+        return 1 if self.dp else self.glm_rounds
 
     def to_run_config(self) -> dict[str, Any]:
         """The run config that parses back into these settings (kebab-case keys)."""

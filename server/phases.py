@@ -337,21 +337,23 @@ def _aggregator(settings: RunSettings) -> Any:
 
 def run_glm_rounds(grid: Grid, settings: RunSettings, state: RunState, log: RunLog,
                    weights: dict[str, np.ndarray], checkpoint: Any) -> list[float]:
-    """Federated Newton on the GLM over the shared columns (the first round a warm start without DP)."""
-    from common.glm import GLM_FEATURE_BOUND
+    """Federated Newton on the GLM over the shared columns; under DP one step from the sites'
+    noised gradients with a public curvature (:mod:`common.glm`)."""
+    from common.glm import GLM_FEATURE_BOUND, public_curvature
     from common.meta import NewtonSolver
 
     k = max(len(state.schema["label"]["classes"]), 2)
-    solver = NewtonSolver(n_features=len(state.shared["glm_columns"]), n_classes=k, penalty="l2",
-                          C=settings.glm_c)
+    n_features = len(state.shared["glm_columns"])
+    solver = NewtonSolver(n_features=n_features, n_classes=k, penalty="l2", C=settings.glm_c)
     if state.glm_solver:
         solver.load_state_dict(state.glm_solver)
     content = {"shared": shared_record(state)}
     # No warm start: local fits over hundreds of columns at one site overfit, and Newton from zero
     # on the penalized objective converges in a few rounds anyway (and releases less).
-    _newton_rounds(grid, settings, state, log, solver, content, kind="glm", rounds=settings.glm_rounds,
+    curvature = (lambda n: public_curvature(n=n, n_features=n_features, n_classes=k)) if settings.dp else None
+    _newton_rounds(grid, settings, state, log, solver, content, kind="glm", rounds=settings.glm_fit_rounds,
                    bound=GLM_FEATURE_BOUND, max_n="n-train", facts={}, warm_start=False,
-                   checkpoint=lambda: checkpoint(weights))
+                   checkpoint=lambda: checkpoint(weights), public_curvature=curvature)
     state.glm_coef = [float(c) for c in solver.result()]
     state.phase = "meta"
     return state.glm_coef
@@ -384,8 +386,13 @@ def run_meta_rounds(grid: Grid, settings: RunSettings, state: RunState, log: Run
 
 def _newton_rounds(grid: Grid, settings: RunSettings, state: RunState, log: RunLog, solver: Any,
                    content: dict[str, Any], *, kind: str, rounds: int, bound: float, max_n: str,
-                   facts: dict[str, Any], warm_start: bool, checkpoint: Any) -> None:
-    """Federated Newton rounds of one logistic fit (``kind`` "glm" or "meta"), checkpointed each round."""
+                   facts: dict[str, Any], warm_start: bool, checkpoint: Any,
+                   public_curvature: Any = None) -> None:
+    """Federated Newton rounds of one logistic fit (``kind`` "glm" or "meta"), checkpointed each round.
+
+    With ``public_curvature(n)``, the sites send gradients only and each one's Hessian is that
+    public matrix for its record count (the DP GLM).
+    """
     from common.meta import NewtonTerms, nearest_positive_definite, noise_floor
 
     name = "GLM" if kind == "glm" else "meta"
@@ -401,14 +408,14 @@ def _newton_rounds(grid: Grid, settings: RunSettings, state: RunState, log: RunL
                        group_id=f"{state.run_id}-{kind}-{rnd}", timeout=settings.round_timeout)
         _note_failures(state, log, res.failures, f"{name} round {rnd}")
         replies, rejected = _valid_newton_replies(res, state, log, f"{name} round {rnd}", dim=solver.coef.shape[0],
-                                                  max_n=max_n)
+                                                  max_n=max_n, public_curvature=public_curvature)
         if len(replies) < settings.min_sites:
             raise TooFewSitesError(f"{name} round {rnd}: {len(replies)} site(s) sent valid terms"
                                    + "".join(f"; {s}: {r}" for s, r in rejected.items()))
         terms = [NewtonTerms(float(r.get("loss", np.nan)), r["grad"], r["hess"], int(r["num-examples"]))
                  for r in replies]
         total = sum(terms[1:], terms[0])
-        if settings.dp:
+        if settings.dp and public_curvature is None:  # a released, noised Hessian
             floor = noise_floor(dim=total.hess.shape[0], n_classes=k, bound=bound,
                                 noise_multipliers=[float(r.get("noise-multiplier", 0.0)) for r in replies])
             total.hess = nearest_positive_definite(total.hess, floor=floor)
@@ -437,9 +444,10 @@ def _newton_rounds(grid: Grid, settings: RunSettings, state: RunState, log: RunL
         checkpoint()
 
 
-def _valid_newton_replies(res: Any, state: RunState, log: RunLog, where: str, *, dim: int,
-                          max_n: str) -> tuple[list[dict[str, Any]], dict[str, str]]:
-    """The sites' Newton terms that are finite, of the right shapes, symmetric and within their census count."""
+def _valid_newton_replies(res: Any, state: RunState, log: RunLog, where: str, *, dim: int, max_n: str,
+                          public_curvature: Any = None) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """The sites' Newton terms that are finite, of the right shapes, symmetric and within their census count
+    (with ``public_curvature``, each site's Hessian is that public matrix at its census count)."""
     from server.validation import check_newton_terms
 
     replies, rejected = [], {}
@@ -447,6 +455,8 @@ def _valid_newton_replies(res: Any, state: RunState, log: RunLog, where: str, *,
         site = state.site_of(node)
         r = from_record(reply.content.array_records["terms"]) | dict(reply.content.metric_records["metrics"])
         n_val = int(state.census.get(site, {}).get(max_n, 0)) or None
+        if public_curvature is not None:
+            r["hess"] = None if "hess" in r else public_curvature(n_val or 0)  # a sent Hessian is out of contract
         why = check_newton_terms(r.get("grad"), r.get("hess"), dim=dim, n=r.get("num-examples"), max_n=n_val)
         if why is None and "local_coef" in r:
             why = check_newton_terms(r["local_coef"], r.get("local_hess"), dim=dim, n=r.get("num-examples"),

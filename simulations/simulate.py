@@ -160,7 +160,7 @@ def _planned_exchanges(cfg: dict[str, Any]) -> int:
     from common.settings import RunSettings
 
     s = RunSettings.from_run_config(cfg)
-    return 4 + s.cnn_rounds + s.glm_rounds + s.meta_rounds
+    return 4 + s.cnn_rounds + s.glm_fit_rounds + s.meta_rounds
 
 
 def _follow(link: LocalSuperLink, run_id: int, req: SimulationRequest, *, n_exchanges: int) -> str:

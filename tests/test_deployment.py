@@ -43,7 +43,7 @@ def test_tls_federation_completes_and_writes_the_run_directory(deployment) -> No
     dep, root = deployment
     run_dir = root / "run-ok"
     started = time.monotonic()
-    settings = {**RUN, "glm-rounds": 2, "meta-rounds": 2, "run-dir": str(run_dir)}
+    settings = {**RUN, "meta-rounds": 2, "run-dir": str(run_dir)}
     result = dep.run(APP_DIR, run_config=settings, timeout=420.0)
     assert result.status.completed, result.log[-3000:]
     doc = json.loads((run_dir / "metrics.json").read_text())
@@ -51,6 +51,7 @@ def test_tls_federation_completes_and_writes_the_run_directory(deployment) -> No
     assert set(doc["privacy"]) == {"site-1", "site-2", "site-3"}
     # census, moments, CNN, GLM and meta rounds, validation, evaluation
     assert doc["run"]["exchanges"] == 2 + RUN["cnn-rounds"] + doc["glm"]["rounds"] + doc["meta"]["rounds"] + 2
+    assert doc["glm"]["rounds"] == 1  # a DP run: the GLM's one noised gradient
     assert all(0.0 <= doc["models"][m]["auc"] <= 1.0 for m in ("hybrid", "cnn", "forest", "logreg"))
     assert (run_dir / "checkpoints" / "latest.json").exists()
     print(f"deployment run: {time.monotonic() - started:.1f} s wall; exchanges "

@@ -221,6 +221,7 @@ def test_ledger_refuses_over_budget_and_continues_across_runs(sites: Path, tmp_p
     first, _ = _run(sites, tmp_path / "run1", dp=True, epsilon=3.0)
     spent = {s: p["epsilon"] for s, p in first["privacy"].items()}
     assert all(0 < e <= 4.0 for e in spent.values())
+    assert first["glm"]["rounds"] == 1  # under DP: one noised gradient, a public curvature
     # Every round is charged (Opacus folds later rounds into one history entry: they must still count).
     from client.privacy.ledger import PrivacyLedger
 

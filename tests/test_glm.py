@@ -63,3 +63,64 @@ def test_classes_after_a_federated_fit() -> None:
     assert list(binary.classes_) == [0, 1] and binary.converged_ is None
     with pytest.raises(ValueError, match="classes"):
         FederatedGLM().set_coef(np.zeros(5), n_features=4, classes=["a", "b", "c"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The DP GLM: row-clipped inputs, one noised gradient, a public curvature
+
+
+def test_glm_rows_are_clipped_to_the_row_bound() -> None:
+    from common.tabular import clip_rows, glm_row_bound
+
+    x = np.vstack([np.full(16, 4.0), np.full(16, 0.5), np.zeros(16)])
+    bound = glm_row_bound(16)
+    assert bound == pytest.approx(6.0)
+    out = clip_rows(x, bound)
+    np.testing.assert_allclose(np.linalg.norm(out, axis=1), [6.0, 2.0, 0.0])
+    np.testing.assert_array_equal(out[1:], x[1:])  # rows within the bound are untouched
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_dp_glm_gradient_sensitivity_and_noise(k: int) -> None:
+    from client.privacy.mechanisms import private_glm_gradient
+    from common.glm import gradient_bound
+    from common.tabular import clip_rows, glm_row_bound
+
+    rng = np.random.default_rng(3)
+    d = 10
+    x, y = _data(4, 200, d, k)
+    x[:20] *= 10.0  # rows far beyond the bound: the release clips them itself
+    coef = rng.normal(size=(d + 1) * (1 if k == 2 else k))
+    bound = gradient_bound(n_features=d, n_classes=k)
+    clipped = clip_rows(x, glm_row_bound(d))
+    full = newton_terms(coef, clipped, y, n_classes=k).grad
+    # Removing any one record moves the gradient by at most the bound (brute force over records).
+    worst = max(np.linalg.norm(full - newton_terms(coef, np.delete(clipped, i, 0), np.delete(y, i), n_classes=k).grad)
+                for i in range(len(y)))
+    assert worst <= bound + 1e-9 and worst > 0.5 * bound  # tight: outlying rows reach it
+    draws = np.array([private_glm_gradient(coef, x, y, n_classes=k, noise_multiplier=2.0,
+                                           rng=np.random.default_rng(s)) for s in range(400)])
+    np.testing.assert_allclose(draws.mean(axis=0), full, atol=6 * 2.0 * bound / np.sqrt(400))
+    assert np.std(draws - full) == pytest.approx(2.0 * bound, rel=0.03)
+
+
+def test_dp_glm_step_is_a_shrunk_marginal_score() -> None:
+    """One step from zero with the public curvature: each column's weight is its summed gradient
+    over n / 4 + 1 / C (binary), the sites' noised gradients simply added."""
+    from common.glm import public_curvature
+
+    x, y = _data(5, 900, 6, 2)
+    sites = np.array_split(np.arange(len(y)), 3)
+    solver = NewtonSolver(n_features=6, n_classes=2, penalty="l2", C=0.1)
+    grads = [newton_terms(solver.coef, x[i], y[i], n_classes=2).grad for i in sites]
+    hess = sum(public_curvature(n=len(i), n_features=6, n_classes=2) for i in sites)
+    from common.meta import NewtonTerms
+
+    coef = solver.step(NewtonTerms(float("nan"), sum(grads), hess, len(y)))
+    g = sum(grads)
+    np.testing.assert_allclose(coef[:-1], -g[:-1] / (len(y) / 4 + 10.0))
+    np.testing.assert_allclose(coef[-1], -g[-1] / (len(y) / 4))
+    # The score ranks like the marginal associations it is built from.
+    assert np.corrcoef(coef[:-1], [np.cov(x[:, j], y)[0, 1] for j in range(6)])[0, 1] > 0.99
+    multi = public_curvature(n=10, n_features=2, n_classes=3)
+    assert multi.shape == (9, 9) and np.allclose(multi, multi.T) and np.linalg.eigvalsh(multi).min() > -1e-12

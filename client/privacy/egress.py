@@ -150,7 +150,8 @@ def contract_for(message_type: str, *, dp: bool, n_classes: int, model_shapes: M
                                         else {})}
         return EgressContract(message_type, {"moments": moments, "metrics": metrics})
     if message_type == "train.glm":
-        return EgressContract(message_type, _newton_records(glm_dim, dp=dp, warm_start=warm_start))
+        # Under DP the GLM releases its gradient only (the coordinator uses a public curvature).
+        return EgressContract(message_type, _newton_records(glm_dim, dp=dp, warm_start=warm_start, hessian=not dp))
     if message_type == "train":
         metrics = {**SCALAR_METRICS, **({"epsilon": Field("float"), "run-epsilon": Field("float"),
                                          "delta": Field("float")} if dp else
@@ -167,9 +168,9 @@ def contract_for(message_type: str, *, dp: bool, n_classes: int, model_shapes: M
     raise EgressViolation(f"no egress contract for message type {message_type!r}: the site answers none")
 
 
-def _newton_records(dim: int, *, dp: bool, warm_start: bool) -> Records:
+def _newton_records(dim: int, *, dp: bool, warm_start: bool, hessian: bool = True) -> Records:
     """Newton terms of a federated logistic fit (GLM or meta-classifier)."""
-    terms = {"grad": Field("array", (dim,)), "hess": Field("array", (dim, dim))}
+    terms = {"grad": Field("array", (dim,))} | ({"hess": Field("array", (dim, dim))} if hessian else {})
     if warm_start and not dp:
         terms |= {"local_coef": Field("array", (dim,)), "local_hess": Field("array", (dim, dim))}
     metrics = {**SCALAR_METRICS, **({"epsilon": Field("float"), "noise-multiplier": Field("float")} if dp

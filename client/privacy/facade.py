@@ -171,7 +171,7 @@ class SitePrivacy:
         """Every release the run will make if it completes, as known before it starts.
 
         The shared preprocessing's moments, DP-SGD over ``cnn-rounds`` x ``local-epochs`` epochs
-        (Poisson rate 1 / batches), the GLM statistics over ``glm-rounds``, the meta-classifier
+        (Poisson rate 1 / batches), the GLM's noised gradient, the meta-classifier
         statistics over ``meta-rounds``, and, when noised, one validation-statistics release (binary
         problems: the operating thresholds) and one test-statistics release. Calibrated with the ledger's accounting, which needs no more noise than
         training's, so what is charged later is at most this plan.
@@ -187,7 +187,7 @@ class SitePrivacy:
                 Release(kind="dp-sgd", noise_multiplier=sigma, sample_rate=1.0 / batches, steps=steps,
                         label="cnn-update", run_id=self._run_id),
                 Release.gaussian(noise_multiplier=self.glm_noise_multiplier(), label="glm-statistics",
-                                 run_id=self._run_id, count=s.glm_rounds)]
+                                 run_id=self._run_id, count=s.glm_fit_rounds)]
         plan.append(Release.gaussian(noise_multiplier=self.meta_noise_multiplier(), label="meta-statistics",
                                      run_id=self._run_id, count=s.meta_rounds))
         return plan + self._test_plan(n_classes)
@@ -235,9 +235,9 @@ class SitePrivacy:
         return gaussian_noise_multiplier(epsilon=self._settings.moments_epsilon, delta=self.delta)
 
     def glm_noise_multiplier(self) -> float:
-        """Noise multiplier of each GLM round's release (``glm-epsilon`` over ``glm-rounds``)."""
+        """Noise multiplier of each GLM round's release (``glm-epsilon`` over the DP run's GLM rounds)."""
         s = self._settings
-        return gaussian_noise_multiplier(epsilon=s.glm_epsilon, delta=self.delta, count=s.glm_rounds)
+        return gaussian_noise_multiplier(epsilon=s.glm_epsilon, delta=self.delta, count=s.glm_fit_rounds)
 
     def test_noise_multiplier(self) -> float:
         """Noise multiplier of the one noised test-statistics release (``test-epsilon``)."""

@@ -31,6 +31,11 @@ The log-loss itself is not released (its sensitivity grows with the coefficients
 coordinator takes plain Newton steps; the count ``n`` is the split size the census already
 reported.
 
+The GLM under DP releases only its gradient (:func:`private_glm_gradient`): rows are clipped in
+L2 norm (not per column), so one record moves it by at most ``||z|| = sqrt(R^2 + 1)`` with
+``R =`` :func:`common.tabular.glm_row_bound` (``sqrt(2)`` times that for K classes); see
+:mod:`common.glm` for why no Hessian.
+
 Moments of the shared preprocessing
 -----------------------------------
 :func:`noised_moments`: every value rescaled to ``[0, 1]`` by its column's public range, so one
@@ -75,6 +80,24 @@ def private_newton_terms(coef: np.ndarray, x: np.ndarray, y: np.ndarray, *, n_cl
     hess = terms.hess + upper + np.triu(upper, 1).T
     return NewtonTerms(float("nan"), grad, hess, terms.n)
 
+
+
+def private_glm_gradient(coef: np.ndarray, x: np.ndarray, y: np.ndarray, *, n_classes: int,
+                         noise_multiplier: float, rng: np.random.Generator) -> np.ndarray:
+    """The DP GLM's release: the gradient of row-clipped inputs with Gaussian noise.
+
+    Rows are clipped to :func:`common.tabular.glm_row_bound` again here, so the sensitivity
+    :func:`common.glm.gradient_bound` holds by construction; the noise has deviation
+    ``noise_multiplier * gradient_bound`` on every entry. No Hessian or loss is released: the
+    coordinator uses a public curvature.
+    """
+    from common.glm import gradient_bound
+    from common.tabular import clip_rows, glm_row_bound
+
+    x = clip_rows(x, glm_row_bound(np.shape(x)[1]))
+    grad = newton_terms(coef, x, y, n_classes=n_classes).grad
+    sd = noise_multiplier * gradient_bound(n_features=x.shape[1], n_classes=n_classes)
+    return grad + rng.normal(0.0, sd, size=grad.shape)
 
 
 def noised_moments(moments: dict[str, np.ndarray], *, sensitivity: float, noise_multiplier: float,
