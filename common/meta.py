@@ -210,6 +210,20 @@ def bounded_newton_direction(hess: np.ndarray, grad: np.ndarray, direction: np.n
     return s
 
 
+def selection_coef(*, n_models: int, n_classes: int, index: int) -> np.ndarray:
+    """Flat coefficients that make the stack one of its base models (weight 1 on model ``index``'s
+    own evidence, nothing else): what the stack falls back to when it does worse than that model."""
+    if n_classes == 2:
+        coef = np.zeros(n_models + 1)
+        coef[index] = 1.0
+        return coef
+    d = n_models * n_classes + 1
+    coef = np.zeros((n_classes, d))
+    for k in range(n_classes):
+        coef[k, index * n_classes + k] = 1.0
+    return coef.ravel()
+
+
 def positive_evidence(*, n_models: int, n_classes: int) -> np.ndarray:
     """Mask of the stacking weights each model puts on its own evidence for each class (the
     entries :func:`averaging_prior` sets), which non-negative stacking keeps at or above zero."""

@@ -13,6 +13,7 @@ the same DP accountant and ledger.
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -59,6 +60,7 @@ class RunState:
     thresholds: dict[str, dict[str, Any]] = field(default_factory=dict)  # model -> Threshold.to_dict()
     site_thresholds: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # site -> its own models'
     site_validation_auc: dict[str, dict[str, float]] = field(default_factory=dict)  # site -> own model -> AUC
+    meta_fallback: dict[str, Any] = field(default_factory=dict)  # the base model the stack fell back to, and why
 
     rounds: list[dict[str, Any]] = field(default_factory=list)    # per exchange: sites, rejections, epsilon
     excluded: dict[str, str] = field(default_factory=dict)        # site -> why it left the run
@@ -513,6 +515,12 @@ def run_thresholds(grid: Grid, settings: RunSettings, state: RunState, log: RunL
         th = choose_threshold(pooled[name], target_sensitivity=settings.target_sensitivity) if name in pooled \
             else Threshold.default()
         chosen[name] = th.to_dict()
+    state.meta_fallback = _stacking_fallback(state, pooled, k)
+    if state.meta_fallback:
+        chosen["hybrid"] = dict(chosen[state.meta_fallback["model"]])
+        log.warning(f"meta-classifier: validation AUC {state.meta_fallback['validation_auc']['hybrid']:.3f} is below "
+                    f"the {state.meta_fallback['model']}'s {state.meta_fallback['validation_auc'][state.meta_fallback['model']]:.3f}"
+                    f"; the hybrid falls back to the {state.meta_fallback['model']}")
     state.thresholds = chosen
     # A site alone would choose its own models' thresholds on its own validation split.
     state.site_thresholds = {
@@ -557,6 +565,28 @@ def run_evaluation(grid: Grid, settings: RunSettings, state: RunState, log: RunL
     state.phase = "done"
     log.info(f"evaluation: {len(per_site)} sites returned test statistics; final models stored at every site")
     return {"pooled": pooled, "sites": per_site}
+
+
+def _stacking_fallback(state: RunState, pooled: dict[str, Any], n_classes: int) -> dict[str, Any]:
+    """When the stack does worse on the sites' summed validation statistics than its best base
+    model, the hybrid becomes that model (``state.meta_coef`` set to select it).
+
+    The meta-classifier was fitted on the same validation split, so its figure there is if anything
+    optimistic: falling back means its fit is worse than choosing (typically noised statistics of
+    small validation splits under DP). Post-processing of released statistics: no privacy cost.
+    """
+    from common.meta import selection_coef
+    from common.metrics import metrics_from_stats
+
+    if "hybrid" not in pooled or not all(m in pooled for m in BASE_MODELS):
+        return {}
+    auc = {m: float(metrics_from_stats(pooled[m])["auc"]) for m in ("hybrid", *BASE_MODELS)}
+    best = max(BASE_MODELS, key=lambda m: -1.0 if math.isnan(auc[m]) else auc[m])
+    if not auc["hybrid"] < auc[best]:
+        return {}
+    state.meta_coef = [float(c) for c in selection_coef(n_models=len(BASE_MODELS), n_classes=max(n_classes, 2),
+                                                         index=BASE_MODELS.index(best))]
+    return {"model": best, "validation_auc": auc}
 
 
 def _site_alone_stats(stats: dict[str, Any], thresholds: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -158,7 +158,7 @@ def build_metrics(evaluation: dict[str, Any], state: RunState, settings: RunSett
         "model_roles": _model_roles(state, settings),
         "thresholds": dict(state.thresholds),
         "meta": {"coef": list(state.meta_coef), "rounds": state.meta_round,
-                 "converged": bool(state.meta_solver.get("converged", False))},
+                 "converged": bool(state.meta_solver.get("converged", False)), "fallback": dict(state.meta_fallback)},
         "glm": {"rounds": state.glm_round, "converged": bool(state.glm_solver.get("converged", False)),
                 "columns": len(state.shared.get("glm_columns", [])), "C": settings.glm_c},
         "rounds": state.rounds,
@@ -251,6 +251,8 @@ def render_markdown(doc: dict[str, Any]) -> str:
             lines.append(f"Note: the {'GLM' if fit == 'glm' else 'meta-classifier'} did not converge in "
                          f"{info.get('rounds')} Newton rounds (converged: false); its coefficients are the last "
                          "iterate.")
+    if fallback_note(doc):
+        lines.append("Note: " + fallback_note(doc))
     lines += ["", "Per site (test AUC, from each site's released statistics; test class counts): " + "; ".join(
         f"{site} ({_counts(m.get('class_counts'), doc['run']['classes'])}): "
         + ", ".join(f"{mod} {_fmt(v.get('auc'))}" for mod, v in m.items() if isinstance(v, dict))
@@ -289,6 +291,17 @@ def render_markdown(doc: dict[str, Any]) -> str:
     if doc["missing_sites"]:
         lines.append("Sites that left the run: " + "; ".join(f"{s} ({r})" for s, r in doc["missing_sites"].items()))
     return "\n".join(lines) + "\n"
+
+
+def fallback_note(doc: dict[str, Any]) -> str:
+    """The stacking fallback in words ("" when the stack kept its fit)."""
+    fb = (doc.get("meta") or {}).get("fallback") or {}
+    if not fb:
+        return ""
+    auc = fb["validation_auc"]
+    return (f"the meta-classifier's validation AUC ({auc['hybrid']:.3f}) was below the {fb['model']}'s "
+            f"({auc[fb['model']]:.3f}), so the hybrid is the {fb['model']} (stacking fallback, chosen on the sites' "
+            "summed validation statistics).")
 
 
 def best_alone_rule(sa: dict[str, Any]) -> str:

@@ -21,7 +21,7 @@ import numpy as np
 from common.files import write_text_atomic
 from common.metrics import METRIC_NAMES, EvalStats, roc_points
 from server.phases import MODELS
-from server.report import best_alone_rule
+from server.report import best_alone_rule, fallback_note
 
 
 def save_pooled_stats(run_dir: Path, pooled: dict[str, EvalStats]) -> None:
@@ -164,6 +164,8 @@ def _roles_and_decisions(doc: dict[str, Any]) -> str:
     notes = "".join(f"<li>The {'GLM' if fit == 'glm' else 'meta-classifier'} did not converge in "
                     f"{doc[fit].get('rounds')} Newton rounds (converged: false).</li>"
                     for fit in ("glm", "meta") if doc.get(fit) and not doc[fit].get("converged", True))
+    if fallback_note(doc):
+        notes += f"<li>{html.escape(fallback_note(doc)[0].upper() + fallback_note(doc)[1:])}</li>"
     return f"<ul>{roles}{notes}</ul><p><small>{decisions}</small></p>"
 
 

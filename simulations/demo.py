@@ -64,6 +64,10 @@ def comparison_text(metrics: dict[str, Any]) -> str:
                      f"  {role}")
     best_base = max((n for n in models if n != "hybrid"), key=lambda n: models[n]["auc"])
     lines.append(f"  hybrid - best base model ({best_base}): {models['hybrid']['auc'] - models[best_base]['auc']:+.3f}")
+    from server.report import fallback_note
+
+    if fallback_note(metrics):
+        lines.append("  note: " + fallback_note(metrics))
     alone = metrics.get("site_alone") or {}
     if alone:
         from server.report import best_alone_rule

@@ -139,3 +139,44 @@ def test_non_negative_stacking_is_the_bounded_optimum_pooled_and_federated(k: in
             break
     assert solver.converged
     np.testing.assert_allclose(solver.result(), flat, atol=1e-8)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_selection_coef_makes_the_stack_one_base_model(k: int) -> None:
+    from client.pipeline import meta_features
+    from common.meta import META_FEATURE_BOUND, selection_coef
+
+    rng = np.random.default_rng(9)
+    probas = [rng.dirichlet(np.ones(k), size=50) for _ in range(3)]
+    x = meta_features(*probas)
+    inside = (np.abs(x) < META_FEATURE_BOUND).all(axis=1)  # beyond the features' clip, probabilities saturate
+    assert inside.sum() > 30
+    for index in range(3):
+        stack = StackingMetaClassifier().set_coef(selection_coef(n_models=3, n_classes=k, index=index),
+                                                  n_features=x.shape[1])
+        np.testing.assert_allclose(stack.predict_proba(x)[inside], probas[index][inside], atol=1e-9)
+
+
+def test_the_stack_falls_back_to_a_better_base_model_on_validation() -> None:
+    from common.metrics import compute_stats
+    from common.stack import BASE_MODELS
+    from server.phases import RunState, _stacking_fallback
+
+    rng = np.random.default_rng(2)
+    y = rng.integers(0, 2, 400)
+    good = np.clip(0.5 + 0.3 * (y - 0.5) + rng.normal(0, 0.2, 400), 0.01, 0.99)
+    noise = rng.uniform(0.01, 0.99, 400)
+
+    def stats(p: np.ndarray):
+        return compute_stats(y, np.column_stack([1 - p, p]), n_classes=2, n_bins=32)
+
+    pooled = {"hybrid": stats(0.5 * good + 0.5 * noise), "cnn": stats(noise), "forest": stats(good),
+              "logreg": stats(rng.uniform(0.01, 0.99, 400))}
+    state = RunState(run_id="r", meta_coef=[0.3, 0.3, 0.3, 0.0])
+    fb = _stacking_fallback(state, pooled, 2)
+    assert fb["model"] == "forest" and fb["validation_auc"]["hybrid"] < fb["validation_auc"]["forest"]
+    assert state.meta_coef == [0.0, 1.0, 0.0, 0.0] and BASE_MODELS.index("forest") == 1
+    # A stack at least as good as every base model on validation keeps its fit.
+    pooled["hybrid"] = stats(good)
+    state = RunState(run_id="r", meta_coef=[0.3, 0.3, 0.3, 0.0])
+    assert _stacking_fallback(state, pooled, 2) == {} and state.meta_coef == [0.3, 0.3, 0.3, 0.0]
