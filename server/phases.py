@@ -240,7 +240,7 @@ def run_moments(grid: Grid, settings: RunSettings, state: RunState, log: RunLog)
         for key in ("count", "sum", "sumsq"):
             total[key] = total.get(key, 0.0) + np.asarray(arrays[key], dtype=np.float64)
     _require_quorum(state, settings, "moments")
-    scaler = scaler_from_moments(total, columns, rescaled=settings.dp, max_glm_columns=settings.glm_max_features)
+    scaler = scaler_from_moments(total, columns, rescaled=settings.dp, max_glm_columns=settings.glm_width)
     state.shared = {k: v.tolist() for k, v in scaler.to_arrays().items()}
     record = {"phase": "moments", "seconds": round(res.seconds, 2), "handler_s": _slowest_handler(res),
               "sites": sorted(state.site_of(n) for n in res.replies)}
