@@ -161,6 +161,19 @@ def _auc_from_hist(pos: np.ndarray, neg: np.ndarray) -> tuple[float, float]:
     return float(wins / denom), float(0.5 * (pos * neg).sum() / denom)
 
 
+def auc_standard_error(stats: EvalStats) -> float:
+    """Hanley and McNeil's (1982) standard error of the AUC of binary statistics (class 1 vs 0),
+    from the AUC and the class counts; NaN without both classes."""
+    pos, neg = np.asarray(stats.hist_pos[-1], dtype=np.float64), np.asarray(stats.hist_neg[-1], dtype=np.float64)
+    n1, n0 = float(np.maximum(pos, 0).sum()), float(np.maximum(neg, 0).sum())
+    a, _ = _auc_from_hist(np.maximum(pos, 0), np.maximum(neg, 0))
+    if n1 < 1 or n0 < 1 or math.isnan(a):
+        return float("nan")
+    q1, q2 = a / (2.0 - a), 2.0 * a * a / (1.0 + a)
+    var = (a * (1 - a) + (n1 - 1) * (q1 - a * a) + (n0 - 1) * (q2 - a * a)) / (n1 * n0)
+    return float(math.sqrt(max(var, 0.0)))
+
+
 def _ap_from_hist(pos: np.ndarray, neg: np.ndarray) -> float:
     """Average precision with each bin as one threshold, from the highest bin down."""
     n_pos = pos.sum()

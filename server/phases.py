@@ -516,7 +516,7 @@ def run_thresholds(grid: Grid, settings: RunSettings, state: RunState, log: RunL
             else Threshold.default()
         chosen[name] = th.to_dict()
     state.meta_fallback = _stacking_fallback(state, pooled, k)
-    if state.meta_fallback:
+    if state.meta_fallback.get("model"):
         chosen["hybrid"] = dict(chosen[state.meta_fallback["model"]])
         log.warning(f"meta-classifier: validation AUC {state.meta_fallback['validation_auc']['hybrid']:.3f} is below "
                     f"the {state.meta_fallback['model']}'s {state.meta_fallback['validation_auc'][state.meta_fallback['model']]:.3f}"
@@ -568,25 +568,32 @@ def run_evaluation(grid: Grid, settings: RunSettings, state: RunState, log: RunL
 
 
 def _stacking_fallback(state: RunState, pooled: dict[str, Any], n_classes: int) -> dict[str, Any]:
-    """When the stack does worse on the sites' summed validation statistics than its best base
-    model, the hybrid becomes that model (``state.meta_coef`` set to select it).
+    """Unless the stack beats its best base model on the sites' summed validation statistics by
+    more than that model's AUC standard error, the hybrid becomes that model (``state.meta_coef``
+    set to select it); returns what was decided and on what figures, or {} (no statistics).
 
-    The meta-classifier was fitted on the same validation split, so its figure there is if anything
-    optimistic: falling back means its fit is worse than choosing (typically noised statistics of
-    small validation splits under DP). Post-processing of released statistics: no privacy cost.
+    The meta-classifier was fitted on the same validation split, so its figure there is
+    optimistic; the one-standard-error margin (Hanley and McNeil's, from the validation class
+    counts) keeps a stack only where it is better by more than that split can tell apart. It is
+    what saves the hybrid when the meta statistics are noise (DP at small validation splits).
+    Post-processing of released statistics: no privacy cost.
     """
     from common.meta import selection_coef
-    from common.metrics import metrics_from_stats
+    from common.metrics import auc_standard_error, metrics_from_stats
 
     if "hybrid" not in pooled or not all(m in pooled for m in BASE_MODELS):
         return {}
     auc = {m: float(metrics_from_stats(pooled[m])["auc"]) for m in ("hybrid", *BASE_MODELS)}
     best = max(BASE_MODELS, key=lambda m: -1.0 if math.isnan(auc[m]) else auc[m])
-    if not auc["hybrid"] < auc[best]:
+    margin = auc_standard_error(pooled[best])
+    if math.isnan(margin):  # a class missing from the validation splits: nothing to decide on
         return {}
+    decision = {"validation_auc": auc, "best_base": best, "margin": margin}
+    if auc["hybrid"] > auc[best] + margin:
+        return {**decision, "model": ""}
     state.meta_coef = [float(c) for c in selection_coef(n_models=len(BASE_MODELS), n_classes=max(n_classes, 2),
                                                          index=BASE_MODELS.index(best))]
-    return {"model": best, "validation_auc": auc}
+    return {**decision, "model": best}
 
 
 def _site_alone_stats(stats: dict[str, Any], thresholds: dict[str, dict[str, Any]]) -> dict[str, Any]:

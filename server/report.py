@@ -296,12 +296,12 @@ def render_markdown(doc: dict[str, Any]) -> str:
 def fallback_note(doc: dict[str, Any]) -> str:
     """The stacking fallback in words ("" when the stack kept its fit)."""
     fb = (doc.get("meta") or {}).get("fallback") or {}
-    if not fb:
+    if not fb.get("model"):
         return ""
     auc = fb["validation_auc"]
-    return (f"the meta-classifier's validation AUC ({auc['hybrid']:.3f}) was below the {fb['model']}'s "
-            f"({auc[fb['model']]:.3f}), so the hybrid is the {fb['model']} (stacking fallback, chosen on the sites' "
-            "summed validation statistics).")
+    return (f"the meta-classifier's validation AUC ({auc['hybrid']:.3f}) did not beat the {fb['model']}'s "
+            f"({auc[fb['model']]:.3f}) by more than its standard error ({fb['margin']:.3f}), so the hybrid is the "
+            f"{fb['model']} (stacking fallback, decided on the sites' summed validation statistics).")
 
 
 def best_alone_rule(sa: dict[str, Any]) -> str:

@@ -170,13 +170,20 @@ def test_the_stack_falls_back_to_a_better_base_model_on_validation() -> None:
     def stats(p: np.ndarray):
         return compute_stats(y, np.column_stack([1 - p, p]), n_classes=2, n_bins=32)
 
+    better = np.clip(good + 0.15 * (y - 0.5), 0.01, 0.99)
     pooled = {"hybrid": stats(0.5 * good + 0.5 * noise), "cnn": stats(noise), "forest": stats(good),
               "logreg": stats(rng.uniform(0.01, 0.99, 400))}
     state = RunState(run_id="r", meta_coef=[0.3, 0.3, 0.3, 0.0])
     fb = _stacking_fallback(state, pooled, 2)
     assert fb["model"] == "forest" and fb["validation_auc"]["hybrid"] < fb["validation_auc"]["forest"]
     assert state.meta_coef == [0.0, 1.0, 0.0, 0.0] and BASE_MODELS.index("forest") == 1
-    # A stack at least as good as every base model on validation keeps its fit.
+    # As good as the best base model is not enough: the stack must beat it by a standard error ...
     pooled["hybrid"] = stats(good)
     state = RunState(run_id="r", meta_coef=[0.3, 0.3, 0.3, 0.0])
-    assert _stacking_fallback(state, pooled, 2) == {} and state.meta_coef == [0.3, 0.3, 0.3, 0.0]
+    assert _stacking_fallback(state, pooled, 2)["model"] == "forest" and state.meta_coef[1] == 1.0
+    # ... and a stack that does keeps its fit.
+    pooled["hybrid"] = stats(better)
+    state = RunState(run_id="r", meta_coef=[0.3, 0.3, 0.3, 0.0])
+    fb = _stacking_fallback(state, pooled, 2)
+    assert fb["model"] == "" and fb["validation_auc"]["hybrid"] > fb["validation_auc"]["forest"] + fb["margin"] > 0
+    assert state.meta_coef == [0.3, 0.3, 0.3, 0.0]

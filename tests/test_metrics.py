@@ -216,3 +216,19 @@ def test_youden_threshold_and_metrics_at_it() -> None:
     assert choose_threshold(compute_stats(np.zeros(5, int), np.full(5, 0.2), n_bins=32)) == Threshold.default(32)
     with pytest.raises(ValueError, match="not an edge"):
         at_threshold(compute_stats(y, p, n_bins=48), Threshold(1, 32, "x"))
+
+
+def test_auc_standard_error_matches_the_bootstrap() -> None:
+    from common.metrics import auc_standard_error
+
+    rng = np.random.default_rng(11)
+    y = rng.integers(0, 2, 300)
+    p = 1 / (1 + np.exp(-(1.2 * (y - 0.5) + rng.normal(size=300))))
+    se = auc_standard_error(compute_stats(y, np.column_stack([1 - p, p]), n_classes=2))
+    boot = []
+    for _ in range(400):
+        i = rng.integers(0, 300, 300)
+        boot.append(skm.roc_auc_score(y[i], p[i]))
+    assert se == pytest.approx(np.std(boot), rel=0.15)
+    one_class = compute_stats(np.zeros(10, dtype=int), np.full((10, 2), 0.5), n_classes=2)
+    assert np.isnan(auc_standard_error(one_class))
