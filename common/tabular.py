@@ -183,12 +183,16 @@ def clip_rows(x: np.ndarray, bound: float) -> np.ndarray:
 
 
 def scaler_from_moments(moments: dict[str, np.ndarray], columns: SharedColumns, *, rescaled: bool,
-                        max_glm_columns: int) -> SharedScaler:
+                        max_glm_columns: int, noise_sd: float = 0.0) -> SharedScaler:
     """The shared scaler from summed :func:`column_moments` (noised or exact).
 
     Post-processing of the released sums (no privacy cost): counts are floored at 1, means are
-    kept within the column's range, variances within ``[floor, (range / 2)^2]``, where the floor
-    is a hundredth of the range (rescaled moments) or 1e-12 (exact ones).
+    kept within the column's range, variances within ``[floor, (range / 2)^2]``. For exact
+    moments the floor is 1e-12. For rescaled (noised) ones it is what the noise leaves
+    measurable: twice the noise ``noise_sd`` of the summed sums of squares over the count (and at
+    least 1e-4). An underestimated scale would clip most of a column's values at the standardized
+    clip, which destroys it; an overestimated one only compresses it, which a linear model undoes.
+    Where the noise swamps everything the scale becomes half the column's public range.
 
     ``max_glm_columns`` caps the GLM's width: every clinical column is kept, the rest are the
     highest-variance columns relative to their range.
@@ -199,7 +203,8 @@ def scaler_from_moments(moments: dict[str, np.ndarray], columns: SharedColumns, 
     span = columns.high - columns.low
     if rescaled:
         mean = np.clip(mean, 0.0, 1.0)
-        std = np.sqrt(np.clip(var, 1e-4, 0.25))
+        floor = np.clip(2.0 * noise_sd / count, 1e-4, 0.25)
+        std = np.sqrt(np.clip(var, floor, 0.25))
         mean, std, rel_var = columns.low + mean * span, std * span, std**2
     else:
         std = np.sqrt(np.maximum(var, 0.0))

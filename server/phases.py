@@ -219,7 +219,7 @@ def _check_schemas(infos: dict[int, dict]) -> None:
 
 def run_moments(grid: Grid, settings: RunSettings, state: RunState, log: RunLog) -> None:
     """The shared preprocessing: sum the sites' moments into one scaler (common/tabular.py)."""
-    from common.tabular import scaler_from_moments, shared_columns
+    from common.tabular import moments_sensitivity, scaler_from_moments, shared_columns
 
     columns = shared_columns(state.schema)
     nodes = _require_quorum(state, settings, "moments")
@@ -228,6 +228,7 @@ def run_moments(grid: Grid, settings: RunSettings, state: RunState, log: RunLog)
                    group_id=f"{state.run_id}-moments", timeout=settings.round_timeout)
     _note_failures(state, log, res.failures, "moments")
     total: dict[str, np.ndarray] = {}
+    noise_var = 0.0  # of the summed sums, from each site's noise multiplier (public) and the sensitivity
     for node in sorted(res.replies, key=state.site_of):
         arrays = from_record(res.replies[node].content.array_records["moments"])
         bad = [k for k in ("count", "sum", "sumsq") if np.shape(arrays.get(k)) != (columns.width,)
@@ -239,8 +240,11 @@ def run_moments(grid: Grid, settings: RunSettings, state: RunState, log: RunLog)
             continue
         for key in ("count", "sum", "sumsq"):
             total[key] = total.get(key, 0.0) + np.asarray(arrays[key], dtype=np.float64)
+        sigma = float(res.replies[node].content.metric_records["metrics"].get("noise-multiplier", 0.0))
+        noise_var += (sigma * moments_sensitivity(columns.width)) ** 2
     _require_quorum(state, settings, "moments")
-    scaler = scaler_from_moments(total, columns, rescaled=settings.dp, max_glm_columns=settings.glm_width)
+    scaler = scaler_from_moments(total, columns, rescaled=settings.dp, max_glm_columns=settings.glm_width,
+                                 noise_sd=math.sqrt(noise_var))
     state.shared = {k: v.tolist() for k, v in scaler.to_arrays().items()}
     record = {"phase": "moments", "seconds": round(res.seconds, 2), "handler_s": _slowest_handler(res),
               "sites": sorted(state.site_of(n) for n in res.replies)}

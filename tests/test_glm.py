@@ -124,3 +124,24 @@ def test_dp_glm_step_is_a_shrunk_marginal_score() -> None:
     assert np.corrcoef(coef[:-1], [np.cov(x[:, j], y)[0, 1] for j in range(6)])[0, 1] > 0.99
     multi = public_curvature(n=10, n_features=2, n_classes=3)
     assert multi.shape == (9, 9) and np.allclose(multi, multi.T) and np.linalg.eigvalsh(multi).min() > -1e-12
+
+
+def test_noised_moments_never_shrink_a_scale_below_what_the_noise_can_measure() -> None:
+    """A column whose variance is below what the noise can measure gets the scale at that floor
+    (it is compressed, not clipped away); one the noise leaves measurable keeps its estimate."""
+    from common.tabular import SharedColumns, scaler_from_moments
+
+    n = 1000.0
+    width = 2
+    cols = SharedColumns(n_numeric=width, n_onehot=0, n_sequence=0, low=np.zeros(width), high=np.full(width, 10.0),
+                         clinical=np.zeros(width, dtype=bool))
+    # Rescaled moments: column a has sd 0.01 (of its range), b sd 0.3; means 0.5.
+    moments = {"count": np.full(width, n), "sum": np.full(width, 0.5 * n),
+               "sumsq": n * (0.25 + np.array([0.01, 0.3]) ** 2)}
+    exact = scaler_from_moments(moments, cols, rescaled=True, max_glm_columns=2)
+    np.testing.assert_allclose(exact.scale, [0.1, 3.0])
+    noised = scaler_from_moments(moments, cols, rescaled=True, max_glm_columns=2, noise_sd=10.0)
+    # floor: 2 * 10 / 1000 = 0.02 in variance (of the rescaled column): a's 1e-4 is below it, b's 0.09 is not.
+    np.testing.assert_allclose(noised.scale, [10.0 * np.sqrt(0.02), 3.0])
+    raw = np.array([[5.0, 5.0], [5.6, 8.0]])  # 0.6 off column a's noised mean: 6 of its exact sds
+    assert np.abs(noised.transform(raw)).max() < 4.0 and np.abs(exact.transform(raw)).max() == 4.0
