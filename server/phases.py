@@ -595,6 +595,7 @@ def _stacking_fallback(state: RunState, pooled: dict[str, Any], n_classes: int) 
     decision = {"validation_auc": auc, "best_base": best, "margin": margin}
     if auc["hybrid"] > auc[best] + margin:
         return {**decision, "model": ""}
+    decision["fitted_coef"] = [float(c) for c in state.meta_coef]  # what the meta rounds fitted, set aside
     state.meta_coef = [float(c) for c in selection_coef(n_models=len(BASE_MODELS), n_classes=max(n_classes, 2),
                                                          index=BASE_MODELS.index(best))]
     return {**decision, "model": best}
