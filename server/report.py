@@ -299,9 +299,10 @@ def fallback_note(doc: dict[str, Any]) -> str:
     if not fb.get("model"):
         return ""
     auc = fb["validation_auc"]
+    margin = f" by more than its standard error ({fb['margin']:.3f})" if "margin" in fb else ""
     return (f"the meta-classifier's validation AUC ({auc['hybrid']:.3f}) did not beat the {fb['model']}'s "
-            f"({auc[fb['model']]:.3f}) by more than its standard error ({fb['margin']:.3f}), so the hybrid is the "
-            f"{fb['model']} (stacking fallback, decided on the sites' summed validation statistics).")
+            f"({auc[fb['model']]:.3f}){margin}, so the hybrid is the {fb['model']} (stacking fallback, decided on "
+            "the sites' summed validation statistics).")
 
 
 def best_alone_rule(sa: dict[str, Any]) -> str:
