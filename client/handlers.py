@@ -313,8 +313,7 @@ def glm_round(site: SiteRef, shared: dict[str, np.ndarray], settings: RunSetting
 
     The inputs are the shared columns, imputed, standardized and clipped with the coordinator's
     shared scaler (so one record's design row is bounded). The coordinator starts from zero (no
-    local fit is asked for); under DP the terms are released through the Gaussian mechanism
-    Under DP the site releases only a noised gradient, in the one GLM round a DP run has
+    local fit is asked for). Under DP the site releases only a noised gradient, in the one GLM round a DP run has
     (``glm-epsilon``; :mod:`common.glm` says why), charged first.
 
     Raises
