@@ -43,7 +43,7 @@ def test_tls_federation_completes_and_writes_the_run_directory(deployment) -> No
     dep, root = deployment
     run_dir = root / "run-ok"
     started = time.monotonic()
-    settings = {**RUN, "meta-rounds": 2, "run-dir": str(run_dir)}
+    settings = {**RUN, "run-dir": str(run_dir)}
     result = dep.run(APP_DIR, run_config=settings, timeout=420.0)
     assert result.status.completed, result.log[-3000:]
     doc = json.loads((run_dir / "metrics.json").read_text())
@@ -69,7 +69,7 @@ def test_unregistered_supernode_is_refused(deployment) -> None:
 def test_killed_supernode_leaves_the_run_which_completes(deployment) -> None:
     dep, root = deployment
     run_dir = root / "run-kill"
-    run_id = dep.submit_run(APP_DIR, run_config={**RUN, "run-dir": str(run_dir)})
+    run_id = dep.submit_run(APP_DIR, run_config={**RUN, "cnn-rounds": 1, "run-dir": str(run_dir)})
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:  # wait for CNN round 1 to start, then kill site-3 mid-round
         log = (run_dir / "run.log").read_text() if (run_dir / "run.log").exists() else ""
