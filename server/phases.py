@@ -522,9 +522,10 @@ def run_thresholds(grid: Grid, settings: RunSettings, state: RunState, log: RunL
     state.meta_fallback = _stacking_fallback(state, pooled, k)
     if state.meta_fallback.get("model"):
         chosen["hybrid"] = dict(chosen[state.meta_fallback["model"]])
-        log.warning(f"meta-classifier: validation AUC {state.meta_fallback['validation_auc']['hybrid']:.3f} is below "
-                    f"the {state.meta_fallback['model']}'s {state.meta_fallback['validation_auc'][state.meta_fallback['model']]:.3f}"
-                    f"; the hybrid falls back to the {state.meta_fallback['model']}")
+        fb = state.meta_fallback
+        log.warning(f"meta-classifier: validation AUC {fb['validation_auc']['hybrid']:.3f} does not beat the "
+                    f"{fb['model']}'s {fb['validation_auc'][fb['model']]:.3f} by more than its standard error "
+                    f"{fb['margin']:.3f}; the hybrid falls back to the {fb['model']}")
     state.thresholds = chosen
     # A site alone would choose its own models' thresholds on its own validation split.
     state.site_thresholds = {
