@@ -162,11 +162,26 @@ def _auc_from_hist(pos: np.ndarray, neg: np.ndarray) -> tuple[float, float]:
 
 
 def auc_standard_error(stats: EvalStats) -> float:
-    """Hanley and McNeil's (1982) standard error of the AUC of binary statistics (class 1 vs 0),
-    from the AUC and the class counts; NaN without both classes."""
-    pos, neg = np.asarray(stats.hist_pos[-1], dtype=np.float64), np.asarray(stats.hist_neg[-1], dtype=np.float64)
-    n1, n0 = float(np.maximum(pos, 0).sum()), float(np.maximum(neg, 0).sum())
-    a, _ = _auc_from_hist(np.maximum(pos, 0), np.maximum(neg, 0))
+    """Standard error of the AUC that :func:`metrics_from_stats` reports, from the AUC and the class counts.
+
+    Binary statistics (class 1 vs 0): Hanley and McNeil's (1982) standard error. Multi-class (the
+    macro one-vs-rest AUC): the mean of the per-class standard errors, which bounds the standard
+    error of the mean AUC whatever the classes' covariances (it is exact when they are perfectly
+    correlated), so a difference that clears it is not an artefact of the split. NaN without both
+    sides of any class.
+    """
+    k = stats.hist_pos.shape[0]
+    classes = [k - 1] if k == 2 else [c for c in range(k) if np.maximum(stats.hist_pos[c], 0).sum() > 0]
+    errors = [_hanley_mcneil(stats.hist_pos[c], stats.hist_neg[c]) for c in classes]
+    return float("nan") if not errors or any(math.isnan(e) for e in errors) else float(np.mean(errors))
+
+
+def _hanley_mcneil(pos: np.ndarray, neg: np.ndarray) -> float:
+    """Hanley and McNeil's standard error of one histogram pair's AUC; NaN without both sides."""
+    pos = np.maximum(np.asarray(pos, dtype=np.float64), 0)
+    neg = np.maximum(np.asarray(neg, dtype=np.float64), 0)
+    n1, n0 = float(pos.sum()), float(neg.sum())
+    a, _ = _auc_from_hist(pos, neg)
     if n1 < 1 or n0 < 1 or math.isnan(a):
         return float("nan")
     q1, q2 = a / (2.0 - a), 2.0 * a * a / (1.0 + a)

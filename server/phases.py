@@ -490,19 +490,19 @@ def _warm_start(replies: list[dict[str, Any]]) -> np.ndarray:
 
 def run_thresholds(grid: Grid, settings: RunSettings, state: RunState, log: RunLog,
                    weights: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
-    """Each model's operating threshold, chosen on the sites' summed validation statistics.
+    """Each model's operating threshold, and the stacking fallback, from the sites' summed
+    validation statistics.
 
-    Binary problems only (multi-class decisions stay argmax). Youden's J by default, or the
-    highest threshold reaching ``target-sensitivity``; probability 0.5 where no validation
-    statistics are released (``test-statistics = none``).
+    Thresholds are for binary problems only (multi-class decisions stay argmax): Youden's J by
+    default, or the highest threshold reaching ``target-sensitivity``; probability 0.5 where no
+    validation statistics are released (``test-statistics = none``). The stacking fallback
+    (:func:`_stacking_fallback`) and each site's choice of its best model alone use the same
+    statistics for any number of classes.
     """
-    from common.metrics import Threshold, choose_threshold, metrics_from_stats
+    from common.metrics import metrics_from_stats
 
     k = len(state.schema["label"]["classes"])
     state.phase = "evaluate"
-    if k != 2:
-        state.thresholds = {}
-        return state.thresholds
     pooled: dict[str, Any] = {}
     per_site: dict[str, dict[str, Any]] = {}
     if settings.test_statistics != "none":
@@ -514,31 +514,42 @@ def run_thresholds(grid: Grid, settings: RunSettings, state: RunState, log: RunL
         state.rounds.append({"phase": "validation", "seconds": round(res.seconds, 2),
                              "handler_s": _slowest_handler(res), "sites": sorted(per_site),
                              "epsilon": {s: v["epsilon"] for s, v in per_site.items() if v["epsilon"] > 0}})
+    chosen = _binary_thresholds(settings, state, log, pooled, per_site) if k == 2 else {}
+    state.meta_fallback = _stacking_fallback(state, pooled, k)
+    if state.meta_fallback.get("model"):
+        fb = state.meta_fallback
+        if chosen:
+            chosen["hybrid"] = dict(chosen[fb["model"]])
+        log.warning(f"meta-classifier: validation AUC {fb['validation_auc']['hybrid']:.3f} does not beat the "
+                    f"{fb['model']}'s {fb['validation_auc'][fb['model']]:.3f} by more than its standard error "
+                    f"{fb['margin']:.3f}; the hybrid falls back to the {fb['model']}")
+    state.thresholds = chosen
+    # A site alone would pick its best model alone on its own validation split, never on its test split.
+    state.site_validation_auc = {
+        site: {row: metrics_from_stats(v["stats"][released])["auc"]
+               for row, released in SITE_ALONE_ROWS.items() if released in v["stats"]}
+        for site, v in per_site.items()}
+    if chosen:
+        log.info("operating thresholds (probability of class 1, " + next(iter(chosen.values()))["rule"] + "): "
+                 + ", ".join(f"{m} {t['probability']:.3f}" for m, t in chosen.items()))
+    return chosen
+
+
+def _binary_thresholds(settings: RunSettings, state: RunState, log: RunLog, pooled: dict[str, Any],
+                       per_site: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The federated models' thresholds from the summed statistics; each site's own models' from its own."""
+    from common.metrics import Threshold, choose_threshold
+
     chosen = {}
     for name in MODELS:
         th = choose_threshold(pooled[name], target_sensitivity=settings.target_sensitivity) if name in pooled \
             else Threshold.default()
         chosen[name] = th.to_dict()
-    state.meta_fallback = _stacking_fallback(state, pooled, k)
-    if state.meta_fallback.get("model"):
-        chosen["hybrid"] = dict(chosen[state.meta_fallback["model"]])
-        fb = state.meta_fallback
-        log.warning(f"meta-classifier: validation AUC {fb['validation_auc']['hybrid']:.3f} does not beat the "
-                    f"{fb['model']}'s {fb['validation_auc'][fb['model']]:.3f} by more than its standard error "
-                    f"{fb['margin']:.3f}; the hybrid falls back to the {fb['model']}")
-    state.thresholds = chosen
     # A site alone would choose its own models' thresholds on its own validation split.
     state.site_thresholds = {
         site: {row: choose_threshold(v["stats"][released], target_sensitivity=settings.target_sensitivity).to_dict()
                for row, released in SITE_ALONE_ROWS.items() if released in v["stats"]}
         for site, v in per_site.items()}
-    # ... and would pick its best model alone on that split too, never on its test split.
-    state.site_validation_auc = {
-        site: {row: metrics_from_stats(v["stats"][released])["auc"]
-               for row, released in SITE_ALONE_ROWS.items() if released in v["stats"]}
-        for site, v in per_site.items()}
-    log.info("operating thresholds (probability of class 1, " + next(iter(chosen.values()))["rule"] + "): "
-             + ", ".join(f"{m} {t['probability']:.3f}" for m, t in chosen.items()))
     return chosen
 
 

@@ -52,7 +52,7 @@ def site_alone_comparison(evaluation: dict[str, Any], state: RunState) -> dict[s
     trained on the site alone, its forest; each at the site's own validation threshold), the
     best of them (``best_alone``: by AUC on the site's validation split, as the site alone would
     choose; by test AUC, an optimistic choice said in ``best_alone_chosen_on``, where no validation
-    statistics were released, as for multi-class runs), and the federated models' AUCs there. ``pooled``: each own model's
+    statistics were released: ``test-statistics = none``), and the federated models' AUCs there. ``pooled``: each own model's
     statistics summed over the sites. ``mean_auc``: averaged over sites, the federated hybrid and
     each site's best model alone.
     """

@@ -187,3 +187,52 @@ def test_the_stack_falls_back_to_a_better_base_model_on_validation() -> None:
     fb = _stacking_fallback(state, pooled, 2)
     assert fb["model"] == "" and fb["validation_auc"]["hybrid"] > fb["validation_auc"]["forest"] + fb["margin"] > 0
     assert state.meta_coef == [0.3, 0.3, 0.3, 0.0]
+
+
+def test_a_multiclass_stack_falls_back_on_its_macro_auc() -> None:
+    """Three classes: the stack is judged on the macro one-vs-rest AUC of the summed validation
+    statistics, and falling back selects the best model's evidence for every class."""
+    from common.meta import selection_coef
+    from common.metrics import auc_standard_error, compute_stats, metrics_from_stats
+    from server.phases import RunState, _stacking_fallback
+
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 3, 600)
+
+    def proba(signal: float) -> np.ndarray:
+        logits = signal * np.eye(3)[y] + rng.normal(0, 1, (600, 3))
+        e = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+    pooled = {name: compute_stats(y, proba(s), n_classes=3, n_bins=32)
+              for name, s in (("hybrid", 0.8), ("cnn", 0.2), ("forest", 2.0), ("logreg", 1.0))}
+    se = auc_standard_error(pooled["forest"])
+    assert 0.005 < se < 0.05
+    state = RunState(run_id="r", meta_coef=[0.1] * 30)
+    fb = _stacking_fallback(state, pooled, 3)
+    assert fb["model"] == "forest" and fb["margin"] == se
+    assert fb["validation_auc"]["forest"] == metrics_from_stats(pooled["forest"])["auc"]
+    np.testing.assert_array_equal(state.meta_coef, selection_coef(n_models=3, n_classes=3, index=1))
+    pooled["hybrid"] = compute_stats(y, proba(4.0), n_classes=3, n_bins=32)
+    state = RunState(run_id="r", meta_coef=[0.1] * 30)
+    assert _stacking_fallback(state, pooled, 3)["model"] == "" and state.meta_coef == [0.1] * 30
+
+
+def test_the_multiclass_auc_standard_error_bounds_the_bootstrap() -> None:
+    """The mean of the per-class errors is at least the macro AUC's bootstrap spread, and not
+    wildly above it (the classes' AUCs are positively correlated)."""
+    import sklearn.metrics as skm
+
+    from common.metrics import auc_standard_error, compute_stats
+
+    rng = np.random.default_rng(8)
+    n = 450
+    y = rng.integers(0, 3, n)
+    logits = 1.0 * np.eye(3)[y] + rng.normal(0, 1, (n, 3))
+    p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    se = auc_standard_error(compute_stats(y, p, n_classes=3))
+    boot = []
+    for _ in range(300):
+        i = rng.integers(0, n, n)
+        boot.append(skm.roc_auc_score(y[i], p[i], multi_class="ovr", average="macro"))
+    assert np.std(boot) * 0.9 <= se <= 2.5 * np.std(boot)
