@@ -74,6 +74,7 @@ class RunSettings:
     meta_c: float = 1.0
     meta_tol: float = 1e-10
     meta_positive: bool = True       # non-negative stacking: no model's weight on its own evidence goes below 0
+    meta_fallback_margin: float = 1.0  # the stack is kept only if its validation AUC beats its best base model's by this many standard errors
     test_statistics: str = "noised"  # none | noised | exact: how sites release test statistics
     test_epsilon: float = 1.0        # epsilon of the one test-statistics release (noised), and of the validation one
     init_from: str = ""              # start the deep model from an earlier run directory or checkpoint file
@@ -104,6 +105,9 @@ class RunSettings:
         if not 0 <= self.target_sensitivity < 1:
             raise SettingsError(f"run config target-sensitivity = {self.target_sensitivity!r}: must be in [0, 1) "
                                 "(0: Youden's J)")
+        if not self.meta_fallback_margin >= 0:
+            raise SettingsError(f"run config meta-fallback-margin = {self.meta_fallback_margin!r}: must be >= 0 "
+                                "(standard errors of the best base model's validation AUC)")
         if self.max_update_norm < 0:
             raise SettingsError(f"run config max-update-norm = {self.max_update_norm!r}: must be >= 0 "
                                 "(0: derived from the run's settings)")

@@ -515,14 +515,14 @@ def run_thresholds(grid: Grid, settings: RunSettings, state: RunState, log: RunL
                              "handler_s": _slowest_handler(res), "sites": sorted(per_site),
                              "epsilon": {s: v["epsilon"] for s, v in per_site.items() if v["epsilon"] > 0}})
     chosen = _binary_thresholds(settings, state, log, pooled, per_site) if k == 2 else {}
-    state.meta_fallback = _stacking_fallback(state, pooled, k)
+    state.meta_fallback = _stacking_fallback(state, pooled, k, margin_se=settings.meta_fallback_margin)
     if state.meta_fallback.get("model"):
         fb = state.meta_fallback
         if chosen:
             chosen["hybrid"] = dict(chosen[fb["model"]])
         log.warning(f"meta-classifier: validation AUC {fb['validation_auc']['hybrid']:.3f} does not beat the "
-                    f"{fb['model']}'s {fb['validation_auc'][fb['model']]:.3f} by more than its standard error "
-                    f"{fb['margin']:.3f}; the hybrid falls back to the {fb['model']}")
+                    f"{fb['model']}'s {fb['validation_auc'][fb['model']]:.3f} by more than the margin "
+                    f"{fb['margin']:.3f} ({fb['margin_se']:g} standard errors); the hybrid falls back to the {fb['model']}")
     state.thresholds = chosen
     # A site alone would pick its best model alone on its own validation split, never on its test split.
     state.site_validation_auc = {
@@ -583,10 +583,12 @@ def run_evaluation(grid: Grid, settings: RunSettings, state: RunState, log: RunL
     return {"pooled": pooled, "sites": per_site}
 
 
-def _stacking_fallback(state: RunState, pooled: dict[str, Any], n_classes: int) -> dict[str, Any]:
+def _stacking_fallback(state: RunState, pooled: dict[str, Any], n_classes: int, *,
+                       margin_se: float = 1.0) -> dict[str, Any]:
     """Unless the stack beats its best base model on the sites' summed validation statistics by
-    more than that model's AUC standard error, the hybrid becomes that model (``state.meta_coef``
-    set to select it); returns what was decided and on what figures, or {} (no statistics).
+    more than ``margin_se`` times that model's AUC standard error (``meta-fallback-margin``), the
+    hybrid becomes that model (``state.meta_coef`` set to select it); returns what was decided and
+    on what figures, or {} (no statistics).
 
     The meta-classifier was fitted on the same validation split, so its figure there is
     optimistic; the one-standard-error margin (Hanley and McNeil's, from the validation class
@@ -601,10 +603,10 @@ def _stacking_fallback(state: RunState, pooled: dict[str, Any], n_classes: int) 
         return {}
     auc = {m: float(metrics_from_stats(pooled[m])["auc"]) for m in ("hybrid", *BASE_MODELS)}
     best = max(BASE_MODELS, key=lambda m: -1.0 if math.isnan(auc[m]) else auc[m])
-    margin = auc_standard_error(pooled[best])
+    margin = margin_se * auc_standard_error(pooled[best])
     if math.isnan(margin):  # a class missing from the validation splits: nothing to decide on
         return {}
-    decision = {"validation_auc": auc, "best_base": best, "margin": margin}
+    decision = {"validation_auc": auc, "best_base": best, "margin": margin, "margin_se": margin_se}
     if auc["hybrid"] > auc[best] + margin:
         return {**decision, "model": ""}
     decision["fitted_coef"] = [float(c) for c in state.meta_coef]  # what the meta rounds fitted, set aside

@@ -299,7 +299,9 @@ def fallback_note(doc: dict[str, Any]) -> str:
     if not fb.get("model"):
         return ""
     auc = fb["validation_auc"]
-    margin = f" by more than its standard error ({fb['margin']:.3f})" if "margin" in fb else ""
+    se = fb.get("margin_se", 1.0)
+    what = "its standard error" if se == 1.0 else f"{se:g} standard errors of it"
+    margin = f" by more than {what} ({fb['margin']:.3f})" if "margin" in fb else ""
     return (f"the meta-classifier's validation AUC ({auc['hybrid']:.3f}) did not beat the {fb['model']}'s "
             f"({auc[fb['model']]:.3f}){margin}, so the hybrid is the {fb['model']} (stacking fallback, decided on "
             "the sites' summed validation statistics).")
