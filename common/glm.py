@@ -19,6 +19,12 @@ shared standardization makes true on the diagonal). The result is a ridge-shrunk
 columns' marginal associations with the label: the classical polygenic-score construction. Its
 scale is not calibrated when columns are correlated; the meta-classifier and the threshold chosen
 on validation data do not need it to be.
+
+Of that step the coordinator keeps the ``glm-dp-max-features`` columns with the largest
+coefficients and zeroes the rest (:func:`keep_largest`, post-processing: no privacy cost). The
+released gradient covers every shared column, so the columns are chosen by their association
+with the label, not by a label-blind criterion; most columns of a genomic panel carry no signal,
+and keeping only the strongest discards their noise.
 """
 
 from __future__ import annotations
@@ -64,6 +70,21 @@ def gradient_bound(*, n_features: int, n_classes: int) -> float:
     """
     z = math.sqrt(glm_row_bound(n_features) ** 2 + 1.0)
     return z if n_classes == 2 else math.sqrt(2.0) * z
+
+
+def keep_largest(coef: np.ndarray, *, n_features: int, n_classes: int, keep: int) -> np.ndarray:
+    """``coef`` with all but the ``keep`` columns of largest coefficients set to zero.
+
+    A column's size is the L2 norm of its coefficients over the classes (one coefficient for a
+    binary model); the intercepts are always kept. Ties keep the lower column index.
+    """
+    k = max(n_classes, 2)
+    rows = np.asarray(coef, dtype=np.float64).reshape(1 if k == 2 else k, n_features + 1).copy()
+    if keep < n_features:
+        size = np.linalg.norm(rows[:, :n_features], axis=0)
+        drop = np.argsort(-size, kind="stable")[keep:]
+        rows[:, drop] = 0.0
+    return rows.ravel()
 
 
 def public_curvature(*, n: int, n_features: int, n_classes: int) -> np.ndarray:

@@ -68,7 +68,7 @@ class RunSettings:
     glm_epsilon: float = 1.0         # under DP: the epsilon of the GLM's one noised gradient
     glm_c: float = 0.1               # the GLM's inverse L2 penalty (the objective sums over records)
     glm_max_features: int = 256      # the GLM reads at most this many shared columns
-    glm_dp_max_features: int = 16    # ... and under DP at most this many (clinical ones first): noise grows with the width
+    glm_dp_max_features: int = 16    # under DP the GLM keeps this many columns: the largest of its one noised step
     meta_rounds: int = 3
     meta_epsilon: float = 1.0        # under DP: the meta statistics' epsilon over all meta rounds
     meta_c: float = 1.0
@@ -132,12 +132,6 @@ class RunSettings:
                 raise SettingsError(f"run config {key} = {cfg[key]!r}: expected "
                                     f"{type(f.default).__name__}") from None
         return cls(**values)
-
-    @property
-    def glm_width(self) -> int:
-        """Shared columns the federated GLM reads at most (``glm-dp-max-features`` under DP: the
-        noise of its one gradient release grows with the square root of the width, its signal does not)."""
-        return min(self.glm_max_features, self.glm_dp_max_features) if self.dp else self.glm_max_features
 
     @property
     def glm_fit_rounds(self) -> int:

@@ -54,6 +54,7 @@ class RunState:
     glm_round: int = 0
     glm_solver: dict[str, Any] = field(default_factory=dict)
     glm_coef: list[float] = field(default_factory=list)
+    glm_kept: int = 0                                             # under DP: columns the GLM kept (0: all)
     meta_round: int = 0
     meta_solver: dict[str, Any] = field(default_factory=dict)
     meta_coef: list[float] = field(default_factory=list)
@@ -243,7 +244,7 @@ def run_moments(grid: Grid, settings: RunSettings, state: RunState, log: RunLog)
         sigma = float(res.replies[node].content.metric_records["metrics"].get("noise-multiplier", 0.0))
         noise_var += (sigma * moments_sensitivity(columns.width)) ** 2
     _require_quorum(state, settings, "moments")
-    scaler = scaler_from_moments(total, columns, rescaled=settings.dp, max_glm_columns=settings.glm_width,
+    scaler = scaler_from_moments(total, columns, rescaled=settings.dp, max_glm_columns=settings.glm_max_features,
                                  noise_sd=math.sqrt(noise_var))
     state.shared = {k: v.tolist() for k, v in scaler.to_arrays().items()}
     record = {"phase": "moments", "seconds": round(res.seconds, 2), "handler_s": _slowest_handler(res),
@@ -344,8 +345,9 @@ def _aggregator(settings: RunSettings) -> Any:
 def run_glm_rounds(grid: Grid, settings: RunSettings, state: RunState, log: RunLog,
                    weights: dict[str, np.ndarray], checkpoint: Any) -> list[float]:
     """Federated Newton on the GLM over the shared columns; under DP one step from the sites'
-    noised gradients with a public curvature (:mod:`common.glm`)."""
-    from common.glm import GLM_FEATURE_BOUND, public_curvature
+    noised gradients with a public curvature, of which the ``glm-dp-max-features`` largest
+    columns are kept (:mod:`common.glm`)."""
+    from common.glm import GLM_FEATURE_BOUND, keep_largest, public_curvature
     from common.meta import NewtonSolver
 
     k = max(len(state.schema["label"]["classes"]), 2)
@@ -360,7 +362,11 @@ def run_glm_rounds(grid: Grid, settings: RunSettings, state: RunState, log: RunL
     _newton_rounds(grid, settings, state, log, solver, content, kind="glm", rounds=settings.glm_fit_rounds,
                    bound=GLM_FEATURE_BOUND, max_n="n-train", facts={}, warm_start=False,
                    checkpoint=lambda: checkpoint(weights), public_curvature=curvature)
-    state.glm_coef = [float(c) for c in solver.result()]
+    coef = solver.result()
+    if settings.dp:
+        coef = keep_largest(coef, n_features=n_features, n_classes=k, keep=settings.glm_dp_max_features)
+        state.glm_kept = min(settings.glm_dp_max_features, n_features)
+    state.glm_coef = [float(c) for c in coef]
     state.phase = "meta"
     return state.glm_coef
 

@@ -145,3 +145,19 @@ def test_noised_moments_never_shrink_a_scale_below_what_the_noise_can_measure() 
     np.testing.assert_allclose(noised.scale, [10.0 * np.sqrt(0.02), 3.0])
     raw = np.array([[5.0, 5.0], [5.6, 8.0]])  # 0.6 off column a's noised mean: 6 of its exact sds
     assert np.abs(noised.transform(raw)).max() < 4.0 and np.abs(exact.transform(raw)).max() == 4.0
+
+
+def test_keep_largest_zeroes_all_but_the_strongest_columns() -> None:
+    from common.glm import keep_largest
+
+    binary = np.array([0.1, -3.0, 0.5, 2.0, 0.0, -1.0])  # five columns and the intercept
+    np.testing.assert_array_equal(keep_largest(binary, n_features=5, n_classes=2, keep=2),
+                                  [0.0, -3.0, 0.0, 2.0, 0.0, -1.0])
+    np.testing.assert_array_equal(keep_largest(binary, n_features=5, n_classes=2, keep=9), binary)
+    # Three classes: a column's size is its norm over the classes; every intercept stays.
+    multi = np.array([[1.0, 0.0, 0.2, 5.0],
+                      [-1.0, 0.1, 0.2, 6.0],
+                      [0.0, 0.0, -0.2, 7.0]])
+    kept = keep_largest(multi.ravel(), n_features=3, n_classes=3, keep=1).reshape(3, 4)
+    np.testing.assert_array_equal(kept[:, 0], multi[:, 0])
+    assert not kept[:, 1:3].any() and (kept[:, 3] == multi[:, 3]).all()

@@ -236,3 +236,27 @@ def test_the_multiclass_auc_standard_error_bounds_the_bootstrap() -> None:
         i = rng.integers(0, n, n)
         boot.append(skm.roc_auc_score(y[i], p[i], multi_class="ovr", average="macro"))
     assert np.std(boot) * 0.9 <= se <= 2.5 * np.std(boot)
+
+
+def test_the_fallback_margin_is_counted_in_standard_errors() -> None:
+    from common.metrics import auc_standard_error, compute_stats
+    from server.phases import RunState, _stacking_fallback
+
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 2, 400)
+    good = np.clip(0.5 + 0.3 * (y - 0.5) + rng.normal(0, 0.2, 400), 0.01, 0.99)
+
+    def stats(p: np.ndarray):
+        return compute_stats(y, np.column_stack([1 - p, p]), n_classes=2, n_bins=32)
+
+    pooled = {"hybrid": stats(np.clip(good + 0.04 * (y - 0.5), 0.01, 0.99)), "cnn": stats(rng.uniform(size=400)),
+              "forest": stats(good), "logreg": stats(rng.uniform(size=400))}
+    se = auc_standard_error(pooled["forest"])
+    decided = {}
+    for margin_se in (0.0, 0.5, 1.0, 2.0):
+        fb = _stacking_fallback(RunState(run_id="r", meta_coef=[0.3] * 4), pooled, 2, margin_se=margin_se)
+        assert fb["margin"] == pytest.approx(margin_se * se) and fb["margin_se"] == margin_se
+        lead = fb["validation_auc"]["hybrid"] - fb["validation_auc"]["forest"]
+        decided[margin_se] = fb["model"]
+        assert (fb["model"] == "") == (lead > margin_se * se)
+    assert decided[0.0] == "" and decided[2.0] == "forest"  # the stack leads, by less than two errors

@@ -35,6 +35,7 @@ def test_round_trip_and_kebab_keys() -> None:
     ({"delta": 1.5}, r"run config delta = 1.5: must be in \[0, 1\)"),
     ({"strategy": "fedsgd"}, r"strategy = 'fedsgd': choose one of fedavg"),
     ({"test-statistics": "loud"}, r"test-statistics = 'loud': choose one of none, noised, exact"),
+    ({"meta-fallback-margin": -0.5}, r"meta-fallback-margin = -0.5: must be >= 0"),
 ])
 def test_bad_values_are_named(cfg: dict, match: str) -> None:
     with pytest.raises(SettingsError, match=match):
