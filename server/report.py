@@ -302,7 +302,7 @@ def fallback_note(doc: dict[str, Any]) -> str:
     auc = fb["validation_auc"]
     se = fb.get("margin_se", 1.0)
     what = "its standard error" if se == 1.0 else f"{se:g} standard errors of it"
-    margin = f" by more than {what} ({fb['margin']:.3f})" if "margin" in fb else ""
+    margin = f" by more than {what} ({fb['margin']:.3f})" if fb.get("margin") else ""
     return (f"the meta-classifier's validation AUC ({auc['hybrid']:.3f}) did not beat the {fb['model']}'s "
             f"({auc[fb['model']]:.3f}){margin}, so the hybrid is the {fb['model']} (stacking fallback, decided on "
             "the sites' summed validation statistics).")

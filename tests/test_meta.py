@@ -174,17 +174,17 @@ def test_the_stack_falls_back_to_a_better_base_model_on_validation() -> None:
     pooled = {"hybrid": stats(0.5 * good + 0.5 * noise), "cnn": stats(noise), "forest": stats(good),
               "logreg": stats(rng.uniform(0.01, 0.99, 400))}
     state = RunState(run_id="r", meta_coef=[0.3, 0.3, 0.3, 0.0])
-    fb = _stacking_fallback(state, pooled, 2)
+    fb = _stacking_fallback(state, pooled, 2, margin_se=1.0)
     assert fb["model"] == "forest" and fb["validation_auc"]["hybrid"] < fb["validation_auc"]["forest"]
     assert state.meta_coef == [0.0, 1.0, 0.0, 0.0] and BASE_MODELS.index("forest") == 1
     # As good as the best base model is not enough: the stack must beat it by a standard error ...
     pooled["hybrid"] = stats(good)
     state = RunState(run_id="r", meta_coef=[0.3, 0.3, 0.3, 0.0])
-    assert _stacking_fallback(state, pooled, 2)["model"] == "forest" and state.meta_coef[1] == 1.0
+    assert _stacking_fallback(state, pooled, 2, margin_se=1.0)["model"] == "forest" and state.meta_coef[1] == 1.0
     # ... and a stack that does keeps its fit.
     pooled["hybrid"] = stats(better)
     state = RunState(run_id="r", meta_coef=[0.3, 0.3, 0.3, 0.0])
-    fb = _stacking_fallback(state, pooled, 2)
+    fb = _stacking_fallback(state, pooled, 2, margin_se=1.0)
     assert fb["model"] == "" and fb["validation_auc"]["hybrid"] > fb["validation_auc"]["forest"] + fb["margin"] > 0
     assert state.meta_coef == [0.3, 0.3, 0.3, 0.0]
 
@@ -209,13 +209,13 @@ def test_a_multiclass_stack_falls_back_on_its_macro_auc() -> None:
     se = auc_standard_error(pooled["forest"])
     assert 0.005 < se < 0.05
     state = RunState(run_id="r", meta_coef=[0.1] * 30)
-    fb = _stacking_fallback(state, pooled, 3)
+    fb = _stacking_fallback(state, pooled, 3, margin_se=1.0)
     assert fb["model"] == "forest" and fb["margin"] == se
     assert fb["validation_auc"]["forest"] == metrics_from_stats(pooled["forest"])["auc"]
     np.testing.assert_array_equal(state.meta_coef, selection_coef(n_models=3, n_classes=3, index=1))
     pooled["hybrid"] = compute_stats(y, proba(4.0), n_classes=3, n_bins=32)
     state = RunState(run_id="r", meta_coef=[0.1] * 30)
-    assert _stacking_fallback(state, pooled, 3)["model"] == "" and state.meta_coef == [0.1] * 30
+    assert _stacking_fallback(state, pooled, 3, margin_se=1.0)["model"] == "" and state.meta_coef == [0.1] * 30
 
 
 def test_the_multiclass_auc_standard_error_bounds_the_bootstrap() -> None:
@@ -256,7 +256,20 @@ def test_the_fallback_margin_is_counted_in_standard_errors() -> None:
     for margin_se in (0.0, 0.5, 1.0, 2.0):
         fb = _stacking_fallback(RunState(run_id="r", meta_coef=[0.3] * 4), pooled, 2, margin_se=margin_se)
         assert fb["margin"] == pytest.approx(margin_se * se) and fb["margin_se"] == margin_se
+        assert fb["standard_error"] == se
         lead = fb["validation_auc"]["hybrid"] - fb["validation_auc"]["forest"]
         decided[margin_se] = fb["model"]
         assert (fb["model"] == "") == (lead > margin_se * se)
     assert decided[0.0] == "" and decided[2.0] == "forest"  # the stack leads, by less than two errors
+
+
+def test_the_fallback_note_states_the_margin_it_was_decided_on() -> None:
+    from server.report import fallback_note
+
+    fb = {"validation_auc": {"hybrid": 0.69, "forest": 0.70}, "best_base": "forest", "model": "forest",
+          "standard_error": 0.03, "margin": 0.0, "margin_se": 0.0}
+    note = fallback_note({"meta": {"fallback": fb}})
+    assert "did not beat the forest's (0.700), so the hybrid is the forest" in note and "more than" not in note
+    note = fallback_note({"meta": {"fallback": {**fb, "margin": 0.03, "margin_se": 1.0}}})
+    assert "by more than its standard error (0.030)" in note
+    assert fallback_note({"meta": {"fallback": {**fb, "model": ""}}}) == ""
