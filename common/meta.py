@@ -113,6 +113,7 @@ class NewtonSolver:
     direction: np.ndarray | None = field(init=False, default=None)
     converged: bool = field(init=False, default=False)
     iterations: int = field(init=False, default=0)
+    fallback: np.ndarray | None = field(init=False, default=None)  # the Newton step a rejected warm start replaces
 
     def __post_init__(self) -> None:
         self.coef = np.zeros(n_params(self.n_features, self.n_classes))
@@ -139,13 +140,18 @@ class NewtonSolver:
         obj, grad, hess = self.objective(terms)
         self.iterations += 1
         if obj > self.best_objective + 1e-12 * max(1.0, abs(self.best_objective)) and self.direction is not None:
+            if self.fallback is not None:
+                # The warm start was worse than the point it was proposed from: take the plain Newton step.
+                self.direction, self.fallback, self.step_size = self.fallback, None, 1.0
+                self.coef = self.best_coef + self.direction
+                return self.coef
             # The last step overshot: go back half-way along it from the accepted point.
             self.step_size *= 0.5
             self.coef = self.best_coef + self.step_size * self.direction
             if self.step_size < 1e-8:
                 self.coef, self.converged = self.best_coef.copy(), True
             return self.coef
-        self.best_coef, self.best_objective = self.coef.copy(), obj
+        self.best_coef, self.best_objective, self.fallback = self.coef.copy(), obj, None
         # lstsq copes with the singular Hessian of the unpenalized multinomial model.
         direction = -np.linalg.lstsq(hess, grad, rcond=None)[0]
         if self.positive is not None:
@@ -157,6 +163,34 @@ class NewtonSolver:
         self.direction, self.step_size = direction, 1.0
         self.coef = self.best_coef + direction
         return self.coef
+
+    def warm_start(self, terms: NewtonTerms, local_coefs: list[np.ndarray],
+                   local_hessians: list[np.ndarray]) -> np.ndarray:
+        """Propose the holders' local fits combined, guarded by the point ``terms`` were taken at.
+
+        ``terms`` are the summed terms at :attr:`coef`, which becomes the accepted point. The
+        proposal is the combination of the local fits weighted by their penalized Hessians (a
+        one-step meta-analysis estimate, close to the pooled fit when the local fits are sound);
+        it is evaluated next like a step from the accepted point, and if it raises the objective
+        (local fits on nearly separable data extrapolate), the plain Newton step from that point
+        is taken instead. Returns the next coefficients to evaluate.
+        """
+        self.step(terms)
+        if self.converged:
+            return self.coef
+        penalty = self._penalty_hessian()
+        h = sum(np.asarray(hl) + penalty for hl in local_hessians)
+        b = sum((np.asarray(hl) + penalty) @ np.asarray(c) for hl, c in zip(local_hessians, local_coefs))
+        # lstsq: the unpenalized multinomial directions (intercepts) leave h singular.
+        proposal = self.feasible(np.linalg.lstsq(h, b, rcond=None)[0])
+        self.fallback, self.direction, self.step_size = self.direction, proposal - self.best_coef, 1.0
+        self.coef = proposal
+        return self.coef
+
+    def _penalty_hessian(self) -> np.ndarray:
+        """The penalty's Hessian (zero without a penalty)."""
+        mask = self._penalty_mask()
+        return np.diag(mask / self.C) if self.penalty is not None else np.zeros((mask.size, mask.size))
 
     def _lower(self) -> np.ndarray:
         """Lower bounds of a step from :attr:`coef` (``-coef`` where positive, else unbounded)."""
@@ -177,7 +211,8 @@ class NewtonSolver:
         return {"coef": self.coef.tolist(), "best_coef": self.best_coef.tolist(),
                 "best_objective": self.best_objective, "step_size": self.step_size,
                 "direction": None if self.direction is None else self.direction.tolist(),
-                "converged": self.converged, "iterations": self.iterations}
+                "converged": self.converged, "iterations": self.iterations,
+                "fallback": None if self.fallback is None else self.fallback.tolist()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore from :meth:`state_dict`."""
@@ -185,6 +220,7 @@ class NewtonSolver:
         self.best_objective, self.step_size = float(state["best_objective"]), float(state["step_size"])
         self.direction = None if state["direction"] is None else np.asarray(state["direction"])
         self.converged, self.iterations = bool(state["converged"]), int(state["iterations"])
+        self.fallback = None if state.get("fallback") is None else np.asarray(state["fallback"])
 
 
 def bounded_newton_direction(hess: np.ndarray, grad: np.ndarray, direction: np.ndarray, *,

@@ -432,8 +432,7 @@ def _newton_rounds(grid: Grid, settings: RunSettings, state: RunState, log: RunL
                                 noise_multipliers=[float(r.get("noise-multiplier", 0.0)) for r in replies])
             total.hess = nearest_positive_definite(total.hess, floor=floor)
         if warm:
-            solver.coef = solver.feasible(_warm_start(replies))
-            solver.best_objective = np.inf
+            solver.warm_start(total, [r["local_coef"] for r in replies], [r["local_hess"] for r in replies])
             log.info(f"{name} round 1: {'forests fitted and ' if kind == 'meta' else ''}warm start from "
                      f"{len(replies)} sites' local fits")
         else:
@@ -480,14 +479,6 @@ def _valid_newton_replies(res: Any, state: RunState, log: RunLog, where: str, *,
             continue
         replies.append(r)
     return replies, rejected
-
-
-def _warm_start(replies: list[dict[str, Any]]) -> np.ndarray:
-    """Hessian-weighted combination of the sites' local fits: close to the pooled solution."""
-    h = sum(r["local_hess"] for r in replies)
-    b = sum(r["local_hess"] @ r["local_coef"] for r in replies)
-    ridge = 1e-6 * np.eye(h.shape[0])
-    return np.linalg.solve(h + ridge, b)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -273,3 +273,53 @@ def test_the_fallback_note_states_the_margin_it_was_decided_on() -> None:
     note = fallback_note({"meta": {"fallback": {**fb, "margin": 0.03, "margin_se": 1.0}}})
     assert "by more than its standard error (0.030)" in note
     assert fallback_note({"meta": {"fallback": {**fb, "model": ""}}}) == ""
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_a_warm_start_worse_than_its_origin_gives_way_to_the_newton_step(k: int) -> None:
+    """Sound local fits are taken as the warm start; wild ones (nearly separable sites extrapolate)
+    are evaluated once, rejected, and the plain Newton step from the origin replaces them. Either
+    way the solver reaches the pooled fit."""
+    from common.meta import newton_terms
+
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(300, 3))
+    y = (x @ np.array([1.0, -0.5, 0.3]) + rng.normal(size=300) > 0).astype(int) if k == 2 else \
+        np.argmax(x + rng.normal(size=(300, 3)), axis=1)
+    parts = np.array_split(np.arange(300), 3)
+    ref = NewtonSolver(n_features=3, n_classes=k, C=1.0)
+    for _ in range(30):
+        ref.step(newton_terms(ref.coef, x, y, n_classes=k))
+    pooled = ref.result()
+
+    def total(coef: np.ndarray):
+        return newton_terms(coef, x, y, n_classes=k)
+
+    local = [NewtonSolver(n_features=3, n_classes=k, C=1.0) for _ in parts]
+    for s, idx in zip(local, parts):
+        for _ in range(30):
+            s.step(newton_terms(s.coef, x[idx], y[idx], n_classes=k))
+    coefs = [s.result() for s in local]
+    hessians = [newton_terms(c, x[idx], y[idx], n_classes=k).hess for c, idx in zip(coefs, parts)]
+    for scale, accepted in ((1.0, True), (60.0, False)):
+        solver = NewtonSolver(n_features=3, n_classes=k, C=1.0)
+        origin = solver.coef.copy()
+        proposal = solver.warm_start(total(solver.coef), [scale * c for c in coefs], hessians)
+        newton = solver.fallback.copy()
+        after = solver.step(total(proposal))
+        if accepted:
+            np.testing.assert_array_equal(solver.best_coef, proposal)
+        else:
+            np.testing.assert_array_equal(solver.best_coef, origin)
+            np.testing.assert_allclose(after, origin + newton)
+        for _ in range(30):
+            if solver.converged:
+                break
+            solver.step(total(solver.coef))
+        np.testing.assert_allclose(solver.result(), pooled, atol=1e-4)
+    # The guard survives a checkpoint between the proposal and its evaluation.
+    solver = NewtonSolver(n_features=3, n_classes=k, C=1.0)
+    solver.warm_start(total(solver.coef), [60.0 * c for c in coefs], hessians)
+    restored = NewtonSolver(n_features=3, n_classes=k, C=1.0)
+    restored.load_state_dict(solver.state_dict())
+    np.testing.assert_array_equal(restored.step(total(restored.coef)), solver.step(total(solver.coef)))
