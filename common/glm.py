@@ -87,6 +87,24 @@ def keep_largest(coef: np.ndarray, *, n_features: int, n_classes: int, keep: int
     return rows.ravel()
 
 
+def intercept_only(class_counts: np.ndarray, *, n_features: int, n_classes: int) -> np.ndarray:
+    """Flat coefficients of the intercept-only model for ``class_counts`` (every weight zero).
+
+    The DP GLM's one gradient is taken here rather than at zero: its residuals then sum to zero,
+    so a column's gradient does not grow with how far the noised shared scaler missed its mean
+    times the label's imbalance, which would make mis-centred columns look like strong ones. The
+    counts are the census's (already released); half a record is added to each against log 0.
+    """
+    k = max(n_classes, 2)
+    log_counts = np.log(np.asarray(class_counts, dtype=np.float64) + 0.5)
+    rows = np.zeros((1 if k == 2 else k, n_features + 1))
+    if k == 2:
+        rows[0, -1] = log_counts[1] - log_counts[0]
+    else:
+        rows[:, -1] = log_counts - log_counts.mean()
+    return rows.ravel()
+
+
 def public_curvature(*, n: int, n_features: int, n_classes: int) -> np.ndarray:
     """Boehning's bound on the log-loss Hessian of ``n`` records with ``X'X`` replaced by ``n I``.
 

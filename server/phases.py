@@ -347,7 +347,7 @@ def run_glm_rounds(grid: Grid, settings: RunSettings, state: RunState, log: RunL
     """Federated Newton on the GLM over the shared columns; under DP one step from the sites'
     noised gradients with a public curvature, of which the ``glm-dp-max-features`` largest
     columns are kept (:mod:`common.glm`)."""
-    from common.glm import GLM_FEATURE_BOUND, keep_largest, public_curvature
+    from common.glm import GLM_FEATURE_BOUND, intercept_only, keep_largest, public_curvature
     from common.meta import NewtonSolver
 
     k = max(len(state.schema["label"]["classes"]), 2)
@@ -355,6 +355,8 @@ def run_glm_rounds(grid: Grid, settings: RunSettings, state: RunState, log: RunL
     solver = NewtonSolver(n_features=n_features, n_classes=k, penalty="l2", C=settings.glm_c)
     if state.glm_solver:
         solver.load_state_dict(state.glm_solver)
+    elif settings.dp:
+        solver.coef = solver.best_coef = intercept_only(_train_class_counts(state), n_features=n_features, n_classes=k)
     content = {"shared": shared_record(state)}
     # No warm start: local fits over hundreds of columns at one site overfit, and Newton from zero
     # on the penalized objective converges in a few rounds anyway (and releases less).
@@ -369,6 +371,16 @@ def run_glm_rounds(grid: Grid, settings: RunSettings, state: RunState, log: RunL
     state.glm_coef = [float(c) for c in coef]
     state.phase = "meta"
     return state.glm_coef
+
+
+def _train_class_counts(state: RunState) -> np.ndarray:
+    """The training sites' train-split class counts, summed from their census replies."""
+    total = 0
+    for node in state.active_nodes():
+        c = state.census[state.site_of(node)]
+        total = total + (np.asarray(c["class-counts"]) - np.asarray(c["test-class-counts"])
+                         - np.asarray(c["validation-class-counts"]))
+    return np.maximum(np.asarray(total, dtype=np.float64), 0.0)
 
 
 def run_meta_rounds(grid: Grid, settings: RunSettings, state: RunState, log: RunLog,

@@ -161,3 +161,28 @@ def test_keep_largest_zeroes_all_but_the_strongest_columns() -> None:
     kept = keep_largest(multi.ravel(), n_features=3, n_classes=3, keep=1).reshape(3, 4)
     np.testing.assert_array_equal(kept[:, 0], multi[:, 0])
     assert not kept[:, 1:3].any() and (kept[:, 3] == multi[:, 3]).all()
+
+
+@pytest.mark.parametrize("counts", [[30, 70], [10, 50, 40]])
+def test_the_dp_gradient_is_taken_at_the_intercept_only_model(counts: list[int]) -> None:
+    """There the residuals sum to zero: shifting a column (a noised scaler's missed mean) leaves
+    its gradient unchanged, so an imbalanced label cannot make a mis-centred column look strong."""
+    from common.glm import intercept_only
+    from common.meta import newton_terms
+
+    k = len(counts)
+    coef = intercept_only(np.asarray(counts), n_features=2, n_classes=k)
+    logits = coef.reshape(-1, 3)[:, -1]
+    proba = 1 / (1 + np.exp(-logits[0])) if k == 2 else np.exp(logits) / np.exp(logits).sum()
+    np.testing.assert_allclose(proba, counts[1] / sum(counts) if k == 2 else np.asarray(counts) / sum(counts),
+                               atol=0.01)
+    y = np.repeat(np.arange(k), counts)
+    x = np.random.default_rng(0).normal(size=(len(y), 2))
+    exact = intercept_only(np.asarray(counts) - 0.5, n_features=2, n_classes=k)  # no half-record prior
+    g = newton_terms(exact, x, y, n_classes=k).grad
+    shifted = newton_terms(exact, x + np.array([3.0, -2.0]), y, n_classes=k).grad
+    np.testing.assert_allclose(g, shifted, atol=1e-9)
+    zero = np.zeros_like(exact)
+    if k == 2:  # ... where at zero it does not
+        assert not np.allclose(newton_terms(zero, x, y, n_classes=k).grad,
+                               newton_terms(zero, x + np.array([3.0, -2.0]), y, n_classes=k).grad, atol=1.0)
