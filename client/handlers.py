@@ -96,7 +96,7 @@ def census(site: SiteRef, settings: RunSettings, facts: RoundFacts) -> HandlerRe
     refusal, plan_eps = "", 0.0
     try:
         privacy.check()
-        plan_eps = privacy.check_run(privacy.plan_run(n_train=n_train, n_classes=len(cohort.classes)))
+        plan_eps = privacy.check_run(privacy.plan_run(n_train=n_train))
     except PolicyRefusal as exc:
         refusal = "; ".join(exc.reasons)
     ledger = privacy.ledger

@@ -54,7 +54,6 @@ class RunState:
     glm_round: int = 0
     glm_solver: dict[str, Any] = field(default_factory=dict)
     glm_coef: list[float] = field(default_factory=list)
-    glm_kept: int = 0                                             # under DP: columns the GLM kept (0: all)
     meta_round: int = 0
     meta_solver: dict[str, Any] = field(default_factory=dict)
     meta_coef: list[float] = field(default_factory=list)
@@ -359,7 +358,8 @@ def run_glm_rounds(grid: Grid, settings: RunSettings, state: RunState, log: RunL
         solver.coef = solver.best_coef = intercept_only(_train_class_counts(state), n_features=n_features, n_classes=k)
     content = {"shared": shared_record(state)}
     # No warm start: local fits over hundreds of columns at one site overfit, and Newton from zero
-    # on the penalized objective converges in a few rounds anyway (and releases less).
+    # (under DP, from the intercept-only model) on the penalized objective converges in a few rounds
+    # anyway (and releases less).
     curvature = (lambda n: public_curvature(n=n, n_features=n_features, n_classes=k)) if settings.dp else None
     _newton_rounds(grid, settings, state, log, solver, content, kind="glm", rounds=settings.glm_fit_rounds,
                    bound=GLM_FEATURE_BOUND, max_n="n-train", facts={}, warm_start=False,
@@ -367,7 +367,6 @@ def run_glm_rounds(grid: Grid, settings: RunSettings, state: RunState, log: RunL
     coef = solver.result()
     if settings.dp:
         coef = keep_largest(coef, n_features=n_features, n_classes=k, keep=settings.glm_dp_max_features)
-        state.glm_kept = min(settings.glm_dp_max_features, n_features)
     state.glm_coef = [float(c) for c in coef]
     state.phase = "meta"
     return state.glm_coef
@@ -523,7 +522,7 @@ def run_thresholds(grid: Grid, settings: RunSettings, state: RunState, log: RunL
         state.rounds.append({"phase": "validation", "seconds": round(res.seconds, 2),
                              "handler_s": _slowest_handler(res), "sites": sorted(per_site),
                              "epsilon": {s: v["epsilon"] for s, v in per_site.items() if v["epsilon"] > 0}})
-    chosen = _binary_thresholds(settings, state, log, pooled, per_site) if k == 2 else {}
+    chosen = _binary_thresholds(settings, state, pooled, per_site) if k == 2 else {}
     state.meta_fallback = _stacking_fallback(state, pooled, k, margin_se=settings.meta_fallback_margin)
     if state.meta_fallback.get("model"):
         fb = state.meta_fallback
@@ -545,7 +544,7 @@ def run_thresholds(grid: Grid, settings: RunSettings, state: RunState, log: RunL
     return chosen
 
 
-def _binary_thresholds(settings: RunSettings, state: RunState, log: RunLog, pooled: dict[str, Any],
+def _binary_thresholds(settings: RunSettings, state: RunState, pooled: dict[str, Any],
                        per_site: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """The federated models' thresholds from the summed statistics; each site's own models' from its own."""
     from common.metrics import Threshold, choose_threshold
@@ -603,7 +602,7 @@ def _stacking_fallback(state: RunState, pooled: dict[str, Any], n_classes: int, 
     The meta-classifier was fitted on the same validation split, so its figure there is
     optimistic by a little (a few coefficients on hundreds of records); a margin in standard
     errors (Hanley and McNeil's, from the validation class counts) can demand more than that. The
-    default is no margin: over nine measured runs a margin of one error changed one decision, and
+    default is no margin: over eight measured runs a margin of one error changed one decision, and
     cost that run's hybrid 0.059 of test AUC (docs/learning.md). The fallback is what saves the
     hybrid when the meta statistics are noise (DP at small validation splits).
     Post-processing of released statistics: no privacy cost.

@@ -160,12 +160,17 @@ def build_metrics(evaluation: dict[str, Any], state: RunState, settings: RunSett
         "meta": {"coef": list(state.meta_coef), "rounds": state.meta_round,
                  "converged": bool(state.meta_solver.get("converged", False)), "fallback": dict(state.meta_fallback)},
         "glm": {"rounds": state.glm_round, "converged": bool(state.glm_solver.get("converged", False)),
-                "columns": len(state.shared.get("glm_columns", [])), "kept": state.glm_kept or None,
+                "columns": len(state.shared.get("glm_columns", [])), "kept": _glm_kept(state, settings),
                 "C": settings.glm_c},
         "rounds": state.rounds,
         "census": state.census,
         "settings": asdict(settings),
     }
+
+
+def _glm_kept(state: RunState, settings: RunSettings) -> int | None:
+    """Columns the DP GLM kept of those it read (None without DP: it keeps them all)."""
+    return min(settings.glm_dp_max_features, len(state.shared.get("glm_columns", []))) if settings.dp else None
 
 
 def _model_roles(state: RunState, settings: RunSettings) -> dict[str, str]:

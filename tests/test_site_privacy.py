@@ -355,3 +355,16 @@ def test_egress_command_lists_every_reply(sites: Path, tmp_path: Path, capsys: p
     assert main(["ledger", "egress", vault, "--key-file", key]) == 0
     out = capsys.readouterr().out
     assert f"{len(kinds)} replies" in out and "egress log (values are never logged)" in out
+
+
+def test_the_run_plan_counts_the_validation_release_for_any_number_of_classes(sites: Path) -> None:
+    """Multi-class runs release validation statistics too (the stacking fallback reads them), so
+    the plan a site checks at the census must include that release, not only the test one."""
+    from client.privacy.facade import SitePrivacy
+
+    vault = Vault.open(sites / "site-1" / "vault", KeySource.from_key_file(sites / "site-1" / "key"))
+    for dp in (True, False):
+        settings = RunSettings(dp=dp, test_statistics="noised")
+        privacy = SitePrivacy.open(vault, site="site-1", settings=settings, run_id="plan", n_records=100)
+        labels = [r.label for r in privacy.plan_run(n_train=70)]
+        assert labels.count("validation-statistics") == 1 and labels.count("test-statistics") == 1, labels

@@ -167,18 +167,19 @@ class SitePrivacy:
 
     # -- the whole run's plan ----------------------------------------------------------------
 
-    def plan_run(self, *, n_train: int, n_classes: int = 2) -> list[Release]:
+    def plan_run(self, *, n_train: int) -> list[Release]:
         """Every release the run will make if it completes, as known before it starts.
 
         The shared preprocessing's moments, DP-SGD over ``cnn-rounds`` x ``local-epochs`` epochs
         (Poisson rate 1 / batches), the GLM's noised gradient, the meta-classifier
-        statistics over ``meta-rounds``, and, when noised, one validation-statistics release (binary
-        problems: the operating thresholds) and one test-statistics release. Calibrated with the ledger's accounting, which needs no more noise than
+        statistics over ``meta-rounds``, and, when noised, one validation-statistics release (the
+        operating thresholds and the stacking fallback, for any number of classes) and one
+        test-statistics release. Calibrated with the ledger's accounting, which needs no more noise than
         training's, so what is charged later is at most this plan.
         """
         s = self._settings
         if not s.dp:
-            return self._test_plan(n_classes)
+            return self._test_plan()
         batches = math.ceil(max(n_train, 1) / s.batch_size)
         steps = s.cnn_rounds * s.local_epochs * batches
         sigma = dpsgd_noise_multiplier(epsilon=s.epsilon, delta=self.delta, sample_rate=1.0 / batches, steps=steps)
@@ -190,14 +191,13 @@ class SitePrivacy:
                                  run_id=self._run_id, count=s.glm_fit_rounds)]
         plan.append(Release.gaussian(noise_multiplier=self.meta_noise_multiplier(), label="meta-statistics",
                                      run_id=self._run_id, count=s.meta_rounds))
-        return plan + self._test_plan(n_classes)
+        return plan + self._test_plan()
 
-    def _test_plan(self, n_classes: int) -> list[Release]:
+    def _test_plan(self) -> list[Release]:
         if self._settings.test_statistics != "noised":
             return []
-        splits = ("validation", "test") if n_classes == 2 else ("test",)
         return [Release.gaussian(noise_multiplier=self.test_noise_multiplier(), label=f"{split}-statistics",
-                                 run_id=self._run_id) for split in splits]
+                                 run_id=self._run_id) for split in ("validation", "test")]
 
     def check_run(self, plan: Sequence[Release]) -> float:
         """The plan's own epsilon, after refusing a plan that cannot finish within the policy.
