@@ -54,7 +54,7 @@ class DeepModelConfig:
     lstm_hidden: int = 32
     dense_hidden: int = 64
     head_hidden: int = 32
-    dropout: float = 0.5
+    dropout: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
