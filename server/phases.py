@@ -67,6 +67,7 @@ class RunState:
     refusals: dict[str, str] = field(default_factory=dict)        # site -> why its policy refused the run
     held_out: str = ""                                            # a site that only joins the evaluation
     init_from: str = ""                                           # the earlier model the deep model started from
+    init_origin: dict[str, Any] = field(default_factory=dict)     # how that model was made (genofed pretrain)
 
     def active_nodes(self, *, training: bool = True) -> list[int]:
         """Nodes still in the run; ``training`` leaves out the held-out site."""
@@ -147,7 +148,8 @@ def run_census(grid: Grid, settings: RunSettings, state: RunState, log: RunLog) 
     if settings.init_from:
         from server.warm_start import load_initial_weights
 
-        weights = load_initial_weights(settings.init_from, model_config=state.model_config, expected=weights)
+        weights, state.init_origin = load_initial_weights(settings.init_from, model_config=state.model_config,
+                                                          expected=weights)
         state.init_from = settings.init_from
         log.info(f"census: the deep model starts from {settings.init_from} (warm start; layout checked)")
     return weights

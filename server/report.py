@@ -150,6 +150,7 @@ def build_metrics(evaluation: dict[str, Any], state: RunState, settings: RunSett
         "site_alone": site_alone_comparison(evaluation, state),
         "held_out": _held_out(evaluation, state),
         "init_from": state.init_from,
+        "init_origin": dict(state.init_origin),
         "privacy": _privacy(state, settings),
         "privacy_note": _privacy_note(settings),
         "missing_sites": dict(state.excluded),
@@ -263,8 +264,8 @@ def render_markdown(doc: dict[str, Any]) -> str:
         f"{site} ({_counts(m.get('class_counts'), doc['run']['classes'])}): "
         + ", ".join(f"{mod} {_fmt(v.get('auc'))}" for mod, v in m.items() if isinstance(v, dict))
         for site, m in doc["sites"].items())]
-    if doc.get("init_from"):
-        lines += ["", f"Warm start: the federated deep model started from {doc['init_from']} (not from random weights)."]
+    if warm_start_note(doc):
+        lines += ["", warm_start_note(doc)]
     lines += _site_alone_lines(doc)
     ho = doc.get("held_out") or {}
     if ho:
@@ -297,6 +298,19 @@ def render_markdown(doc: dict[str, Any]) -> str:
     if doc["missing_sites"]:
         lines.append("Sites that left the run: " + "; ".join(f"{s} ({r})" for s, r in doc["missing_sites"].items()))
     return "\n".join(lines) + "\n"
+
+
+def warm_start_note(doc: dict[str, Any]) -> str:
+    """Where the deep model started, when not from random weights, and what that means for the guarantee."""
+    if not doc.get("init_from"):
+        return ""
+    note = f"Warm start: the federated deep model started from {doc['init_from']} (not from random weights)"
+    origin = doc.get("init_origin") or {}
+    if origin:
+        note += (f", {origin.get('kind', 'pretrained')} ({origin.get('source')}, {origin.get('n_train')} training "
+                 f"records, validation AUC {_fmt(origin.get('validation_auc'))})")
+    return note + (". The starting weights are an input the sites' DP-SGD did not pay for: the sites' guarantee "
+                   "covers their own records, and nothing at all covers the data those weights were trained on.")
 
 
 def fallback_note(doc: dict[str, Any]) -> str:

@@ -21,7 +21,7 @@ import numpy as np
 from common.files import write_text_atomic
 from common.metrics import METRIC_NAMES, EvalStats, roc_points
 from server.phases import MODELS
-from server.report import best_alone_rule, fallback_note
+from server.report import best_alone_rule, fallback_note, warm_start_note
 
 
 def save_pooled_stats(run_dir: Path, pooled: dict[str, EvalStats]) -> None:
@@ -228,6 +228,7 @@ border-left:4px solid #4a7bd0}}img{{margin:.5em 1em .5em 0}}</style></head><body
 {f'<h2>Sites that left the run</h2><ul>{missing}</ul>' if missing else ''}
 {f'<h2>Refused by the sites (their own privacy policies)</h2><ul>{refused}</ul>' if refused else ''}
 <h2>Privacy</h2><p class="note">{html.escape(doc['privacy_note'])}</p>
+{f'<p class="note">{html.escape(warm_start_note(doc))}</p>' if warm_start_note(doc) else ''}
 <h2>Exchanges</h2><p><small>{html.escape(exchanges)}</small></p>
 </body></html>"""
     out = out or run_dir / "report.html"

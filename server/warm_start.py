@@ -22,8 +22,9 @@ class WarmStartError(GenofedError):
 
 
 def load_initial_weights(path: str, *, model_config: dict[str, Any],
-                         expected: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The deep model's weights from ``path`` (a run directory or a checkpoint ``.npz``), schema checked.
+                         expected: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The deep model's weights from ``path`` (a run directory or a checkpoint ``.npz``), schema checked,
+    and where they came from (``genofed pretrain`` records it; a run's own checkpoint has none: ``{}``).
 
     Raises
     ------
@@ -55,4 +56,6 @@ def load_initial_weights(path: str, *, model_config: dict[str, Any],
                                  f"needs {ref.shape}")
         if np.issubdtype(got.dtype, np.floating) and not np.isfinite(got).all():
             raise WarmStartError(f"init-from {ckpt.path}: array {name} holds non-finite values")
-    return {name: np.asarray(ckpt.arrays[name], dtype=expected[name].dtype) for name in expected}
+    origin = ckpt.state.get("origin")
+    return ({name: np.asarray(ckpt.arrays[name], dtype=expected[name].dtype) for name in expected},
+            dict(origin) if isinstance(origin, dict) else {})

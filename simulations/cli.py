@@ -22,7 +22,8 @@ genofed: privacy-preserving federated learning for genomic medicine.
 Hospital IT:   genofed keygen, genofed vault import|inspect|verify|rekey
 Privacy:       genofed ledger show|set-budget
 Coordinator:   genofed certs (then flower-superlink / flwr run: see the README)
-Researchers:   genofed cohort synth|split|recipe, genofed evaluate, genofed simulate, genofed demo
+Researchers:   genofed cohort synth|split|recipe, genofed evaluate, genofed pretrain,
+               genofed simulate, genofed demo
 Run `genofed COMMAND --help` for the options of each command."""
 
 
@@ -31,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Imported here so that `genofed --help` stays fast and a broken optional part names itself.
     from client import ledger_cli, vault_cli
     from server import certs_cli
-    from simulations import cohort_cli, demo, evaluate_cli, simulate_cli
+    from simulations import cohort_cli, demo, evaluate_cli, pretrain, simulate_cli
 
     parser = argparse.ArgumentParser(prog="genofed", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     certs_cli.register(sub)
     cohort_cli.register(sub)
     evaluate_cli.register(sub)
+    pretrain.register(sub)
     simulate_cli.register(sub)
     demo.register(sub)
     return parser

@@ -425,6 +425,37 @@ def test_a_held_out_site_only_evaluates(sites: Path, tmp_path: Path) -> None:
         _run(sites, tmp_path / "bad", dp=False, cnn_rounds=1, hold_out_site="site-9")
 
 
+def test_warm_start_from_a_model_pretrained_on_a_public_cohort(sites: Path, tmp_path: Path) -> None:
+    """``genofed pretrain`` writes a checkpoint that a run accepts as its starting point (layout
+    checked), and the run's report says where the weights came from and what that means."""
+    from common.spec import load_spec
+    from client.importers import import_cohort
+    from server.checkpoint import load_latest
+    from simulations.pretrain import PretrainError, pretrain
+
+    write_synthetic_cohort(out=tmp_path / "public", patients=200, seed=77)
+    public = import_cohort(load_spec(tmp_path / "public" / "spec.toml"))
+    summary = pretrain(public, out=tmp_path / "pre", source="the public test cohort", epochs=2, batch_size=64,
+                       lr=2e-3, seed=0)
+    assert summary["epochs_run"] <= 2 and 0.0 <= summary["validation_auc"] <= 1.0
+    with pytest.raises(PretrainError, match="already exists"):
+        pretrain(public, out=tmp_path / "pre", source="again", epochs=1, batch_size=64, lr=2e-3, seed=0)
+    pretrained = load_latest(tmp_path / "pre").arrays
+    sent = []
+
+    def capture(node: int, msg) -> None:
+        if msg.metadata.message_type == "train" and not sent:
+            sent.append(from_record(msg.content.array_records["arrays"]))
+
+    doc, _ = _run(sites, tmp_path / "run", dp=False, cnn_rounds=1, init_from=str(tmp_path / "pre"), fail=capture)
+    for name, value in pretrained.items():
+        np.testing.assert_array_equal(sent[0][name], value)
+    assert doc["init_origin"]["source"] == "the public test cohort"
+    text = (tmp_path / "run" / "metrics.md").read_text()
+    assert "pretrained without DP on a public cohort (the public test cohort" in text
+    assert "nothing at all covers the data those weights were trained on" in text
+
+
 def test_warm_start_from_an_earlier_run_with_its_layout_checked(sites: Path, tmp_path: Path) -> None:
     from server.checkpoint import load_latest, save_checkpoint
     from server.warm_start import WarmStartError
