@@ -238,6 +238,7 @@ def train_round(site: SiteRef, global_weights: dict[str, np.ndarray], shared: di
         release_blob,
         request_digest,
         run_role,
+        save_start_weights,
         stored_release,
     )
     from client.pipeline import SiteData, deep_config, train_deep
@@ -257,6 +258,8 @@ def train_round(site: SiteRef, global_weights: dict[str, np.ndarray], shared: di
     if deep_config(data, arch=model_cfg.arch).to_dict()["tracks"] != model_cfg.to_dict()["tracks"]:
         raise ValueError(f"site {site.name}: its data does not fit the coordinator's model")
     n_train = int(data.masks["train"].sum())
+    if rnd == 1:
+        save_start_weights(vault, global_weights, run_id=run_id)
     dp = _dp_config(settings, privacy.delta)
     state_role = run_role(run_id, "dpsgd")
     state = get_json(vault, state_role)
@@ -584,12 +587,13 @@ def _alone_probabilities(vault: Any, data: Any, settings: RunSettings, facts: Ro
 
     They never leave the site and need no DP of their own (only their released statistics do):
     a hospital alone would train without noise, which is the comparison a consortium must win.
-    The deep model trains for the federation's total epochs with early stopping on validation.
+    The deep model trains for the federation's total epochs with early stopping on validation,
+    from the run's starting weights (a warm start's public weights help the site alone too).
     """
     import torch
 
     from client.dp_training import TrainConfig
-    from client.model_store import load_alone_models, save_alone_models
+    from client.model_store import load_alone_models, load_start_weights, save_alone_models
     from client.pipeline import deep_proba, fit_glm, fit_shared_scaler, glm_matrix, train_deep
     from common.models import build_model
 
@@ -602,7 +606,9 @@ def _alone_probabilities(vault: Any, data: Any, settings: RunSettings, facts: Ro
         train_cfg = TrainConfig(epochs=epochs, batch_size=settings.batch_size, lr=settings.lr,
                                 weight_decay=settings.weight_decay, patience=max(3, epochs // 4),
                                 seed=privacy.seed(purpose="alone-deep-model"), select_best=True)
-        model, _ = train_deep(data, cfg=model_cfg, train=train_cfg, dp=None, scaler=scaler)
+        start = load_start_weights(vault, run_id=facts.run_id)  # a warm start's public weights, if any
+        initial = {k: torch.as_tensor(v) for k, v in start.items()} if start is not None else None
+        model, _ = train_deep(data, cfg=model_cfg, train=train_cfg, dp=None, scaler=scaler, initial=initial)
         stored = {"scaler": scaler, "glm": glm,
                   "cnn": {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}}
         save_alone_models(vault, stored, run_id=facts.run_id)

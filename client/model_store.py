@@ -78,6 +78,19 @@ def load_alone_models(vault: Vault, *, run_id: str) -> dict[str, Any] | None:
     return pickle.loads(vault.read(role))  # noqa: S301 - authenticated blob written by this site
 
 
+def save_start_weights(vault: Vault, weights: dict[str, np.ndarray], *, run_id: str) -> None:
+    """The deep model's weights at the start of a run (round 1's global model), once: the site's
+    own model alone starts from the same point, so a warm start helps both sides of the comparison."""
+    role = run_role(run_id, "start-weights")
+    if role not in vault.roles:
+        vault.update({role: arrays_to_bytes(weights)})
+
+
+def load_start_weights(vault: Vault, *, run_id: str) -> dict[str, np.ndarray] | None:
+    role = run_role(run_id, "start-weights")
+    return arrays_from_bytes(vault.read(role))[0] if role in vault.roles else None
+
+
 def save_final_models(vault: Vault, *, cnn: dict[str, np.ndarray], cnn_config: dict[str, Any],
                       shared: dict[str, np.ndarray], meta: dict[str, Any], run_id: str) -> None:
     """The global models a run ends with (deep model, shared scaler, GLM and meta-classifier

@@ -22,7 +22,7 @@ APP_DIR = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 # One GLM and one meta round where a test is about the transport, not the fit: each exchange here
 # costs about 15 s (a fresh process per message), and the module runs four federations.
-RUN = {"cnn-rounds": 2, "dp": True, "epsilon": 4.0, "forest-trees": 20, "round-timeout": 150.0,
+RUN = {"cnn-rounds": 2, "local-epochs": 1, "dp": True, "epsilon": 4.0, "forest-trees": 20, "round-timeout": 150.0,
        "wait-timeout": 60.0, "min-sites": 2, "glm-rounds": 1, "meta-rounds": 1, "site-alone": False}
 
 

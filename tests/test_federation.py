@@ -53,7 +53,7 @@ from simulations.site_layout import set_layout_policy, split_cohort
 from simulations.synthetic import write_synthetic_cohort
 from tests.local_grid import LocalGrid, node_configs
 
-FAST = dict(cnn_rounds=2, forest_trees=20, wait_timeout=2.0, round_timeout=60.0, test_statistics="exact",
+FAST = dict(cnn_rounds=2, local_epochs=1, forest_trees=20, wait_timeout=2.0, round_timeout=60.0, test_statistics="exact",
             site_alone=False, glm_rounds=2)
 
 
@@ -447,9 +447,17 @@ def test_warm_start_from_a_model_pretrained_on_a_public_cohort(sites: Path, tmp_
         if msg.metadata.message_type == "train" and not sent:
             sent.append(from_record(msg.content.array_records["arrays"]))
 
-    doc, _ = _run(sites, tmp_path / "run", dp=False, cnn_rounds=1, init_from=str(tmp_path / "pre"), fail=capture)
+    doc, _ = _run(sites, tmp_path / "run", dp=False, cnn_rounds=1, init_from=str(tmp_path / "pre"), fail=capture,
+                  site_alone=True)
     for name, value in pretrained.items():
         np.testing.assert_array_equal(sent[0][name], value)
+    # Each site's own model alone started from the same public weights (a fair comparison).
+    from client.model_store import load_start_weights
+
+    for _, vault in _site_vaults(sites):
+        start = load_start_weights(vault, run_id=doc["run"]["run_id"])
+        assert start is not None and all(np.array_equal(start[k], v) for k, v in pretrained.items())
+    assert doc["site_alone"]["sites"]
     assert doc["init_origin"]["source"] == "the public test cohort"
     text = (tmp_path / "run" / "metrics.md").read_text()
     assert "pretrained without DP on a public cohort (the public test cohort" in text

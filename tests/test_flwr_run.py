@@ -185,7 +185,7 @@ def test_flwr_run_from_the_repository_root_completes(flwr_home: Path, three_site
     sites = [p.name for p in site_dirs(three_sites)]
     assert len(sites) == 3
     run_dir = (tmp_path / "run").resolve()
-    run_config = (f'sites-dir="{three_sites.resolve()}" run-dir="{run_dir}" cnn-rounds={ROUNDS} glm-rounds=2 dp=true '
+    run_config = (f'sites-dir="{three_sites.resolve()}" run-dir="{run_dir}" cnn-rounds={ROUNDS} local-epochs=1 glm-rounds=2 dp=true '
                   f"epsilon={EPSILON} forest-trees=10")
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLWR_")}  # e.g. no inherited port overrides
     env.update(QUIET_ENV, FLWR_HOME=str(flwr_home))

@@ -30,7 +30,7 @@ from simulations.site_layout import set_layout_policy, split_cohort
 from simulations.synthetic import write_synthetic_cohort
 from tests.local_grid import LocalGrid, node_configs
 
-FAST = dict(cnn_rounds=2, forest_trees=20, wait_timeout=2.0, round_timeout=120.0, epsilon=3.0, site_alone=False,
+FAST = dict(cnn_rounds=2, local_epochs=1, forest_trees=20, wait_timeout=2.0, round_timeout=120.0, epsilon=3.0, site_alone=False,
             glm_rounds=2)
 
 
