@@ -43,8 +43,8 @@ class RunSettings:
     min_sites: int = 2
     wait_timeout: float = 120.0
     round_timeout: float = 600.0
-    cnn_rounds: int = 5
-    local_epochs: int = 1
+    cnn_rounds: int = 10
+    local_epochs: int = 2
     strategy: str = "fedavg"
     proximal_mu: float = 0.01        # fedprox only
     server_lr: float = 0.01          # fedadam

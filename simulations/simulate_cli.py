@@ -22,13 +22,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sites-dir", type=Path, required=True, help="DIR/<site>/vault + DIR/<site>/key per site")
     p.add_argument("--out", type=Path, required=True, help="run directory (must not exist, unless --resume)")
-    p.add_argument("--rounds", type=int, help="CNN rounds (run config cnn-rounds, default 5)")
+    p.add_argument("--rounds", type=int, help="CNN rounds (run config cnn-rounds, default 10)")
     dp = p.add_mutually_exclusive_group()
     dp.add_argument("--epsilon", type=float, help="DP-SGD target epsilon per site for the whole run (default 8)")
     dp.add_argument("--no-dp", action="store_true", help="no differential privacy (the non-private reference)")
     p.add_argument("--strategy", choices=("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum"),
                    help="aggregation of the CNN updates (default fedavg)")
-    p.add_argument("--local-epochs", type=int, help="local epochs per round (default 1)")
+    p.add_argument("--local-epochs", type=int, help="local epochs per round (default 2)")
     p.add_argument("--seed", type=int, help="seed of the initial model and local training (default 0)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--init-from", type=Path, metavar="PATH",
