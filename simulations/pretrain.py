@@ -81,7 +81,8 @@ def pretrain(cohort: Any, *, out: Path, source: str, epochs: int, batch_size: in
     if not data.masks["validation"].any():
         raise PretrainError(f"{source}: no validation split to stop early on; give the cohort one in its spec")
     cfg = deep_config(data, arch=arch)
-    # A dense-only model is fed shared-scaled inputs; here the public cohort's own exact scaling.
+    # A dense-only model is fed shared-scaled inputs; here the public cohort's own exact scaling
+    # (the GLM's column choice, which the cap sets, plays no part in the deep model).
     scaler = fit_shared_scaler(data, max_glm_columns=1) if cfg.n_tabular else None
     train = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
     with progress_bar() as bar:
