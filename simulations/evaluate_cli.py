@@ -31,14 +31,20 @@ class EvaluateInputError(GenofedError):
     """The cohort to evaluate could not be found or pooled."""
 
 
+def add_cohort_source(parser: argparse.ArgumentParser) -> argparse._MutuallyExclusiveGroup:
+    """``--spec`` or ``--sites-dir`` (one required), read by :func:`load_input_cohort`; returns the group."""
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--spec", type=Path, help="a cohort spec: its files are imported in memory")
+    src.add_argument("--sites-dir", type=Path, help="pool every DIR/<site>/vault with its DIR/<site>/key")
+    return src
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``genofed evaluate``."""
     p = subparsers.add_parser("evaluate", help="train every model on pooled data: the reference for the federation",
                               description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--spec", type=Path, help="a cohort spec: its files are imported in memory")
+    src = add_cohort_source(p)
     src.add_argument("--vault", type=Path, help="one vault (with --key-file)")
-    src.add_argument("--sites-dir", type=Path, help="pool every DIR/<site>/vault with its DIR/<site>/key")
     p.add_argument("--key-file", type=Path, help="key of --vault")
     p.add_argument("--out", type=Path, required=True, help="run directory for metrics.json and metrics.md")
     dp = p.add_mutually_exclusive_group()
@@ -65,14 +71,14 @@ def load_input_cohort(args: argparse.Namespace) -> tuple[Cohort, str]:
     from client.cohort_store import load_cohort
     from client.vault import KeySource
 
-    if args.spec is not None:
+    if getattr(args, "spec", None) is not None:
         from client.importers import import_cohort
         from common.spec import load_spec
 
         return import_cohort(load_spec(args.spec)), f"spec {args.spec}"
     from common.cohort import concat_cohorts
 
-    if args.vault is not None:
+    if getattr(args, "vault", None) is not None:
         if args.key_file is None:
             raise EvaluateInputError("--vault needs --key-file")
         return load_cohort(args.vault, KeySource.from_key_file(args.key_file)), f"vault {args.vault}"

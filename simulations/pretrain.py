@@ -29,11 +29,11 @@ class PretrainError(GenofedError):
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``genofed pretrain``."""
+    from simulations.evaluate_cli import add_cohort_source
+
     p = subparsers.add_parser("pretrain", help="train the deep model on a PUBLIC cohort, for --init-from",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--spec", type=Path, help="the public cohort's spec: its files are imported in memory")
-    src.add_argument("--sites-dir", type=Path, help="pool every DIR/<site>/vault with its DIR/<site>/key")
+    add_cohort_source(p)
     p.add_argument("--out", type=Path, required=True, help="run directory to create for the checkpoint")
     p.add_argument("--epochs", type=int, default=60, help="epochs at most; early stopping on validation (default 60)")
     p.add_argument("--batch-size", type=int, default=128, help="batch size (default 128)")
@@ -46,8 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _command(args: argparse.Namespace) -> int:
     from simulations.evaluate_cli import load_input_cohort
 
-    cohort, source = load_input_cohort(argparse.Namespace(spec=args.spec, sites_dir=args.sites_dir, vault=None,
-                                                          key_file=None))
+    cohort, source = load_input_cohort(args)
     summary = pretrain(cohort, out=args.out, source=source, epochs=args.epochs, batch_size=args.batch_size,
                        lr=args.lr, seed=args.seed, arch=args.arch)
     print(f"pretrained on {source}: validation AUC {summary['validation_auc']:.3f} after {summary['best_epoch']} "
@@ -68,6 +67,7 @@ def pretrain(cohort: Any, *, out: Path, source: str, epochs: int, batch_size: in
     """
     from client.dp_training import TrainConfig
     from client.pipeline import SiteData, deep_config, deep_proba, fit_shared_scaler, train_deep
+    from common.files import write_text_atomic
     from common.metrics import compute_metrics
     from common.progress import progress_bar
     from server.checkpoint import save_checkpoint
@@ -100,5 +100,5 @@ def pretrain(cohort: Any, *, out: Path, source: str, epochs: int, batch_size: in
     path = save_checkpoint(out, phase="pretrain", round=0, arrays=arrays,
                            state={"model_config": cfg.to_dict(), "origin": origin})
     summary = {**origin, "model_config": cfg.to_dict(), "checkpoint": str(path)}
-    (out / "pretrain.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    write_text_atomic(out / "pretrain.json", json.dumps(summary, indent=2))
     return summary

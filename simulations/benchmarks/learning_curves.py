@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -94,12 +93,10 @@ def render(result: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    from simulations.evaluate_cli import load_input_cohort
+    from simulations.evaluate_cli import add_cohort_source, load_input_cohort
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--spec", type=Path, help="a cohort spec")
-    src.add_argument("--sites-dir", type=Path, help="a site layout: every site pooled")
+    add_cohort_source(parser)
     parser.add_argument("--variants", default="[{}]", help="JSON list of variants (default: the default model)")
     parser.add_argument("--epochs", type=int, default=10, help="epochs per curve (default 10)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds of the start and the batches")
@@ -107,8 +104,7 @@ def main() -> None:
     args = parser.parse_args()
     from client.pipeline import SiteData
 
-    cohort, source = load_input_cohort(argparse.Namespace(spec=args.spec, sites_dir=args.sites_dir, vault=None,
-                                                          key_file=None))
+    cohort, source = load_input_cohort(args)
     result = run(SiteData.from_cohort(cohort), json.loads(args.variants), epochs=args.epochs, seeds=args.seeds,
                  source=source)
     emit(result, args.json)
