@@ -26,7 +26,7 @@ from client.privacy.egress import EgressContract, contract_for
 from client.site import SiteRef
 from common.settings import RoundFacts, RunSettings
 
-from common.stack import BASE_MODELS, MODEL_NAMES, released_models
+from common.stack import BASE_MODELS, MODEL_NAMES, REDUCED_STACKS, released_models
 
 
 @dataclass
@@ -529,7 +529,8 @@ def _statistics_reply(site: SiteRef, cnn_weights: dict[str, np.ndarray], shared:
     message_type = "evaluate" if split == "test" else "query.validation"
     contract = contract_for(message_type, dp=settings.dp, n_classes=k,
                             stats_shapes=stats_shapes(k, test_statistics=settings.test_statistics,
-                                                      models=released_models(site_alone=settings.site_alone)))
+                                                      models=released_models(site_alone=settings.site_alone,
+                                                                             split=split)))
     role = run_role(facts.run_id, "evaluate-release" if split == "test" else "validation-release")
     if again := stored_release(vault, role, request="one-per-run"):
         return HandlerReply({"stats": ("array", again[0]), "metrics": ("metric", again[1])}, contract, privacy)
@@ -563,7 +564,7 @@ def _released_statistics(vault: Any, cohort: Any, cnn_weights: dict[str, np.ndar
     proba = _probabilities(vault, data, cnn_weights, shared, settings, facts, privacy, cohort, split)
     if settings.site_alone:
         proba |= _alone_probabilities(vault, data, settings, facts, privacy, split)
-    models = released_models(site_alone=settings.site_alone)
+    models = released_models(site_alone=settings.site_alone, split=split)
     arrays = {f"{name}.{key}": value for name in models
               for key, value in released_arrays(compute_stats(y, proba[name], n_classes=k, n_bins=TEST_BINS)).items()}
     if settings.test_statistics == "noised":
@@ -621,14 +622,22 @@ def _alone_probabilities(vault: Any, data: Any, settings: RunSettings, facts: Ro
 def _probabilities(vault: Any, data: Any, cnn_weights: dict[str, np.ndarray], shared: dict[str, np.ndarray],
                    settings: RunSettings, facts: RoundFacts, privacy: Any, cohort: Any,
                    split: str) -> dict[str, np.ndarray]:
+    """Every model's class probabilities on ``split``: the base models, the hybrid, and on the
+    validation split the reduced stacks (the hybrid without each base model)."""
     from client.pipeline import meta_features
-    from common.meta import StackingMetaClassifier
+    from common.meta import StackingMetaClassifier, without_model
 
     proba = _base_probabilities(vault, data, cnn_weights, shared, settings, facts, privacy, split)
     k = len(cohort.classes)
-    meta = StackingMetaClassifier().set_coef(np.asarray(facts.coef, dtype=np.float64),
-                                             n_features=len(BASE_MODELS) * (1 if k == 2 else k))
-    proba["hybrid"] = meta.predict_proba(meta_features(*(proba[m] for m in BASE_MODELS)))
+    n_features = len(BASE_MODELS) * (1 if k == 2 else k)
+    x = meta_features(*(proba[m] for m in BASE_MODELS))
+    coef = np.asarray(facts.coef, dtype=np.float64)
+    proba["hybrid"] = StackingMetaClassifier().set_coef(coef, n_features=n_features).predict_proba(x)
+    if split == "validation":
+        for name, left_out in REDUCED_STACKS.items():
+            reduced = without_model(coef, n_models=len(BASE_MODELS), n_classes=max(k, 2),
+                                    index=BASE_MODELS.index(left_out))
+            proba[name] = StackingMetaClassifier().set_coef(reduced, n_features=n_features).predict_proba(x)
     return proba
 
 

@@ -260,6 +260,18 @@ def selection_coef(*, n_models: int, n_classes: int, index: int) -> np.ndarray:
     return coef.ravel()
 
 
+def without_model(coef: np.ndarray, *, n_models: int, n_classes: int, index: int) -> np.ndarray:
+    """``coef`` with every weight on model ``index``'s features set to zero (the stack without it).
+
+    The intercepts are left as fitted: a reduced stack is chosen and thresholded on its own
+    validation statistics, which its ranking alone decides.
+    """
+    k = 1 if n_classes == 2 else n_classes
+    rows = np.asarray(coef, dtype=np.float64).reshape(k, n_models * k + 1).copy()
+    rows[:, index * k:(index + 1) * k] = 0.0
+    return rows.ravel()
+
+
 def positive_evidence(*, n_models: int, n_classes: int) -> np.ndarray:
     """Mask of the stacking weights each model puts on its own evidence for each class (the
     entries :func:`averaging_prior` sets), which non-negative stacking keeps at or above zero."""

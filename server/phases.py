@@ -30,7 +30,7 @@ from common.spec import diff_schemas
 from server.exchange import TooFewSitesError, exchange, wait_for_nodes
 from server.runlog import RunLog
 
-from common.stack import ALONE_MODELS, BASE_MODELS, SITE_ALONE_ROWS
+from common.stack import ALONE_MODELS, BASE_MODELS, REDUCED_STACKS, SITE_ALONE_ROWS
 from common.stack import MODEL_NAMES as MODELS
 
 
@@ -530,11 +530,8 @@ def run_thresholds(grid: Grid, settings: RunSettings, state: RunState, log: RunL
         fb = state.meta_fallback
         if chosen:
             chosen["hybrid"] = dict(chosen[fb["model"]])
-        by = f" by more than the margin {fb['margin']:.3f} ({fb['margin_se']:g} standard errors)" if fb["margin"] else ""
-        log.warning(f"meta-classifier: validation AUC {fb['validation_auc']['hybrid']:.3f} does not beat the "
-                    f"{fb['model']}'s {fb['validation_auc'][fb['model']]:.3f}{by}; the hybrid falls back to the "
-                    f"{fb['model']}")
-    state.thresholds = chosen
+        log.warning("meta-classifier: " + _fallback_words(fb))
+    state.thresholds = {m: t for m, t in chosen.items() if m in MODELS}
     # A site alone would pick its best model alone on its own validation split, never on its test split.
     state.site_validation_auc = {
         site: {row: metrics_from_stats(v["stats"][released])["auc"]
@@ -552,10 +549,11 @@ def _binary_thresholds(settings: RunSettings, state: RunState, pooled: dict[str,
     from common.metrics import Threshold, choose_threshold
 
     chosen = {}
-    for name in MODELS:
-        th = choose_threshold(pooled[name], target_sensitivity=settings.target_sensitivity) if name in pooled \
-            else Threshold.default()
-        chosen[name] = th.to_dict()
+    for name in MODELS + tuple(REDUCED_STACKS):
+        if name in pooled or name in MODELS:  # a reduced stack needs its statistics; a model gets 0.5 without
+            th = choose_threshold(pooled[name], target_sensitivity=settings.target_sensitivity) if name in pooled \
+                else Threshold.default()
+            chosen[name] = th.to_dict()
     # A site alone would choose its own models' thresholds on its own validation split.
     state.site_thresholds = {
         site: {row: choose_threshold(v["stats"][released], target_sensitivity=settings.target_sensitivity).to_dict()
@@ -596,38 +594,65 @@ def run_evaluation(grid: Grid, settings: RunSettings, state: RunState, log: RunL
 
 def _stacking_fallback(state: RunState, pooled: dict[str, Any], n_classes: int, *,
                        margin_se: float) -> dict[str, Any]:
-    """Unless the stack beats its best base model on the sites' summed validation statistics by
-    more than ``margin_se`` times that model's AUC standard error (``meta-fallback-margin``), the
-    hybrid becomes that model (``state.meta_coef`` set to select it); returns what was decided and
-    on what figures, or {} (no statistics).
+    """The stack the hybrid becomes, chosen on the sites' summed validation statistics; returns
+    what was decided and on what figures, or {} (no statistics).
+
+    The candidates are the fitted stack and the reduced stacks (the stack without each base
+    model, :data:`common.stack.REDUCED_STACKS`). Unless the best of them beats the best base model
+    by more than ``margin_se`` times that model's AUC standard error (``meta-fallback-margin``),
+    the hybrid becomes that base model; otherwise it becomes the best stack. ``state.meta_coef`` is
+    set to what was chosen.
 
     The meta-classifier was fitted on the same validation split, so its figure there is
     optimistic by a little (a few coefficients on hundreds of records); a margin in standard
     errors (Hanley and McNeil's, from the validation class counts) can demand more than that. The
     default is no margin: over eight measured runs a margin of one error changed one decision, and
     cost that run's hybrid 0.059 of test AUC (docs/learning.md). The fallback is what saves the
-    hybrid when the meta statistics are noise (DP at small validation splits).
+    hybrid when the meta statistics are noise (DP at small validation splits); the reduced stacks
+    are what keeps two good models together when a third (a DP GLM at chance) would dilute them.
     Post-processing of released statistics: no privacy cost.
     """
-    from common.meta import selection_coef
+    from common.meta import selection_coef, without_model
     from common.metrics import auc_standard_error, metrics_from_stats
 
     if "hybrid" not in pooled or not all(m in pooled for m in BASE_MODELS):
         return {}
-    auc = {m: float(metrics_from_stats(pooled[m])["auc"]) for m in ("hybrid", *BASE_MODELS)}
+    stacks = ["hybrid", *(m for m in REDUCED_STACKS if m in pooled)]
+    auc = {m: float(metrics_from_stats(pooled[m])["auc"]) for m in (*stacks, *BASE_MODELS)}
     best = max(BASE_MODELS, key=lambda m: -1.0 if math.isnan(auc[m]) else auc[m])
+    # The full stack wins ties: it is what was fitted.
+    stack = max(stacks, key=lambda m: (-1.0 if math.isnan(auc[m]) else auc[m], m == "hybrid"))
     se = auc_standard_error(pooled[best])
     if math.isnan(se):  # a class missing from the validation splits: nothing to decide on
         return {}
     margin = margin_se * se
-    decision = {"validation_auc": auc, "best_base": best, "standard_error": se, "margin": margin,
-                "margin_se": margin_se}
-    if auc["hybrid"] > auc[best] + margin:
+    decision = {"validation_auc": auc, "best_base": best, "best_stack": stack, "standard_error": se,
+                "margin": margin, "margin_se": margin_se}
+    if auc[stack] > auc[best] + margin and stack == "hybrid":
         return {**decision, "model": ""}
     decision["fitted_coef"] = [float(c) for c in state.meta_coef]  # what the meta rounds fitted, set aside
-    state.meta_coef = [float(c) for c in selection_coef(n_models=len(BASE_MODELS), n_classes=max(n_classes, 2),
-                                                         index=BASE_MODELS.index(best))]
-    return {**decision, "model": best}
+    k = max(n_classes, 2)
+    if auc[stack] > auc[best] + margin:
+        coef = without_model(np.asarray(state.meta_coef), n_models=len(BASE_MODELS), n_classes=k,
+                             index=BASE_MODELS.index(REDUCED_STACKS[stack]))
+        chosen = stack
+    else:
+        coef = selection_coef(n_models=len(BASE_MODELS), n_classes=k, index=BASE_MODELS.index(best))
+        chosen = best
+    state.meta_coef = [float(c) for c in coef]
+    return {**decision, "model": chosen}
+
+
+def _fallback_words(fb: dict[str, Any]) -> str:
+    """A stacking decision other than the fitted stack, in one line for the run log."""
+    auc, model = fb["validation_auc"], fb["model"]
+    if model in REDUCED_STACKS:
+        return (f"validation AUC {auc[model]:.3f} without the {REDUCED_STACKS[model]} beats the full stack's "
+                f"{auc['hybrid']:.3f} and the {fb['best_base']}'s {auc[fb['best_base']]:.3f}; the hybrid is the "
+                f"stack without the {REDUCED_STACKS[model]}")
+    by = f" by more than the margin {fb['margin']:.3f} ({fb['margin_se']:g} standard errors)" if fb["margin"] else ""
+    return (f"validation AUC {auc[fb['best_stack']]:.3f} of the best stack does not beat the {model}'s "
+            f"{auc[model]:.3f}{by}; the hybrid falls back to the {model}")
 
 
 def _site_alone_stats(stats: dict[str, Any], thresholds: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -693,7 +718,7 @@ def _site_stats(reply: Any, n_classes: int) -> dict[str, Any]:
     by_model: dict[str, dict[str, np.ndarray]] = {}
     for key, value in arrays.items():
         model, _, part = key.partition(".")
-        if model not in MODELS + ALONE_MODELS:
+        if model not in MODELS + tuple(REDUCED_STACKS) + ALONE_MODELS:
             raise ValueError(f"unknown model {model!r} in test statistics")
         by_model.setdefault(model, {})[part] = value
     return {m: stats_from_released(parts, n_classes=n_classes) for m, parts in by_model.items()}

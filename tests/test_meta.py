@@ -157,6 +157,59 @@ def test_selection_coef_makes_the_stack_one_base_model(k: int) -> None:
         np.testing.assert_allclose(stack.predict_proba(x)[inside], probas[index][inside], atol=1e-9)
 
 
+@pytest.mark.parametrize("k", [2, 3])
+def test_a_reduced_stack_is_the_stack_over_the_other_models(k: int) -> None:
+    """Zeroing one model's weights gives the stack fitted coefficients over the two others."""
+    from client.pipeline import meta_features
+    from common.meta import without_model
+
+    rng = np.random.default_rng(10)
+    probas = [rng.dirichlet(np.ones(k), size=60) for _ in range(3)]
+    x = meta_features(*probas)
+    width = x.shape[1] // 3
+    coef = rng.normal(size=(1 if k == 2 else k, x.shape[1] + 1))
+    for index in range(3):
+        reduced = without_model(coef.ravel(), n_models=3, n_classes=k, index=index).reshape(coef.shape)
+        keep = [j for j in range(x.shape[1]) if j // width != index]
+        two = StackingMetaClassifier().set_coef(np.hstack([coef[:, keep], coef[:, -1:]]).ravel(),
+                                                n_features=len(keep))
+        full = StackingMetaClassifier().set_coef(reduced.ravel(), n_features=x.shape[1])
+        np.testing.assert_allclose(full.predict_proba(x), two.predict_proba(x[:, keep]), atol=1e-12)
+        assert np.all(reduced[:, index * width:(index + 1) * width] == 0)
+
+
+def test_the_stack_without_a_noise_model_is_chosen_when_it_beats_the_rest() -> None:
+    """Two good models and one at chance: the full stack is diluted, the stack without the noise
+    wins on validation, and the hybrid becomes it (weights zeroed, the rest as fitted)."""
+    from common.metrics import compute_stats
+    from server.phases import RunState, _stacking_fallback
+    from server.report import fallback_note
+
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 600)
+    a, b, noise = (y - 0.5) + rng.normal(0, 0.9, 600), (y - 0.5) + rng.normal(0, 0.9, 600), rng.normal(0, 3, 600)
+
+    def stats(score: np.ndarray):
+        p = 1.0 / (1.0 + np.exp(-score))
+        return compute_stats(y, np.column_stack([1 - p, p]), n_classes=2, n_bins=32)
+
+    pooled = {"hybrid": stats(a + b + noise), "cnn": stats(a), "forest": stats(b), "logreg": stats(noise),
+              "hybrid-without-cnn": stats(b + noise), "hybrid-without-forest": stats(a + noise),
+              "hybrid-without-logreg": stats(a + b)}
+    state = RunState(run_id="r", meta_coef=[0.4, 0.3, 0.2, -0.1])
+    fb = _stacking_fallback(state, pooled, 2, margin_se=0.0)
+    auc = fb["validation_auc"]
+    assert fb["model"] == "hybrid-without-logreg" == fb["best_stack"]
+    assert auc["hybrid-without-logreg"] > max(auc["cnn"], auc["forest"], auc["hybrid"])
+    assert state.meta_coef == [0.4, 0.3, 0.0, -0.1] and fb["fitted_coef"] == [0.4, 0.3, 0.2, -0.1]
+    assert "the stack without the logreg had a higher validation AUC" in fallback_note({"meta": {"fallback": fb}})
+    # A margin the reduced stack does not clear sends the hybrid to the best base model instead.
+    state = RunState(run_id="r", meta_coef=[0.4, 0.3, 0.2, -0.1])
+    fb = _stacking_fallback(state, pooled, 2, margin_se=50.0)
+    assert fb["model"] in ("cnn", "forest") and state.meta_coef[2] == 0.0
+    assert "the best stack's validation AUC (without the logreg)" in fallback_note({"meta": {"fallback": fb}})
+
+
 def test_the_stack_falls_back_to_a_better_base_model_on_validation() -> None:
     from common.metrics import compute_stats
     from common.stack import BASE_MODELS

@@ -21,7 +21,8 @@ def test_simulation_engine_run_completes(tmp_path: Path, capsys: pytest.CaptureF
                  vaults=True, show_progress=False)
     out = tmp_path / "run"
     assert main(["simulate", "--sites-dir", str(tmp_path / "sites"), "--out", str(out), "--rounds", "1",
-                 "--epsilon", "4", "--set", "forest-trees=10", "--set", "glm-rounds=2"]) == 0
+                 "--epsilon", "4", "--set", "forest-trees=10", "--set", "glm-rounds=2",
+                 "--set", "local-epochs=1"]) == 0
     doc = json.loads((out / "metrics.json").read_text())
     assert set(doc["sites"]) == {"site-1", "site-2", "site-3"}
     # census, moments, CNN round, GLM rounds, meta rounds, validation, evaluation
