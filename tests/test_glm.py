@@ -186,3 +186,21 @@ def test_the_dp_gradient_is_taken_at_the_intercept_only_model(counts: list[int])
     if k == 2:  # ... where at zero it does not
         assert not np.allclose(newton_terms(zero, x, y, n_classes=k).grad,
                                newton_terms(zero, x + np.array([3.0, -2.0]), y, n_classes=k).grad, atol=1.0)
+
+
+def test_the_dp_glm_benchmark_replays_the_mechanism(tmp_path) -> None:
+    """The benchmark's DP GLM reaches its no-noise fit when the noise vanishes, and a larger
+    glm-epsilon is charged as a larger composed run epsilon."""
+    from simulations.benchmarks.dp_glm import run
+    from simulations.site_layout import split_cohort
+    from simulations.synthetic import write_synthetic_cohort
+
+    write_synthetic_cohort(out=tmp_path / "cohort", patients=300, seed=4)
+    split_cohort(spec_path=tmp_path / "cohort" / "spec.toml", sites=2, by="iid", out=tmp_path / "sites", seed=0,
+                 vaults=True, show_progress=False)
+    result = run(sites_dir=tmp_path / "sites", glm_epsilons=[1.0, 1e6], moments_epsilons=[1e6], epsilon=8.0,
+                 delta=1e-5, draws=1)
+    weak, exact = result["rows"]
+    assert exact["auc_exact_scaler"][0] == pytest.approx(result["auc_exact_scaler_no_noise"], abs=0.01)
+    assert result["auc_exact_scaler_no_noise"] > 0.6
+    assert weak["run_epsilon"] < exact["run_epsilon"]
