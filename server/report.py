@@ -331,9 +331,9 @@ def fallback_note(doc: dict[str, Any]) -> str:
     what = "its standard error" if se == 1.0 else f"{se:g} standard errors of it"
     margin = f" by more than {what} ({fb['margin']:.3f})" if fb.get("margin") else ""
     stack = fb.get("best_stack", "hybrid")
-    which = "the meta-classifier's validation AUC" if stack == "hybrid" else \
-        f"the best stack's validation AUC (without the {REDUCED_STACKS[stack]})"
-    return (f"{which} ({auc[stack]:.3f}) did not beat the {model}'s "
+    which = f"the meta-classifier's validation AUC ({auc[stack]:.3f})" if stack == "hybrid" else \
+        f"the best stack, the one without the {REDUCED_STACKS[stack]}, reached a validation AUC of {auc[stack]:.3f} and"
+    return (f"{which} did not beat the {model}'s "
             f"({auc[model]:.3f}){margin}, so the hybrid is the {model} (stacking fallback, decided on "
             "the sites' summed validation statistics).")
 
