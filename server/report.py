@@ -182,6 +182,12 @@ def _model_roles(state: RunState, settings: RunSettings) -> dict[str, str]:
     if not state.model_config.get("tracks"):
         roles["cnn"] = ("federated deep model: a dense network on the shared tabular features (the cohort has no "
                         f"sequence tracks), FedAvg of the sites' {updates}")
+    chosen = state.meta_fallback.get("model")
+    if chosen in REDUCED_STACKS:
+        roles["hybrid"] = (f"federated stacking meta-classifier over the base models below but the "
+                           f"{REDUCED_STACKS[chosen]} (its weight set to zero: the stack without it won on validation)")
+    elif chosen:
+        roles["hybrid"] = f"the {chosen} below (stacking fallback: no stack beat it on validation)"
     return roles
 
 

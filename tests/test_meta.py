@@ -182,8 +182,9 @@ def test_the_stack_without_a_noise_model_is_chosen_when_it_beats_the_rest() -> N
     """Two good models and one at chance: the full stack is diluted, the stack without the noise
     wins on validation, and the hybrid becomes it (weights zeroed, the rest as fitted)."""
     from common.metrics import compute_stats
+    from common.settings import RunSettings
     from server.phases import RunState, _stacking_fallback
-    from server.report import fallback_note
+    from server.report import _model_roles, fallback_note
 
     rng = np.random.default_rng(3)
     y = rng.integers(0, 2, 600)
@@ -203,12 +204,16 @@ def test_the_stack_without_a_noise_model_is_chosen_when_it_beats_the_rest() -> N
     assert auc["hybrid-without-logreg"] > max(auc["cnn"], auc["forest"], auc["hybrid"])
     assert state.meta_coef == [0.4, 0.3, 0.0, -0.1] and fb["fitted_coef"] == [0.4, 0.3, 0.2, -0.1]
     assert "the stack without the logreg had a higher validation AUC" in fallback_note({"meta": {"fallback": fb}})
+    state.meta_fallback = fb
+    assert "but the logreg (its weight set to zero" in _model_roles(state, RunSettings())["hybrid"]
     # A margin the reduced stack does not clear sends the hybrid to the best base model instead.
     state = RunState(run_id="r", meta_coef=[0.4, 0.3, 0.2, -0.1])
     fb = _stacking_fallback(state, pooled, 2, margin_se=50.0)
     assert fb["model"] in ("cnn", "forest") and state.meta_coef[2] == 0.0
     assert "the best stack, the one without the logreg, reached a validation AUC of" in \
         fallback_note({"meta": {"fallback": fb}})
+    state.meta_fallback = fb
+    assert _model_roles(state, RunSettings())["hybrid"].startswith(f"the {fb['model']} below (stacking fallback")
 
 
 def test_the_stack_falls_back_to_a_better_base_model_on_validation() -> None:
