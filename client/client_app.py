@@ -2,10 +2,14 @@
 
 Message types
 -------------
-``query.census``    schema hash, counts, budget, whether the run's plan fits the policy  (phase 0)
-``train``           one round of local DP-SGD from the global CNN                          (phase 1)
-``train.meta``      forest + meta-features, Newton terms of the meta LR                    (phases 2-3)
-``evaluate``        test statistics of every model (once per run); stores final models    (phase 4)
+``query.census``     schema hash, counts, budget, whether the run's plan fits the policy  (phase 0)
+``query.moments``    additive moments of the shared columns (one scaler for all)          (phase 0)
+``train``            one round of local DP-SGD from the global CNN                        (phase 1)
+``train.glm``        Newton terms of the federated GLM                                    (phase 2)
+``train.meta``       forest + meta-features, Newton terms of the meta LR                  (phases 2-3)
+``train.alone``      the site's own models alone (stay on the site; only the count leaves)
+``query.validation`` validation statistics: thresholds and the stacking fallback          (phase 4)
+``evaluate``         test statistics of every model (once per run); stores final models  (phase 4)
 
 Every handler parses the run config into :class:`RunSettings` (what the run asks for, checked
 against the site's policy) and the message into :class:`RoundFacts`; no setting is read from a
@@ -127,6 +131,13 @@ def train_glm(msg: Message, context: Context) -> Message:
     from client import handlers
 
     return _answer(msg, context, handlers.glm_round, "shared")
+
+
+@app.train("alone")
+def train_alone(msg: Message, context: Context) -> Message:
+    from client import handlers
+
+    return _answer(msg, context, handlers.train_alone)
 
 
 @app.query("validation")

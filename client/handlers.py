@@ -16,6 +16,7 @@ number, never from the run config.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -25,8 +26,9 @@ import numpy as np
 from client.privacy.egress import EgressContract, contract_for
 from client.site import SiteRef
 from common.settings import RoundFacts, RunSettings
-
 from common.stack import BASE_MODELS, MODEL_NAMES, REDUCED_STACKS, released_models
+
+log = logging.getLogger("genofed.client")
 
 
 @dataclass
@@ -563,8 +565,8 @@ def _released_statistics(vault: Any, cohort: Any, cnn_weights: dict[str, np.ndar
         return {}, metrics
     proba = _probabilities(vault, data, cnn_weights, shared, settings, facts, privacy, cohort, split)
     if settings.site_alone:
-        proba |= _alone_probabilities(vault, data, settings, facts, privacy, split)
-    models = released_models(site_alone=settings.site_alone, split=split)
+        proba |= _alone_probabilities(vault, data, facts, split)
+    models = tuple(m for m in released_models(site_alone=settings.site_alone, split=split) if m in proba)
     arrays = {f"{name}.{key}": value for name in models
               for key, value in released_arrays(compute_stats(y, proba[name], n_classes=k, n_bins=TEST_BINS)).items()}
     if settings.test_statistics == "noised":
@@ -582,9 +584,29 @@ def _released_statistics(vault: Any, cohort: Any, cnn_weights: dict[str, np.ndar
     return {name: np.asarray(a, dtype=np.int64) for name, a in arrays.items()}, metrics
 
 
-def _alone_probabilities(vault: Any, data: Any, settings: RunSettings, facts: RoundFacts, privacy: Any,
-                         split: str) -> dict[str, np.ndarray]:
-    """The site's own deep model and GLM, trained on its data alone (once per run), on one split.
+def train_alone(site: SiteRef, settings: RunSettings, facts: RoundFacts) -> HandlerReply:
+    """Train the site's own deep model and GLM on its data alone, once per run, and store them.
+
+    Its own exchange (``train.alone``), so that the longest local work of a run (the federation's
+    total epochs of deep-model training) has a timeout of its own and never costs the site its
+    evaluation. Releases only the train count the census already released; asked again, the
+    site answers from the stored models.
+    """
+    from client.model_store import load_alone_models, save_alone_models
+    from client.pipeline import SiteData
+
+    vault, cohort = _load(site)
+    privacy = _privacy(vault, site, cohort, settings, facts)
+    contract = contract_for("train.alone", dp=settings.dp, n_classes=len(cohort.classes))
+    data = SiteData.from_cohort(cohort)
+    if load_alone_models(vault, run_id=facts.run_id) is None:
+        save_alone_models(vault, _train_alone_models(data, settings, facts, privacy, vault), run_id=facts.run_id)
+    return HandlerReply({"metrics": ("metric", {"num-examples": int(data.masks["train"].sum())})}, contract, privacy)
+
+
+def _train_alone_models(data: Any, settings: RunSettings, facts: RoundFacts, privacy: Any,
+                        vault: Any) -> dict[str, Any]:
+    """The site's own scaler, GLM and deep model, trained on its data alone.
 
     They never leave the site and need no DP of their own (only their released statistics do):
     a hospital alone would train without noise, which is the comparison a consortium must win.
@@ -594,26 +616,36 @@ def _alone_probabilities(vault: Any, data: Any, settings: RunSettings, facts: Ro
     import torch
 
     from client.dp_training import TrainConfig
-    from client.model_store import load_alone_models, load_start_weights, save_alone_models
-    from client.pipeline import deep_proba, fit_glm, fit_shared_scaler, glm_matrix, train_deep
+    from client.model_store import load_start_weights
+    from client.pipeline import fit_glm, fit_shared_scaler, train_deep
+
+    scaler = fit_shared_scaler(data, max_glm_columns=settings.glm_max_features)
+    glm = fit_glm(data, scaler, C=settings.glm_c)
+    epochs = settings.cnn_rounds * settings.local_epochs
+    train_cfg = TrainConfig(epochs=epochs, batch_size=settings.batch_size, lr=settings.lr,
+                            weight_decay=settings.weight_decay, patience=max(3, epochs // 4),
+                            seed=privacy.seed(purpose="alone-deep-model"), select_best=True)
+    start = load_start_weights(vault, run_id=facts.run_id)  # a warm start's public weights, if any
+    initial = {k: torch.as_tensor(v) for k, v in start.items()} if start is not None else None
+    model, _ = train_deep(data, cfg=_model_config(facts), train=train_cfg, dp=None, scaler=scaler, initial=initial)
+    return {"scaler": scaler, "glm": glm, "cnn": {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}}
+
+
+def _alone_probabilities(vault: Any, data: Any, facts: RoundFacts, split: str) -> dict[str, np.ndarray]:
+    """The site's own deep model and GLM (stored by :func:`train_alone`) on one split; none when
+    the site did not train them in this run (its site-alone rows are then left out)."""
+    import torch
+
+    from client.model_store import load_alone_models
+    from client.pipeline import deep_proba, glm_matrix
     from common.models import build_model
 
-    model_cfg = _model_config(facts)
     stored = load_alone_models(vault, run_id=facts.run_id)
     if stored is None:
-        scaler = fit_shared_scaler(data, max_glm_columns=settings.glm_max_features)
-        glm = fit_glm(data, scaler, C=settings.glm_c)
-        epochs = settings.cnn_rounds * settings.local_epochs
-        train_cfg = TrainConfig(epochs=epochs, batch_size=settings.batch_size, lr=settings.lr,
-                                weight_decay=settings.weight_decay, patience=max(3, epochs // 4),
-                                seed=privacy.seed(purpose="alone-deep-model"), select_best=True)
-        start = load_start_weights(vault, run_id=facts.run_id)  # a warm start's public weights, if any
-        initial = {k: torch.as_tensor(v) for k, v in start.items()} if start is not None else None
-        model, _ = train_deep(data, cfg=model_cfg, train=train_cfg, dp=None, scaler=scaler, initial=initial)
-        stored = {"scaler": scaler, "glm": glm,
-                  "cnn": {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}}
-        save_alone_models(vault, stored, run_id=facts.run_id)
-    model = build_model(model_cfg)
+        log.warning("run %s: this site's own models alone were not trained; their statistics are not released",
+                    facts.run_id)
+        return {}
+    model = build_model(_model_config(facts))
     model.load_state_dict({k: torch.as_tensor(v) for k, v in stored["cnn"].items()})
     return {"alone-cnn": deep_proba(model, data, split, stored["scaler"]),
             "alone-logreg": stored["glm"].predict_proba(glm_matrix(data, split, stored["scaler"]))}

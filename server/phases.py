@@ -2,7 +2,8 @@
 
 Exchanges per run: census (1) + moments of the shared preprocessing (1) + CNN rounds (R) + GLM
 rounds (Newton steps from zero until converged, at most 8 by default) + meta rounds (3 by
-default: a warm start and two Newton steps) + evaluation with distribution of the final models (1). Explanations
+default: a warm start and two Newton steps) + the sites' own models alone (1, with ``site-alone``)
++ validation statistics (1) + evaluation with distribution of the final models (1). Explanations
 (phase 5) will be inserted between the meta rounds and the evaluation; see ``run_phases``.
 
 All server state lives in :class:`RunState`, checkpointed after every completed exchange;
@@ -64,6 +65,7 @@ class RunState:
 
     rounds: list[dict[str, Any]] = field(default_factory=list)    # per exchange: sites, rejections, epsilon
     excluded: dict[str, str] = field(default_factory=dict)        # site -> why it left the run
+    alone_missing: dict[str, str] = field(default_factory=dict)   # site -> why it has no models alone
     refusals: dict[str, str] = field(default_factory=dict)        # site -> why its policy refused the run
     held_out: str = ""                                            # a site that only joins the evaluation
     init_from: str = ""                                           # the earlier model the deep model started from
@@ -405,8 +407,35 @@ def run_meta_rounds(grid: Grid, settings: RunSettings, state: RunState, log: Run
                    bound=META_FEATURE_BOUND, max_n="n-validation", warm_start=not settings.dp,
                    facts={"glm_coef": tuple(state.glm_coef)}, checkpoint=lambda: checkpoint(weights))
     state.meta_coef = [float(c) for c in solver.result()]
-    state.phase = "threshold"
+    state.phase = "alone"
     return state.meta_coef
+
+
+def run_site_alone(grid: Grid, settings: RunSettings, state: RunState, log: RunLog) -> None:
+    """Every site (the held-out one too) trains its own models alone, once per run, for the
+    site-alone comparison; nothing but a count leaves.
+
+    It is the longest local work of a run (the federation's total epochs, without DP), so its
+    timeout is ``round-timeout`` times ``cnn-rounds``; a site that fails or does not answer in time
+    stays in the run and is evaluated, without its site-alone rows.
+    """
+    state.phase = "threshold"
+    if not settings.site_alone or settings.test_statistics == "none":
+        return
+    nodes = _require_quorum(state, settings, "site alone", training=False)
+    timeout = settings.round_timeout * max(1, settings.cnn_rounds)
+    log.info(f"site alone: each site trains its own models on its data alone "
+             f"({settings.cnn_rounds * settings.local_epochs} epochs, no DP, nothing leaves; up to {timeout:.0f} s)")
+    cfg = ConfigRecord(RoundFacts(run_id=state.run_id, model_config=json.dumps(state.model_config)).to_config())
+    res = exchange(grid, nodes, lambda n: RecordDict({"config": cfg}), message_type="train.alone",
+                   group_id=f"{state.run_id}-alone", timeout=timeout)
+    for node, reason in res.failures.items():
+        state.alone_missing[state.site_of(node)] = reason
+        log.warning(f"site alone: site {state.site_of(node)} has no models alone ({reason}); it stays in the run "
+                    f"without its site-alone rows")
+    state.rounds.append({"phase": "alone", "seconds": round(res.seconds, 2), "handler_s": _slowest_handler(res),
+                         "sites": sorted(state.site_of(n) for n in res.replies)})
+    log.event("alone", seconds=res.seconds, sites=sorted(state.site_of(n) for n in res.replies))
 
 
 def _newton_rounds(grid: Grid, settings: RunSettings, state: RunState, log: RunLog, solver: Any,
@@ -656,9 +685,12 @@ def _fallback_words(fb: dict[str, Any]) -> str:
 
 
 def _site_alone_stats(stats: dict[str, Any], thresholds: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """A site's own models (deep model, forest, GLM) at the site's own thresholds (binary)."""
+    """A site's own models (deep model, forest, GLM) at the site's own thresholds (binary); none
+    unless the site released its models alone (a site that did not train them has only its forest)."""
     from common.metrics import Threshold, at_threshold
 
+    if not all(m in stats for m in ALONE_MODELS):
+        return {}
     out = {}
     for row, released in SITE_ALONE_ROWS.items():
         if released not in stats:

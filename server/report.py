@@ -75,14 +75,16 @@ def site_alone_comparison(evaluation: dict[str, Any], state: RunState) -> dict[s
                        "federated_hybrid_minus_best_alone": fed.get("hybrid", float("nan")) - own[best]["auc"]}
         for row, st in alone.items():
             pooled[row] = pooled[row] + st if row in pooled else st
+    missing = {site: why for site, why in state.alone_missing.items() if site != state.held_out}
     if not sites:
-        return {}
+        return {"sites": {}, "without_models_alone": missing} if missing else {}
     hybrid = [s["federated_auc"].get("hybrid", float("nan")) for s in sites.values()]
     best = [s["best_alone_auc"] for s in sites.values()]
     return {"sites": sites, "pooled": {row: _metric_subset(metrics_from_stats(st)) for row, st in pooled.items()},
             "mean_auc": {"federated_hybrid": _nanmean(hybrid), "best_alone": _nanmean(best),
                          **{f"alone_{row}": _nanmean([s[row]["auc"] for s in sites.values() if row in s])
-                            for row in pooled}}}
+                            for row in pooled}},
+            "without_models_alone": missing}
 
 
 def _held_out(evaluation: dict[str, Any], state: RunState) -> dict[str, Any]:
@@ -353,13 +355,22 @@ def best_alone_rule(sa: dict[str, Any]) -> str:
             "were released), an optimistic choice.")
 
 
+def alone_missing_note(sa: dict[str, Any]) -> str:
+    """The sites left out of the site-alone comparison because they have no models alone, and why."""
+    return " ".join(f"Site {site} has no models alone ({why}) and is left out of this comparison."
+                    for site, why in sa.get("without_models_alone", {}).items())
+
+
 def _site_alone_lines(doc: dict[str, Any]) -> list[str]:
     """The site-alone vs federated table of ``metrics.md``."""
     sa = doc.get("site_alone") or {}
     if not sa:
         return []
+    missing = alone_missing_note(sa)
+    if not sa["sites"]:
+        return ["", "What federation bought: no site trained its models alone. " + missing]
     lines = ["", "What federation bought (test AUC at each site; the site's own models trained on its data alone, "
-             "its forest included; the federated models' rows above). " + best_alone_rule(sa), "",
+             "its forest included; the federated models' rows above). " + f"{best_alone_rule(sa)} {missing}".rstrip(), "",
              "| site | test class counts | own deep model | own forest | own GLM | best alone | federated hybrid | "
              "hybrid - best alone |", "|---|---|---|---|---|---|---|---|"]
     for site, v in sa["sites"].items():

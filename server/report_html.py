@@ -21,7 +21,7 @@ import numpy as np
 from common.files import write_text_atomic
 from common.metrics import METRIC_NAMES, EvalStats, roc_points
 from server.phases import MODELS
-from server.report import best_alone_rule, fallback_note, warm_start_note
+from server.report import alone_missing_note, best_alone_rule, fallback_note, warm_start_note
 
 
 def save_pooled_stats(run_dir: Path, pooled: dict[str, EvalStats]) -> None:
@@ -174,6 +174,9 @@ def _site_alone_section(doc: dict[str, Any]) -> str:
     sa = doc.get("site_alone") or {}
     if not sa:
         return ""
+    missing = html.escape(alone_missing_note(sa))
+    if not sa["sites"]:
+        return f"<h2>What federation bought</h2><p>No site trained its models alone. {missing}</p>"
     classes = doc["run"].get("classes", [])
     rows = []
     for site, v in sa["sites"].items():
@@ -196,7 +199,7 @@ def _site_alone_section(doc: dict[str, Any]) -> str:
                 + " (test AUC).</p>")
     return ("<h2>What federation bought</h2><p><small>Test AUC at each site: its own models trained on its data "
             "alone (local models, each at the site's own threshold) against the federated hybrid. "
-            f"{html.escape(best_alone_rule(sa))}</small></p>"
+            f"{html.escape(best_alone_rule(sa))} {missing}".rstrip() + "</small></p>"
             "<table><tr><th>site</th><th>test class counts</th><th>own deep model</th><th>own forest</th>"
             "<th>own GLM</th><th>best alone</th><th>federated hybrid</th><th>hybrid - best alone</th></tr>"
             f"{''.join(rows)}</table>{held}")

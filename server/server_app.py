@@ -27,6 +27,7 @@ from server.phases import (
     run_glm_rounds,
     run_meta_rounds,
     run_moments,
+    run_site_alone,
     run_thresholds,
     state_from_dict,
     state_to_dict,
@@ -95,6 +96,9 @@ def _run(grid: Grid, settings: RunSettings, run_dir: Path | None, log: RunLog, s
         run_glm_rounds(grid, settings, state, log, weights, checkpoint)
     if state.phase == "meta":
         run_meta_rounds(grid, settings, state, log, weights, checkpoint)
+    if state.phase == "alone":
+        run_site_alone(grid, settings, state, log)
+        checkpoint(weights)
     if state.phase == "threshold":
         run_thresholds(grid, settings, state, log, weights)
         checkpoint(weights)

@@ -84,11 +84,11 @@ def comparison_text(metrics: dict[str, Any]) -> str:
     if fallback_note(metrics):
         lines.append("  note: " + fallback_note(metrics))
     alone = metrics.get("site_alone") or {}
-    if alone:
-        from server.report import best_alone_rule
+    if alone.get("sites"):
+        from server.report import alone_missing_note, best_alone_rule
 
         lines.append("each site alone (its own deep model, forest and GLM) vs the federated hybrid, test AUC at the site. "
-                     + best_alone_rule(alone))
+                     + f"{best_alone_rule(alone)} {alone_missing_note(alone)}".rstrip())
         for site, v in alone["sites"].items():
             lines.append(f"  {site:10s} best alone {v['best_alone_auc']:.3f} ({v['best_alone']})  federated hybrid "
                          f"{v['federated_auc'].get('hybrid', float('nan')):.3f}  ({v['federated_hybrid_minus_best_alone']:+.3f})")

@@ -408,6 +408,34 @@ def test_site_alone_rows_are_each_sites_own_models(sites: Path, tmp_path: Path) 
     assert "What federation bought" in report and "operating threshold" in report
 
 
+def test_a_site_that_cannot_train_alone_in_time_stays_in_the_run(sites: Path, tmp_path: Path) -> None:
+    """Training alone is a run's longest local work, in an exchange of its own: a site that does
+    not finish it loses its site-alone rows, never its evaluation."""
+    from client.privacy.egress import EgressLog
+
+    def slow_alone(node: int, msg) -> str | None:
+        return "silent" if node == 102 and msg.metadata.message_type == "train.alone" else None
+
+    doc, _ = _run(sites, tmp_path / "run", dp=False, cnn_rounds=1, site_alone=True, fail=slow_alone,
+                  round_timeout=1.0)
+    assert set(doc["sites"]) == {"site-1", "site-2", "site-3"} and doc["missing_sites"] == {}
+    alone = doc["site_alone"]
+    assert set(alone["sites"]) == {"site-1", "site-3"}
+    assert alone["without_models_alone"] == {"site-2": "no reply within 1 s"}
+    assert "Site site-2 has no models alone (no reply within 1 s)" in (tmp_path / "run" / "metrics.md").read_text()
+    phase = next(r for r in doc["rounds"] if r["phase"] == "alone")
+    assert phase["sites"] == ["site-1", "site-3"]
+    for name, vault in _site_vaults(sites):
+        sent = [e for e in EgressLog(vault).entries() if e["run_id"] == doc["run"]["run_id"]]
+        alone_replies = [e for e in sent if e["message_type"] == "train.alone"]
+        assert len(alone_replies) == (0 if name == "site-2" else 1)
+        for e in alone_replies:  # the models stay home: only the count leaves
+            assert set(e["keys"]) == {"metrics.num-examples", "metrics.handler-seconds"}
+        released = {k.split(".")[1] for e in sent if e["message_type"] == "evaluate" for k in e["keys"]
+                    if k.startswith("stats.")}
+        assert ("alone-cnn" in released) == (name != "site-2")
+
+
 def test_a_held_out_site_only_evaluates(sites: Path, tmp_path: Path) -> None:
     from client.privacy.egress import EgressLog
 
@@ -419,7 +447,8 @@ def test_a_held_out_site_only_evaluates(sites: Path, tmp_path: Path) -> None:
     assert held["site"] == "site-3" and set(held["federated"]) == {"hybrid", "cnn", "forest", "logreg"}
     assert set(held["own"]) == {"cnn", "forest", "logreg"} and sum(held["class_counts"]) > 0
     vault = dict(_site_vaults(sites))["site-3"]
-    assert [e["message_type"] for e in EgressLog(vault).entries()] == ["query.census", "evaluate"]
+    # It trains its own models alone (only a count leaves) for the comparison, then evaluates.
+    assert [e["message_type"] for e in EgressLog(vault).entries()] == ["query.census", "train.alone", "evaluate"]
     assert "Held-out site site-3" in (tmp_path / "run" / "metrics.md").read_text()
     with pytest.raises(CensusError, match="hold-out-site 'site-9' is not among"):
         _run(sites, tmp_path / "bad", dp=False, cnn_rounds=1, hold_out_site="site-9")

@@ -161,6 +161,8 @@ def contract_for(message_type: str, *, dp: bool, n_classes: int, model_shapes: M
                                              "site": {"site": Field("str", max_len=NAME_LEN)}})
     if message_type == "train.meta":
         return EgressContract(message_type, _newton_records(meta_dim, dp=dp, warm_start=warm_start))
+    if message_type == "train.alone":  # the site's own models stay home: only the train count leaves
+        return EgressContract(message_type, {"metrics": dict(SCALAR_METRICS)})
     if message_type in ("evaluate", "query.validation"):
         stats = {name: Field("array", tuple(shape), dtype="i") for name, shape in (stats_shapes or {}).items()}
         metrics = {**SCALAR_METRICS, "epsilon": Field("float"), "noise-std": Field("float")}
