@@ -204,3 +204,24 @@ def test_the_dp_glm_benchmark_replays_the_mechanism(tmp_path) -> None:
     assert exact["auc_exact_scaler"][0] == pytest.approx(result["auc_exact_scaler_no_noise"], abs=0.01)
     assert result["auc_exact_scaler_no_noise"] > 0.6
     assert weak["run_epsilon"] < exact["run_epsilon"]
+
+
+def test_the_fedavg_gap_benchmark_scores_every_round_of_every_variant(tmp_path) -> None:
+    """Each variant has one score per round; the IID sites deal every train record exactly once,
+    in the layout's site sizes."""
+    from simulations.benchmarks.fedavg_gap import VARIANTS, _iid_sites, _sites, run
+    from simulations.site_layout import split_cohort
+    from simulations.synthetic import write_synthetic_cohort
+
+    write_synthetic_cohort(out=tmp_path / "cohort", patients=240, seed=4)
+    split_cohort(spec_path=tmp_path / "cohort" / "spec.toml", sites=2, by="iid", out=tmp_path / "sites", seed=0,
+                 vaults=True, show_progress=False)
+    result = run(sites_dir=tmp_path / "sites", rounds=2, local_epochs=1, variants=list(VARIANTS))
+    for name in VARIANTS:
+        assert [r["round"] for r in result["curves"][name]] == [1, 2]
+        assert all(0.0 <= r[s] <= 1.0 for r in result["curves"][name] for s in ("validation", "test"))
+    sites, pooled = _sites(tmp_path / "sites")
+    sizes = [int(s.masks["train"].sum()) for s in sites]
+    dealt = _iid_sites(pooled, sizes, seed=3)
+    assert [int(s.masks["train"].sum()) for s in dealt] == sizes
+    assert np.array_equal(np.sum([s.masks["train"] for s in dealt], axis=0), pooled.masks["train"])
