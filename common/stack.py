@@ -11,6 +11,8 @@ without a model that only adds noise (:func:`server.phases._stacking_fallback`).
 
 from __future__ import annotations
 
+from typing import Any
+
 MODEL_NAMES = ("hybrid", "cnn", "forest", "logreg")
 BASE_MODELS = ("cnn", "forest", "logreg")
 ALONE_MODELS = ("alone-cnn", "alone-logreg")
@@ -24,3 +26,30 @@ def released_models(*, site_alone: bool, split: str = "test") -> tuple[str, ...]
     """The models whose statistics a site releases on ``split`` ("validation" or "test")."""
     reduced = tuple(REDUCED_STACKS) if split == "validation" else ()
     return MODEL_NAMES + reduced + (ALONE_MODELS if site_alone else ())
+
+
+def fallback_words(fb: dict[str, Any]) -> str:
+    """A stacking decision other than the fitted stack, in words ("" when the stack kept its fit).
+
+    ``fb`` is ``metrics.json`` ``meta.fallback``: the same sentence goes to the run log, the
+    report and the demo's printout.
+    """
+    model = fb.get("model")
+    if not model:
+        return ""
+    auc = fb["validation_auc"]
+    if model in REDUCED_STACKS:
+        left_out = REDUCED_STACKS[model]
+        return (f"the stack without the {left_out} had a higher validation AUC ({auc[model]:.3f}) than the full "
+                f"stack ({auc['hybrid']:.3f}) and every base model (best: the {fb['best_base']}, "
+                f"{auc[fb['best_base']]:.3f}), so the hybrid is the meta-classifier with the {left_out}'s weight set "
+                "to zero (decided on the sites' summed validation statistics).")
+    se = fb.get("margin_se", 1.0)
+    what = "its standard error" if se == 1.0 else f"{se:g} standard errors of it"
+    margin = f" by more than {what} ({fb['margin']:.3f})" if fb.get("margin") else ""
+    stack = fb.get("best_stack", "hybrid")
+    which = f"the meta-classifier's validation AUC ({auc[stack]:.3f})" if stack == "hybrid" else \
+        f"the best stack, the one without the {REDUCED_STACKS[stack]}, reached a validation AUC of {auc[stack]:.3f} and"
+    return (f"{which} did not beat the {model}'s "
+            f"({auc[model]:.3f}){margin}, so the hybrid is the {model} (stacking fallback, decided on "
+            "the sites' summed validation statistics).")

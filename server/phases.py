@@ -31,7 +31,7 @@ from common.spec import diff_schemas
 from server.exchange import TooFewSitesError, exchange, wait_for_nodes
 from server.runlog import RunLog
 
-from common.stack import ALONE_MODELS, BASE_MODELS, REDUCED_STACKS, SITE_ALONE_ROWS
+from common.stack import ALONE_MODELS, BASE_MODELS, REDUCED_STACKS, SITE_ALONE_ROWS, fallback_words
 from common.stack import MODEL_NAMES as MODELS
 
 
@@ -559,7 +559,7 @@ def run_thresholds(grid: Grid, settings: RunSettings, state: RunState, log: RunL
         fb = state.meta_fallback
         if chosen:
             chosen["hybrid"] = dict(chosen[fb["model"]])
-        log.warning("meta-classifier: " + _fallback_words(fb))
+        log.warning("meta-classifier: " + fallback_words(fb))
     state.thresholds = {m: t for m, t in chosen.items() if m in MODELS}
     # A site alone would pick its best model alone on its own validation split, never on its test split.
     state.site_validation_auc = {
@@ -670,18 +670,6 @@ def _stacking_fallback(state: RunState, pooled: dict[str, Any], n_classes: int, 
         chosen = best
     state.meta_coef = [float(c) for c in coef]
     return {**decision, "model": chosen}
-
-
-def _fallback_words(fb: dict[str, Any]) -> str:
-    """A stacking decision other than the fitted stack, in one line for the run log."""
-    auc, model = fb["validation_auc"], fb["model"]
-    if model in REDUCED_STACKS:
-        return (f"validation AUC {auc[model]:.3f} without the {REDUCED_STACKS[model]} beats the full stack's "
-                f"{auc['hybrid']:.3f} and the {fb['best_base']}'s {auc[fb['best_base']]:.3f}; the hybrid is the "
-                f"stack without the {REDUCED_STACKS[model]}")
-    by = f" by more than the margin {fb['margin']:.3f} ({fb['margin_se']:g} standard errors)" if fb["margin"] else ""
-    return (f"validation AUC {auc[fb['best_stack']]:.3f} of the best stack does not beat the {model}'s "
-            f"{auc[model]:.3f}{by}; the hybrid falls back to the {model}")
 
 
 def _site_alone_stats(stats: dict[str, Any], thresholds: dict[str, dict[str, Any]]) -> dict[str, Any]:

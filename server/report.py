@@ -25,7 +25,7 @@ from common.metrics import (
     metrics_from_stats,
 )
 from common.settings import RunSettings
-from common.stack import REDUCED_STACKS
+from common.stack import REDUCED_STACKS, fallback_words
 from server.phases import MODELS, RunState
 
 MODEL_ROLES = {
@@ -323,27 +323,8 @@ def warm_start_note(doc: dict[str, Any]) -> str:
 
 
 def fallback_note(doc: dict[str, Any]) -> str:
-    """The stacking fallback in words ("" when the stack kept its fit)."""
-    fb = (doc.get("meta") or {}).get("fallback") or {}
-    model = fb.get("model")
-    if not model:
-        return ""
-    auc = fb["validation_auc"]
-    if model in REDUCED_STACKS:
-        left_out = REDUCED_STACKS[model]
-        return (f"the stack without the {left_out} had a higher validation AUC ({auc[model]:.3f}) than the full "
-                f"stack ({auc['hybrid']:.3f}) and every base model (best: the {fb['best_base']}, "
-                f"{auc[fb['best_base']]:.3f}), so the hybrid is the meta-classifier with the {left_out}'s weight set "
-                "to zero (decided on the sites' summed validation statistics).")
-    se = fb.get("margin_se", 1.0)
-    what = "its standard error" if se == 1.0 else f"{se:g} standard errors of it"
-    margin = f" by more than {what} ({fb['margin']:.3f})" if fb.get("margin") else ""
-    stack = fb.get("best_stack", "hybrid")
-    which = f"the meta-classifier's validation AUC ({auc[stack]:.3f})" if stack == "hybrid" else \
-        f"the best stack, the one without the {REDUCED_STACKS[stack]}, reached a validation AUC of {auc[stack]:.3f} and"
-    return (f"{which} did not beat the {model}'s "
-            f"({auc[model]:.3f}){margin}, so the hybrid is the {model} (stacking fallback, decided on "
-            "the sites' summed validation statistics).")
+    """The stacking fallback of a run's ``metrics.json`` in words ("" when the stack kept its fit)."""
+    return fallback_words((doc.get("meta") or {}).get("fallback") or {})
 
 
 def best_alone_rule(sa: dict[str, Any]) -> str:
