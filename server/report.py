@@ -127,7 +127,7 @@ def _privacy(state: RunState, settings: RunSettings) -> dict[str, Any]:
                 if "epsilon" in m:
                     entry(site).update(epsilon=float(m["epsilon"]),
                                        run_epsilon=float(m.get("run-epsilon", float("nan"))))
-        elif record.get("phase") in ("moments", "glm", "meta", "evaluate"):
+        elif record.get("phase") in ("moments", "glm", "meta", "validation", "evaluate"):
             for site, eps in record.get("epsilon", {}).items():
                 entry(site)["epsilon"] = float(eps)
     return out

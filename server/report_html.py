@@ -80,7 +80,7 @@ def privacy_figure(doc: dict[str, Any]) -> str | None:
     for r in doc["rounds"]:
         if r.get("phase") == "cnn":
             spent = {site: m["epsilon"] for site, m in r["sites"].items() if "epsilon" in m}
-        elif r.get("phase") in ("moments", "glm", "meta", "evaluate"):
+        elif r.get("phase") in ("moments", "glm", "meta", "validation", "evaluate"):
             spent = dict(r.get("epsilon", {}))
         else:
             continue

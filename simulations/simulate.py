@@ -156,11 +156,13 @@ def simulate(req: SimulationRequest) -> dict[str, Any]:
 
 
 def _planned_exchanges(cfg: dict[str, Any]) -> int:
-    """Exchanges of a run at most: census, moments, CNN, GLM and meta rounds, validation, evaluation."""
+    """Exchanges of a run at most: census, moments, CNN, GLM and meta rounds, the sites' own models
+    alone, validation, evaluation."""
     from common.settings import RunSettings
 
     s = RunSettings.from_run_config(cfg)
-    return 4 + s.cnn_rounds + s.glm_fit_rounds + s.meta_rounds
+    alone = 1 if s.site_alone and s.test_statistics != "none" else 0
+    return 4 + s.cnn_rounds + s.glm_fit_rounds + s.meta_rounds + alone
 
 
 def _follow(link: LocalSuperLink, run_id: int, req: SimulationRequest, *, n_exchanges: int) -> str:
