@@ -117,6 +117,31 @@ def noised_moments(moments: dict[str, np.ndarray], *, sensitivity: float, noise_
             for key, value in moments.items()}
 
 
+def attribution_sensitivity(clip: float) -> float:
+    """L2 sensitivity of :func:`client.explain.attribution_sums`: one patient's clipped vector
+    ``v`` (``||v|| <= clip``) adds ``v`` to the signed sum and ``|v|`` to the absolute one."""
+    return math.sqrt(2.0) * clip
+
+
+def noised_attribution_sums(sums: dict[str, np.ndarray], *, clip: float, noise_multiplier: float,
+                            rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """The Gaussian mechanism on a site's explanation summary (:func:`client.explain.attribution_sums`).
+
+    Every entry of both sums gets N(0, (``noise_multiplier`` * ``sqrt(2) clip``)^2) noise: one
+    release, charged to the ledger by the caller. The absolute sums are then clipped at zero,
+    post-processing that costs no privacy.
+    """
+    for name, value in (("clip", clip), ("noise_multiplier", noise_multiplier)):
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    sd = noise_multiplier * attribution_sensitivity(clip)
+    out = {key: np.asarray(value, dtype=np.float64) + rng.normal(0.0, sd, size=np.shape(value))
+           for key, value in sums.items()}
+    if "abs" in out:
+        out["abs"] = np.maximum(out["abs"], 0.0)
+    return out
+
+
 def noised_release(arrays: dict[str, np.ndarray], *, sensitivity: float, noise_multiplier: float,
                    rng: np.random.Generator,
                    totals: dict[str, np.ndarray | int] | None = None) -> dict[str, np.ndarray]:

@@ -1,0 +1,110 @@
+"""Local explanations on a site: per-patient attributions, grouped by feature, clipped and summed.
+
+A site explains its models on its own records. Per-patient attributions never leave it: what a
+site may release is, per explanation feature, the sum over its patients of the attribution and of
+its absolute value, after each patient's whole attribution vector was clipped to an L2 norm
+``clip``. One patient then moves the pair of sums by at most ``sqrt(2) * clip`` (L2), which is
+what the noise of :func:`client.privacy.mechanisms.noised_attribution_sums` is calibrated to.
+
+Explanation features are what a clinician names: a numeric column, a categorical variable (its
+one-hot columns summed: attributions of the forest's TreeSHAP and of a linear model are additive,
+so the sum is the variable's attribution), a sequence-derived feature. Every site of a run has
+the same ones, in the same order, because they come from the agreed schema.
+
+Attributions are arrays of shape ``(n_patients, n_outputs, n_columns)``: one output for a binary
+model (class 1: probability for the forest, log-odds for the GLM), one per class otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ExplanationFeatures:
+    """Explanation features and, for each encoded column, the feature it belongs to."""
+
+    names: tuple[str, ...]
+    column_feature: np.ndarray  # encoded column -> index into ``names``
+
+    @classmethod
+    def from_columns(cls, column_names: Sequence[str], *, categorical: Sequence[str] = ()) -> ExplanationFeatures:
+        """Group encoded columns: ``"smoker=current"`` belongs to ``"smoker"`` when ``smoker`` is
+        categorical; every other column is a feature of its own. Order of first appearance."""
+        cats = set(categorical)
+        names: list[str] = []
+        index: dict[str, int] = {}
+        owner = []
+        for col in column_names:
+            base, sep, _ = col.partition("=")
+            feature = base if sep and base in cats else col
+            if feature not in index:
+                index[feature] = len(names)
+                names.append(feature)
+            owner.append(index[feature])
+        return cls(tuple(names), np.asarray(owner, dtype=np.int64))
+
+    def group(self, phi: np.ndarray) -> np.ndarray:
+        """Per-column attributions ``(n, outputs, columns)`` summed into ``(n, outputs, features)``."""
+        phi = np.asarray(phi, dtype=np.float64)
+        if phi.shape[-1] != len(self.column_feature):
+            raise ValueError(f"attributions have {phi.shape[-1]} columns, the features were built from "
+                             f"{len(self.column_feature)}")
+        out = np.zeros((*phi.shape[:-1], len(self.names)))
+        np.add.at(np.moveaxis(out, -1, 0), self.column_feature, np.moveaxis(phi, -1, 0))
+        return out
+
+
+def clip_patients(phi: np.ndarray, *, clip: float) -> np.ndarray:
+    """Each patient's whole attribution array scaled down to L2 norm at most ``clip``."""
+    if not np.isfinite(clip) or clip <= 0:
+        raise ValueError(f"clip must be a finite number > 0, got {clip!r}")
+    phi = np.asarray(phi, dtype=np.float64)
+    flat = phi.reshape(len(phi), -1)
+    norms = np.linalg.norm(flat, axis=1)
+    factor = np.minimum(1.0, clip / np.maximum(norms, 1e-300))
+    return phi * factor.reshape((-1,) + (1,) * (phi.ndim - 1))
+
+
+def attribution_sums(phi: np.ndarray, *, clip: float) -> dict[str, np.ndarray]:
+    """The releasable summary of grouped attributions: ``signed`` (sum of each patient's clipped
+    attributions) and ``abs`` (sum of their absolute values), each ``(outputs, features)``."""
+    clipped = clip_patients(phi, clip=clip)
+    return {"signed": clipped.sum(axis=0), "abs": np.abs(clipped).sum(axis=0)}
+
+
+def forest_attributions(forest: object, x: np.ndarray) -> np.ndarray:
+    """TreeSHAP attributions of a fitted :class:`client.forest.SiteForest` (probability scale).
+
+    Returns ``(n, outputs, columns)``; with the explainer's expected value, each patient's row
+    sums to the forest's probability of the class (additivity is checked by shap).
+    """
+    import shap
+
+    explainer = shap.TreeExplainer(forest.forest_)
+    values = np.asarray(explainer.shap_values(np.asarray(x, dtype=np.float64)))  # (n, columns, classes)
+    values = np.moveaxis(values, -1, 1)  # (n, classes, columns)
+    return values[:, 1:2, :] if values.shape[1] == 2 else values
+
+
+def forest_expected_value(forest: object) -> np.ndarray:
+    """The forest's expected output per explained output (what the attributions are relative to)."""
+    import shap
+
+    ev = np.atleast_1d(np.asarray(shap.TreeExplainer(forest.forest_).expected_value, dtype=np.float64))
+    return ev[1:2] if len(ev) == 2 else ev
+
+
+def linear_attributions(coef: np.ndarray, x: np.ndarray, *, n_classes: int) -> np.ndarray:
+    """Exact attributions of a linear model on centred inputs: ``coef_j * x_j`` per output.
+
+    ``coef`` is the flat coefficient vector of :class:`common.meta.NewtonLogisticRegression`
+    (per output row: weights, then the intercept); ``x`` is standardized with the shared scaler,
+    so zero is the federation's mean and the attributions are relative to it (log-odds scale).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    rows = np.asarray(coef, dtype=np.float64).reshape(1 if n_classes <= 2 else n_classes, x.shape[1] + 1)
+    return x[:, None, :] * rows[None, :, :-1]

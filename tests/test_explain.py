@@ -1,0 +1,90 @@
+"""Local explanations on a site: grouping by feature, additivity, clipping and the release's noise."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays as np_arrays
+
+from client.explain import (
+    ExplanationFeatures,
+    attribution_sums,
+    clip_patients,
+    forest_attributions,
+    forest_expected_value,
+    linear_attributions,
+)
+from client.privacy.mechanisms import attribution_sensitivity, noised_attribution_sums
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory):
+    from client.importers import import_cohort
+    from client.pipeline import SiteData, fit_forest, fit_tabular_preprocessor, forest_matrix
+    from common.spec import load_spec
+    from simulations.synthetic import write_synthetic_cohort
+
+    root = tmp_path_factory.mktemp("explain")
+    write_synthetic_cohort(out=root / "cohort", patients=400, seed=3)
+    data = SiteData.from_cohort(import_cohort(load_spec(root / "cohort" / "spec.toml")))
+    pre = fit_tabular_preprocessor(data)
+    forest = fit_forest(data, pre, n_estimators=40)
+    names = [*pre.get_feature_names_out(), *data.seq_feature_names]
+    return data, forest, forest_matrix(data, "validation", pre), names
+
+
+def test_categorical_columns_are_one_feature_and_others_their_own() -> None:
+    feats = ExplanationFeatures.from_columns(["age", "smoker=never", "smoker=current", "ratio=a", "kmer:ACG"],
+                                             categorical=["smoker"])
+    assert feats.names == ("age", "smoker", "ratio=a", "kmer:ACG")
+    phi = np.arange(10.0).reshape(2, 1, 5)
+    np.testing.assert_array_equal(feats.group(phi), [[[0.0, 3.0, 3.0, 4.0]], [[5.0, 13.0, 8.0, 9.0]]])
+    with pytest.raises(ValueError, match="attributions have 4 columns"):
+        feats.group(np.zeros((1, 1, 4)))
+
+
+def test_forest_attributions_grouped_by_feature_add_up_to_the_forests_probability(site) -> None:
+    data, forest, x, names = site
+    feats = ExplanationFeatures.from_columns(names, categorical=data.frame.categorical_names)
+    assert "clinical:smoker" in feats.names and not any(n.startswith("clinical:smoker=") for n in feats.names)
+    phi = feats.group(forest_attributions(forest, x))
+    assert phi.shape == (len(x), 1, len(feats.names))
+    total = phi.sum(axis=(1, 2)) + forest_expected_value(forest)[0]
+    np.testing.assert_allclose(total, forest.predict_proba(x)[:, 1], atol=1e-9)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_linear_attributions_add_up_to_the_log_odds(k: int) -> None:
+    from common.meta import NewtonLogisticRegression, flat_coef
+
+    rng = np.random.default_rng(k)
+    x = rng.normal(size=(60, 5))
+    y = rng.integers(0, k, size=60)
+    model = NewtonLogisticRegression(C=1.0).fit(x, y)
+    coef = flat_coef(model)
+    phi = linear_attributions(coef, x, n_classes=k)
+    rows = coef.reshape(1 if k == 2 else k, 6)
+    np.testing.assert_allclose(phi.sum(axis=2) + rows[:, -1], model.decision_function(x).reshape(60, -1), atol=1e-9)
+
+
+@settings(max_examples=60, deadline=None)
+@given(phi=np_arrays(np.float64, (5, 2, 4), elements=st.floats(-50, 50)),
+       extra=np_arrays(np.float64, (1, 2, 4), elements=st.floats(-50, 50)),
+       clip=st.floats(0.01, 10.0))
+def test_one_patient_moves_the_summary_by_at_most_its_sensitivity(phi, extra, clip) -> None:
+    assert np.all(np.linalg.norm(clip_patients(phi, clip=clip).reshape(5, -1), axis=1) <= clip * (1 + 1e-12))
+    without = attribution_sums(phi, clip=clip)
+    with_one = attribution_sums(np.concatenate([phi, extra]), clip=clip)
+    moved = np.sqrt(sum(np.sum((with_one[k] - without[k]) ** 2) for k in ("signed", "abs")))
+    assert moved <= attribution_sensitivity(clip) * (1 + 1e-9) + 1e-12
+
+
+def test_the_noised_summary_has_the_calibrated_spread_and_no_negative_magnitudes() -> None:
+    sums = {"signed": np.zeros((1, 20_000)), "abs": np.full((1, 20_000), 50.0)}
+    out = noised_attribution_sums(sums, clip=0.5, noise_multiplier=2.0, rng=np.random.default_rng(0))
+    assert np.std(out["signed"]) == pytest.approx(2.0 * np.sqrt(2.0) * 0.5, rel=0.03)
+    assert out["abs"].min() >= 0.0
+    with pytest.raises(ValueError, match="clip must be"):
+        noised_attribution_sums(sums, clip=0.0, noise_multiplier=1.0, rng=np.random.default_rng(0))
