@@ -108,3 +108,66 @@ def linear_attributions(coef: np.ndarray, x: np.ndarray, *, n_classes: int) -> n
     x = np.asarray(x, dtype=np.float64)
     rows = np.asarray(coef, dtype=np.float64).reshape(1 if n_classes <= 2 else n_classes, x.shape[1] + 1)
     return x[:, None, :] * rows[None, :, :-1]
+
+
+def deep_attributions(model: object, inputs: Sequence[np.ndarray], *, steps: int = 64,
+                      batch_size: int = 16) -> list[np.ndarray]:
+    """Integrated gradients of the deep model from an all-zero baseline, one array per input.
+
+    The explained outputs are the log-odds of class 1 (binary) or each class's log-probability.
+    The baseline is zero for every input: no base at any position of a one-hot track, and the
+    federation's mean for the dense branch (its inputs are standardized with the shared scaler).
+    Returns, for each input of shape ``(n, *shape)``, attributions ``(n, outputs, *shape)`` whose
+    sum over all inputs approximates output(x) - output(0) (completeness).
+
+    The path integral is taken on ``alpha = t^2`` with ``steps`` midpoints in ``t``: GroupNorm
+    makes the output change fastest near the all-zero baseline, where this puts more points. The
+    completeness error falls about as 1 / ``steps``; on small random networks it stays under 1% of
+    the explained difference at 512 steps (tests/test_explain.py).
+    """
+    import torch
+
+    model.eval()
+    t = (torch.arange(steps, dtype=torch.float64) + 0.5) / steps
+    alphas, weights = t**2, 2.0 * t / steps  # d(alpha) = 2 t dt
+    out: list[list[np.ndarray]] = [[] for _ in inputs]
+    for start in range(0, len(inputs[0]), batch_size):
+        xs = [torch.as_tensor(np.asarray(a[start:start + batch_size]), dtype=torch.float32) for a in inputs]
+        for i, (x, g) in enumerate(zip(xs, _path_gradients(model, xs, alphas, weights))):
+            out[i].append((x.unsqueeze(1).double() * g).numpy())
+    return [np.concatenate(parts) for parts in out]
+
+
+def _path_gradients(model: object, xs: list, alphas: object, weights: object) -> list:
+    """The weighted sum of every explained output's gradient along the path from zero to ``xs``,
+    all path points of a batch in one forward pass."""
+    import torch
+
+    b, m = len(xs[0]), len(alphas)
+    scale = alphas.float().repeat_interleave(b)
+    scaled = [(x.repeat(m, *([1] * (x.dim() - 1))) * scale.view(-1, *([1] * (x.dim() - 1)))).requires_grad_(True)
+              for x in xs]
+    outputs = _explained_outputs(model(*scaled))
+    w = weights.repeat_interleave(b)
+    result = []
+    per_output = [torch.autograd.grad(outputs[:, k].sum(), scaled, retain_graph=k + 1 < outputs.shape[1])
+                  for k in range(outputs.shape[1])]
+    for i, x in enumerate(xs):
+        g = torch.stack([per_output[k][i] for k in range(len(per_output))], dim=1).double()  # (m b, K, ...)
+        g = g * w.view(-1, *([1] * (g.dim() - 1)))
+        result.append(g.view(m, b, *g.shape[1:]).sum(dim=0))
+    return result
+
+
+def _explained_outputs(logits: object) -> object:
+    import torch
+
+    if logits.shape[1] == 2:
+        return (logits[:, 1] - logits[:, 0]).unsqueeze(1)
+    return torch.log_softmax(logits, dim=1)
+
+
+def position_profile(track_attributions: np.ndarray) -> np.ndarray:
+    """Per-position importance of a track: attributions ``(n, outputs, channels, L)`` summed over
+    channels into ``(n, outputs, L)`` (for a one-hot track, the observed base's attribution)."""
+    return np.asarray(track_attributions).sum(axis=2)

@@ -88,3 +88,29 @@ def test_the_noised_summary_has_the_calibrated_spread_and_no_negative_magnitudes
     assert out["abs"].min() >= 0.0
     with pytest.raises(ValueError, match="clip must be"):
         noised_attribution_sums(sums, clip=0.0, noise_multiplier=1.0, rng=np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_integrated_gradients_are_complete(k: int) -> None:
+    """The attributions of all inputs add up to output(x) - output(0): the explained difference."""
+    import torch
+
+    from client.explain import _explained_outputs, deep_attributions, position_profile
+    from common.models import DeepModelConfig, TrackShape, build_model
+
+    cfg = DeepModelConfig(tracks=(TrackShape("dna", 4, 60),), n_tabular=5, n_classes=k)
+    model = build_model(cfg, seed=k)
+    rng = np.random.default_rng(k)
+    dna = np.eye(4, dtype=np.float32)[rng.integers(0, 4, size=(7, 60))].transpose(0, 2, 1)
+    tab = rng.normal(size=(7, 5)).astype(np.float32)
+    attr = deep_attributions(model, [dna, tab], steps=512, batch_size=4)
+    assert attr[0].shape == (7, 1 if k == 2 else k, 4, 60) and attr[1].shape == (7, 1 if k == 2 else k, 5)
+    with torch.no_grad():
+        at_x = _explained_outputs(model(torch.as_tensor(dna), torch.as_tensor(tab))).double().numpy()
+        at_0 = _explained_outputs(model(torch.zeros(7, 4, 60), torch.zeros(7, 5))).double().numpy()
+    total = attr[0].sum(axis=(2, 3)) + attr[1].sum(axis=2)
+    np.testing.assert_allclose(total, at_x - at_0, atol=0.01 * np.abs(at_x - at_0).max())
+    profile = position_profile(attr[0])
+    assert profile.shape == (7, 1 if k == 2 else k, 60)
+    # A one-hot track is attributed only where a base is observed.
+    assert np.all(attr[0][np.broadcast_to((dna == 0)[:, None], attr[0].shape)] == 0.0)
