@@ -171,3 +171,42 @@ def position_profile(track_attributions: np.ndarray) -> np.ndarray:
     """Per-position importance of a track: attributions ``(n, outputs, channels, L)`` summed over
     channels into ``(n, outputs, L)`` (for a one-hot track, the observed base's attribution)."""
     return np.asarray(track_attributions).sum(axis=2)
+
+
+def motif_sums(codes: np.ndarray, profile: np.ndarray, layout: object, *, clip: float) -> np.ndarray:
+    """Clipped sums of each patient's motif attributions, ``(outputs, n_kmers, bins)``.
+
+    A patient's attribution for the k-mer starting at position ``l`` is its position profile
+    summed over the k-mer's ``k`` positions; that is added to the key (k-mer, position bin) of
+    :class:`common.explanation.MotifLayout` (k-mers with an N are skipped). Each patient's whole
+    array (all outputs) is clipped to L2 norm ``clip`` before it is added, so one patient moves the
+    sum by at most ``clip``. Built one patient at a time from its few nonzero keys: the dense
+    array per patient would be ``4^k`` times the bins.
+
+    Parameters
+    ----------
+    codes : ``(n, L)`` base codes of the track (A0 C1 G2 T3, N4).
+    profile : ``(n, outputs, L)`` per-position attributions (:func:`position_profile`).
+    """
+    from common.explanation import kmer_codes
+
+    if not np.isfinite(clip) or clip <= 0:
+        raise ValueError(f"clip must be a finite number > 0, got {clip!r}")
+    profile = np.asarray(profile, dtype=np.float64)
+    n, n_out, length = profile.shape
+    k = layout.k
+    keys, whole = kmer_codes(codes, layout)
+    cum = np.concatenate([np.zeros((n, n_out, 1)), np.cumsum(profile, axis=2)], axis=2)
+    window = cum[:, :, k:] - cum[:, :, :length - k + 1]  # (n, outputs, L - k + 1)
+    bins = layout.bin_of(np.arange(length - k + 1))
+    per_output = layout.n_kmers * layout.bins
+    flat = np.zeros(n_out * per_output)
+    for i in range(n):
+        ok = whole[i]
+        cell = keys[i, ok] * layout.bins + bins[ok]
+        index = (np.arange(n_out)[:, None] * per_output + cell[None, :]).ravel()
+        unique, inverse = np.unique(index, return_inverse=True)
+        values = np.bincount(inverse, weights=window[i][:, ok].ravel(), minlength=len(unique))
+        norm = np.linalg.norm(values)
+        np.add.at(flat, unique, values * min(1.0, clip / max(norm, 1e-300)))
+    return flat.reshape(n_out, layout.n_kmers, layout.bins)

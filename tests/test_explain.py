@@ -15,6 +15,7 @@ from client.explain import (
     forest_attributions,
     forest_expected_value,
     linear_attributions,
+    motif_sums,
 )
 from client.privacy.mechanisms import attribution_sensitivity, noised_attribution_sums
 
@@ -114,3 +115,35 @@ def test_integrated_gradients_are_complete(k: int) -> None:
     assert profile.shape == (7, 1 if k == 2 else k, 60)
     # A one-hot track is attributed only where a base is observed.
     assert np.all(attr[0][np.broadcast_to((dna == 0)[:, None], attr[0].shape)] == 0.0)
+
+
+def test_kmer_keys_and_their_reverse_complements() -> None:
+    from common.explanation import MotifLayout, kmer_codes, kmer_string, reverse_complement_key
+
+    codes = np.array([[0, 1, 2, 3, 4, 2]])  # ACGTNG
+    keys, whole = kmer_codes(codes, MotifLayout(k=3, bins=2, length=6))
+    assert [kmer_string(int(x), 3) for x in keys[0][:2]] == ["ACG", "CGT"] and whole[0].tolist() == [1, 1, 0, 0]
+    assert kmer_string(int(reverse_complement_key(np.array([int(keys[0][0])]), 3)[0]), 3) == "CGT"
+    canon, _ = kmer_codes(codes, MotifLayout(k=3, bins=2, length=6, canonical=True))
+    assert canon[0][0] == canon[0][1]  # ACG and CGT are each other's reverse complement
+
+
+def test_a_planted_motifs_attribution_is_read_back_with_its_position() -> None:
+    """Patients carry GGATCC at position 30 and their attribution sits there: the top motif is
+    that k-mer, at that position, whatever the rest of the sequence is; one patient moves the sums by
+    at most the clip."""
+    from common.explanation import MotifLayout, top_motifs
+
+    rng = np.random.default_rng(0)
+    n, length = 50, 80
+    codes = rng.integers(0, 4, size=(n, length))
+    codes[:, 30:36] = [2, 2, 0, 3, 1, 1]
+    profile = rng.normal(0.0, 0.01, size=(n, 1, length))
+    profile[:, 0, 30:36] += 0.2
+    layout = MotifLayout(k=6, bins=4, length=length)
+    sums = motif_sums(codes, profile, layout, clip=1.0)
+    assert sums.shape == (1, 4**6, 4)
+    best = top_motifs(sums, layout, n_patients=n, top=1)[0]
+    assert best["kmer"] == "GGATCC" and best["score"] > 0 and best["positions"][0] <= 30 <= best["positions"][1]
+    more = motif_sums(np.vstack([codes, codes[:1]]), np.vstack([profile, 100 * profile[:1]]), layout, clip=1.0)
+    assert np.linalg.norm(more - sums) <= 1.0 + 1e-9
