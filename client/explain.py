@@ -60,13 +60,12 @@ class ExplanationFeatures:
 
 def clip_patients(phi: np.ndarray, *, clip: float) -> np.ndarray:
     """Each patient's whole attribution array scaled down to L2 norm at most ``clip``."""
+    from common.tabular import clip_rows
+
     if not np.isfinite(clip) or clip <= 0:
         raise ValueError(f"clip must be a finite number > 0, got {clip!r}")
     phi = np.asarray(phi, dtype=np.float64)
-    flat = phi.reshape(len(phi), -1)
-    norms = np.linalg.norm(flat, axis=1)
-    factor = np.minimum(1.0, clip / np.maximum(norms, 1e-300))
-    return phi * factor.reshape((-1,) + (1,) * (phi.ndim - 1))
+    return clip_rows(phi.reshape(len(phi), -1), clip).reshape(phi.shape)
 
 
 def attribution_sums(phi: np.ndarray, *, clip: float) -> dict[str, np.ndarray]:
