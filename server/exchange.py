@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
@@ -60,6 +61,52 @@ def wait_for_nodes(grid: Grid, *, minimum: int, timeout: float) -> list[int]:
             raise TooFewSitesError(f"only {len(nodes)} site(s) online after {timeout:.0f} s; the run needs at least "
                                    f"{minimum} (min-sites). Start more SuperNodes or lower min-sites.")
         time.sleep(0.5)
+
+
+class PollingGrid(Grid):
+    """A :class:`Grid` whose ``send_and_receive`` polls every ``POLL_S`` (Flower's sleeps 3 s).
+
+    Everything else is the wrapped grid's, so Flower strategies and workflows handed this grid
+    get replies as soon as they land, like genofed's own phases (:func:`exchange`).
+    """
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+
+    def set_run(self, run: Any) -> None:  # noqa: D102 - Grid's
+        self._grid.set_run(run)
+
+    @property
+    def run(self) -> Any:  # noqa: D102 - Grid's
+        return self._grid.run
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:  # noqa: D102 - Grid's
+        return self._grid.create_message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:  # noqa: D102 - Grid's
+        return self._grid.get_node_ids()
+
+    def get_nodes(self) -> Iterable[Any]:  # noqa: D102 - Grid's
+        return self._grid.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # noqa: D102 - Grid's
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # noqa: D102 - Grid's
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        """Push, then pull every ``POLL_S`` until every reply is in or ``timeout`` seconds pass."""
+        pending = set(self._grid.push_messages(messages))
+        end = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while pending and (end is None or time.monotonic() < end):
+            for reply in self._grid.pull_messages(list(pending)):
+                pending.discard(reply.metadata.reply_to_message_id)
+                replies.append(reply)
+            if pending:
+                time.sleep(POLL_S)
+        return replies
 
 
 def exchange(grid: Grid, nodes: Iterable[int], content_for: Callable[[int], RecordDict], *, message_type: str,

@@ -18,6 +18,8 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from common.errors import GenofedError
+from common.flower_internals import shorten_polls
+from server.exchange import POLL_S, PollingGrid
 from server.phases import (
     new_state,
     remember_ledgers,
@@ -42,7 +44,8 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     settings = RunSettings.from_run_config(dict(context.run_config))
-    run_federation(grid, settings)
+    shorten_polls(POLL_S)  # replies' objects are pulled again after POLL_S, not Flower's 1 s, 2 s, ...
+    run_federation(PollingGrid(grid), settings)
 
 
 def run_federation(grid: Grid, settings: RunSettings) -> dict[str, Any]:

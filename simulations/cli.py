@@ -19,7 +19,7 @@ from common.errors import GenofedError
 DESCRIPTION = """\
 genofed: privacy-preserving federated learning for genomic medicine.
 
-Hospital IT:   genofed keygen, genofed vault import|inspect|verify|rekey
+Hospital IT:   genofed keygen, genofed vault import|inspect|verify|rekey, genofed supernode
 Privacy:       genofed ledger show|set-budget
 Coordinator:   genofed certs (then flower-superlink / flwr run: see the README)
 Researchers:   genofed cohort synth|split|recipe, genofed evaluate, genofed pretrain,
@@ -30,7 +30,7 @@ Run `genofed COMMAND --help` for the options of each command."""
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser, with every role's commands registered."""
     # Imported here so that `genofed --help` stays fast and a broken optional part names itself.
-    from client import ledger_cli, vault_cli
+    from client import ledger_cli, supernode_cli, vault_cli
     from server import certs_cli
     from simulations import cohort_cli, demo, evaluate_cli, pretrain, simulate_cli
 
@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     vault_cli.register(sub)
     ledger_cli.register(sub)
+    supernode_cli.register(sub)
     certs_cli.register(sub)
     cohort_cli.register(sub)
     evaluate_cli.register(sub)
@@ -62,7 +63,11 @@ def _version() -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one ``genofed`` command; returns the process exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Only `genofed supernode` takes options it does not know (they go to flower-supernode).
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "passthrough", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.flower_args = extra
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     if not getattr(args, "func", None):

@@ -1,9 +1,10 @@
 """A real Flower deployment on this machine: one SuperLink with TLS and SuperNode authentication,
 N SuperNodes, and the ``flwr`` CLI wired to them; for end-to-end tests and for trying a deployment.
 
-Everything the harness starts is a real Flower 1.42 process (``flower-superlink``,
-``flower-supernode``, ``flwr``), launched exactly as a coordinator and hospitals would launch
-them, with these local choices:
+Everything the harness starts is a real Flower 1.42 process (``flower-superlink``, ``flwr``, and
+each site's SuperNode through ``genofed supernode``, or stock ``flower-supernode`` with
+``warm=False``), launched exactly as a coordinator and hospitals would launch them, with these
+local choices:
 
 - TLS with credentials from :func:`server.certs.generate_certs` (made in ``WORKDIR/certs`` unless
   an existing folder is given), ``--enable-supernode-auth`` and
@@ -12,7 +13,8 @@ them, with these local choices:
   for the SuperLink (Fleet, Control and Runtime APIs share it in 1.42) and one per SuperNode
   (its local Runtime API, ``--port``). A start that loses a port race is retried on a new port.
 - Every process has its own ``FLWR_HOME`` and working directory under ``WORKDIR`` (so FABs,
-  relative writes and logs never mix), the SuperLink a SQLite ``--database``, and every process
+  relative writes and logs never mix), the SuperLink its state in memory (a SQLite ``--database``
+  with ``database=True``), and every process
   the environment ``FLWR_DISABLE_UPDATE_CHECK=1``, ``FLWR_TELEMETRY_ENABLED=0``,
   ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.2`` and a ``PATH`` that starts with this Python's
   ``bin/`` (Flower launches ``flower-superexec``, ``flwr-serverapp`` and ``flwr-clientapp`` by
@@ -74,7 +76,6 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
-import ctypes
 import json
 import os
 import re
@@ -97,6 +98,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import GenofedError
+from common.processes import PREEXEC
 from server.certs import CertBundle, generate_certs, write_supernode_key
 
 HOST = "127.0.0.1"
@@ -115,7 +117,7 @@ REFUSED_MARKERS = ("Exit Code: 305", "Failed to activate SuperNode")
 only logged: the process itself exits with status 1, as for every Flower error exit (1.42)."""
 _PORT_IN_USE = re.compile(r"address already in use|errno 98|only one usage of each socket", re.IGNORECASE)
 _LOG_TAIL_LINES = 30
-_EXECUTABLES = ("flwr", "flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp",
+_EXECUTABLES = ("genofed", "flwr", "flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp",
                 "flwr-clientapp")
 _ACTIVATED = "SuperNode ID:"
 """What flower-supernode logs once the SuperLink has accepted it (1.42)."""
@@ -241,11 +243,21 @@ class LocalDeployment(contextlib.AbstractContextManager["LocalDeployment"]):
         On Linux, have every daemon killed when the thread that started it exits (PR_SET_PDEATHSIG),
         so that nothing outlives a harness killed by SIGKILL. Start the deployment from a thread
         that lives as long as it (the main thread, normally).
+    database : bool
+        Keep the SuperLink's state in ``superlink/state.db`` (SQLite) rather than in memory. It
+        makes registrations survive a SuperLink restart, and costs a write per message object
+        (``simulations.benchmarks.deployment_rounds``: 91.9 s with it, 56.7 s without; docs/federation.md).
+    warm : bool
+        Start SuperNodes with ``genofed supernode`` (vault checked, warm ClientApp worker, short
+        polls), as sites do; ``False`` starts stock ``flower-supernode``. Per node:
+        :meth:`start_supernode`'s ``warm``.
     """
 
     def __init__(self, workdir: Path | str, *, certs: Path | str | CertBundle | None = None, sites: int = 3,
                  connection: str = DEFAULT_CONNECTION, env: Mapping[str, str] | None = None,
-                 die_with_parent: bool = True) -> None:
+                 die_with_parent: bool = True, warm: bool = True, database: bool = False) -> None:
+        self.warm = warm
+        self.database = database
         self.workdir = Path(workdir).expanduser().absolute()
         self.workdir.mkdir(parents=True, exist_ok=True)
         if certs is None:
@@ -321,8 +333,9 @@ class LocalDeployment(contextlib.AbstractContextManager["LocalDeployment"]):
                     "--ssl-keyfile", str(self.certs.server_key),
                     "--enable-supernode-auth",
                     "--disable-runtime-dependency-installation",
-                    "--database", str(home / "state.db"),
                     "--host", HOST, "--port", str(port)]
+            if self.database:
+                argv[-4:-4] = ["--database", str(home / "state.db")]
             proc = self._launch("SuperLink", argv, home, home / "superlink.log", port)
             self.superlink = proc
             try:
@@ -359,11 +372,13 @@ class LocalDeployment(contextlib.AbstractContextManager["LocalDeployment"]):
         return node_id
 
     def start_supernode(self, name: str, *, private_key: Path | str | None = None,
-                        node_config: Mapping[str, Any] | str | None = None) -> SuperNode:
-        """Start ``flower-supernode`` for site ``name`` (not waiting for it to come online).
+                        node_config: Mapping[str, Any] | str | None = None, warm: bool | None = None) -> SuperNode:
+        """Start site ``name``'s SuperNode (not waiting for it to come online).
 
-        ``private_key`` defaults to the site's key in the credentials folder. The node gets its
-        own FLWR_HOME, working directory and Runtime API port.
+        ``warm`` (default: the deployment's) starts it as a site does, with ``genofed supernode``
+        (the vault in ``node_config`` must open; tasks run in a warm worker); otherwise as stock
+        ``flower-supernode``. ``private_key`` defaults to the site's key in the credentials
+        folder. The node gets its own FLWR_HOME, working directory and Runtime API port.
         """
         if self.superlink is None:
             raise DeploymentError("start the SuperLink before any SuperNode")
@@ -377,8 +392,9 @@ class LocalDeployment(contextlib.AbstractContextManager["LocalDeployment"]):
         home = self.workdir / "supernodes" / name
         home.mkdir(parents=True, exist_ok=True)
         port = self._free_port()
-        argv = ["flower-supernode",
-                "--superlink", self.address,
+        warm = self.warm if warm is None else warm
+        argv = ["genofed", "supernode"] if warm else ["flower-supernode"]
+        argv += ["--superlink", self.address,
                 "--root-certificates", str(self.certs.ca_cert),
                 "--auth-supernode-private-key", str(key),
                 "--host", HOST, "--port", str(port)]
@@ -625,7 +641,7 @@ class LocalDeployment(contextlib.AbstractContextManager["LocalDeployment"]):
             log.flush()
             popen = subprocess.Popen(argv, cwd=home, env=env, stdin=subprocess.DEVNULL, stdout=log,
                                      stderr=subprocess.STDOUT, start_new_session=True,
-                                     preexec_fn=_PREEXEC if self.die_with_parent else None)
+                                     preexec_fn=PREEXEC if self.die_with_parent else None)
         proc = ManagedProcess(name=name, argv=argv, log_path=log_path, home=home, port=port, popen=popen)
         self._seen[popen.pid] = _start_time(popen.pid)
         return proc
@@ -765,15 +781,6 @@ def _check_app(app_dir: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Process helpers (Linux /proc, with a `ps` fallback)
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    with contextlib.suppress(Exception):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-
-
-_PREEXEC = _die_with_parent if sys.platform.startswith("linux") else None
 
 
 def _proc_stat(pid: int) -> list[str] | None:
@@ -934,6 +941,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--app", type=Path, help="Flower app folder to run once (default: just serve)")
     parser.add_argument("--run-config", help="--run-config for the run, e.g. 'cnn-rounds=2'")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the run")
+    parser.add_argument("--plain", action="store_true",
+                        help="start stock flower-supernode (default: genofed supernode, which needs each site's "
+                             "vault in its --node-config)")
+    parser.add_argument("--database", action="store_true", help="keep the SuperLink's state in SQLite, not memory")
     return parser.parse_args(argv)
 
 
@@ -946,7 +957,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: --node-config for unknown sites: {', '.join(configs)}", file=sys.stderr)
         return 2
     try:
-        with LocalDeployment(args.workdir, certs=args.certs, sites=args.sites) as dep:
+        with LocalDeployment(args.workdir, certs=args.certs, sites=args.sites, warm=not args.plain,
+                             database=args.database) as dep:
             dep.start(sites)
             print(f"SuperLink at {dep.address} (TLS, SuperNode auth); {len(sites)} SuperNodes online; "
                   f"logs under {dep.workdir}", flush=True)

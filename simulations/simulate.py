@@ -45,6 +45,12 @@ class SimulationRequest:
     cpus_per_site: int = 1
     timeout: float = 3600.0
 
+    def __post_init__(self) -> None:
+        # Flower's processes run elsewhere (flwr in the app folder, the ServerApp in its own):
+        # every path they are given must be absolute.
+        self.sites_dir = Path(self.sites_dir).expanduser().absolute()
+        self.out = Path(self.out).expanduser().absolute()
+
 
 STATUS_EVERY_S = 10.0  # how often Flower is asked for the run's status while events keep coming
 

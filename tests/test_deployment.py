@@ -9,6 +9,7 @@ completes with the other two sites and names the missing one in metrics.json and
 from __future__ import annotations
 
 import json
+import signal
 import time
 from pathlib import Path
 
@@ -20,8 +21,8 @@ from simulations.synthetic import write_synthetic_cohort
 
 APP_DIR = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
-# One GLM and one meta round where a test is about the transport, not the fit: each exchange here
-# costs about 15 s (a fresh process per message), and the module runs four federations.
+# One GLM and one meta round where a test is about the transport, not the fit: the module runs four
+# federations. SuperNodes start as sites start them (`genofed supernode`, the warm worker).
 RUN = {"cnn-rounds": 2, "local-epochs": 1, "dp": True, "epsilon": 4.0, "forest-trees": 20, "round-timeout": 150.0,
        "wait-timeout": 60.0, "min-sites": 2, "glm-rounds": 1, "meta-rounds": 1, "site-alone": False}
 
@@ -59,9 +60,12 @@ def test_tls_federation_completes_and_writes_the_run_directory(deployment) -> No
 
 
 def test_unregistered_supernode_is_refused(deployment) -> None:
-    dep, _ = deployment
+    dep, root = deployment
     priv, _ = dep.new_supernode_key("intruder")
-    node = dep.start_supernode("intruder", private_key=priv, node_config={"site": "intruder"})
+    # a vault that opens (genofed supernode checks that first), under a key the coordinator never registered
+    vault = {"vault": str(root / "sites" / "site-1" / "vault"), "key-file": str(root / "sites" / "site-1" / "key"),
+             "site": "intruder"}
+    node = dep.start_supernode("intruder", private_key=priv, node_config=vault)
     assert node.wait_exit(timeout=60.0) is not None
     assert "Failed to activate SuperNode" in node.log_tail()
 
@@ -113,7 +117,9 @@ def test_serverapp_stopped_mid_run_resumes_to_the_same_model(deployment, tmp_pat
     from tests.local_grid import LocalGrid
 
     dep, root = deployment
-    alive = ["site-1", "site-2"]  # site-3 was killed by the previous test
+    if dep.supernodes["site-3"].alive():  # the previous test kills it; run alone, this test stops it
+        dep.kill_supernode("site-3", signal.SIGTERM)  # a graceful leave: the SuperLink knows at once
+    alive = ["site-1", "site-2"]
     # RUN's round-timeout: after `flwr stop` a SuperNode may still be running the stopped run's
     # ClientApp when the resumed run's message arrives (seen once at 60 s: the site left the run).
     settings = {**RUN, "dp": False, "cnn-rounds": 3}

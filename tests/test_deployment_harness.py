@@ -132,7 +132,8 @@ def test_tls_deployment_runs_refuses_unregistered_node_and_cleans_up(tmp_path: P
     out = tmp_path / "result.json"
     workdir = tmp_path / "deploy"
     t0 = time.monotonic()
-    with LocalDeployment(workdir, sites=3) as dep:
+    # the plain path: stock flower-supernode (no vaults needed) and a SuperLink with its SQLite state
+    with LocalDeployment(workdir, sites=3, warm=False, database=True) as dep:
         dep.start({f"site-{i}": {"site": f"site-{i}"} for i in (1, 2, 3)}, timeout=75)
         link = dep.superlink
         assert link is not None

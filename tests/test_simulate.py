@@ -15,12 +15,14 @@ from simulations.synthetic import write_synthetic_cohort
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
-def test_simulation_engine_run_completes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_simulation_engine_run_completes(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
     write_synthetic_cohort(out=tmp_path / "cohort", patients=240, seed=11)
     split_cohort(spec_path=tmp_path / "cohort" / "spec.toml", sites=3, by="iid", out=tmp_path / "sites", seed=0,
                  vaults=True, show_progress=False)
     out = tmp_path / "run"
-    assert main(["simulate", "--sites-dir", str(tmp_path / "sites"), "--out", str(out), "--rounds", "1",
+    monkeypatch.chdir(tmp_path)  # relative paths, as a user types them
+    assert main(["simulate", "--sites-dir", "sites", "--out", "run", "--rounds", "1",
                  "--epsilon", "4", "--set", "forest-trees=10", "--set", "glm-rounds=2",
                  "--set", "local-epochs=1"]) == 0
     doc = json.loads((out / "metrics.json").read_text())

@@ -1,15 +1,22 @@
 """Benchmark: wall time per exchange of a real TLS deployment, split into site work and the rest.
 
 A SuperLink with TLS and SuperNode authentication and 3 SuperNodes on 127.0.0.1 (the harness of
-``simulations.deployment``) run the genofed app on a small synthetic cohort. For every exchange
-the run's metrics give its wall time (push to last reply, polled every 0.1 s) and the longest time
+``simulations.deployment``) run the genofed app on a small synthetic cohort, once per variant,
+one after the other in the same invocation:
+
+- ``stock``: SuperNodes as stock ``flower-supernode`` (a fresh ``flwr-clientapp`` process per
+  message, Flower's own polls) and the SuperLink's state in SQLite (``--database``);
+- ``warm-database``: SuperNodes as ``genofed supernode`` (warm worker, polls capped), SQLite state;
+- ``warm``: ``genofed supernode`` and the SuperLink's state in memory (the harness default).
+
+For every exchange the run's metrics give its wall time (push to last reply) and the longest time
 a site spent inside its handler (decrypting its vault, training, fitting); the difference is
-Flower's transport and process overhead (a fresh ``flwr-clientapp`` process per message, Python
-and Flower imports, the SuperNode's 3 s idle poll, the SuperExec poll).
+transport and process overhead. Each variant's medians are also given as a ratio to ``stock``.
 
 Usage::
 
-    python -m simulations.benchmarks.deployment_rounds [--rounds 3] [--patients 300] [--json OUT]
+    python -m simulations.benchmarks.deployment_rounds [--rounds 3] [--patients 300]
+        [--variants stock,warm-database,warm] [--json OUT]
 """
 
 from __future__ import annotations
@@ -27,7 +34,11 @@ from simulations.benchmarks import emit
 APP_DIR = Path(__file__).resolve().parents[2]
 
 
-def run(*, rounds: int, patients: int, dp: bool) -> dict[str, Any]:
+VARIANTS = {"stock": {"warm": False, "database": True}, "warm-database": {"warm": True, "database": True},
+            "warm": {"warm": True, "database": False}}
+
+
+def run(*, rounds: int, patients: int, dp: bool, warm: bool = True, database: bool = False) -> dict[str, Any]:
     from simulations.deployment import LocalDeployment
     from simulations.site_layout import set_layout_policy, split_cohort
     from simulations.synthetic import write_synthetic_cohort
@@ -41,7 +52,7 @@ def run(*, rounds: int, patients: int, dp: bool) -> dict[str, Any]:
             set_layout_policy(root / "sites", require_dp=False)
         nodes = {p.name: {"vault": str(p / "vault"), "key-file": str(p / "key"), "site": p.name}
                  for p in sorted((root / "sites").iterdir()) if (p / "vault").is_dir()}
-        with LocalDeployment(root / "work", sites=3) as dep:
+        with LocalDeployment(root / "work", sites=3, warm=warm, database=database) as dep:
             t0 = time.monotonic()
             dep.start(nodes, timeout=120.0)
             startup = time.monotonic() - t0
@@ -63,10 +74,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--patients", type=int, default=300)
     parser.add_argument("--dp", action="store_true")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated, from: " + ", ".join(VARIANTS))
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    result = run(rounds=args.rounds, patients=args.patients, dp=args.dp)
-    emit(result, args.json)
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in names if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    results = {v: run(rounds=args.rounds, patients=args.patients, dp=args.dp, **VARIANTS[v]) for v in names}
+    if "stock" in results:
+        base = results["stock"]
+        for res in results.values():
+            res["ratio_to_stock"] = {k: round(res[k] / base[k], 3) for k in
+                                     ("run_wall_s", "cnn_round_median_s", "overhead_median_s") if base[k]}
+    emit({"variants": results}, args.json)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,275 @@
+"""Every use genofed makes of Flower's internal modules, in one place (Flower pinned to 1.42.x).
+
+Flower 1.42's deployment path waits longer than it must, and offers no setting to change it:
+
+- the SuperNode sleeps 3 s between pulls from the SuperLink and 0.5 s between looks for a reply
+  (``flwr.supernode.start_client_internal``, ``time.sleep(3)`` and ``time.sleep(0.5)``);
+- an object not yet uploaded is pulled again after 1 s, then 2 s, ...
+  (``flwr.supercore.inflatable.inflatable_utils``, ``initial_backoff = PULL_INITIAL_BACKOFF``),
+  on the SuperNode, in the ClientApp and in the ServerApp;
+- every message runs in a fresh ``flwr-clientapp`` process, started by ``flower-superexec``.
+
+:func:`shorten_polls` caps the first two (per process); :func:`run_task` runs one ClientApp task
+the way ``flwr-clientapp`` does (``flwr.supernode.runtime.run_clientapp``'s ``pull_task_input``,
+``push_message``, ``push_task_output``), so that :mod:`client.warm_node` can run many in one warm
+process; :class:`TaskSource` acquires tasks from a SuperNode's Runtime API as
+``flower-superexec`` does. :func:`check_flower_internals` checks, at start-up and in
+``tests/test_flower_internals.py``, that each piece is what 1.42 had, and fails loudly naming
+what changed.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+import types
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from common.errors import GenofedError
+
+log = logging.getLogger("genofed.flower")
+
+PRELOAD = ("flwr.app", "flwr.clientapp", "flwr.cli.install", "flwr.clientapp.utils",
+           "flwr.supernode.runtime.run_clientapp", "flwr.supercore.heartbeat", "flwr.supercore.runtime")
+"""The Flower modules a ClientApp task needs (for a process that preloads them)."""
+CONCURRENT_PULLS = 8
+"""Objects pulled at once (Flower's default, 2, leaves most of a message's 30-50 objects queued)."""
+PULL_BACKOFF_POLLS = 2
+"""An object not yet uploaded is pulled again after poll, 2 x poll, ..., at most this many polls."""
+_PULL_FUNCTIONS = ("pull_objects", "pull_and_inflate_object_from_tree")
+_ACQUIRE_TASK = "/flwr.proto.Runtime/AcquireTask"
+
+
+class FlowerInternalsChanged(GenofedError):
+    """An internal Flower module genofed relies on is not what Flower 1.42 had."""
+
+
+def _internals() -> types.SimpleNamespace:
+    """Every internal Flower object used here, imported by name (raises if one is gone)."""
+    from flwr.app.error import Error
+    from flwr.app.message import Message
+    from flwr.cli.install import install_from_fab
+    from flwr.clientapp.client_app import LoadClientAppError
+    from flwr.clientapp.utils import get_load_client_app_fn
+    from flwr.common.constant import ErrorCode, SubStatus
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest
+    from flwr.supercore.auth import load_superexec_auth_secret
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+    from flwr.supercore.inflatable import inflatable_utils
+    from flwr.supercore.interceptors import (RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor,
+                                             SuperExecAuthHttpInterceptor)
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+    from flwr.supernode.runtime import run_clientapp
+
+    return types.SimpleNamespace(**{k: v for k, v in locals().items()})
+
+
+def _supernode_internals() -> types.SimpleNamespace:
+    """The SuperNode process's own modules (imported only where a SuperNode runs: they are heavy)."""
+    from flwr.supernode import start_client_internal
+    from flwr.supernode.cli.flower_supernode import flower_supernode
+
+    return types.SimpleNamespace(start_client_internal=start_client_internal, flower_supernode=flower_supernode)
+
+
+def check_flower_internals(*, supernode: bool = False) -> types.SimpleNamespace:
+    """The internals, after checking each is what genofed was written against (Flower 1.42).
+
+    Raises
+    ------
+    FlowerInternalsChanged
+        Naming what is missing or different. The fix is to pin Flower back to 1.42.x, or to
+        revise this module against the new release.
+    """
+    try:
+        flw = _internals()
+        if supernode:
+            flw.__dict__.update(vars(_supernode_internals()))
+    except (ImportError, AttributeError) as exc:
+        raise FlowerInternalsChanged(f"Flower's internal modules changed ({exc}); genofed needs flwr 1.42.x "
+                                     "(reinstall it, or run plain flower-supernode)") from None
+    problems = []
+    if supernode and not isinstance(getattr(flw.start_client_internal, "time", None), types.ModuleType):
+        problems.append("flwr.supernode.start_client_internal no longer imports `time` (its poll sleeps)")
+    for name in _PULL_FUNCTIONS:
+        fn = getattr(flw.inflatable_utils, name, None)
+        missing = {"initial_backoff", "backoff_cap", "max_tries_per_object", "max_concurrent_pulls"} - set(getattr(fn, "__kwdefaults__", None) or {})
+        if missing:
+            problems.append(f"flwr.supercore.inflatable.inflatable_utils.{name} has no keyword {sorted(missing)}")
+    for name in ("pull_task_input", "push_message", "push_task_output"):
+        if not callable(getattr(flw.run_clientapp, name, None)):
+            problems.append(f"flwr.supernode.runtime.run_clientapp.{name} is gone")
+    if "CLIENT_APP" not in getattr(flw.TaskType, "__members__", {}):
+        problems.append("flwr.supercore.constant.TaskType has no CLIENT_APP")
+    if "supported_task_types" not in {f.name for f in flw.AcquireTaskRequest.DESCRIPTOR.fields}:
+        problems.append("flwr.proto.runtime_pb2.AcquireTaskRequest has no supported_task_types")
+    if problems:
+        raise FlowerInternalsChanged("Flower's internal modules changed: " + "; ".join(problems)
+                                     + ". genofed needs flwr 1.42.x (or run plain flower-supernode)")
+    return flw
+
+
+# ---------------------------------------------------------------------------------------------
+# Shorter waits
+
+
+class _CappedTime(types.ModuleType):
+    """``time`` as a Flower module sees it, whose ``sleep`` never waits longer than ``cap`` seconds."""
+
+    def __init__(self, cap: float) -> None:
+        super().__init__("time")
+        # everything but sleep: an instance attribute would hide the method below
+        self.__dict__.update({k: v for k, v in vars(time).items() if k != "sleep" and not k.startswith("__")})
+        self.cap = cap
+
+    def sleep(self, seconds: float) -> None:
+        """``time.sleep``, at most ``cap`` seconds."""
+        time.sleep(min(seconds, self.cap))
+
+
+def shorten_polls(poll_s: float, *, supernode: bool = False) -> types.SimpleNamespace:
+    """Cap Flower's object-pull backoff (and, with ``supernode``, its poll sleeps) at ``poll_s``.
+
+    Applies to this process only. Returns the checked internals.
+    """
+    flw = check_flower_internals(supernode=supernode)
+    if supernode:
+        flw.start_client_internal.time = _CappedTime(poll_s)
+    for name in _PULL_FUNCTIONS:
+        defaults = getattr(flw.inflatable_utils, name).__kwdefaults__
+        cap = min(defaults["backoff_cap"], PULL_BACKOFF_POLLS * poll_s)
+        # as patient as Flower's own (tries x cap), at a shorter step
+        defaults["max_tries_per_object"] = int(defaults["max_tries_per_object"] * defaults["backoff_cap"] / cap)
+        defaults["initial_backoff"] = min(defaults["initial_backoff"], poll_s)
+        defaults["backoff_cap"] = cap
+        defaults["max_concurrent_pulls"] = max(defaults["max_concurrent_pulls"], CONCURRENT_PULLS)
+    return flw
+
+
+def quiet_logs() -> None:
+    """Flower logs through its own handler: keep its records, and httpx's per-request lines, off ours."""
+    logging.getLogger("flwr").propagate = False
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def run_supernode(flower_args: Sequence[str], *, poll_s: float) -> None:
+    """Run ``flower-supernode FLOWER_ARGS`` in this process, with its polls capped at ``poll_s``."""
+    flw = shorten_polls(poll_s, supernode=True)
+    quiet_logs()
+    sys.argv = ["flower-supernode", *flower_args]
+    flw.flower_supernode()
+
+
+# ---------------------------------------------------------------------------------------------
+# Tasks from a SuperNode's Runtime API
+
+
+@dataclass(frozen=True)
+class RuntimeLink:
+    """How a worker reaches its SuperNode's Runtime API (picklable: it is sent to run workers)."""
+
+    address: str
+    root_certificates: bytes | None = None
+    superexec_auth_secret: bytes | None = None
+
+    def client(self, flw: types.SimpleNamespace, *, token: str | None = None) -> Any:
+        """A Runtime API client: with ``token`` one that acts for that task, else one that acquires tasks."""
+        component = "flwr-clientapp" if token is not None else "SuperExec"
+        interceptors: list[Any] = [flw.RuntimeVersionHttpInterceptor(component_name=component)]
+        if token is not None:
+            interceptors.append(flw.RuntimeTokenHttpInterceptor(token))
+        elif self.superexec_auth_secret:
+            interceptors.append(flw.SuperExecAuthHttpInterceptor(master_secret=self.superexec_auth_secret,
+                                                                 protected_methods={_ACQUIRE_TASK}))
+        return flw.RuntimeHttpClient.from_server_address(
+            server_address=self.address, insecure=self.root_certificates is None,
+            root_certificates=self.root_certificates, interceptors=interceptors,
+            retry_invoker=flw.make_simple_http_retry_invoker())
+
+
+def load_superexec_auth_secret(path: str) -> bytes | None:
+    """The SuperExec secret in ``path``, read as Flower reads it."""
+    return check_flower_internals().load_superexec_auth_secret(path)
+
+
+@dataclass(frozen=True)
+class Task:
+    """One acquired ClientApp task: its run, its FAB and the token that lets a process serve it."""
+
+    run_id: int
+    fab_hash: str
+    token: str
+
+
+class TaskSource:
+    """Acquires ClientApp tasks from one SuperNode, as ``flower-superexec`` does."""
+
+    def __init__(self, link: RuntimeLink) -> None:
+        self._flw = check_flower_internals()
+        self._client = link.client(self._flw)
+        self._request = self._flw.AcquireTaskRequest(supported_task_types=[self._flw.TaskType.CLIENT_APP])
+
+    def acquire(self) -> Task | None:
+        """The next task, or ``None`` if there is none now."""
+        res = self._client.AcquireTask(self._request)
+        if res.HasField("task") and res.token:
+            return Task(run_id=res.task.run_id, fab_hash=res.task.fab_hash, token=res.token)
+        return None
+
+    def close(self) -> None:
+        """Release the HTTP connection."""
+        self._client.close()
+
+
+def run_task(link: RuntimeLink, token: str, apps: dict[str, Any]) -> None:
+    """One ClientApp task, run in this process the way ``flwr-clientapp`` runs it.
+
+    ``apps`` caches the loaded ClientApp per FAB hash (install once, import once). The reply, or
+    an error reply naming the exception as ``flwr-clientapp`` words it, and then the task's final
+    status and context go back to the SuperNode; nothing a handler raises escapes.
+    """
+    flw = check_flower_internals()
+    rc = flw.run_clientapp
+    client = link.client(flw, token=token)
+    heartbeat = flw.HeartbeatSender(flw.make_task_heartbeat_fn_http(client))
+    message = context = reply = None
+    started, handler_s = time.monotonic(), 0.0
+    status, details = flw.SubStatus.FAILED, "ClientApp task failed due to unknown reason"
+    try:
+        heartbeat.start()
+        message, context, run, fab = rc.pull_task_input(client)
+        app = apps.get(fab.hash_str)
+        if app is None:
+            flw.install_from_fab(fab.content, skip_prompt=True)
+            load = flw.get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)
+            app = apps[fab.hash_str] = load(run.fab_id, run.fab_version, fab.hash_str)
+        t0 = time.monotonic()
+        reply = app(message=message, context=context)
+        handler_s = time.monotonic() - t0
+        status, details = flw.SubStatus.COMPLETED, ""
+    except Exception as exc:  # noqa: BLE001 - every failure becomes an error reply, as in flwr-clientapp
+        details = f"{type(exc)}:<'{exc}'>"
+        code = flw.ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+        if isinstance(exc, flw.LoadClientAppError):
+            details, code = "An exception was raised when attempting to load `ClientApp`", \
+                flw.ErrorCode.LOAD_CLIENT_APP_EXCEPTION
+        log.exception("ClientApp raised an exception")
+        if message is not None:
+            reply = flw.Message(flw.Error(code=code, reason=details), reply_to=message)
+    finally:
+        try:
+            if reply is not None and context is not None:
+                rc.push_message(client, reply, context)
+        except Exception:  # noqa: BLE001 - the task's status still goes back
+            log.exception("could not push the reply message")
+        rc.push_task_output(client=client, context=context, sub_status=status, details=details)
+        if heartbeat.is_running:
+            heartbeat.stop()
+        client.close()
+    kind = message.metadata.message_type if message is not None else "?"
+    log.info("task %s: %s in %.2f s (handler %.2f s)", kind, status, time.monotonic() - started, handler_s)

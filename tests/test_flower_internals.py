@@ -1,0 +1,126 @@
+"""Flower's internal modules that genofed relies on (common/flower_internals.py), and the pieces
+of the warm site daemon that need no deployment: these fail loudly if Flower changes under us.
+
+The warm daemon end to end (a real SuperLink and SuperNodes over TLS) is in
+tests/test_warm_node.py and tests/test_deployment.py.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from flwr.app import ConfigRecord, Message, RecordDict
+
+from client.vault import KeySource, Vault, generate_key_file
+from common import flower_internals as fi
+from server.exchange import POLL_S, PollingGrid
+
+
+def test_every_internal_flower_piece_is_what_1_42_had() -> None:
+    flw = fi.check_flower_internals(supernode=True)
+    # The SuperNode's poll loop and reply wait (start_client_internal: time.sleep(3) / (0.5)).
+    source = Path(flw.start_client_internal.__file__).read_text()
+    assert "time.sleep(3)" in source and "time.sleep(0.5)" in source
+    # What flwr-clientapp does for one task, which run_task repeats in a warm process.
+    clientapp = Path(flw.run_clientapp.__file__).read_text()
+    for step in ("pull_task_input(client)", "install_from_fab(fab.content", "load_client_app_fn(",
+                 "client_app(message=message, context=context)", "push_message(client, reply_message, context)",
+                 "ErrorCode.CLIENT_APP_RAISED_EXCEPTION"):
+        assert step in clientapp, step
+    assert flw.inflatable_utils.pull_objects.__kwdefaults__["initial_backoff"] >= 0.0
+
+
+def test_a_changed_internal_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flwr.supernode.runtime import run_clientapp
+
+    monkeypatch.delattr(run_clientapp, "push_task_output")
+    with pytest.raises(fi.FlowerInternalsChanged, match="run_clientapp.push_task_output is gone.*1.42"):
+        fi.check_flower_internals()
+
+
+def test_shortened_polls_cap_sleeps_and_keep_flowers_patience(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flwr.supercore.inflatable import inflatable_utils
+    from flwr.supernode import start_client_internal
+
+    monkeypatch.setattr(start_client_internal, "time", start_client_internal.time)
+    saved = {n: dict(getattr(inflatable_utils, n).__kwdefaults__) for n in fi._PULL_FUNCTIONS}
+    try:
+        stock = saved["pull_objects"]
+        fi.shorten_polls(0.05, supernode=True)
+        capped = start_client_internal.time
+        t0 = time.monotonic()
+        capped.sleep(3)
+        assert time.monotonic() - t0 < 1.0
+        assert capped.monotonic is time.monotonic  # everything else is the real module's
+        new = inflatable_utils.pull_objects.__kwdefaults__
+        assert new["initial_backoff"] == 0.05 and new["backoff_cap"] == pytest.approx(0.1)
+        assert new["max_tries_per_object"] * new["backoff_cap"] >= stock["max_tries_per_object"] * stock["backoff_cap"]
+    finally:
+        for name, defaults in saved.items():
+            getattr(inflatable_utils, name).__kwdefaults__.update(defaults)
+
+
+class _SlowGrid:
+    """Replies become available 0.3 s after the push."""
+
+    def __init__(self) -> None:
+        self.pushed: dict[str, float] = {}
+
+    def push_messages(self, messages):
+        ids = []
+        for i, _ in enumerate(messages):
+            self.pushed[f"m{i}"] = time.monotonic()
+            ids.append(f"m{i}")
+        return ids
+
+    def pull_messages(self, ids):
+        out = []
+        for mid in ids:
+            if time.monotonic() - self.pushed[mid] > 0.3:
+                msg = Message(RecordDict({"c": ConfigRecord({"ok": 1})}), dst_node_id=1, message_type="query")
+                msg.metadata.__dict__["_reply_to_message_id"] = mid
+                out.append(msg)
+        return out
+
+
+def test_polling_grid_returns_when_the_replies_land_not_seconds_later() -> None:
+    import tests.local_grid  # noqa: F401 - sets the TaskIdentity a bare Message needs
+
+    grid = PollingGrid(_SlowGrid())  # type: ignore[arg-type]
+    t0 = time.monotonic()
+    replies = list(grid.send_and_receive([object(), object()], timeout=10))  # type: ignore[list-item]
+    assert len(replies) == 2
+    assert time.monotonic() - t0 < 0.3 + 5 * POLL_S  # Flower's own send_and_receive sleeps 3 s
+
+
+def _supernode(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "simulations.cli", "supernode", *args], capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_supernode_refuses_a_vault_that_does_not_open(tmp_path: Path) -> None:
+    key = generate_key_file(tmp_path / "key")
+    Vault.create(tmp_path / "vault", KeySource.from_key_file(key), {})
+    wrong = generate_key_file(tmp_path / "other-key")
+    superlink = ["--superlink", "127.0.0.1:1", "--insecure"]
+
+    out = _supernode(*superlink, "--node-config", f'vault="{tmp_path / "vault"}" key-file="{wrong}"')
+    assert out.returncode != 0
+    assert out.stderr.startswith("genofed: error:") and out.stderr.count("\n") == 1, out.stderr
+    assert "Traceback" not in out.stderr and str(tmp_path / "vault") in out.stderr
+
+    out = _supernode(*superlink, "--node-config", 'site="x"')
+    assert out.returncode != 0 and "names no vault" in out.stderr and "Traceback" not in out.stderr
+
+    out = _supernode(*superlink, "--node-config", f'vault="{tmp_path / "missing"}" key-file="{key}"')
+    assert out.returncode != 0 and out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+
+
+def test_only_supernode_passes_unknown_options_on() -> None:
+    out = subprocess.run([sys.executable, "-m", "simulations.cli", "keygen", "--out", "/nonexistent/k", "--superlink", "x"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "unrecognized arguments: --superlink x" in out.stderr
