@@ -54,7 +54,6 @@ from __future__ import annotations
 import base64
 import binascii
 import errno
-import fcntl
 import glob
 import hashlib
 import hmac
@@ -63,7 +62,6 @@ import os
 import re
 import secrets
 import shutil
-import time
 import unicodedata
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager, suppress
@@ -75,6 +73,8 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
+from common import durable
+from common.durable import directory_lock
 from common.errors import GenofedError
 
 FORMAT = "genofed-vault"
@@ -128,21 +128,12 @@ def generate_key_file(path: str | Path) -> Path:
         raise VaultError(f"{path}: folder {path.parent} does not exist; create it first")
     try:
         # O_EXCL: refuse to clobber an existing key; 0o600 from the first instant, no chmod race.
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        durable.write_new(path, secrets.token_bytes(KEY_BYTES), mode=0o600)
     except FileExistsError:
         raise VaultError(f"{path}: already exists; a key file is never overwritten (a lost key is a lost "
                          "vault); choose another path") from None
     except OSError as exc:
         raise VaultError(f"{path}: cannot create key file: {exc.strerror}") from None
-    try:
-        os.fchmod(fd, 0o600)  # the umask may have narrowed it further; make it exactly 0600
-        _write_all(fd, secrets.token_bytes(KEY_BYTES))
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        _discard(path)
-        raise
-    os.close(fd)
     _fsync_dir_quiet(path.parent)
     return path
 
@@ -310,16 +301,7 @@ def _checked_blobs(blobs: Mapping[str, bytes]) -> dict[str, bytes]:
 
 def _write_new(path: Path, *chunks: bytes) -> None:
     """Create ``path`` (it must not exist) with mode 0600, write ``chunks`` and fsync it."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        for chunk in chunks:
-            _write_all(fd, chunk)
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        _discard(path)
-        raise
-    os.close(fd)
+    durable.write_new(path, *chunks, mode=0o600)
 
 
 def _replace(src: Path, dst: Path) -> None:
@@ -334,21 +316,11 @@ def _rename_dir(src: Path, dst: Path) -> None:
 
 def _fsync_dir(path: Path) -> None:
     """Make a directory's entries (creations, renames, deletions) durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    durable.fsync_dir(path)
 
 
 def _unlink(path: Path) -> None:
     os.unlink(path)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 def _discard(path: Path) -> None:
@@ -360,26 +332,6 @@ def _discard(path: Path) -> None:
 def _fsync_dir_quiet(path: Path) -> None:
     with suppress(OSError):
         _fsync_dir(path)
-
-
-@contextmanager
-def directory_lock(path: Path, *, wait_s: float) -> Iterator[bool]:
-    """Hold an exclusive flock on a directory; yields False if it stayed busy for ``wait_s``."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    yield False
-                    return
-                time.sleep(0.05)
-        yield True
-    finally:
-        os.close(fd)
 
 
 def _partial_dirs(path: Path) -> list[Path]:

@@ -7,13 +7,12 @@ from typing import Any
 
 import numpy as np
 
+from common import durable
+
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary sibling, then rename it over ``path`` (atomic on POSIX)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    """Put ``text`` at ``path`` whole or not at all (fsync-ed temporary sibling, then a rename)."""
+    durable.write_atomic(path, text)
 
 
 def json_default(x: Any) -> Any:

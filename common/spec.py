@@ -70,6 +70,7 @@ from typing import Any, Literal
 
 import tomli_w
 
+from common import durable
 from common.errors import GenofedError
 
 MODALITIES = ("sequences", "variants", "omics", "clinical", "events")
@@ -487,10 +488,7 @@ def write_spec(spec: CohortSpec, path: str | Path) -> Path:
     """Write ``spec`` as TOML to ``path`` with file paths relative to its folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = tomli_w.dumps(spec_to_dict(spec, relative_to=path.parent))
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    durable.write_atomic(path, tomli_w.dumps(spec_to_dict(spec, relative_to=path.parent)))
     return path
 
 

@@ -49,6 +49,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from common import durable
 from common.errors import GenofedError
 
 DEFAULT_HOSTS: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
@@ -333,24 +334,11 @@ def _install(tmp: Path, out: Path) -> None:
 
 
 def _write(path: Path, data: bytes, *, private: bool = False) -> None:
-    mode = 0o600 if private else 0o644
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        os.fchmod(fd, mode)  # independent of the umask
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    durable.write_new(path, data, mode=0o600 if private else 0o644)
 
 
 def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    durable.fsync_dir(path)
 
 
 def _readme(names: Sequence[str], sans: Sequence[str], not_after: _dt.datetime,

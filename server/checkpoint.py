@@ -31,7 +31,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -39,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from common import durable
 
 log = logging.getLogger(__name__)
 
@@ -122,32 +123,9 @@ def _decode_state(value: Any, arrays: Mapping[str, np.ndarray]) -> Any:
 
 # ----------------------------------------------------------------------------- atomic writes
 
-def _fsync_dir(path: Path) -> None:
-    """Make a rename in ``path`` durable (the directory entry is data too)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _atomic_write(path: Path, write: Any) -> None:
-    """Write ``path`` via a synced temp file in the same directory and ``os.replace``.
-
-    ``write(fileobj)`` fills the temp file. On any failure the temp file is removed and
-    ``path`` is untouched (old content or absent).
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_TMP_PREFIX + path.name + ".")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    """Write ``path`` whole or not at all; ``write(fileobj)`` fills it (common.durable)."""
+    durable.write_atomic(path, write, tmp_prefix=_TMP_PREFIX + path.name + ".")
 
 
 # ----------------------------------------------------------------------------- listing

@@ -23,7 +23,7 @@ Hospital IT:   genofed keygen, genofed vault import|inspect|verify|rekey, genofe
 Privacy:       genofed ledger show|set-budget
 Coordinator:   genofed certs (then flower-superlink / flwr run: see the README)
 Researchers:   genofed cohort synth|split|recipe, genofed evaluate, genofed pretrain,
-               genofed simulate, genofed demo
+               genofed simulate, genofed demo, genofed bench
 Run `genofed COMMAND --help` for the options of each command."""
 
 
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Imported here so that `genofed --help` stays fast and a broken optional part names itself.
     from client import ledger_cli, supernode_cli, vault_cli
     from server import certs_cli
-    from simulations import cohort_cli, demo, evaluate_cli, pretrain, simulate_cli
+    from simulations import bench, cohort_cli, demo, evaluate_cli, pretrain, simulate_cli
 
     parser = argparse.ArgumentParser(prog="genofed", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.register(sub)
     simulate_cli.register(sub)
     demo.register(sub)
+    bench.register(sub)
     return parser
 
 

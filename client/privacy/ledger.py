@@ -83,7 +83,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from client.vault import Vault, directory_lock
+from client.vault import Vault
+from common.durable import directory_lock
 from common.errors import GenofedError
 
 LEDGER_ROLE = "privacy/ledger"

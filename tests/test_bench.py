@@ -1,0 +1,46 @@
+"""``genofed bench``: medians over repeats, ratios to the baseline of the same run, JSON + Markdown.
+
+The benchmarks' figures are measured by running them (README, "Results"); here the framework's
+arithmetic is checked on known samples, and the quickest benchmark runs end to end.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from simulations.bench import BenchError, BenchResult, run_bench
+from simulations.cli import main
+
+
+def test_medians_over_repeats_and_ratios_to_the_baseline() -> None:
+    result = BenchResult(name="x", title="X", baseline="base", measures={"s": "seconds", "mb": "memory (MB)"},
+                         params={}, repeats=3)
+    result.samples = {"base": [{"s": 2.0, "mb": 10.0}, {"s": 4.0, "mb": 30.0}, {"s": 3.0, "mb": 20.0}],
+                      "fast": [{"s": 1.0}, {"s": 1.5}, {"s": 9.0}]}
+    result.summarise()
+    assert result.medians == {"base": {"s": 3.0, "mb": 20.0}, "fast": {"s": 1.5}}
+    assert result.ratios["fast"] == {"s": 0.5} and result.ratios["base"] == {"s": 1.0, "mb": 1.0}
+    table = result.markdown()
+    assert "| base (baseline) | 3 | 20.0 |" in table
+    assert "| fast | 1.5 (0.50x) | n/a |" in table
+    assert "Medians over 3 repeat(s)" in table
+
+
+def test_unknown_benchmark_is_one_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(BenchError, match="unknown benchmark 'nope'; choose from deployment"):
+        run_bench("nope", tmp_path)
+
+
+@pytest.mark.slow
+def test_throughput_bench_writes_json_and_markdown(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "throughput", "--out", str(tmp_path / "b"), "--quick", "--repeats", "1"]) == 0
+    doc = json.loads((tmp_path / "b" / "throughput.json").read_text())
+    assert doc["baseline"] == "plain-pytorch" and doc["repeats"] == 1
+    for variant in ("plain-pytorch", "genofed"):
+        med = doc["medians"][variant]
+        assert med["samples_per_s"] > 0 and 0 < med["of_matmul_peak"] < 1.5
+    assert doc["ratios"]["plain-pytorch"]["samples_per_s"] == 1.0
+    assert (tmp_path / "b" / "throughput.md").read_text() in capsys.readouterr().out
