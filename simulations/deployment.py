@@ -56,19 +56,7 @@ Command line (a local TLS federation for people)::
 Without ``--app`` it starts the federation, prints the ``flwr`` commands to use it and waits for
 Ctrl-C; with ``--app`` it submits one run, prints its status and ServerApp log, and tears down.
 
-Timings, measured on a 2-core x86_64 Linux VM (this project's development machine; Python 3.11,
-flwr 1.42.0), 3 SuperNodes, TLS + SuperNode authentication, the test's query-only app (one
-exchange, push/pull polled every 0.1 s), four runs:
-
-- SuperLink healthy (HTTPS ``/health`` answers) 1.2-2.4 s after launch (notes/flower-1.42.md
-  measured 4-8.5 s);
-- 3 SuperNodes registered (in parallel), started and ``online``: 7.2-8.7 s more; each ``flwr``
-  CLI call costs 0.8-2.9 s (Python start-up and imports), which dominates this step;
-- ``flwr run`` submission 1.2-2.3 s; run wall time from submission to ``finished:completed``
-  10.6-13.7 s (``elapsed`` as the SuperLink reports it: 6.5 s);
-- an unregistered SuperNode is refused 1.6-2.9 s after launch: it logs "Exit Code: 305 ...
-  [code: 2004] Failed to activate SuperNode" and exits with status 1;
-- teardown 0.8-1.8 s; the whole end-to-end test 22-30 s.
+Timings of the harness itself are in docs/federation.md ("Measured").
 """
 
 from __future__ import annotations
@@ -76,7 +64,6 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
-import json
 import os
 import re
 import shutil
@@ -87,7 +74,6 @@ import subprocess
 import sys
 import threading
 import time
-import tomllib
 import urllib.error
 import urllib.request
 import weakref
@@ -100,6 +86,8 @@ from typing import Any
 from common.errors import GenofedError
 from common.processes import PREEXEC
 from server.certs import CertBundle, generate_certs, write_supernode_key
+from simulations.flower_cli import FlowerAppError, check_app, cli_failure, format_config, last_json, tail, toml_str
+from simulations.process_tree import alive, descendants, pids_with_environ, signal_pids, start_time, wait_gone
 
 HOST = "127.0.0.1"
 DEFAULT_CONNECTION = "genofed-local"
@@ -162,7 +150,7 @@ class ManagedProcess:
             return ""
 
     def log_tail(self, lines: int = _LOG_TAIL_LINES) -> str:
-        return _tail(self.log_text(), lines)
+        return tail(self.log_text(), lines)
 
     def describe(self) -> str:
         state = "running" if self.alive() else f"exited with code {self.returncode}"
@@ -363,10 +351,10 @@ class LocalDeployment(contextlib.AbstractContextManager["LocalDeployment"]):
             raise DeploymentError(f"SuperNode {name}: public key {public_key} does not exist")
         out = self.flwr(["supernode", "register", str(public_key), self.connection, "--name", name,
                          "--format", "json"], timeout=timeout)
-        data = _last_json(out.stdout)
+        data = last_json(out.stdout)
         if not (data and data.get("success") and data.get("node-id")):
             raise DeploymentError(f"could not register SuperNode {name} ({public_key}): "
-                                  f"{_cli_failure(out, data)}")
+                                  f"{cli_failure(out, data)}")
         node_id = int(data["node-id"])
         self.node_ids[name] = node_id
         return node_id
@@ -452,9 +440,9 @@ class LocalDeployment(contextlib.AbstractContextManager["LocalDeployment"]):
     def supernode_statuses(self, *, timeout: float = 30.0) -> dict[int, str]:
         """``{node_id: status}`` from ``flwr supernode ls --format json`` (online, offline, registered, ...)."""
         out = self.flwr(["supernode", "ls", self.connection, "--format", "json"], timeout=timeout)
-        data = _last_json(out.stdout)
+        data = last_json(out.stdout)
         if not (data and data.get("success")):
-            raise DeploymentError(f"`flwr supernode ls` failed: {_cli_failure(out, data)}")
+            raise DeploymentError(f"`flwr supernode ls` failed: {cli_failure(out, data)}")
         return {int(n["node-id"]): str(n["status"]) for n in data.get("nodes", [])}
 
     # -- runs -------------------------------------------------------------------------------
@@ -468,7 +456,10 @@ class LocalDeployment(contextlib.AbstractContextManager["LocalDeployment"]):
         ``[tool.flwr.federations]`` (``flwr run`` would rewrite it).
         """
         app_dir = Path(app_dir).expanduser().absolute()
-        _check_app(app_dir)
+        try:
+            check_app(app_dir)
+        except FlowerAppError as exc:
+            raise DeploymentError(str(exc)) from None
         self._check_superlink()
         argv = ["run", str(app_dir), self.connection, "--format", "json"]
         if isinstance(run_config, Path):
@@ -476,18 +467,18 @@ class LocalDeployment(contextlib.AbstractContextManager["LocalDeployment"]):
         elif run_config:
             argv += ["--run-config", format_config(run_config)]
         out = self.flwr(argv, timeout=timeout, cwd=app_dir)
-        data = _last_json(out.stdout)
+        data = last_json(out.stdout)
         if not (data and data.get("success") and data.get("run-id")):
-            raise DeploymentError(f"`flwr run {app_dir}` failed: {_cli_failure(out, data)}")
+            raise DeploymentError(f"`flwr run {app_dir}` failed: {cli_failure(out, data)}")
         return int(data["run-id"])
 
     def run_status(self, run_id: int, *, timeout: float = 30.0) -> RunStatus:
         """The run's status from ``flwr ls CONNECTION --run-id N --format json``."""
         out = self.flwr(["ls", self.connection, "--run-id", str(run_id), "--format", "json"], timeout=timeout)
-        data = _last_json(out.stdout)
+        data = last_json(out.stdout)
         runs = (data or {}).get("runs") or []
         if not (data and data.get("success") and runs):
-            raise DeploymentError(f"`flwr ls --run-id {run_id}` failed: {_cli_failure(out, data)}")
+            raise DeploymentError(f"`flwr ls --run-id {run_id}` failed: {cli_failure(out, data)}")
         run = runs[0]
         details = str(run.get("status-details") or "")
         return RunStatus(run_id=run_id, status=str(run.get("status", "")),
@@ -513,14 +504,14 @@ class LocalDeployment(contextlib.AbstractContextManager["LocalDeployment"]):
                 except DeploymentError as exc:
                     where, log = f"SuperLink log ({exc})", self.superlink.log_text() if self.superlink else ""
                 raise DeploymentError(f"run {run_id} still {status.status!r} after {timeout:.0f} s; "
-                                      f"last {where} lines:\n{_tail(log, _LOG_TAIL_LINES)}")
+                                      f"last {where} lines:\n{tail(log, _LOG_TAIL_LINES)}")
             time.sleep(poll)
 
     def run_log(self, run_id: int, *, timeout: float = 30.0) -> str:
         """The ServerApp's log of a run (``flwr log RUN_ID CONNECTION --show``)."""
         out = self.flwr(["log", str(run_id), self.connection, "--show"], timeout=timeout)
         if out.returncode != 0:
-            raise DeploymentError(f"`flwr log {run_id}` failed: {_cli_failure(out, None)}")
+            raise DeploymentError(f"`flwr log {run_id}` failed: {cli_failure(out, None)}")
         return out.stdout
 
     def run(self, app_dir: Path | str, *, run_config: Mapping[str, Any] | str | Path | None = None,
@@ -538,7 +529,7 @@ class LocalDeployment(contextlib.AbstractContextManager["LocalDeployment"]):
         """``flwr stop RUN_ID CONNECTION``."""
         out = self.flwr(["stop", str(run_id), self.connection], timeout=timeout)
         if out.returncode != 0:
-            raise DeploymentError(f"`flwr stop {run_id}` failed: {_cli_failure(out, None)}")
+            raise DeploymentError(f"`flwr stop {run_id}` failed: {cli_failure(out, None)}")
 
     # -- faults and teardown ----------------------------------------------------------------
 
@@ -562,11 +553,11 @@ class LocalDeployment(contextlib.AbstractContextManager["LocalDeployment"]):
         procs = self._processes()
         found = {p.pid for p in procs if p.alive()}
         for proc in procs:
-            found |= _descendants(proc.pid)
+            found |= descendants(proc.pid)
         for pid in found:
             if pid not in self._seen:
-                self._seen[pid] = _start_time(pid)
-        return {pid for pid in found if _alive(pid)}
+                self._seen[pid] = start_time(pid)
+        return {pid for pid in found if alive(pid)}
 
     def close(self, *, grace: float = 5.0) -> None:
         """Stop every process (SuperNodes first), SIGKILL whatever outlives ``grace`` seconds. Idempotent."""
@@ -582,17 +573,17 @@ class LocalDeployment(contextlib.AbstractContextManager["LocalDeployment"]):
                 self._terminate([self.superlink], signal.SIGTERM, grace=grace)
             # Anything recorded earlier that is still around (e.g. re-parented grandchildren).
             leftovers = [pid for pid in self._seen if self._same_process(pid)]
-            _signal_pids(leftovers, signal.SIGKILL)
-            _wait_gone(leftovers, 2.0)
+            signal_pids(leftovers, signal.SIGKILL)
+            wait_gone(leftovers, 2.0)
             # Last sweep: a process born while its parent was being stopped was never recorded,
             # but it carries one of our FLWR_HOMEs in its environment (Linux).
             marker = f"FLWR_HOME={self.workdir}{os.sep}".encode()
             for _ in range(3):
-                strays = _pids_with_environ(marker)
+                strays = pids_with_environ(marker)
                 if not strays:
                     break
-                _signal_pids(strays, signal.SIGKILL)
-                _wait_gone(strays, 2.0)
+                signal_pids(strays, signal.SIGKILL)
+                wait_gone(strays, 2.0)
         finally:
             self.timings["teardown_s"] = time.monotonic() - t0
             _OPEN.discard(self)
@@ -617,7 +608,7 @@ class LocalDeployment(contextlib.AbstractContextManager["LocalDeployment"]):
                                  text=True, timeout=timeout, stdin=subprocess.DEVNULL, start_new_session=True)
         except subprocess.TimeoutExpired as exc:
             raise DeploymentError(f"`{' '.join(argv)}` did not return within {timeout:.0f} s; output:\n"
-                                  f"{_tail(_text(exc.stdout) + _text(exc.stderr), 20)}") from None
+                                  f"{tail(_text(exc.stdout) + _text(exc.stderr), 20)}") from None
         with self.cli_log.open("a", encoding="utf-8") as log:
             log.write(f"$ {' '.join(argv)}  # rc={out.returncode} {time.monotonic() - t0:.2f}s\n"
                       f"{out.stdout}{out.stderr}\n")
@@ -629,7 +620,7 @@ class LocalDeployment(contextlib.AbstractContextManager["LocalDeployment"]):
         self.cli_home.mkdir(parents=True, exist_ok=True)
         text = (f'[superlink]\ndefault = "{self.connection}"\n\n'
                 f'[superlink.{self.connection}]\naddress = "{self.address}"\n'
-                f"root-certificates = {_toml_str(str(self.certs.ca_cert))}\n")
+                f"root-certificates = {toml_str(str(self.certs.ca_cert))}\n")
         (self.cli_home / "config.toml").write_text(text, encoding="utf-8")
 
     def _launch(self, name: str, argv: list[str], home: Path, log_path: Path, port: int) -> ManagedProcess:
@@ -643,7 +634,7 @@ class LocalDeployment(contextlib.AbstractContextManager["LocalDeployment"]):
                                      stderr=subprocess.STDOUT, start_new_session=True,
                                      preexec_fn=PREEXEC if self.die_with_parent else None)
         proc = ManagedProcess(name=name, argv=argv, log_path=log_path, home=home, port=port, popen=popen)
-        self._seen[popen.pid] = _start_time(popen.pid)
+        self._seen[popen.pid] = start_time(popen.pid)
         return proc
 
     def _wait_healthy(self, proc: ManagedProcess, deadline: float) -> None:
@@ -689,20 +680,20 @@ class LocalDeployment(contextlib.AbstractContextManager["LocalDeployment"]):
 
     def _same_process(self, pid: int) -> bool:
         """Whether ``pid`` is alive and still the process recorded under it (not a reused pid)."""
-        return _alive(pid) and _start_time(pid) == self._seen.get(pid)
+        return alive(pid) and start_time(pid) == self._seen.get(pid)
 
     def _terminate(self, procs: Sequence[ManagedProcess], sig: int, *, grace: float) -> None:
         """Signal each daemon's process group and every recorded descendant; SIGKILL what outlives grace."""
         pids: set[int] = set()
         for proc in procs:
-            for pid in _descendants(proc.pid):
-                self._seen.setdefault(pid, _start_time(pid))
+            for pid in descendants(proc.pid):
+                self._seen.setdefault(pid, start_time(pid))
                 pids.add(pid)
         for proc in procs:
             if proc.alive():
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.killpg(proc.pid, sig)  # its own session: pgid == pid
-        _signal_pids([p for p in pids if self._same_process(p)], sig)
+        signal_pids([p for p in pids if self._same_process(p)], sig)
         deadline = time.monotonic() + grace
         for proc in procs:
             try:
@@ -712,167 +703,10 @@ class LocalDeployment(contextlib.AbstractContextManager["LocalDeployment"]):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.popen.wait(timeout=5.0)
         rest = [p for p in pids if self._same_process(p)]
-        _wait_gone(rest, max(0.0, deadline - time.monotonic()))
+        wait_gone(rest, max(0.0, deadline - time.monotonic()))
         rest = [p for p in rest if self._same_process(p)]
-        _signal_pids(rest, signal.SIGKILL)
-        _wait_gone(rest, 2.0)
-
-
-# ---------------------------------------------------------------------------------------------
-# Config strings
-
-
-def format_config(config: Mapping[str, Any] | str | None) -> str:
-    """``{"vault": "/a b", "rounds": 2, "dp": True}`` -> ``vault='/a b' rounds=2 dp=true``.
-
-    The syntax is what ``--node-config`` and ``--run-config`` parse (space-separated ``key=value``
-    with TOML values). Strings become TOML literal strings (``'...'``, no escapes, so Windows
-    paths survive) or, if they contain a single quote, basic strings; a string with both quote
-    kinds, or a newline, cannot be expressed and raises ``ValueError``. A str is passed through.
-    """
-    if config is None:
-        return ""
-    if isinstance(config, str):
-        return config.strip()
-    parts = []
-    for key, value in config.items():
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(key)):
-            raise ValueError(f"config key {key!r}: use letters, digits, '-', '_' and '.' only")
-        parts.append(f"{key}={_toml_value(value)}")
-    return " ".join(parts)
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if value != value or value in (float("inf"), float("-inf")):
-            raise ValueError(f"config value {value!r} is not finite")
-        return repr(value)
-    if isinstance(value, (str, Path)):
-        return _toml_str(str(value))
-    raise ValueError(f"config value {value!r}: only bool, int, float and str are supported")
-
-
-def _toml_str(text: str) -> str:
-    if "\n" in text or "\r" in text:
-        raise ValueError(f"config string {text!r} contains a line break")
-    if "'" not in text:
-        return f"'{text}'"
-    if '"' not in text:
-        return json.dumps(text)  # JSON string escapes are valid TOML basic-string escapes
-    raise ValueError(f"config string {text!r} contains both quote characters")
-
-
-def _check_app(app_dir: Path) -> None:
-    pyproject = app_dir / "pyproject.toml"
-    if not pyproject.is_file():
-        raise DeploymentError(f"{app_dir}: no pyproject.toml; not a Flower app folder")
-    try:
-        data = tomllib.loads(pyproject.read_text(encoding="utf-8"))
-    except tomllib.TOMLDecodeError as exc:
-        raise DeploymentError(f"{pyproject}: invalid TOML ({exc})") from None
-    if "federations" in data.get("tool", {}).get("flwr", {}):
-        raise DeploymentError(f"{pyproject}: remove [tool.flwr.federations]; `flwr run` would rewrite the "
-                              "file (connections live in FLWR_HOME/config.toml)")
-
-
-# ---------------------------------------------------------------------------------------------
-# Process helpers (Linux /proc, with a `ps` fallback)
-
-
-def _proc_stat(pid: int) -> list[str] | None:
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError, OSError):
-        return None
-    # Fields after the command name, which is in parentheses and may contain spaces.
-    return raw[raw.rfind(")") + 2:].split()
-
-
-def _start_time(pid: int) -> int | None:
-    fields = _proc_stat(pid)
-    return int(fields[19]) if fields and len(fields) > 19 else None
-
-
-def _parent_map() -> dict[int, int]:
-    parents: dict[int, int] = {}
-    if Path("/proc/self/stat").exists():
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                fields = _proc_stat(int(entry))
-                if fields and len(fields) > 1:
-                    parents[int(entry)] = int(fields[1])
-        return parents
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        out = subprocess.run(["ps", "-A", "-o", "pid=,ppid="], capture_output=True, text=True, timeout=10)
-        for line in out.stdout.splitlines():
-            pid, ppid = line.split()
-            parents[int(pid)] = int(ppid)
-    return parents
-
-
-def _descendants(root: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for pid, ppid in _parent_map().items():
-        children.setdefault(ppid, []).append(pid)
-    found: set[int] = set()
-    stack = [root]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            if child not in found:
-                found.add(child)
-                stack.append(child)
-    return found
-
-
-def _alive(pid: int) -> bool:
-    """Whether ``pid`` exists and is not a zombie."""
-    fields = _proc_stat(pid)
-    if fields is not None:
-        return fields[0] not in ("Z", "X")
-    if Path("/proc/self/stat").exists():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _pids_with_environ(marker: bytes) -> list[int]:
-    """Live processes (other than this one) whose environment contains ``marker``; empty without /proc."""
-    found = []
-    if not Path("/proc/self/environ").exists():
-        return found
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != os.getpid():
-            try:
-                environ = Path(f"/proc/{entry}/environ").read_bytes()
-            except OSError:
-                continue
-            if marker in environ and _alive(int(entry)):
-                found.append(int(entry))
-    return found
-
-
-def _signal_pids(pids: Iterable[int], sig: int) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, sig)
-
-
-def _wait_gone(pids: Iterable[int], timeout: float) -> None:
-    pending = set(pids)
-    deadline = time.monotonic() + timeout
-    while pending and time.monotonic() < deadline:
-        pending = {p for p in pending if _alive(p)}
-        if pending:
-            time.sleep(0.05)
+        signal_pids(rest, signal.SIGKILL)
+        wait_gone(rest, 2.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -893,35 +727,10 @@ def _left(deadline: float) -> float:
     return max(0.5, deadline - time.monotonic())
 
 
-def _tail(text: str, lines: int) -> str:
-    return "\n".join(text.rstrip().splitlines()[-lines:])
-
-
 def _text(value: str | bytes | None) -> str:
     if value is None:
         return ""
     return value.decode(errors="replace") if isinstance(value, bytes) else value
-
-
-def _last_json(stdout: str) -> dict[str, Any] | None:
-    """The last line of ``stdout`` that parses as a JSON object (flwr prints one with --format json)."""
-    for line in reversed(stdout.strip().splitlines()):
-        line = line.strip()
-        if line.startswith("{"):
-            with contextlib.suppress(json.JSONDecodeError):
-                value = json.loads(line)
-                if isinstance(value, dict):
-                    return value
-    with contextlib.suppress(json.JSONDecodeError):
-        value = json.loads(stdout)
-        return value if isinstance(value, dict) else None
-    return None
-
-
-def _cli_failure(out: subprocess.CompletedProcess[str], data: dict[str, Any] | None) -> str:
-    if data and data.get("error-message"):
-        return f"rc={out.returncode}: {data['error-message']}"
-    return f"rc={out.returncode}:\n{_tail(out.stdout + out.stderr, 20)}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from typing import Any
 
 from common.errors import GenofedError
 from common.progress import progress_bar
-from simulations.deployment import format_config
+from simulations.flower_cli import format_config
 
 APP_DIR = Path(__file__).resolve().parents[1]
 QUIET_ENV = {"FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_TELEMETRY_ENABLED": "0",

@@ -19,15 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from simulations.deployment import (
-    DeploymentError,
-    LocalDeployment,
-    ManagedProcess,
-    _alive,
-    _check_app,
-    _pids_with_environ,
-    format_config,
-)
+from simulations.deployment import DeploymentError, LocalDeployment, ManagedProcess
+from simulations.flower_cli import FlowerAppError, check_app, format_config
+from simulations.process_tree import alive, pids_with_environ
 
 PROBE_PYPROJECT = """\
 [build-system]
@@ -174,21 +168,21 @@ def test_tls_deployment_runs_refuses_unregistered_node_and_cleans_up(tmp_path: P
         site3 = dep.supernodes["site-3"]
         site3_tree = {site3.pid} | {pid for pid in live if _is_descendant(pid, site3.pid)}
         assert dep.kill_supernode("site-3") == -signal.SIGKILL
-        assert not any(_alive(pid) for pid in site3_tree)
+        assert not any(alive(pid) for pid in site3_tree)
         assert dep.supernodes["site-1"].alive() and link.alive()
         live |= dep.pids()
     elapsed = time.monotonic() - t0
 
     assert live, "no deployment processes were seen"
-    assert not [pid for pid in live if _alive(pid)], "processes outlived the deployment"
-    assert _pids_with_environ(str(workdir).encode()) == []
+    assert not [pid for pid in live if alive(pid)], "processes outlived the deployment"
+    assert pids_with_environ(str(workdir).encode()) == []
     print(f"\ntimings: {dep.timings}; total {elapsed:.1f} s")
 
 
 def _is_descendant(pid: int, ancestor: int) -> bool:
-    from simulations.deployment import _parent_map
+    from simulations.process_tree import parent_map
 
-    parents = _parent_map()
+    parents = parent_map()
     while pid in parents and pid > 1:
         pid = parents[pid]
         if pid == ancestor:
@@ -217,7 +211,7 @@ def test_close_kills_detached_descendants(tmp_path: Path) -> None:
     assert dep.pids() == {dep.superlink.pid, grandchild}
     dep.close(grace=2.0)
     dep.close()
-    assert not _alive(grandchild) and not dep.superlink.alive()
+    assert not alive(grandchild) and not dep.superlink.alive()
     with pytest.raises(DeploymentError, match="closed"):
         dep._launch("late", [sys.executable, "-c", "pass"], home, home / "late.log", 0)
 
@@ -254,12 +248,12 @@ def test_format_config() -> None:
 
 def test_app_with_federations_section_is_refused(tmp_path: Path) -> None:
     app = write_probe_app(tmp_path / "app")
-    _check_app(app)
+    check_app(app)
     (app / "pyproject.toml").write_text(PROBE_PYPROJECT + '\n[tool.flwr.federations]\ndefault = "x"\n')
-    with pytest.raises(DeploymentError, match=r"remove \[tool.flwr.federations\]"):
-        _check_app(app)
-    with pytest.raises(DeploymentError, match="no pyproject.toml"):
-        _check_app(tmp_path)
+    with pytest.raises(FlowerAppError, match=r"remove \[tool.flwr.federations\]"):
+        check_app(app)
+    with pytest.raises(FlowerAppError, match="no pyproject.toml"):
+        check_app(tmp_path)
 
 
 def test_managed_process_log_tail(tmp_path: Path) -> None:
