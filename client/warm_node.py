@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from common.flower_internals import (PRELOAD, RuntimeLink, TaskSource, load_superexec_auth_secret, quiet_logs,
-                                     run_task, shorten_polls)
+from common.flower_internals import (PRELOAD, RuntimeLink, TaskSource, check_flower_internals,
+                                     load_superexec_auth_secret, quiet_logs, run_task, shorten_polls)
 from common.processes import die_with_parent
 
 log = logging.getLogger("genofed.warm_node")
@@ -136,6 +136,7 @@ def serve_run(conn: multiprocessing.connection.Connection, link: RuntimeLink, po
     logging.getLogger("genofed.flower").setLevel(logging.INFO)
     quiet_logs()
     shorten_polls(poll_s)
+    flw = check_flower_internals()
     apps: dict[str, Any] = {}
     while True:
         try:
@@ -144,7 +145,7 @@ def serve_run(conn: multiprocessing.connection.Connection, link: RuntimeLink, po
             return
         if token is None:
             return
-        run_task(link, token, apps)
+        run_task(flw, link, token, apps)
 
 
 def _forget_genofed_modules() -> None:

@@ -26,30 +26,27 @@ Content = bytes | str | Callable[[BinaryIO], None]
 """What :func:`write_atomic` writes: bytes, text (UTF-8), or a function that fills the file."""
 
 
-def write_all(fd: int, data: bytes) -> None:
-    """``os.write`` until every byte is written."""
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
 def write_new(path: Path, *chunks: bytes, mode: int = 0o600) -> None:
     """Create ``path`` (it must not exist) with ``mode``, write ``chunks`` and fsync it.
 
     Raises ``FileExistsError`` if ``path`` exists; on any other failure the partial file is removed.
     """
+    _create(path, lambda f: f.writelines(chunks), mode=mode)
+
+
+def _create(path: Path, fill: Callable[[BinaryIO], object], *, mode: int) -> None:
+    """Create ``path`` exclusively with exactly ``mode`` (whatever the umask), fill and fsync it."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
     try:
-        os.fchmod(fd, mode)  # exactly ``mode``, whatever the umask
-        for chunk in chunks:
-            write_all(fd, chunk)
-        os.fsync(fd)
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)
+            fill(f)
+            f.flush()
+            os.fsync(f.fileno())
     except BaseException:
-        os.close(fd)
         with suppress(OSError):
             os.unlink(path)
         raise
-    os.close(fd)
 
 
 def fsync_dir(path: Path, *, quiet: bool = False) -> None:
@@ -76,12 +73,7 @@ def write_atomic(path: Path, content: Content, *, mode: int = 0o644, tmp_prefix:
     tmp = path.with_name(f"{tmp_prefix or f'.{path.name}.tmp-'}{secrets.token_hex(6)}")
     try:
         if callable(content):
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
-            os.fchmod(fd, mode)
-            with os.fdopen(fd, "wb") as f:
-                content(f)
-                f.flush()
-                os.fsync(f.fileno())
+            _create(tmp, content, mode=mode)
         else:
             write_new(tmp, content.encode("utf-8") if isinstance(content, str) else content, mode=mode)
         os.replace(tmp, path)

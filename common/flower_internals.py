@@ -40,6 +40,7 @@ CONCURRENT_PULLS = 8
 PULL_BACKOFF_POLLS = 2
 """An object not yet uploaded is pulled again after poll, 2 x poll, ..., at most this many polls."""
 _PULL_FUNCTIONS = ("pull_objects", "pull_and_inflate_object_from_tree")
+_PULL_KEYWORDS = ("initial_backoff", "backoff_cap", "max_tries_per_object", "max_concurrent_pulls")
 _ACQUIRE_TASK = "/flwr.proto.Runtime/AcquireTask"
 
 
@@ -77,6 +78,23 @@ def _supernode_internals() -> types.SimpleNamespace:
     return types.SimpleNamespace(start_client_internal=start_client_internal, flower_supernode=flower_supernode)
 
 
+def _pull_problems(inflatable_utils: types.ModuleType) -> list[str]:
+    """What is missing of the object-pull keywords :func:`shorten_polls` changes."""
+    problems = []
+    for name in _PULL_FUNCTIONS:
+        fn = getattr(inflatable_utils, name, None)
+        missing = set(_PULL_KEYWORDS) - set(getattr(fn, "__kwdefaults__", None) or {})
+        if missing:
+            problems.append(f"flwr.supercore.inflatable.inflatable_utils.{name} has no keyword {sorted(missing)}")
+    return problems
+
+
+def _raise_if(problems: list[str]) -> None:
+    if problems:
+        raise FlowerInternalsChanged("Flower's internal modules changed: " + "; ".join(problems)
+                                     + ". genofed needs flwr 1.42.x (or run plain flower-supernode)")
+
+
 def check_flower_internals(*, supernode: bool = False) -> types.SimpleNamespace:
     """The internals, after checking each is what genofed was written against (Flower 1.42).
 
@@ -96,11 +114,7 @@ def check_flower_internals(*, supernode: bool = False) -> types.SimpleNamespace:
     problems = []
     if supernode and not isinstance(getattr(flw.start_client_internal, "time", None), types.ModuleType):
         problems.append("flwr.supernode.start_client_internal no longer imports `time` (its poll sleeps)")
-    for name in _PULL_FUNCTIONS:
-        fn = getattr(flw.inflatable_utils, name, None)
-        missing = {"initial_backoff", "backoff_cap", "max_tries_per_object", "max_concurrent_pulls"} - set(getattr(fn, "__kwdefaults__", None) or {})
-        if missing:
-            problems.append(f"flwr.supercore.inflatable.inflatable_utils.{name} has no keyword {sorted(missing)}")
+    problems += _pull_problems(flw.inflatable_utils)
     for name in ("pull_task_input", "push_message", "push_task_output"):
         if not callable(getattr(flw.run_clientapp, name, None)):
             problems.append(f"flwr.supernode.runtime.run_clientapp.{name} is gone")
@@ -108,9 +122,7 @@ def check_flower_internals(*, supernode: bool = False) -> types.SimpleNamespace:
         problems.append("flwr.supercore.constant.TaskType has no CLIENT_APP")
     if "supported_task_types" not in {f.name for f in flw.AcquireTaskRequest.DESCRIPTOR.fields}:
         problems.append("flwr.proto.runtime_pb2.AcquireTaskRequest has no supported_task_types")
-    if problems:
-        raise FlowerInternalsChanged("Flower's internal modules changed: " + "; ".join(problems)
-                                     + ". genofed needs flwr 1.42.x (or run plain flower-supernode)")
+    _raise_if(problems)
     return flw
 
 
@@ -132,23 +144,25 @@ class _CappedTime(types.ModuleType):
         time.sleep(min(seconds, self.cap))
 
 
-def shorten_polls(poll_s: float, *, supernode: bool = False) -> types.SimpleNamespace:
+def shorten_polls(poll_s: float, *, supernode: bool = False) -> None:
     """Cap Flower's object-pull backoff (and, with ``supernode``, its poll sleeps) at ``poll_s``.
 
-    Applies to this process only. Returns the checked internals.
+    Applies to this process only, and checks only the pieces it changes (a ServerApp does not
+    import the SuperNode's modules for it).
     """
-    flw = check_flower_internals(supernode=supernode)
+    from flwr.supercore.inflatable import inflatable_utils
+
+    _raise_if(_pull_problems(inflatable_utils))
     if supernode:
-        flw.start_client_internal.time = _CappedTime(poll_s)
+        check_flower_internals(supernode=True).start_client_internal.time = _CappedTime(poll_s)
     for name in _PULL_FUNCTIONS:
-        defaults = getattr(flw.inflatable_utils, name).__kwdefaults__
+        defaults = getattr(inflatable_utils, name).__kwdefaults__
         cap = min(defaults["backoff_cap"], PULL_BACKOFF_POLLS * poll_s)
         # as patient as Flower's own (tries x cap), at a shorter step
         defaults["max_tries_per_object"] = int(defaults["max_tries_per_object"] * defaults["backoff_cap"] / cap)
         defaults["initial_backoff"] = min(defaults["initial_backoff"], poll_s)
         defaults["backoff_cap"] = cap
         defaults["max_concurrent_pulls"] = max(defaults["max_concurrent_pulls"], CONCURRENT_PULLS)
-    return flw
 
 
 def quiet_logs() -> None:
@@ -159,10 +173,10 @@ def quiet_logs() -> None:
 
 def run_supernode(flower_args: Sequence[str], *, poll_s: float) -> None:
     """Run ``flower-supernode FLOWER_ARGS`` in this process, with its polls capped at ``poll_s``."""
-    flw = shorten_polls(poll_s, supernode=True)
+    shorten_polls(poll_s, supernode=True)
     quiet_logs()
     sys.argv = ["flower-supernode", *flower_args]
-    flw.flower_supernode()
+    check_flower_internals(supernode=True).flower_supernode()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,14 +240,14 @@ class TaskSource:
         self._client.close()
 
 
-def run_task(link: RuntimeLink, token: str, apps: dict[str, Any]) -> None:
+def run_task(flw: types.SimpleNamespace, link: RuntimeLink, token: str, apps: dict[str, Any]) -> None:
     """One ClientApp task, run in this process the way ``flwr-clientapp`` runs it.
 
     ``apps`` caches the loaded ClientApp per FAB hash (install once, import once). The reply, or
     an error reply naming the exception as ``flwr-clientapp`` words it, and then the task's final
-    status and context go back to the SuperNode; nothing a handler raises escapes.
+    status and context go back to the SuperNode; nothing a handler raises escapes. ``flw`` is
+    :func:`check_flower_internals`' result, checked once per worker rather than per task.
     """
-    flw = check_flower_internals()
     rc = flw.run_clientapp
     client = link.client(flw, token=token)
     heartbeat = flw.HeartbeatSender(flw.make_task_heartbeat_fn_http(client))

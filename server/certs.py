@@ -171,13 +171,13 @@ def generate_certs(out: Path | str, *, sites: int, hosts: Iterable[str] = (), da
             fingerprints[name] = ssh_fingerprint(public.read_bytes())
         _write(tmp / "README.txt", _readme(names, [str(n) for n in _san_strings(san_names)], not_after,
                                            fingerprints, ca_fingerprint=cert_fingerprint(ca_cert)).encode())
-        _fsync_dir(tmp / "sites")
-        _fsync_dir(tmp)
+        durable.fsync_dir(tmp / "sites")
+        durable.fsync_dir(tmp)
         _install(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_dir(out.parent)
+    durable.fsync_dir(out.parent)
     return CertBundle(root=out, sites=names)
 
 
@@ -335,10 +335,6 @@ def _install(tmp: Path, out: Path) -> None:
 
 def _write(path: Path, data: bytes, *, private: bool = False) -> None:
     durable.write_new(path, data, mode=0o600 if private else 0o644)
-
-
-def _fsync_dir(path: Path) -> None:
-    durable.fsync_dir(path)
 
 
 def _readme(names: Sequence[str], sans: Sequence[str], not_after: _dt.datetime,

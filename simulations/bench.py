@@ -23,7 +23,6 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -229,7 +228,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def bench_command(args: argparse.Namespace) -> int:
     """Run one benchmark and print its table."""
-    command = "genofed bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else f"genofed bench {args.name}"
+    command = f"genofed bench {args.name} --out {args.out}" + (f" --repeats {args.repeats}" if args.repeats else "") \
+        + (" --quick" if args.quick else "")
     result = run_bench(args.name, args.out, repeats=args.repeats, quick=args.quick, command=command)
     print(result.markdown())
     print(f"written: {args.out / (args.name + '.json')}, {args.out / (args.name + '.md')}")
