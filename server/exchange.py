@@ -18,6 +18,7 @@ from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
 from common.errors import GenofedError
+from common.records import RecordError, from_record
 
 log = logging.getLogger("genofed.server")
 POLL_S = 0.1
@@ -34,6 +35,55 @@ class ExchangeResult:
     replies: dict[int, Message] = field(default_factory=dict)
     failures: dict[int, str] = field(default_factory=dict)
     seconds: float = 0.0
+    bytes_sent: dict[int, int] = field(default_factory=dict)
+    """Bytes of each site's message (:func:`payload_bytes`)."""
+    bytes_received: dict[int, int] = field(default_factory=dict)
+    """Bytes of each site's reply."""
+
+    def cost(self) -> dict[str, Any]:
+        """What the exchange cost: wall seconds, the slowest handler's seconds, mean bytes per site each way.
+
+        A site's handler time (compute and vault) comes in its reply's ``handler-seconds`` metric;
+        the rest of the wall time is transport and process overhead.
+        """
+        handler = [float(dict(r.content.metric_records["metrics"]).get("handler-seconds", 0.0))
+                   for r in self.replies.values() if "metrics" in r.content.metric_records]
+        return {"seconds": round(self.seconds, 2), "handler_s": round(max(handler), 2) if handler else 0.0,
+                "bytes_down": _mean_int(self.bytes_sent.get(n, 0) for n in self.replies),
+                "bytes_up": _mean_int(self.bytes_received.values())}
+
+
+def _mean_int(values: Iterable[int]) -> int:
+    values = list(values)
+    return round(sum(values) / len(values)) if values else 0
+
+
+def _unreadable_arrays(content: RecordDict) -> str:
+    """Why a reply's array records do not unpack (``""`` when they all do): a site's reply is untrusted input."""
+    for name, record in content.array_records.items():
+        try:
+            from_record(record)
+        except RecordError as exc:
+            return f"malformed reply: record {name!r} is {exc}"
+    return ""
+
+
+def payload_bytes(content: RecordDict) -> int:
+    """Bytes of a message's content as Flower ships it: each object of its tree, deflated, counted once.
+
+    Flower sends a message as the objects of its content tree (records, arrays), each serialised
+    by ``deflate``; an object that occurs twice (same ``object_id``) is sent once. Headers and
+    transport framing are not counted.
+    """
+    sizes: dict[str, int] = {}
+    stack: list[Any] = [content]
+    while stack:
+        obj = stack.pop()
+        if obj.object_id in sizes:
+            continue
+        sizes[obj.object_id] = len(obj.deflate())
+        stack.extend((obj.children or {}).values())
+    return sum(sizes.values())
 
 
 MAX_REASON = 600
@@ -114,11 +164,18 @@ def exchange(grid: Grid, nodes: Iterable[int], content_for: Callable[[int], Reco
     """Send ``content_for(node)`` to every node and collect replies until all arrive or ``timeout``."""
     t0 = time.monotonic()
     sent = {}
-    messages = [Message(content_for(n), dst_node_id=n, message_type=message_type, group_id=group_id) for n in nodes]
+    result = ExchangeResult()
+    sizes: dict[int, int] = {}  # by id(content): phases often send every site the same content
+    messages = []
+    for node in nodes:
+        content = content_for(node)
+        if id(content) not in sizes:
+            sizes[id(content)] = payload_bytes(content)
+        result.bytes_sent[node] = sizes[id(content)]
+        messages.append(Message(content, dst_node_id=node, message_type=message_type, group_id=group_id))
     for msg, mid in zip(messages, grid.push_messages(messages)):
         sent[mid] = msg.metadata.dst_node_id
     start = time.monotonic()  # the timeout counts from the moment every message is out
-    result = ExchangeResult()
     pending = set(sent)
     while pending and time.monotonic() - start < timeout:
         for reply in grid.pull_messages(list(pending)):
@@ -129,8 +186,11 @@ def exchange(grid: Grid, nodes: Iterable[int], content_for: Callable[[int], Reco
             node = sent[mid]  # error replies from the SuperLink carry node id 1: map by message id
             if reply.has_error():
                 result.failures[node] = f"error code {reply.error.code}: {short_reason(reply.error.reason)}"
+            elif problem := _unreadable_arrays(reply.content):
+                result.failures[node] = problem
             else:
                 result.replies[node] = reply
+                result.bytes_received[node] = payload_bytes(reply.content)
         if pending:
             time.sleep(POLL_S)
     for mid in pending:

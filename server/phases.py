@@ -80,12 +80,6 @@ class RunState:
         return self.sites.get(str(node), f"node-{node}")
 
 
-def _slowest_handler(res: Any) -> float:
-    """The longest time a site spent inside its handler (compute + vault), to tell it from transport."""
-    times = [float(dict(r.content.metric_records["metrics"]).get("handler-seconds", 0.0)) for r in res.replies.values()]
-    return round(max(times), 2) if times else 0.0
-
-
 def _note_failures(state: RunState, log: RunLog, failures: dict[int, str], where: str) -> None:
     for node, reason in failures.items():
         site = state.site_of(node)
@@ -125,7 +119,7 @@ def run_census(grid: Grid, settings: RunSettings, state: RunState, log: RunLog) 
         gone = "".join(f"; {s}: {r}" for s, r in state.excluded.items())
         raise CensusError(f"census: {len(infos)} site(s) can take part, min-sites is {settings.min_sites}{gone}")
     _check_schemas(infos)
-    state.rounds.append({"phase": "census", "seconds": round(res.seconds, 2), "handler_s": _slowest_handler(res),
+    state.rounds.append({"phase": "census", **res.cost(),
                          "sites": sorted(str(i["site"]) for i in infos.values())})
     state.sites = {str(n): str(i["site"]) for n, i in infos.items()}
     state.census = {str(i["site"]): {k: v for k, v in i.items() if k != "schema-json"} for i in infos.values()}
@@ -250,7 +244,7 @@ def run_moments(grid: Grid, settings: RunSettings, state: RunState, log: RunLog)
     scaler = scaler_from_moments(total, columns, rescaled=settings.dp, max_glm_columns=settings.glm_max_features,
                                  noise_sd=math.sqrt(noise_var))
     state.shared = {k: v.tolist() for k, v in scaler.to_arrays().items()}
-    record = {"phase": "moments", "seconds": round(res.seconds, 2), "handler_s": _slowest_handler(res),
+    record = {"phase": "moments", **res.cost(),
               "sites": sorted(state.site_of(n) for n in res.replies)}
     spent = {state.site_of(n): float(r.content.metric_records["metrics"]["epsilon"])
              for n, r in res.replies.items() if "epsilon" in r.content.metric_records["metrics"]}
@@ -290,8 +284,7 @@ def run_cnn_rounds(grid: Grid, settings: RunSettings, state: RunState, log: RunL
         res = exchange(grid, nodes, lambda n: content, message_type="train", group_id=f"{state.run_id}-cnn-{rnd}",
                        timeout=settings.round_timeout)
         _note_failures(state, log, res.failures, f"CNN round {rnd}")
-        accepted, record = [], {"phase": "cnn", "round": rnd, "seconds": round(res.seconds, 2),
-                                "handler_s": _slowest_handler(res), "sites": {}, "rejected": {}}
+        accepted, record = [], {"phase": "cnn", "round": rnd, **res.cost(), "sites": {}, "rejected": {}}
         for node in sorted(res.replies, key=state.site_of):
             site, reply = state.site_of(node), res.replies[node]
             arrays, metrics = from_record(reply.content.array_records["arrays"]), dict(reply.content.metric_records["metrics"])
@@ -433,7 +426,7 @@ def run_site_alone(grid: Grid, settings: RunSettings, state: RunState, log: RunL
         state.alone_missing[state.site_of(node)] = reason
         log.warning(f"site alone: site {state.site_of(node)} has no models alone ({reason}); it stays in the run "
                     f"without its site-alone rows")
-    state.rounds.append({"phase": "alone", "seconds": round(res.seconds, 2), "handler_s": _slowest_handler(res),
+    state.rounds.append({"phase": "alone", **res.cost(),
                          "sites": sorted(state.site_of(n) for n in res.replies)})
     log.event("alone", seconds=res.seconds, sites=sorted(state.site_of(n) for n in res.replies))
 
@@ -484,7 +477,7 @@ def _newton_rounds(grid: Grid, settings: RunSettings, state: RunState, log: RunL
                 else f", objective {solver.best_objective:.6f}") + (" (converged)" if solver.converged else ""))
         setattr(state, f"{kind}_round", rnd)
         setattr(state, f"{kind}_solver", solver.state_dict())
-        record = {"phase": kind, "round": rnd, "seconds": round(res.seconds, 2), "handler_s": _slowest_handler(res),
+        record = {"phase": kind, "round": rnd, **res.cost(),
                   "sites": sorted(state.site_of(n) for n in res.replies), "converged": solver.converged}
         spent = {state.site_of(n): float(r.content.metric_records["metrics"]["epsilon"])
                  for n, r in res.replies.items() if "epsilon" in r.content.metric_records["metrics"]}
@@ -550,8 +543,7 @@ def run_thresholds(grid: Grid, settings: RunSettings, state: RunState, log: RunL
         pooled, per_site, res = _statistics_exchange(grid, settings, state, log, weights, facts,
                                                      message_type="query.validation", where="validation")
         log.event("validation", seconds=res.seconds)
-        state.rounds.append({"phase": "validation", "seconds": round(res.seconds, 2),
-                             "handler_s": _slowest_handler(res), "sites": sorted(per_site),
+        state.rounds.append({"phase": "validation", **res.cost(), "sites": sorted(per_site),
                              "epsilon": {s: v["epsilon"] for s, v in per_site.items() if v["epsilon"] > 0}})
     chosen = _binary_thresholds(settings, state, pooled, per_site) if k == 2 else {}
     state.meta_fallback = _stacking_fallback(state, pooled, k, margin_se=settings.meta_fallback_margin)
@@ -612,7 +604,7 @@ def run_evaluation(grid: Grid, settings: RunSettings, state: RunState, log: RunL
         pooled = {m: st for m, st in pooled.items() if m in MODELS}
         for v in per_site.values():
             v["stats"] = {m: st for m, st in v["stats"].items() if m in MODELS}
-    state.rounds.append({"phase": "evaluate", "seconds": round(res.seconds, 2), "handler_s": _slowest_handler(res),
+    state.rounds.append({"phase": "evaluate", **res.cost(),
                          "sites": sorted(per_site),
                          "epsilon": {s: v["epsilon"] for s, v in per_site.items() if v["epsilon"] > 0}})
     log.event("evaluate", seconds=res.seconds, sites=sorted(per_site))

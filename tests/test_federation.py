@@ -189,6 +189,15 @@ def test_a_site_that_raises_leaves_the_run_named_with_its_reason(sites: Path, tm
     assert "site site-2 failed and leaves the run" in log and "disk full" in log
 
 
+def test_a_reply_whose_arrays_do_not_unpack_leaves_the_run_named(sites: Path, tmp_path: Path) -> None:
+    def fail(node: int, msg) -> str | None:
+        return "garble" if node == 102 and msg.metadata.message_type == "train" else None
+
+    doc, _ = _run(sites, tmp_path / "run", dp=False, fail=fail)
+    assert "malformed reply: record 'arrays' is an array record that does not unpack" in doc["missing_sites"]["site-2"]
+    assert set(doc["sites"]) == {"site-1", "site-3"}
+
+
 def test_a_silent_site_times_out_and_the_run_completes(sites: Path, tmp_path: Path) -> None:
     def fail(node: int, msg) -> str | None:
         return "silent" if node == 103 and msg.metadata.message_type == "train.meta" else None
