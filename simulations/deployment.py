@@ -65,17 +65,12 @@ import argparse
 import atexit
 import contextlib
 import os
-import re
 import shutil
 import signal
-import socket
-import ssl
 import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -84,12 +79,12 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import GenofedError
-from common.processes import PREEXEC
 from server.certs import CertBundle, generate_certs, write_supernode_key
-from simulations.flower_cli import FlowerAppError, check_app, cli_failure, format_config, last_json, tail, toml_str
+from simulations.flower_cli import FlowerAppError, check_app, cli_failure, format_config, last_json, tail
 from simulations.process_tree import alive, descendants, pids_with_environ, signal_pids, start_time, wait_gone
+from simulations.superlink import (HOST, PORT_IN_USE, SuperLinkConfig, SuperLinkError, free_port, spawn,
+                                   start_superlink)
 
-HOST = "127.0.0.1"
 DEFAULT_CONNECTION = "genofed-local"
 FLWR_ENV = {
     "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -103,7 +98,6 @@ STATUS_COMPLETED = "finished:completed"
 REFUSED_MARKERS = ("Exit Code: 305", "Failed to activate SuperNode")
 """What a refused (unregistered) SuperNode logs before it exits. Flower's "exit code" 305 is
 only logged: the process itself exits with status 1, as for every Flower error exit (1.42)."""
-_PORT_IN_USE = re.compile(r"address already in use|errno 98|only one usage of each socket", re.IGNORECASE)
 _LOG_TAIL_LINES = 30
 _EXECUTABLES = ("genofed", "flwr", "flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp",
                 "flwr-clientapp")
@@ -307,36 +301,26 @@ class LocalDeployment(contextlib.AbstractContextManager["LocalDeployment"]):
         return self
 
     def start_superlink(self, *, timeout: float = 60.0) -> ManagedProcess:
-        """Start ``flower-superlink`` with TLS, SuperNode auth and a SQLite DB; wait until healthy."""
+        """Start ``flower-superlink`` with TLS and SuperNode auth (:mod:`simulations.superlink`); wait until healthy."""
         if self.superlink is not None:
             raise DeploymentError(f"the SuperLink already runs: {self.superlink.describe()}")
-        deadline = time.monotonic() + timeout
+        self._check_open()
         home = self.workdir / "superlink"
-        home.mkdir(parents=True, exist_ok=True)
-        for attempt in range(3):
-            port = self._free_port()
-            argv = ["flower-superlink",
-                    "--ssl-ca-certfile", str(self.certs.ca_cert),
-                    "--ssl-certfile", str(self.certs.server_cert),
-                    "--ssl-keyfile", str(self.certs.server_key),
-                    "--enable-supernode-auth",
-                    "--disable-runtime-dependency-installation",
-                    "--host", HOST, "--port", str(port)]
-            if self.database:
-                argv[-4:-4] = ["--database", str(home / "state.db")]
-            proc = self._launch("SuperLink", argv, home, home / "superlink.log", port)
-            self.superlink = proc
-            try:
-                self._wait_healthy(proc, deadline)
-            except DeploymentError:
-                if not proc.alive() and _PORT_IN_USE.search(proc.log_text()) and attempt < 2:
-                    self.superlink = None
-                    continue  # lost a port race: try another port
-                raise
-            self.timings["superlink_healthy_s"] = time.monotonic() - proc.started_at
-            self._write_cli_config()
-            return proc
-        raise AssertionError("unreachable")
+        database = home / "state.db" if self.database else None
+        started = time.monotonic()
+        try:
+            popen, config = start_superlink(
+                home, env=self.env, timeout=timeout, die_with_parent=self.die_with_parent, taken=self._reserved_ports,
+                config_for=lambda port: SuperLinkConfig(port, certs=self.certs, supernode_auth=True, database=database),
+                on_spawn=self._record)
+        except SuperLinkError as exc:
+            raise DeploymentError(str(exc)) from None
+        self.superlink = ManagedProcess(name="SuperLink", argv=config.argv(), log_path=home / "superlink.log",
+                                        home=home, port=config.port, popen=popen, started_at=started)
+        self.timings["superlink_healthy_s"] = time.monotonic() - started
+        self.cli_home.mkdir(parents=True, exist_ok=True)
+        (self.cli_home / "config.toml").write_text(config.cli_config(self.connection), encoding="utf-8")
+        return self.superlink
 
     @property
     def address(self) -> str:
@@ -379,7 +363,7 @@ class LocalDeployment(contextlib.AbstractContextManager["LocalDeployment"]):
         config = format_config(node_config)
         home = self.workdir / "supernodes" / name
         home.mkdir(parents=True, exist_ok=True)
-        port = self._free_port()
+        port = free_port(self._reserved_ports)
         warm = self.warm if warm is None else warm
         argv = ["genofed", "supernode"] if warm else ["flower-supernode"]
         argv += ["--superlink", self.address,
@@ -414,7 +398,7 @@ class LocalDeployment(contextlib.AbstractContextManager["LocalDeployment"]):
                 if node is None:
                     raise DeploymentError(f"SuperNode {name} was never started")
                 if not node.alive():
-                    if _PORT_IN_USE.search(node.log_text()) and restarts < 3:
+                    if PORT_IN_USE.search(node.log_text()) and restarts < 3:
                         restarts += 1
                         self.start_supernode(name, private_key=node.private_key, node_config=node.node_config)
                         continue
@@ -616,46 +600,19 @@ class LocalDeployment(contextlib.AbstractContextManager["LocalDeployment"]):
 
     # -- internals --------------------------------------------------------------------------
 
-    def _write_cli_config(self) -> None:
-        self.cli_home.mkdir(parents=True, exist_ok=True)
-        text = (f'[superlink]\ndefault = "{self.connection}"\n\n'
-                f'[superlink.{self.connection}]\naddress = "{self.address}"\n'
-                f"root-certificates = {toml_str(str(self.certs.ca_cert))}\n")
-        (self.cli_home / "config.toml").write_text(text, encoding="utf-8")
-
     def _launch(self, name: str, argv: list[str], home: Path, log_path: Path, port: int) -> ManagedProcess:
+        self._check_open()
+        popen = spawn(argv, home=home, env={**self.env, "FLWR_HOME": str(home)}, log_path=log_path,
+                      die_with_parent=self.die_with_parent)
+        self._record(popen)
+        return ManagedProcess(name=name, argv=argv, log_path=log_path, home=home, port=port, popen=popen)
+
+    def _check_open(self) -> None:
         if self._closed:
             raise DeploymentError("this deployment has been closed")
-        env = {**self.env, "FLWR_HOME": str(home)}
-        with log_path.open("ab") as log:
-            log.write(f"# {' '.join(argv)}\n".encode())
-            log.flush()
-            popen = subprocess.Popen(argv, cwd=home, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                                     stderr=subprocess.STDOUT, start_new_session=True,
-                                     preexec_fn=PREEXEC if self.die_with_parent else None)
-        proc = ManagedProcess(name=name, argv=argv, log_path=log_path, home=home, port=port, popen=popen)
-        self._seen[popen.pid] = start_time(popen.pid)
-        return proc
 
-    def _wait_healthy(self, proc: ManagedProcess, deadline: float) -> None:
-        url = f"https://{HOST}:{proc.port}/health"
-        context = ssl.create_default_context(cafile=str(self.certs.ca_cert))
-        last = ""
-        while True:
-            if not proc.alive():
-                raise DeploymentError(f"{proc.describe()} exited before becoming healthy; "
-                                      f"last log lines:\n{proc.log_tail()}")
-            try:
-                with urllib.request.urlopen(url, context=context, timeout=2.0) as response:
-                    if response.status == 200:
-                        return
-                    last = f"HTTP {response.status}"
-            except (urllib.error.URLError, OSError) as exc:
-                last = str(getattr(exc, "reason", exc))
-            if time.monotonic() > deadline:
-                raise DeploymentError(f"{proc.describe()} not healthy at {url} in time (last: {last}); "
-                                      f"last log lines:\n{proc.log_tail()}")
-            time.sleep(0.2)
+    def _record(self, popen: subprocess.Popen) -> None:
+        self._seen[popen.pid] = start_time(popen.pid)
 
     def _check_superlink(self) -> None:
         if self.superlink is None:
@@ -663,16 +620,6 @@ class LocalDeployment(contextlib.AbstractContextManager["LocalDeployment"]):
         if not self.superlink.alive():
             raise DeploymentError(f"{self.superlink.describe()} is gone; last log lines:\n"
                                   f"{self.superlink.log_tail()}")
-
-    def _free_port(self) -> int:
-        for _ in range(50):
-            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-                sock.bind((HOST, 0))
-                port = sock.getsockname()[1]
-            if port not in self._reserved_ports:
-                self._reserved_ports.add(port)
-                return port
-        raise DeploymentError("no free TCP port found on 127.0.0.1")
 
     def _processes(self) -> list[ManagedProcess]:
         procs: list[ManagedProcess] = list(self.supernodes.values())

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +22,7 @@ from typing import Any
 from common.errors import GenofedError
 from common.progress import progress_bar
 from simulations.flower_cli import format_config
+from simulations.superlink import SuperLinkConfig, SuperLinkError, start_superlink, stop
 
 APP_DIR = Path(__file__).resolve().parents[1]
 QUIET_ENV = {"FLWR_DISABLE_UPDATE_CHECK": "1", "FLWR_TELEMETRY_ENABLED": "0",
@@ -55,13 +54,6 @@ class SimulationRequest:
 STATUS_EVERY_S = 10.0  # how often Flower is asked for the run's status while events keep coming
 
 
-def free_port() -> int:
-    """An unused TCP port on 127.0.0.1 (so parallel runs never collide)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _env(home: Path) -> dict[str, str]:
     env = {**os.environ, **QUIET_ENV, "FLWR_HOME": str(home)}
     bin_dir = str(Path(sys.executable).parent)
@@ -82,51 +74,28 @@ def _sites(sites_dir: Path) -> list[Path]:
 
 
 class LocalSuperLink:
-    """A private SuperLink in simulation mode; a context manager that always stops it."""
+    """A private SuperLink in simulation mode (:mod:`simulations.superlink`); a context manager that always stops it."""
 
     def __init__(self, home: Path) -> None:
-        self.home, self.port, self.proc = home, free_port(), None
+        self.home, self.proc = home, None
 
     def __enter__(self) -> LocalSuperLink:
-        self.home.mkdir(parents=True, exist_ok=True)
-        (self.home / "config.toml").write_text(
-            f'[superlink]\ndefault = "sim"\n\n[superlink.sim]\naddress = "127.0.0.1:{self.port}"\ninsecure = true\n')
-        cmd = ["flower-superlink", "--insecure", "--simulation", "--host", "127.0.0.1", "--port", str(self.port),
-               "--disable-runtime-dependency-installation", "--database", str(self.home / "state.db")]
-        self.log = open(self.home / "superlink.log", "ab")
-        self.proc = subprocess.Popen(cmd, env=_env(self.home), stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        self._wait_healthy(timeout=60.0)
+        try:
+            self.proc, config = start_superlink(
+                self.home, env=_env(self.home), timeout=60.0,
+                config_for=lambda port: SuperLinkConfig(port, simulation=True, database=self.home / "state.db"))
+        except SuperLinkError as exc:
+            raise SimulationError(exc.summary) from None
+        (self.home / "config.toml").write_text(config.cli_config("sim"), encoding="utf-8")
         return self
-
-    def _wait_healthy(self, timeout: float) -> None:
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SimulationError(f"SuperLink exited with code {self.proc.returncode}; see {self.home}/superlink.log")
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=1.0).is_success:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise SimulationError(f"SuperLink not healthy after {timeout:.0f} s; see {self.home}/superlink.log")
 
     def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
         return subprocess.run(["flwr", *args], env=_env(self.home), capture_output=True, text=True, timeout=timeout,
                               cwd=APP_DIR)
 
     def __exit__(self, *exc: object) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.log.close()
+        if self.proc is not None:
+            stop(self.proc)
 
 
 def simulate(req: SimulationRequest) -> dict[str, Any]:

@@ -216,19 +216,6 @@ def test_close_kills_detached_descendants(tmp_path: Path) -> None:
         dep._launch("late", [sys.executable, "-c", "pass"], home, home / "late.log", 0)
 
 
-def test_superlink_that_dies_is_reported_with_its_log(tmp_path: Path) -> None:
-    dep = LocalDeployment(tmp_path / "deploy", sites=1)
-    try:
-        home = tmp_path / "x"
-        home.mkdir()
-        proc = dep._launch("SuperLink", [sys.executable, "-c", "print('boom: cannot start'); raise SystemExit(3)"],
-                           home, home / "x.log", 1)
-        with pytest.raises(DeploymentError, match=r"(?s)exited with code 3.*boom: cannot start"):
-            dep._wait_healthy(proc, time.monotonic() + 30)
-    finally:
-        dep.close()
-
-
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # click deprecations raised by importing flwr
 def test_format_config() -> None:
     assert format_config(None) == ""
