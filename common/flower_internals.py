@@ -16,6 +16,11 @@ process; :class:`TaskSource` acquires tasks from a SuperNode's Runtime API as
 ``flower-superexec`` does. :func:`check_flower_internals` checks, at start-up and in
 ``tests/test_flower_internals.py``, that each piece is what 1.42 had, and fails loudly naming
 what changed.
+
+:class:`ControlClient` sends what ``flwr run``, ``flwr ls`` and ``flwr stop`` send to a
+SuperLink's Control API (``flwr.cli``'s FAB build and interceptors, the ``control_pb2``
+requests), from the calling process: ``genofed simulate`` no longer starts a ``flwr`` process,
+a second of imports, for each; :func:`check_control_internals` checks those pieces.
 """
 
 from __future__ import annotations
@@ -24,8 +29,9 @@ import logging
 import sys
 import time
 import types
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from common.errors import GenofedError
@@ -287,3 +293,105 @@ def run_task(flw: types.SimpleNamespace, link: RuntimeLink, token: str, apps: di
         client.close()
     kind = message.metadata.message_type if message is not None else "?"
     log.info("task %s: %s in %.2f s (handler %.2f s)", kind, status, time.monotonic() - started, handler_s)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Control API from this process
+
+
+def _control_internals() -> types.SimpleNamespace:
+    """What ``flwr run``, ``flwr ls`` and ``flwr stop`` use to reach the Control API (raises if one is gone)."""
+    from flwr.cli.build import build_fab_from_disk, build_fab_from_files
+    from flwr.cli.cli_client_interceptor import CliClientHttpInterceptor
+    from flwr.common.config import parse_config_args
+    from flwr.common.serde import fab_to_proto, user_config_to_proto
+    from flwr.proto.control_pb2 import ListRunsRequest, StartRunRequest, StopRunRequest
+    from flwr.supercore.control import ControlHttpClient
+    from flwr.supercore.fab import Fab
+    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+    from flwr.supercore.utils import simulation_config_from_json
+
+    return types.SimpleNamespace(**{k: v for k, v in locals().items()})
+
+
+def check_control_internals() -> types.SimpleNamespace:
+    """The Control API pieces, after checking each is what Flower 1.42's CLI used."""
+    try:
+        flw = _control_internals()
+    except (ImportError, AttributeError) as exc:
+        raise FlowerInternalsChanged(f"Flower's CLI modules changed ({exc}); genofed needs flwr 1.42.x") from None
+    problems = [f"flwr.supercore.control.ControlHttpClient has no {name}" for name in ("StartRun", "ListRuns", "StopRun")
+                if not callable(getattr(flw.ControlHttpClient, name, None))]
+    fields = {f.name for f in flw.StartRunRequest.DESCRIPTOR.fields}
+    problems += [f"flwr.proto.control_pb2.StartRunRequest has no {name}" for name in
+                 ("fab", "override_config", "federation", "override_federation_config") if name not in fields]
+    _raise_if(problems)
+    return flw
+
+
+def fab_candidates(app_dir: Path) -> dict[str, Path]:
+    """The files of ``app_dir`` its ``fab-include`` patterns name, for Flower's own FAB filters.
+
+    ``flwr run`` hands Flower's FAB builder every file under the app folder, which here includes
+    ``.venv`` (tens of thousands of files: 3.4 s of a 4.5 s submission); the builder keeps only
+    what ``fab-include`` names (and ``.gitignore`` and its built-in rules allow), so globbing those
+    patterns first builds the same FAB, byte for byte (``tests/test_flower_internals.py``).
+    Without ``fab-include``, every file, as Flower would.
+    """
+    import tomllib
+
+    config = tomllib.loads((app_dir / "pyproject.toml").read_text(encoding="utf-8"))
+    patterns = config.get("tool", {}).get("flwr", {}).get("app", {}).get("fab-include")
+    names = ["pyproject.toml", ".gitignore"]
+    paths = [app_dir / n for n in names] + [p for pattern in patterns or ["**/*"] for p in app_dir.glob(pattern)]
+    root = app_dir.resolve()
+    return {p.relative_to(app_dir).as_posix(): p for p in paths
+            if p.is_file() and not p.is_symlink() and p.resolve().is_relative_to(root)}
+
+
+class ControlClient:
+    """A SuperLink's Control API called from this process, as Flower 1.42's ``flwr run``, ``ls`` and ``stop`` call it.
+
+    Each ``flwr`` command is a Python process that spends about a second importing before it
+    sends its one request (docs/federation.md, "Measured"); ``genofed simulate`` sends several
+    per run. Insecure connections only: a private simulation SuperLink on loopback.
+    """
+
+    def __init__(self, address: str) -> None:
+        self._flw = flw = check_control_internals()
+        self._client = flw.ControlHttpClient.from_server_address(
+            address, insecure=True, root_certificates=None,
+            interceptors=[flw.CliClientHttpInterceptor(), flw.RuntimeVersionHttpInterceptor(component_name="flwr CLI")])
+
+    def start_run(self, app_dir: Path, *, run_config: str, federation_config: Mapping[str, Any]) -> int:
+        """Build ``app_dir``'s FAB and start a run, as ``flwr run APP --run-config .. --federation-config ..``."""
+        import hashlib
+
+        flw = self._flw
+        fab_bytes = flw.build_fab_from_files(fab_candidates(app_dir))[0]
+        fab = flw.Fab(hashlib.sha256(fab_bytes).hexdigest(), fab_bytes, {})
+        simulation = flw.simulation_config_from_json({k.replace("-", "_"): v for k, v in federation_config.items()})
+        request = flw.StartRunRequest(
+            fab=flw.fab_to_proto(fab), override_config=flw.user_config_to_proto(flw.parse_config_args([run_config])),
+            federation="", override_federation_config=simulation, app_spec="")
+        response = self._client.StartRun(request)
+        if not response.HasField("run_id"):
+            raise GenofedError("the SuperLink did not start the run" + (f": {response.note}"
+                                                                        if response.HasField("note") else ""))
+        return int(response.run_id)
+
+    def status(self, run_id: int) -> str:
+        """The run's status as ``flwr ls`` prints it (``running``, ``finished:completed``, ...)."""
+        runs = self._client.ListRuns(self._flw.ListRunsRequest(run_id=run_id)).run_dict
+        if run_id not in runs:
+            raise ValueError(f"the SuperLink has no run {run_id}")
+        status = runs[run_id].status
+        return f"{status.status}:{status.sub_status}" if status.sub_status else status.status
+
+    def stop_run(self, run_id: int) -> None:
+        """Ask the SuperLink to stop the run, as ``flwr stop``."""
+        self._client.StopRun(self._flw.StopRunRequest(run_id=run_id))
+
+    def close(self) -> None:
+        """Release the HTTP connection."""
+        self._client.close()

@@ -11,6 +11,8 @@ table the README's "Results" quotes), and prints the table.
   ratio to its slowest handler; stock ``flower-supernode`` (baseline) vs ``genofed supernode``.
 - ``federation``: a 5-site simulation (Flower's Simulation Engine) vs pooled training of the same
   work (every model, the same total epochs): wall and CPU seconds.
+- ``scale``: 5, 20, 50 and 100 simulated sites of 60 patients each (DP on): wall seconds per CNN
+  round, peak memory added to the machine, KB per site per CNN round and per run; against 5 sites.
 - ``dp``: seconds per epoch and peak memory of DP-SGD in each Opacus grad-sample mode vs non-DP.
 - ``throughput``: training samples per second of genofed's deep model vs the same network in a
   plain PyTorch loop (baseline), and the achieved arithmetic rate vs this machine's float32
@@ -146,6 +148,32 @@ def bench_federation(repeats: int, *, quick: bool) -> BenchResult:
     return result
 
 
+def bench_scale(repeats: int, *, quick: bool) -> BenchResult:
+    """5 to 100 simulated sites of the same size: wall per round, peak memory, bytes per site."""
+    from simulations.benchmarks import scale
+
+    counts = (3, 6) if quick else scale.SITES
+    params = {"sites": list(counts), "patients_per_site": 60, "rounds": 2, "local_epochs": 1, "dp": True}
+    result = BenchResult(
+        name="scale", title="Simulated federations of 5 to 100 sites", baseline=f"{counts[0]} sites",
+        measures={"round_s": "wall per CNN round (s)", "peak_mb": "peak memory (MB)",
+                  "round_kb_per_site": "KB per site per CNN round", "run_kb_per_site": "KB per site per run",
+                  "run_s": "whole run (s)"}, params=params, repeats=repeats,
+        notes=["`genofed simulate` (Simulation Engine, 1 CPU per simulated site) on a synthetic cohort of 60 "
+               "patients per site, IID, DP-SGD at epsilon 8, 2 CNN rounds of 1 local epoch, then every other phase "
+               "(GLM, meta-classifier, the sites' own models, validation, evaluation).",
+               "Peak memory: what the run added to the machine's memory in use (MemTotal - MemAvailable, sampled "
+               "every 0.2 s): SuperLink, Ray and its workers, the ServerApp.",
+               "KB: the global model down plus the update up, as Flower ships them (every object of a message, "
+               "serialised), per site; per run: every exchange."])
+    for _ in range(repeats):
+        for sites in counts:
+            res = scale.run(sites=sites, patients_per_site=params["patients_per_site"], rounds=params["rounds"])
+            result.samples.setdefault(f"{sites} sites", []).append(
+                {k: res[k] for k in ("round_s", "peak_mb", "round_kb_per_site", "run_kb_per_site", "run_s")})
+    return result
+
+
 def bench_dp(repeats: int, *, quick: bool) -> BenchResult:
     """DP-SGD per Opacus grad-sample mode vs non-DP training, each mode in a fresh process."""
     from simulations.benchmarks import dp_modes
@@ -188,7 +216,8 @@ def bench_throughput(repeats: int, *, quick: bool) -> BenchResult:
 
 
 BENCHES: Mapping[str, tuple[Callable[..., BenchResult], int]] = {
-    "deployment": (bench_deployment, 1), "federation": (bench_federation, 1), "dp": (bench_dp, 1),
+    "deployment": (bench_deployment, 1), "federation": (bench_federation, 1), "scale": (bench_scale, 1),
+    "dp": (bench_dp, 1),
     "throughput": (bench_throughput, 3)}
 """Name -> (benchmark, default repeats)."""
 
@@ -220,7 +249,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("name", choices=list(BENCHES), metavar="NAME", help="one of: " + ", ".join(BENCHES))
     p.add_argument("--out", type=Path, required=True, help="folder for NAME.json and NAME.md (created)")
-    p.add_argument("--repeats", type=int, help="repeats per variant (default: deployment, federation, dp 1; "
+    p.add_argument("--repeats", type=int, help="repeats per variant (default: deployment, federation, scale, dp 1; "
                                               "throughput 3)")
     p.add_argument("--quick", action="store_true", help="a smaller workload (for trying it; figures not comparable)")
     p.set_defaults(func=bench_command)

@@ -1,11 +1,12 @@
 """``genofed simulate``: N hospitals on one machine through Flower's Simulation Engine.
 
-It starts a private SuperLink in simulation mode (free ports, its own FLWR_HOME and log under
-``RUNDIR/.flower``, no runtime dependency installation), submits this app with ``flwr run``,
-with ``num-supernodes`` = the number of site folders and ``sites-dir`` in the run config (each
-simulated SuperNode binds to the site folder of its partition: see ``client/site.py``), follows
-the run's events to show progress, and stops the SuperLink at the end, also on failure or
-Ctrl-C. The same app runs unchanged under a real SuperLink with SuperNodes (see the README).
+It starts a private SuperLink in simulation mode (:mod:`simulations.superlink`: a free port, its
+own FLWR_HOME and log under ``RUNDIR/.flower``, no runtime dependency installation), submits this
+app through Flower's Control API from this process, as ``flwr run`` would
+(:class:`common.flower_internals.ControlClient`), with ``num-supernodes`` = the number of site
+folders and ``sites-dir`` in the run config (each simulated SuperNode binds to the site folder of
+its partition: see ``client/site.py``), follows the run's events to show progress, and stops the
+SuperLink at the end, also on failure or Ctrl-C. The same app runs unchanged under a real SuperLink with SuperNodes (see the README).
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from common.errors import GenofedError
+from common.flower_internals import ControlClient
 from common.progress import progress_bar
 from simulations.flower_cli import format_config
 from simulations.superlink import SuperLinkConfig, SuperLinkError, start_superlink, stop
@@ -51,7 +55,8 @@ class SimulationRequest:
         self.out = Path(self.out).expanduser().absolute()
 
 
-STATUS_EVERY_S = 10.0  # how often Flower is asked for the run's status while events keep coming
+STATUS_EVERY_S = 5.0  # how often Flower is asked for the run's status while events keep coming
+ENDED_POLL_S = 0.1  # and once the run's events say it ended
 
 
 def _env(home: Path) -> dict[str, str]:
@@ -77,7 +82,7 @@ class LocalSuperLink:
     """A private SuperLink in simulation mode (:mod:`simulations.superlink`); a context manager that always stops it."""
 
     def __init__(self, home: Path) -> None:
-        self.home, self.proc = home, None
+        self.home, self.proc, self.control = home, None, None
 
     def __enter__(self) -> LocalSuperLink:
         try:
@@ -86,7 +91,8 @@ class LocalSuperLink:
                 config_for=lambda port: SuperLinkConfig(port, simulation=True, database=self.home / "state.db"))
         except SuperLinkError as exc:
             raise SimulationError(exc.summary) from None
-        (self.home / "config.toml").write_text(config.cli_config("sim"), encoding="utf-8")
+        (self.home / "config.toml").write_text(config.cli_config("sim"), encoding="utf-8")  # for `flwr log`
+        self.control = ControlClient(config.address)
         return self
 
     def flwr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
@@ -94,6 +100,8 @@ class LocalSuperLink:
                               cwd=APP_DIR)
 
     def __exit__(self, *exc: object) -> None:
+        if self.control is not None:
+            self.control.close()
         if self.proc is not None:
             stop(self.proc)
 
@@ -113,13 +121,13 @@ def simulate(req: SimulationRequest) -> dict[str, Any]:
     req.out.mkdir(parents=True, exist_ok=True)
     cfg = {**req.run_config, "run-dir": str(req.out.resolve()), "sites-dir": str(req.sites_dir.resolve())}
     cfg.setdefault("min-sites", min(len(sites) - (1 if held_out else 0), 2))
-    fed = f"num-supernodes={len(sites)} client-resources-num-cpus={req.cpus_per_site}"
+    fed = {"num-supernodes": len(sites), "client-resources-num-cpus": req.cpus_per_site}
     with LocalSuperLink(req.out / ".flower") as link:
-        started = link.flwr("run", str(APP_DIR), "sim", "--format", "json", "--run-config", format_config(cfg),
-                            "--federation-config", fed)
-        if started.returncode != 0:
-            raise SimulationError("flwr run failed: " + _last_line(started.stderr or started.stdout))
-        run_id = int(json.loads(started.stdout)["run-id"])
+        try:
+            run_id = link.control.start_run(APP_DIR, run_config=format_config(cfg), federation_config=fed)
+        except (httpx.HTTPError, ValueError) as exc:
+            raise SimulationError(f"the SuperLink did not start the run: {exc}; see {link.home}/superlink.log") \
+                from None
         status = _follow(link, run_id, req, n_exchanges=_planned_exchanges(cfg))
         failed = status != "finished:completed" or not (req.out / "metrics.json").exists()
         if failed:  # Flower's own log (simulation engine, ClientApps) helps only when something went wrong
@@ -144,10 +152,9 @@ def _follow(link: LocalSuperLink, run_id: int, req: SimulationRequest, *, n_exch
     """Wait for the run to finish, showing progress from the run's events.
 
     The ServerApp appends to ``events.jsonl`` after every exchange and at its end (``done`` or
-    ``failed``); reading that file costs nothing, while each ``flwr ls`` starts a Python process
-    that would take CPU from the simulated sites. So Flower is asked only every
-    ``STATUS_EVERY_S`` (in case the ServerApp dies without a word) and once the events say the
-    run ended, until Flower reports it finished.
+    ``failed``). Flower's Control API is asked for the run's status every ``STATUS_EVERY_S``
+    (in case the ServerApp dies without a word) and, once the events say the run ended, every
+    ``ENDED_POLL_S`` until it reports the run finished: one HTTP request from this process each.
     """
     deadline = time.monotonic() + req.timeout
     first_new = len(_events(req.out))  # a resumed run directory already holds earlier events
@@ -165,17 +172,16 @@ def _follow(link: LocalSuperLink, run_id: int, req: SimulationRequest, *, n_exch
                 if status.startswith("finished"):
                     return status
                 next_status = time.monotonic() + STATUS_EVERY_S
-            time.sleep(0.5 if ended else 0.25)
-    link.flwr("stop", str(run_id), "sim")
+            time.sleep(ENDED_POLL_S if ended else 0.25)
+    link.control.stop_run(run_id)
     raise SimulationError(f"run {run_id} did not finish within {req.timeout:.0f} s; stopped")
 
 
 def _run_status(link: LocalSuperLink, run_id: int) -> str:
-    out = link.flwr("ls", "sim", "--run-id", str(run_id), "--format", "json")
-    if out.returncode != 0:
-        return ""
-    runs = json.loads(out.stdout).get("runs", [])
-    return str(runs[0].get("status", "")) if runs else ""
+    try:
+        return link.control.status(run_id)
+    except (httpx.HTTPError, ValueError):
+        return ""  # asked again at the next look
 
 
 def _events(run_dir: Path) -> list[dict[str, Any]]:

@@ -44,3 +44,16 @@ def test_throughput_bench_writes_json_and_markdown(tmp_path: Path, capsys: pytes
         assert med["samples_per_s"] > 0 and 0 < med["of_matmul_peak"] < 1.5
     assert doc["ratios"]["plain-pytorch"]["samples_per_s"] == 1.0
     assert (tmp_path / "b" / "throughput.md").read_text() in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_scale_bench_measures_memory_and_the_same_bytes_per_site_at_any_size(tmp_path: Path) -> None:
+    result = run_bench("scale", tmp_path / "b", quick=True, repeats=1)
+    small, large = result.medians["3 sites"], result.medians["6 sites"]
+    for med in (small, large):
+        assert med["round_s"] > 0 and 0 < med["peak_mb"] < 24 * 1024
+        # the default deep model (about 29,000 float32 weights) goes down and its update comes up
+        assert med["round_kb_per_site"] > 2 * 4 * 25_000 / 1000 and med["run_kb_per_site"] > med["round_kb_per_site"]
+    # a site sends and receives the same model however many sites there are
+    assert large["round_kb_per_site"] == pytest.approx(small["round_kb_per_site"], rel=0.05)
+    assert (tmp_path / "b" / "scale.md").read_text().startswith("### Simulated federations")

@@ -42,6 +42,57 @@ def test_a_changed_internal_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
         fi.check_flower_internals()
 
 
+def test_the_control_client_sends_what_flwr_run_ls_and_stop_send() -> None:
+    flw = fi.check_control_internals()
+    cli = Path(flw.build_fab_from_disk.__code__.co_filename).parent
+    run = (cli / "run" / "run.py").read_text()
+    for step in ("fab_bytes = build_fab_from_disk(app)", "fab_hash = hashlib.sha256(fab_bytes).hexdigest()",
+                 "Fab(fab_hash, fab_bytes, {})", "fab=fab_to_proto(fab)",
+                 "override_config=user_config_to_proto(parse_config_args(config_overrides))",
+                 "tmp_dict = {k.replace(\"-\", \"_\"): v for k, v in tmp_dict.items()}",
+                 "simulation_config_from_json(tmp_dict)", "control_client.StartRun(req)"):
+        assert step in run, step
+    utils = (cli / "utils.py").read_text()
+    assert "CliClientHttpInterceptor()," in utils and 'RuntimeVersionHttpInterceptor(component_name="flwr CLI")' in utils
+    assert "stub.ListRuns(ListRunsRequest(run_id=run_id))" in (cli / "ls.py").read_text()
+    assert 'status_text = f"{run.status.status}:{run.status.sub_status}"' in (cli / "run_utils.py").read_text()
+
+
+def test_the_fab_from_the_include_patterns_is_the_fab_flwr_run_builds() -> None:
+    from simulations.simulate import APP_DIR
+
+    flw = fi.check_control_internals()
+    ours = flw.build_fab_from_files(fi.fab_candidates(APP_DIR))[0]
+    assert ours == flw.build_fab_from_disk(APP_DIR)
+    assert ".venv" not in " ".join(fi.fab_candidates(APP_DIR))
+
+
+def test_a_changed_control_api_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flwr.supercore.control import ControlHttpClient
+
+    monkeypatch.delattr(ControlHttpClient, "ListRuns")
+    with pytest.raises(fi.FlowerInternalsChanged, match="ControlHttpClient has no ListRuns.*1.42"):
+        fi.check_control_internals()
+
+
+def test_a_run_started_from_this_process_is_the_run_flwr_ls_shows(tmp_path: Path) -> None:
+    """The genofed app with a sites folder that does not exist: the ServerApp fails at once."""
+    import json
+
+    from simulations.flower_cli import format_config
+    from simulations.simulate import APP_DIR, LocalSuperLink
+
+    with LocalSuperLink(tmp_path / "flower") as link:
+        run_id = link.control.start_run(APP_DIR, run_config=format_config({"sites-dir": str(tmp_path / "none"),
+                                                                            "run-dir": str(tmp_path / "run")}),
+                                        federation_config={"num-supernodes": 2})
+        deadline = time.monotonic() + 120
+        while not (status := link.control.status(run_id)).startswith("finished") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        shown = json.loads(link.flwr("ls", "sim", "--run-id", str(run_id), "--format", "json").stdout)["runs"][0]
+    assert status == "finished:failed" and shown["status"] == status and int(shown["run-id"]) == run_id
+
+
 def test_shortened_polls_cap_sleeps_and_keep_flowers_patience(monkeypatch: pytest.MonkeyPatch) -> None:
     from flwr.supercore.inflatable import inflatable_utils
     from flwr.supernode import start_client_internal

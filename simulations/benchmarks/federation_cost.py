@@ -28,18 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from simulations.benchmarks import emit
-
-
-def _cpu_seconds() -> float:
-    """CPU seconds the whole machine has spent busy (Linux ``/proc/stat``: all but idle and iowait).
-
-    Machine-wide, because the federation's work runs in processes this one never waits for (Ray's
-    workers); so measure on an otherwise idle machine.
-    """
-    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
-    ticks = [int(v) for v in fields]
-    busy = sum(ticks) - ticks[3] - (ticks[4] if len(ticks) > 4 else 0)  # minus idle, iowait
-    return busy / os.sysconf("SC_CLK_TCK")
+from simulations.benchmarks.machine import cpu_seconds
 
 
 def run(*, sites: int, patients: int, rounds: int, local_epochs: int, dp: bool, seed: int = 0) -> dict[str, Any]:
@@ -59,20 +48,20 @@ def run(*, sites: int, patients: int, rounds: int, local_epochs: int, dp: bool, 
         if not dp:  # the benchmark stands in for every site's officer: the non-private reference
             set_layout_policy(root / "sites", require_dp=False, test_statistics="exact")
         epochs = rounds * local_epochs
-        t0, cpu0 = time.perf_counter(), _cpu_seconds()
+        t0, cpu0 = time.perf_counter(), cpu_seconds()
         cohort = concat_cohorts([load_cohort(d / "vault", KeySource.from_key_file(d / "key"))
                                  for d in site_dirs(root / "sites")])
         settings = EvaluateSettings(epsilon=8.0 if dp else None, epochs=epochs, patience=epochs + 1, n_boot=1,
                                     seed=seed)
         pooled_report = run_evaluate(cohort, settings, root / "pooled", source="benchmark")
-        pooled_s, pooled_cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
-        t0, cpu0 = time.perf_counter(), _cpu_seconds()
+        pooled_s, pooled_cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
+        t0, cpu0 = time.perf_counter(), cpu_seconds()
         cmd = [sys.executable, "-m", "simulations.cli", "simulate", "--sites-dir", str(root / "sites"),
                "--out", str(root / "fed"), "--rounds", str(rounds), "--local-epochs", str(local_epochs),
                "--seed", str(seed)] + ([] if dp else ["--no-dp"])
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ,
                                                                          "GENOFED_NO_PROGRESS": "1"})
-        fed_s, fed_cpu = time.perf_counter() - t0, _cpu_seconds() - cpu0
+        fed_s, fed_cpu = time.perf_counter() - t0, cpu_seconds() - cpu0
         if proc.returncode != 0:
             raise RuntimeError(proc.stderr[-2000:])
         fed = json.loads((root / "fed" / "metrics.json").read_text())

@@ -2,10 +2,10 @@
 
 Runs a tiny federation (3 sites, 240 synthetic patients, one round of everything, no DP) through
 :func:`simulations.simulate.simulate`, timing each step of the driver: starting the private
-SuperLink, ``flwr run`` (building and submitting the FAB), the wait from submission until the
-ServerApp's first line of work (the simulation runtime and Ray starting), the ServerApp itself,
-the wait from its last event until Flower reports the run finished (each status query is a
-``flwr ls`` process), and stopping the SuperLink. Everything but the ServerApp is fixed cost.
+SuperLink, submitting the run (building the FAB and sending it through the Control API), the
+wait from submission until the ServerApp's first line of work (the simulation runtime and Ray
+starting), the ServerApp itself, the wait from its last event until Flower reports the run
+finished (status queries through the Control API), and stopping the SuperLink. Everything but the ServerApp is fixed cost.
 
 Usage::
 
@@ -48,21 +48,28 @@ def run_once(sites: Path, out: Path) -> dict[str, float]:
             t = time.time()
             res = super().__enter__()
             marks["superlink_start_s"] = time.time() - t
+            control = self.control
+            start_run, status = control.start_run, control.status
+
+            def timed_start_run(*args: Any, **kw: Any) -> int:
+                t = time.time()
+                run_id = start_run(*args, **kw)
+                marks["submit"] = (t, time.time())
+                return run_id
+
+            def timed_status(*args: Any, **kw: Any) -> str:
+                t = time.time()
+                res = status(*args, **kw)
+                marks["status_queries"].append(time.time() - t)
+                return res
+
+            control.start_run, control.status = timed_start_run, timed_status
             return res
 
         def __exit__(self, *exc: object) -> None:
             t = time.time()
             super().__exit__(*exc)
             marks["superlink_stop_s"] = time.time() - t
-
-        def flwr(self, *args: str, **kw: Any):  # noqa: ANN201
-            t = time.time()
-            res = super().flwr(*args, **kw)
-            if args[0] == "run":
-                marks["submit"] = (t, time.time())
-            elif args[0] == "ls":
-                marks["status_queries"].append(time.time() - t)
-            return res
 
     def timed_follow(*args: Any, **kw: Any) -> str:
         res = follow(*args, **kw)
