@@ -42,7 +42,7 @@ PRELOAD = ("flwr.app", "flwr.clientapp", "flwr.cli.install", "flwr.clientapp.uti
            "flwr.supernode.runtime.run_clientapp", "flwr.supercore.heartbeat", "flwr.supercore.runtime")
 """The Flower modules a ClientApp task needs (for a process that preloads them)."""
 CONCURRENT_PULLS = 8
-"""Objects pulled at once (Flower's default, 2, leaves most of a message's 30-50 objects queued)."""
+"""Objects pulled at once (Flower's default: 2)."""
 PULL_BACKOFF_POLLS = 2
 """An object not yet uploaded is pulled again after poll, 2 x poll, ..., at most this many polls."""
 _PULL_FUNCTIONS = ("pull_objects", "pull_and_inflate_object_from_tree")

@@ -228,7 +228,7 @@ class LocalDeployment(contextlib.AbstractContextManager["LocalDeployment"]):
     database : bool
         Keep the SuperLink's state in ``superlink/state.db`` (SQLite) rather than in memory. It
         makes registrations survive a SuperLink restart, and costs a write per message object
-        (``simulations.benchmarks.deployment_rounds``: 91.9 s with it, 56.7 s without; docs/federation.md).
+        (``simulations.benchmarks.deployment_rounds``: 62.2 s with it, 54.3 s without; docs/federation.md).
     warm : bool
         Start SuperNodes with ``genofed supernode`` (vault checked, warm ClientApp worker, short
         polls), as sites do; ``False`` starts stock ``flower-supernode``. Per node:
