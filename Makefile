@@ -12,7 +12,11 @@ export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 
-.PHONY: demo test install clean
+# The report's browser test opens report.html in Debian's Chromium (a test tool's own browser
+# download is not reachable from the machines genofed is tested on).
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+
+.PHONY: demo test install clean chromium
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,8 +26,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(BIN)/python -m pytest -q
+
+chromium:
+	@command -v chromium >/dev/null || { echo "installing Debian's chromium for the report's browser test"; \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "could not install chromium: tests/test_report_browser.py will fail until it is installed"; }
 
 demo: $(STAMP)
 	rm -rf $(DEMO_OUT)

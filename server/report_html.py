@@ -24,17 +24,19 @@ from server.phases import MODELS
 from server.report import alone_missing_note, best_alone_rule, fallback_note, warm_start_note
 
 
+POOLED_STATS = "pooled_stats.npz"
+
+
 def save_pooled_stats(run_dir: Path, pooled: dict[str, EvalStats]) -> None:
     """The summed test statistics (aggregates only), for the report's curves."""
+    from common.durable import write_atomic
+
     arrays = {f"{m}.{k}": v for m, s in pooled.items() for k, v in s.to_arrays().items()}
-    tmp = run_dir / ".pooled_stats.npz.tmp"
-    with open(tmp, "wb") as fh:
-        np.savez(fh, **arrays)
-    tmp.replace(run_dir / "pooled_stats.npz")
+    write_atomic(run_dir / POOLED_STATS, lambda fh: np.savez(fh, **arrays))
 
 
 def load_pooled_stats(run_dir: Path) -> dict[str, EvalStats]:
-    with np.load(run_dir / "pooled_stats.npz", allow_pickle=False) as z:
+    with np.load(run_dir / POOLED_STATS, allow_pickle=False) as z:
         return {m: EvalStats.from_arrays({k: z[f"{m}.{k}"] for k in ("confusion", "hist_pos", "hist_neg")})
                 for m in MODELS if f"{m}.confusion" in z.files}
 

@@ -23,7 +23,7 @@ Hospital IT:   genofed keygen, genofed vault import|inspect|verify|rekey, genofe
 Privacy:       genofed ledger show|set-budget
 Coordinator:   genofed certs (then flower-superlink / flwr run: see the README)
 Researchers:   genofed cohort synth|split|recipe, genofed evaluate, genofed pretrain,
-               genofed simulate, genofed demo, genofed bench
+               genofed simulate, genofed report, genofed demo, genofed bench
 Run `genofed COMMAND --help` for the options of each command."""
 
 
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The full argument parser, with every role's commands registered."""
     # Imported here so that `genofed --help` stays fast and a broken optional part names itself.
     from client import ledger_cli, supernode_cli, vault_cli
-    from server import certs_cli
+    from server import certs_cli, report_cli
     from simulations import bench, cohort_cli, demo, evaluate_cli, pretrain, simulate_cli
 
     parser = argparse.ArgumentParser(prog="genofed", description=DESCRIPTION,
@@ -48,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.register(sub)
     simulate_cli.register(sub)
     demo.register(sub)
+    report_cli.register(sub)
     bench.register(sub)
     return parser
 

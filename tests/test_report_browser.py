@@ -1,0 +1,77 @@
+"""``report.html`` in a real browser: Debian's headless Chromium, driven by Playwright.
+
+A small DP federation (in-process grid, real handlers, vaults and ledgers) writes its run folder;
+``genofed report`` writes the page again; Chromium opens it. Every image must load, the console
+must stay free of errors, and a screenshot of the whole page is saved beside the report.
+Chromium comes from Debian's ``chromium`` package (``make test`` installs it when missing):
+Playwright's own browser download is not reachable from the machines genofed is tested on.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from client.client_app import app as client_app
+from common.settings import RunSettings
+from server.server_app import run_federation
+from simulations.cli import main
+from simulations.site_layout import split_cohort
+from simulations.synthetic import write_synthetic_cohort
+from tests.local_grid import LocalGrid, node_configs
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync"]
+"""As root, and on a closed network: without the background-networking flags Chromium keeps trying hosts."""
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("report")
+    write_synthetic_cohort(out=root / "cohort", patients=300, seed=3)
+    split_cohort(spec_path=root / "cohort" / "spec.toml", sites=3, by="iid", out=root / "sites", seed=0,
+                 vaults=True, show_progress=False)
+    run = RunSettings(run_dir=str(root / "run"), cnn_rounds=2, local_epochs=1, forest_trees=20, meta_rounds=1,
+                      wait_timeout=2.0, round_timeout=120.0)  # DP, noised statistics: every figure of the page
+    run_federation(LocalGrid(client_app, node_configs(root / "sites"), run_config=run.to_run_config()), run)
+    return root / "run"
+
+
+@pytest.mark.slow
+def test_report_opens_in_chromium_with_every_image_and_no_console_error(run_dir: Path, tmp_path: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    assert Path(CHROMIUM).is_file(), ("Debian's chromium is not installed: `apt-get install chromium` "
+                                      "(make test does it when it can)")
+    page_path, shot = tmp_path / "report.html", tmp_path / "report.png"
+    assert main(["report", str(run_dir), "--out", str(page_path), "--title", "browser test"]) == 0
+    errors: list[str] = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(page_path.as_uri(), wait_until="load")
+            images = page.eval_on_selector_all(
+                "img", "imgs => imgs.map(i => ({alt: i.alt, loaded: i.complete && i.naturalWidth > 0}))")
+            title = page.title()
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+    assert title == "browser test"
+    alts = {i["alt"] for i in images}
+    assert {"ROC curves", "privacy spend"} <= alts, alts  # a DP run with noised statistics has both
+    assert all(i["loaded"] for i in images), images
+    assert errors == []
+    assert shot.stat().st_size > 20_000
+
+
+def test_report_of_a_folder_without_a_run_is_one_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                                             ) -> None:
+    assert main(["report", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no metrics.json or pooled_stats.npz" in err and str(tmp_path) in err
