@@ -354,6 +354,33 @@ def roc_points(stats: EvalStats, *, klass: int | None = None) -> tuple[np.ndarra
     return fpr, tpr
 
 
+def pr_points(stats: EvalStats, *, klass: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Precision-recall curve (recall, precision) with the bins as thresholds, highest first, for
+    one class (as :func:`roc_points`); only thresholds that select someone. The step area under it
+    is ``auprc`` (:func:`metrics_from_stats`)."""
+    k = stats.confusion.shape[0]
+    c = (1 if k == 2 else 0) if klass is None else klass
+    pos = np.maximum(np.asarray(stats.hist_pos[c]), 0)[::-1]
+    neg = np.maximum(np.asarray(stats.hist_neg[c]), 0)[::-1]
+    keep = (pos + neg) > 0
+    tp, fp = np.cumsum(pos)[keep], np.cumsum(neg)[keep]
+    return tp / max(pos.sum(), 1), _safe_div(tp, tp + fp)
+
+
+def calibration_points(stats: EvalStats, *, klass: int | None = None, min_count: int = 1,
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Reliability of one class's probabilities: per bin with at least ``min_count`` patients, the
+    bin's centre probability (on the public grid), the observed fraction of the class, and the count."""
+    k = stats.confusion.shape[0]
+    c = (1 if k == 2 else 0) if klass is None else klass
+    pos = np.maximum(np.asarray(stats.hist_pos[c]), 0).astype(np.float64)
+    count = pos + np.maximum(np.asarray(stats.hist_neg[c]), 0)
+    n_bins = len(pos)
+    centre = np.array([grid_probability((i + 0.5) / n_bins) for i in range(n_bins)])
+    keep = count >= max(min_count, 1e-9)
+    return centre[keep], pos[keep] / count[keep], count[keep]
+
+
 # ---------------------------------------------------------------------------------------------
 # Released test statistics
 

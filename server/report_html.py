@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from common.files import write_text_atomic
-from common.metrics import METRIC_NAMES, EvalStats, roc_points
+from common.metrics import METRIC_NAMES, EvalStats, calibration_points, pr_points, roc_points
 from server.phases import MODELS
 from server.report import alone_missing_note, best_alone_rule, fallback_note, warm_start_note
 
@@ -59,18 +59,74 @@ def _plt() -> Any:
     return plt
 
 
+def _target(doc: dict[str, Any]) -> str:
+    """The class the curves are about: the positive class of a binary problem, else class 0 vs the rest."""
+    classes = doc["run"].get("classes", [])
+    if len(classes) == 2:
+        return str(classes[1])
+    return f"{classes[0] if classes else 'class 0'} vs rest"
+
+
+def _operating_point(stats: EvalStats, threshold: dict[str, Any] | None) -> tuple[float, float] | None:
+    """(FPR, TPR) of a binary model at its operating threshold: patients at or above its bin are called."""
+    if not threshold or stats.hist_pos.shape[0] != 2:
+        return None
+    b = int(threshold["bin"])
+    pos, neg = np.maximum(stats.hist_pos[1], 0), np.maximum(stats.hist_neg[1], 0)
+    return float(neg[b:].sum() / max(neg.sum(), 1)), float(pos[b:].sum() / max(pos.sum(), 1))
+
+
 def roc_figure(pooled: dict[str, EvalStats], doc: dict[str, Any]) -> str:
+    """ROC curve per model, each with its operating threshold marked (binary problems)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.2, 4.6))
-    classes = doc["run"].get("classes", [])
     for name, stats in pooled.items():
         fpr, tpr = roc_points(stats)
-        ax.plot(fpr, tpr, label=f"{name} (AUC {doc['models'][name]['auc']:.3f})")
+        line, = ax.plot(fpr, tpr, label=f"{name} (AUC {doc['models'][name]['auc']:.3f})")
+        if (point := _operating_point(stats, doc.get("thresholds", {}).get(name))) is not None:
+            ax.plot(*point, marker="o", color=line.get_color(), markersize=6)
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--")
-    target = classes[1] if len(classes) == 2 else (classes[0] if classes else "class 0")
+    marked = " (dots: operating thresholds)" if doc.get("thresholds") else ""
     ax.set(xlabel="false positive rate", ylabel="true positive rate",
-           title=f"Pooled test ROC ({target} vs rest)" if len(classes) != 2 else f"Pooled test ROC ({target})")
+           title=f"Pooled test ROC ({_target(doc)}){marked}")
+    ax.title.set_fontsize(10)
     ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def pr_figure(pooled: dict[str, EvalStats], doc: dict[str, Any]) -> str:
+    """Precision-recall curve per model, with the class's share as the chance level."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.2, 4.6))
+    for name, stats in pooled.items():
+        recall, precision = pr_points(stats)
+        ax.step(recall, precision, where="pre", label=f"{name} (AUPRC {doc['models'][name]['auprc']:.3f})")
+    first = next(iter(pooled.values()))
+    c = 1 if first.hist_pos.shape[0] == 2 else 0
+    n_pos, n_all = first.hist_pos[c].clip(0).sum(), first.hist_pos[c].clip(0).sum() + first.hist_neg[c].clip(0).sum()
+    if n_all:
+        ax.axhline(n_pos / n_all, color="grey", lw=0.8, ls="--", label="chance (class share)")
+    ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title=f"Pooled test precision-recall "
+           f"({_target(doc)})")
+    ax.title.set_fontsize(10)
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def calibration_figure(pooled: dict[str, EvalStats], doc: dict[str, Any]) -> str:
+    """Observed share of the class against predicted probability, per model (bins with 5+ patients)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.2, 4.6))
+    for name, stats in pooled.items():
+        centre, observed, count = calibration_points(stats, min_count=5)
+        ax.plot(centre, observed, marker="o", markersize=3, lw=1, label=name)
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--", label="perfectly calibrated")
+    ax.set(xlabel="predicted probability (bin centre)", ylabel="observed share of the class", xlim=(0, 1),
+           ylim=(-0.02, 1.02), title=f"Calibration on pooled test data ({_target(doc)})")
+    ax.title.set_fontsize(10)
+    ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     return _png(fig)
 
@@ -95,8 +151,13 @@ def privacy_figure(doc: dict[str, Any]) -> str | None:
         return None
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.2, 3.6))
-    for site, points in sorted(series.items()):
-        ax.plot(*zip(*points), marker="o", label=site)
+    # Sites often spend the same: each is drawn a little to the side, with its own marker, so none hides another.
+    markers = "osD^vP*Xh<>"
+    width = min(0.3, 0.6 / max(len(series), 1))
+    for i, (site, points) in enumerate(sorted(series.items())):
+        shift = (i - (len(series) - 1) / 2) * width
+        ax.plot([x + shift for x, _ in points], [y for _, y in points], marker=markers[i % len(markers)],
+                markersize=4, lw=1, label=site)
     budgets = {p.get("budget") for p in doc["privacy"].values() if p.get("budget") is not None}
     for i, b in enumerate(sorted(b for b in budgets if not math.isnan(b))):
         ax.axhline(b, color="red", lw=0.8, ls="--", label="site budget" if i == 0 else None)
@@ -153,7 +214,11 @@ def _pooled_section(doc: dict[str, Any], pooled: Any) -> str:
         how = f"counts exactly ({ts.get('bins', '')} bins, released exact by the sites' policies); AUC within {bound:.4f}"
     return (f"<h2>Pooled test metrics (95% intervals)</h2>{_metrics_table(doc)}<p><small>Pooled from the sites' summed "
             f"test statistics: {html.escape(how)}.</small></p>{_roles_and_decisions(doc)}"
-            f'<img alt="ROC curves" src="data:image/png;base64,{roc_figure(pooled, doc)}">')
+            f'<img alt="ROC curves" src="data:image/png;base64,{roc_figure(pooled, doc)}">'
+            f'<img alt="precision-recall curves" src="data:image/png;base64,{pr_figure(pooled, doc)}">'
+            f'<img alt="calibration" src="data:image/png;base64,{calibration_figure(pooled, doc)}">'
+            "<p><small>Curves and calibration from the pooled binned statistics (the sites' sums); under noised "
+            "statistics they carry the noise too. Calibration shows bins holding at least 5 patients.</small></p>")
 
 
 def _roles_and_decisions(doc: dict[str, Any]) -> str:

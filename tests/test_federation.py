@@ -103,7 +103,7 @@ def test_run_writes_metrics_with_one_exchange_per_round(sites: Path, tmp_path: P
     assert set(on_disk["sites"]) == {"site-1", "site-2", "site-3"}
     assert on_disk["missing_sites"] == {}
     report = (tmp_path / "run" / "report.html").read_text()
-    assert "Pooled test metrics" in report and report.count("data:image/png;base64,") == 1  # ROC (no DP: no spend)
+    assert "Pooled test metrics" in report and report.count("data:image/png;base64,") == 3  # ROC, PR, calibration (no DP: no spend)
     assert len(re.findall(r"CNN round \d/2: 3 updates aggregated", (tmp_path / "run" / "run.log").read_text())) == 2
     for _, vault in _site_vaults(sites):
         assert CNN_ROLE in vault.roles and "model/meta" in vault.roles
@@ -275,7 +275,7 @@ def test_dp_run_charges_noised_meta_statistics_to_every_ledger(sites: Path, tmp_
     assert "epsilon spent per site" in (tmp_path / "run" / "run.log").read_text()
     from server.report_html import privacy_figure
 
-    assert (tmp_path / "run" / "report.html").read_text().count("data:image/png;base64,") == 2  # ROC + spend
+    assert (tmp_path / "run" / "report.html").read_text().count("data:image/png;base64,") == 4  # ROC, PR, calibration, spend
     assert privacy_figure(doc) is not None
 
 

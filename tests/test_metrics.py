@@ -232,3 +232,32 @@ def test_auc_standard_error_matches_the_bootstrap() -> None:
     assert se == pytest.approx(np.std(boot), rel=0.15)
     one_class = compute_stats(np.zeros(10, dtype=int), np.full((10, 2), 0.5), n_classes=2)
     assert np.isnan(auc_standard_error(one_class))
+
+
+def test_pr_curve_from_binned_statistics_has_the_released_auprc_and_matches_scikit_learn() -> None:
+    from sklearn.metrics import average_precision_score
+
+    from common.metrics import pr_points
+
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 2, 800)
+    p = np.clip(0.35 * y + 0.65 * rng.random(800), 0, 1)
+    stats = compute_stats(y, np.c_[1 - p, p], n_classes=2)
+    recall, precision = pr_points(stats)
+    assert recall[-1] == 1.0 and np.all(np.diff(recall) >= 0) and np.all((0 <= precision) & (precision <= 1))
+    assert precision[-1] == pytest.approx(y.mean())  # everyone called: precision is the class share
+    area = float(np.sum(np.diff(np.concatenate([[0.0], recall])) * precision))
+    assert area == pytest.approx(metrics_from_stats(stats)["auprc"], abs=1e-12)
+    assert area == pytest.approx(average_precision_score(y, p), abs=0.01)  # binning costs little
+
+
+def test_calibration_of_calibrated_probabilities_follows_the_diagonal() -> None:
+    from common.metrics import TEST_BINS, calibration_points
+
+    rng = np.random.default_rng(5)
+    p = rng.random(40_000)
+    y = (rng.random(40_000) < p).astype(int)  # y ~ Bernoulli(p): perfectly calibrated
+    released = compute_stats(y, np.c_[1 - p, p], n_classes=2, n_bins=TEST_BINS)  # the report's bins
+    centre, observed, count = calibration_points(released, min_count=500)
+    assert count.sum() <= 40_000 and len(centre) >= 10
+    assert np.max(np.abs(observed - centre)) < 0.08  # bins are narrow on the public grid except near 0.5

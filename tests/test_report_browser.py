@@ -64,7 +64,7 @@ def test_report_opens_in_chromium_with_every_image_and_no_console_error(run_dir:
             browser.close()
     assert title == "browser test"
     alts = {i["alt"] for i in images}
-    assert {"ROC curves", "privacy spend"} <= alts, alts  # a DP run with noised statistics has both
+    assert {"ROC curves", "precision-recall curves", "calibration", "privacy spend"} <= alts, alts  # a DP run: all
     assert all(i["loaded"] for i in images), images
     assert errors == []
     assert shot.stat().st_size > 20_000
