@@ -683,6 +683,15 @@ def test_missing_genotype_refused_when_missing_is_error(site: Site) -> None:
                       '(set missing = "allow" in [modalities.variants] to keep it)')
 
 
+def test_genotype_naming_an_allele_beyond_alt_is_refused(site: Site) -> None:
+    records = [VCF_RECORDS[0], VCF_RECORDS[1], VCF_RECORDS[2].replace("\t0/1", "\t0/2", 1)]
+    assert records[2] != VCF_RECORDS[2]
+    site.write("variants.vcf", vcf_text(records))
+    p = one(site.fail(), "names allele 2")
+    assert p.location == "record 2:50" and p.field.startswith("sample 'P") and "1 alternate allele(s) (G,A)" in p.message
+    assert "fix the genotype or the record's ALT" in p.message
+
+
 def test_partly_missing_genotype_is_missing(site: Site) -> None:
     records = [VCF_RECORDS[0].replace("./.", "0/."), *VCF_RECORDS[1:]]
     site.write("variants.vcf", vcf_text(records))

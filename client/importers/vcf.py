@@ -199,6 +199,7 @@ class _Records:
         calls = self._genotypes(v, where)
         if calls is None:
             return
+        self._check_alleles(calls, ref, alts, where)  # logged; the record is kept so its site is not also "missing"
         missing = _missing_calls(calls)
         if missing is not None:
             self._missing(calls, missing, where)
@@ -220,6 +221,23 @@ class _Records:
                          "in FORMAT/GT", kind="no GT field")
             return None
         return genotype.array()
+
+    def _check_alleles(self, calls: np.ndarray, ref: str, alts: list[str], where: str) -> None:
+        """Log each sample whose genotype names an allele beyond the record's ALT (0 = REF, 1.. = ALT):
+        htslib reads ``0/2`` at a site with one ALT without a word, and it would count as no copy."""
+        beyond = (calls[:, :-1] > len(alts)).any(axis=1)
+        if not beyond.any():
+            return
+        hits = np.flatnonzero(beyond)
+        kind = "allele beyond ALT"
+        room = min(self.log.room(self.file, kind), hits.size)
+        alleles = ",".join([ref, *alts])
+        for i in hits[:room]:
+            self.log.add(self.file, where, f"sample {self.samples[i]!r}",
+                         f"genotype {_genotype_text(calls[i])!r} names allele {int(calls[i, :-1].max())}, but the "
+                         f"record has {len(alts)} alternate allele(s) ({alleles}): fix the genotype or the record's "
+                         "ALT", kind=kind)
+        self.log.count(self.file, kind, hits.size - room)
 
     def _check_order(self, chrom: str, pos: int, where: str) -> None:
         if self._last is not None and chrom == self._last[0] and pos < self._last[1]:
