@@ -137,6 +137,10 @@ def import_command(args: argparse.Namespace) -> int:
     print(f"{vault.path}: imported {summary['patients']} patients ({_class_counts(summary['classes'])}); "
           f"modalities: {mods}")
     print(f"schema hash {summary['schema_hash']}; {len(vault.roles)} blobs encrypted")
+    for line in missing_lines(summary["missing"], summary["patients"]):
+        print(line)
+    for warning in empty_columns(summary["missing"], summary["patients"]):
+        print(f"warning: {warning}", file=sys.stderr)
     return 0
 
 
@@ -187,6 +191,30 @@ def rekey_command(args: argparse.Namespace) -> int:
 # Output
 
 
+MISSING_SHOWN = 6
+"""Columns named per modality in the one-line view of missing values (the most missing first)."""
+
+
+def missing_lines(missing: dict[str, dict[str, int]], n: int) -> list[str]:
+    """One line per modality with missing values: its columns, most missing first, as counts of ``n``."""
+    if not missing:
+        return ["missing values: none"]
+    lines = []
+    for modality, columns in missing.items():
+        ranked = sorted(columns.items(), key=lambda kv: (-kv[1], kv[0]))
+        shown = ", ".join(f"{name} {k} ({k / max(n, 1):.0%})" for name, k in ranked[:MISSING_SHOWN])
+        more = f", and {len(ranked) - MISSING_SHOWN} more column(s)" if len(ranked) > MISSING_SHOWN else ""
+        lines.append(f"missing values in {modality} (patients without a value, of {n}): {shown}{more}")
+    return lines
+
+
+def empty_columns(missing: dict[str, dict[str, int]], n: int) -> list[str]:
+    """A sentence for every column no patient has a value in (a site that never records it)."""
+    return [f"{modality} column {name!r} has no values at all ({n} of {n} patients missing): the models will "
+            "impute it everywhere at this site; check the export if the site does record it"
+            for modality, columns in missing.items() for name, k in columns.items() if n and k >= n]
+
+
 def _class_counts(classes: dict[str, int]) -> str:
     return ", ".join(f"{name} {count}" for name, count in classes.items())
 
@@ -224,3 +252,10 @@ def _print_inspect(info: dict[str, Any]) -> None:
     for name, shape in c["modalities"].items():
         mods.add_row(name, ", ".join(f"{k} {val}" for k, val in shape.items()))
     console.print(mods)
+    if "missing" not in c:  # a summary stored by an older import: ask for it to be refreshed, not guessed
+        console.print("missing values: not recorded by the import that wrote this vault (re-import to see them)")
+        return
+    for line in missing_lines(c["missing"], c["patients"]):
+        console.print(line, highlight=False, soft_wrap=True)
+    for warning in empty_columns(c["missing"], c["patients"]):
+        console.print(f"warning: {warning}", highlight=False, soft_wrap=True)

@@ -106,8 +106,36 @@ class Cohort:
             "classes": {c: int((self.labels == i).sum()) for i, c in enumerate(self.classes)},
             "splits": per_split,
             "modalities": shapes,
+            "missing": self.missing_values(),
             "schema_hash": self.schema_hash,
         }
+
+    def missing_values(self) -> dict[str, dict[str, int]]:
+        """Per modality, each column some patients lack and how many lack it (counts only).
+
+        Missing is NaN for numbers and for the events of a patient not profiled, -1 for a
+        categorical code or a genotype dosage; sequences have none. A column every patient lacks
+        shows as ``n``. Column names are the site's own (this stays in its vault and on its screen).
+        """
+        parts: list[tuple[str, tuple[str, ...], np.ndarray]] = []
+        if self.variants is not None:
+            parts.append(("variants", self.variants.features, np.asarray(self.variants.values) < 0))
+        if self.omics is not None:
+            parts.append(("omics", self.omics.features, np.isnan(np.asarray(self.omics.values, dtype=np.float64))))
+        if self.events is not None:
+            parts.append(("events", self.events.features, np.isnan(np.asarray(self.events.values, dtype=np.float64))))
+        if self.clinical is not None:
+            c = self.clinical
+            parts.append(("clinical", (*c.numeric_names, *c.categorical_names),
+                          np.hstack([np.isnan(np.asarray(c.numeric, dtype=np.float64)).reshape(self.n, -1),
+                                     (np.asarray(c.categorical) < 0).reshape(self.n, -1)])))
+        out = {}
+        for modality, names, missing in parts:
+            counts = missing.sum(axis=0) if missing.size else np.zeros(len(names), dtype=int)
+            columns = {name: int(k) for name, k in zip(names, counts) if k}
+            if columns:
+                out[modality] = columns
+        return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from simulations.cli import build_parser, main
 COMMANDS = [
     [], ["keygen"], ["vault"], ["vault", "import"], ["vault", "inspect"], ["vault", "verify"], ["vault", "rekey"],
     ["ledger"], ["ledger", "show"], ["ledger", "set-budget"], ["ledger", "policy"], ["ledger", "egress"], ["certs"], ["cohort"], ["cohort", "synth"],
-    ["cohort", "split"], ["cohort", "recipe"], ["evaluate"], ["pretrain"], ["simulate"], ["demo"], ["supernode"], ["bench"],
+    ["cohort", "split"], ["cohort", "recipe"], ["evaluate"], ["pretrain"], ["simulate"], ["report"], ["demo"], ["supernode"], ["bench"],
 ]
 
 

@@ -662,8 +662,11 @@ def test_inspect_vault_shows_counts_only(tmp_path: Path, key: KeySource) -> None
     # 8 cohort blobs, plus the site's privacy policy and ledger, created at import
     assert info["vault"]["blobs"] == len(info["vault"]["roles"]) == 10
     assert {"privacy/policy", "privacy/ledger"} <= set(info["vault"]["roles"])
+    # Missing values per column, as counts (the site's own screen: column names, never values or ids).
+    assert info["cohort"]["missing"] == {"variants": {"1:200:C:T": 1}, "omics": {"ESR1": 1},
+                                         "events": {"PIK3CA": 1, "GATA3": 1}, "clinical": {"age": 1, "sex": 1}}
     text = json.dumps(info)
-    assert "P00" not in text and "BRCA1" not in text and "f1" not in text
+    assert "P00" not in text and "BRCA1" not in text and "f1" not in text and "61" not in text
 
 
 def test_load_cohort_from_a_vault_without_one(vault: Path, key: KeySource) -> None:
@@ -697,6 +700,7 @@ def test_cli_keygen_verify_inspect_rekey(tmp_path: Path, capsys: pytest.CaptureF
     assert cli("vault", "inspect", tmp_path / "vault", "--key-file", tmp_path / "key") == 0
     table = capsys.readouterr().out
     assert "6 patients" in table and "validation" in table and "P000" not in table
+    assert "missing values in clinical (patients without a value, of 6): age 1 (17%), sex 1 (17%)" in table
 
     (tmp_path / "pw").write_text("a long passphrase\n")
     assert cli("vault", "rekey", tmp_path / "vault", "--key-file", tmp_path / "key",
@@ -774,3 +778,28 @@ def test_derived_seeds_are_stable_per_key_and_label_and_differ_otherwise(
     rekeyed = Vault.open(tmp_path / "copy", keys[0])
     rekeyed.rekey(keys[1])
     assert Vault.open(tmp_path / "copy", keys[1]).derive_seed("cnn-round|ledger-3|round-2") != seed
+
+
+def test_cli_import_shows_missing_values_per_column_and_warns_of_an_empty_one(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A hospital whose export has no BMI at all: the import says so (counts and column names only)."""
+    import csv
+
+    from simulations.synthetic import write_synthetic_cohort
+
+    write_synthetic_cohort(out=tmp_path / "c", patients=60, seed=2)
+    rows = list(csv.reader((tmp_path / "c" / "clinical.csv").open()))
+    col = rows[0].index("bmi")
+    for row in rows[1:]:
+        row[col] = ""
+    with (tmp_path / "c" / "clinical.csv").open("w", newline="") as fh:
+        csv.writer(fh).writerows(rows)
+    assert cli("keygen", "--out", tmp_path / "key") == 0
+    assert cli("vault", "import", "--spec", tmp_path / "c" / "spec.toml", "--out", tmp_path / "v",
+               "--key-file", tmp_path / "key") == 0
+    out, err = capsys.readouterr()
+    assert "missing values in clinical (patients without a value, of 60): bmi 60 (100%)" in out
+    assert err.strip() == ("warning: clinical column 'bmi' has no values at all (60 of 60 patients missing): the "
+                           "models will impute it everywhere at this site; check the export if the site does record it")
+    assert cli("vault", "inspect", tmp_path / "v", "--key-file", tmp_path / "key") == 0
+    assert "clinical column 'bmi' has no values at all" in capsys.readouterr().out
