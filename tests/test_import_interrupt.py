@@ -3,7 +3,9 @@
 The real command runs in a child process on a synthetic cohort and is sent SIGKILL after a
 range of delays that cover start-up, parsing, encryption and the vault write. After each kill
 the vault is absent ("not a vault") or opens, verifies, and holds one complete cohort: the
-previous one (re-import with --force) or the new one.
+previous one (re-import with --force) or the new one. Another test kills the import the moment
+its vault write is seen to begin and requires the write's leftovers on disk afterwards, so that
+a kill provably landed mid-write.
 """
 
 from __future__ import annotations
@@ -82,4 +84,58 @@ def test_killed_import_leaves_previous_vault_or_none(cohorts: dict[str, Path], t
         assert ids in (old_ids, new_ids), "vault holds a mixture of two cohorts"
         outcomes.add("new" if ids == new_ids else "old")
     assert killed >= 3, f"only {killed} runs were still going when the kill came"
-    assert outcomes <= {"none", "old", "new"}
+    assert outcomes <= {"none", "old", "new"} and ("old" in outcomes if previous else "none" in outcomes)
+
+
+def _write_started(vault: Path, before: set[str]) -> bool:
+    """Whether the import has begun writing: a first import's hidden ``.partial-`` sibling exists,
+    or (re-import) a file the previous vault did not have appeared in it."""
+    if any(p.name.startswith(f".{vault.name}.partial-") for p in vault.parent.iterdir()):
+        return True
+    return vault.is_dir() and bool(set(os.listdir(vault)) - before)
+
+
+def _traces(vault: Path, key: KeySource) -> list[str]:
+    """What an interrupted write left on disk: a ``.partial-`` sibling, or files the vault does not use."""
+    partial = [p.name for p in vault.parent.iterdir() if p.name.startswith(f".{vault.name}.partial-")]
+    if partial or not vault.is_dir():
+        return partial
+    return Vault.open(vault, key).verify()["warnings"]
+
+
+@pytest.mark.parametrize("previous", [False, True], ids=["first-import", "re-import"])
+def test_a_kill_inside_the_vault_write_leaves_the_previous_state(cohorts: dict[str, Path], tmp_path: Path,
+                                                                 previous: bool) -> None:
+    """Kill the moment the write is seen to begin, so the kill provably lands mid-write: its traces
+    are on disk afterwards, and the vault is still the previous one (or none)."""
+    new_spec = cohorts["new"] / "spec.toml"
+    key_path = generate_key_file(tmp_path / "key")
+    key = KeySource.from_key_file(key_path)
+    old = import_cohort(load_spec(cohorts["old"] / "spec.toml"))
+    landed = []
+    for attempt in range(5):  # the write can finish between seeing it start and the kill: try again
+        vault = tmp_path / f"vault-{attempt}"
+        if previous:
+            save_cohort(vault, old, key)
+        before = set(os.listdir(vault)) if previous else set()
+        child = subprocess.Popen(_import_cmd(new_spec, vault, key_path, previous), env=ENV,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while child.poll() is None and not _write_started(vault, before) and time.monotonic() < deadline:
+            time.sleep(0.0005)
+        if child.poll() is None:
+            os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+        traces = _traces(vault, key)
+        if previous:
+            assert set(load_cohort(vault, key).patient_ids.tolist()) == set(old.patient_ids.tolist())
+        else:
+            with pytest.raises(VaultError, match="not a vault"):
+                Vault.open(vault, key)
+        if traces:
+            landed.append(traces)
+            break
+    assert landed, "no kill landed inside the vault write in 5 attempts"
+    # the write's own leftovers: the hidden sibling of a first import, or blobs and a manifest no index names
+    assert all(t.startswith((f".{vault.name}.partial-", "unreferenced blob file", "temporary manifest"))
+               for t in landed[0]), landed
