@@ -300,6 +300,11 @@ class _Reader:
         return lo, hi
 
 
+def text_line_of(data: bytes, offset: int) -> int:
+    """The 1-based line of byte ``offset`` in ``data``."""
+    return data.count(b"\n", 0, offset) + 1
+
+
 def load_spec(path: str | Path) -> CohortSpec:
     """Read and validate a cohort spec TOML file.
 
@@ -315,6 +320,10 @@ def load_spec(path: str | Path) -> CohortSpec:
         raise SpecError(f"{path}: spec file not found") from None
     except OSError as exc:
         raise SpecError(f"{path}: cannot read spec: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        line = text_line_of(path.read_bytes(), exc.start)
+        raise SpecError(f"{path}: line {line}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x}); save the "
+                        "spec as UTF-8") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

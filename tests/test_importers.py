@@ -859,3 +859,25 @@ def test_kg1000_vcf(tmp_path: Path) -> None:
     assert np.array_equal(cohort.variants.values, expected[:, order].T)
     assert int(cohort.variants.values.sum(dtype=np.int64)) == int(expected.sum(dtype=np.int64))
     assert cohort.summary()["classes"] == {"AFR": 661, "AMR": 347, "EAS": 504, "EUR": 503, "SAS": 489}
+
+
+@pytest.mark.parametrize("line", ["\x00\x01", VCF_RECORDS[1].split("\t", 1)[1]], ids=["binary", "no CHROM column"])
+def test_a_record_htslib_leaves_without_ref_is_a_malformed_record_not_a_crash(site: Site, line: str) -> None:
+    """htslib parses such a line without an error and leaves no REF; cyvcf2 then crashes on reading it."""
+    site.write("variants.vcf", vcf_text([VCF_RECORDS[0], line, VCF_RECORDS[2]]))
+    p = one(site.fail(), "cannot parse this record")
+    assert p.location == "line " + str(vcf_text([VCF_RECORDS[0]]).count("\n") + 1)
+
+
+def test_a_record_with_bytes_that_are_not_text_is_a_malformed_record(site: Site) -> None:
+    text = vcf_text(VCF_RECORDS).encode()
+    site.write("variants.vcf", text.replace(b"\tC\tT\t", b"\tC\x80\tT\t"))  # not UTF-8: cyvcf2 cannot decode REF
+    p = one(site.fail(), "cannot parse this record")
+    assert p.location.startswith("line ")
+
+
+def test_a_header_with_bytes_that_are_not_text_is_a_header_problem(site: Site) -> None:
+    text = vcf_text(VCF_RECORDS).encode()
+    site.write("variants.vcf", text.replace(b"\tP2", b"\tP\x802", 1))
+    p = one(site.fail(), "the header is not UTF-8 text")
+    assert p.location == "header" and "byte 0x80" in p.message

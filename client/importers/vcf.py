@@ -108,7 +108,12 @@ def _check_bgzf_end(path: Path, log: ProblemLog) -> None:
 def _read_records(vcf: cyvcf2.VCF, spec: VariantsSpec, patients: tuple[str, ...], label_file: str,
                   log: ProblemLog, advance: Callable[[int], None]) -> VariantsResult | None:
     file = str(spec.file)
-    samples = list(vcf.samples)
+    try:
+        samples = list(vcf.samples)
+    except UnicodeDecodeError as exc:  # cyvcf2 decodes the header as UTF-8 text
+        log.add(file, "header", None, f"the header is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} in "
+                f"{exc.object[:40]!r}...): fix the sample names or save the file as UTF-8", kind="malformed header")
+        return None
     if not samples:
         log.add(file, "header", None, "the VCF has no samples (no genotype columns after FORMAT)", kind="no samples")
         return None
@@ -123,7 +128,17 @@ def _read_records(vcf: cyvcf2.VCF, spec: VariantsSpec, patients: tuple[str, ...]
         except Exception:  # cyvcf2 raises a bare Exception for a record htslib cannot parse
             _diagnose_record(spec.file, reader.count, reader.last_site, log)
             break
-        reader.add(variant)
+        if variant.end <= variant.start:
+            # htslib gave up on the line without an error and left no REF allele: reading REF (or
+            # anything after it) would crash cyvcf2 (a segmentation fault, seen on a record whose
+            # CHROM was missing or that held binary bytes). Report the line instead.
+            _diagnose_record(spec.file, reader.count, reader.last_site, log)
+            break
+        try:
+            reader.add(variant)
+        except UnicodeDecodeError:  # cyvcf2 decodes CHROM, REF and ALT as UTF-8 text
+            _diagnose_record(spec.file, reader.count - 1, reader.last_site, log)
+            break
         if reader.count % _PROGRESS_EVERY == 0:
             advance(_PROGRESS_EVERY)
     advance(reader.count % _PROGRESS_EVERY)
