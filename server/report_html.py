@@ -59,6 +59,14 @@ def _plt() -> Any:
     return plt
 
 
+def _finish(fig: Any, ax: Any, *, legend: str) -> str:
+    """The curve figures' common ending: a smaller title, the legend, and the PNG."""
+    ax.title.set_fontsize(10)
+    ax.legend(loc=legend, fontsize=8)
+    fig.tight_layout()
+    return _png(fig)
+
+
 def _target(doc: dict[str, Any]) -> str:
     """The class the curves are about: the positive class of a binary problem, else class 0 vs the rest."""
     classes = doc["run"].get("classes", [])
@@ -89,30 +97,23 @@ def roc_figure(pooled: dict[str, EvalStats], doc: dict[str, Any]) -> str:
     marked = " (dots: operating thresholds)" if doc.get("thresholds") else ""
     ax.set(xlabel="false positive rate", ylabel="true positive rate",
            title=f"Pooled test ROC ({_target(doc)}){marked}")
-    ax.title.set_fontsize(10)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    return _png(fig)
+    return _finish(fig, ax, legend="lower right")
 
 
 def pr_figure(pooled: dict[str, EvalStats], doc: dict[str, Any]) -> str:
     """Precision-recall curve per model, with the class's share as the chance level."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.2, 4.6))
+    share = None
     for name, stats in pooled.items():
         recall, precision = pr_points(stats)
         ax.step(recall, precision, where="pre", label=f"{name} (AUPRC {doc['models'][name]['auprc']:.3f})")
-    first = next(iter(pooled.values()))
-    c = 1 if first.hist_pos.shape[0] == 2 else 0
-    n_pos, n_all = first.hist_pos[c].clip(0).sum(), first.hist_pos[c].clip(0).sum() + first.hist_neg[c].clip(0).sum()
-    if n_all:
-        ax.axhline(n_pos / n_all, color="grey", lw=0.8, ls="--", label="chance (class share)")
+        share = precision[-1] if len(precision) else share  # everyone called: precision is the class's share
+    if share is not None:
+        ax.axhline(share, color="grey", lw=0.8, ls="--", label="chance (class share)")
     ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title=f"Pooled test precision-recall "
            f"({_target(doc)})")
-    ax.title.set_fontsize(10)
-    ax.legend(loc="lower left", fontsize=8)
-    fig.tight_layout()
-    return _png(fig)
+    return _finish(fig, ax, legend="lower left")
 
 
 def calibration_figure(pooled: dict[str, EvalStats], doc: dict[str, Any]) -> str:
@@ -120,15 +121,12 @@ def calibration_figure(pooled: dict[str, EvalStats], doc: dict[str, Any]) -> str
     plt = _plt()
     fig, ax = plt.subplots(figsize=(5.2, 4.6))
     for name, stats in pooled.items():
-        centre, observed, count = calibration_points(stats, min_count=5)
+        centre, observed, _ = calibration_points(stats, min_count=5)
         ax.plot(centre, observed, marker="o", markersize=3, lw=1, label=name)
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls="--", label="perfectly calibrated")
     ax.set(xlabel="predicted probability (bin centre)", ylabel="observed share of the class", xlim=(0, 1),
            ylim=(-0.02, 1.02), title=f"Calibration on pooled test data ({_target(doc)})")
-    ax.title.set_fontsize(10)
-    ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    return _png(fig)
+    return _finish(fig, ax, legend="upper left")
 
 
 def privacy_figure(doc: dict[str, Any]) -> str | None:
