@@ -9,7 +9,9 @@ Message types
 ``train.meta``       forest + meta-features, Newton terms of the meta LR                  (phases 2-3)
 ``train.alone``      the site's own models alone (stay on the site; only the count leaves)
 ``query.validation`` validation statistics: thresholds and the stacking fallback          (phase 4)
-``evaluate``         test statistics of every model (once per run); stores final models  (phase 4)
+``query.explain``    clipped, noised attribution sums for the global explanation         (phase 5)
+``evaluate``         test statistics of every model (once per run); stores final models
+                     and the global explanation                                           (phase 6)
 
 Every handler parses the run config into :class:`RunSettings` (what the run asks for, checked
 against the site's policy) and the message into :class:`RoundFacts`; no setting is read from a
@@ -145,6 +147,13 @@ def validation(msg: Message, context: Context) -> Message:
     from client import handlers
 
     return _answer(msg, context, handlers.validation, "cnn", "shared")
+
+
+@app.query("explain")
+def explain(msg: Message, context: Context) -> Message:
+    from client import explain_release
+
+    return _answer(msg, context, explain_release.explain, "cnn", "shared")
 
 
 @app.evaluate()

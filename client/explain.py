@@ -18,60 +18,34 @@ model (class 1: probability for the forest, log-odds for the GLM), one per class
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 
+from common.explanation import ExplanationFeatures, feature_layout  # noqa: F401 - re-exported for callers
 
-@dataclass(frozen=True)
-class ExplanationFeatures:
-    """Explanation features and, for each encoded column, the feature it belongs to."""
-
-    names: tuple[str, ...]
-    column_feature: np.ndarray  # encoded column -> index into ``names``
-
-    @classmethod
-    def from_columns(cls, column_names: Sequence[str], *, categorical: Sequence[str] = ()) -> ExplanationFeatures:
-        """Group encoded columns: ``"smoker=current"`` belongs to ``"smoker"`` when ``smoker`` is
-        categorical; every other column is a feature of its own. Order of first appearance."""
-        cats = set(categorical)
-        names: list[str] = []
-        index: dict[str, int] = {}
-        owner = []
-        for col in column_names:
-            base, sep, _ = col.partition("=")
-            feature = base if sep and base in cats else col
-            if feature not in index:
-                index[feature] = len(names)
-                names.append(feature)
-            owner.append(index[feature])
-        return cls(tuple(names), np.asarray(owner, dtype=np.int64))
-
-    def group(self, phi: np.ndarray) -> np.ndarray:
-        """Per-column attributions ``(n, outputs, columns)`` summed into ``(n, outputs, features)``."""
-        phi = np.asarray(phi, dtype=np.float64)
-        if phi.shape[-1] != len(self.column_feature):
-            raise ValueError(f"attributions have {phi.shape[-1]} columns, the features were built from "
-                             f"{len(self.column_feature)}")
-        out = np.zeros((*phi.shape[:-1], len(self.names)))
-        np.add.at(np.moveaxis(out, -1, 0), self.column_feature, np.moveaxis(phi, -1, 0))
-        return out
+__all__ = ["ExplanationFeatures", "feature_layout"]
 
 
-def clip_patients(phi: np.ndarray, *, clip: float) -> np.ndarray:
-    """Each patient's whole attribution array scaled down to L2 norm at most ``clip``."""
+def clip_patients(phi: np.ndarray, *, clip: float, normalize: bool = False) -> np.ndarray:
+    """Each patient's whole attribution array scaled down to L2 norm at most ``clip``; with
+    ``normalize``, scaled to exactly ``clip`` (an all-zero array stays zero), so that every patient
+    weighs the same in a sum whatever the scale of the model's output."""
     from common.tabular import clip_rows
 
     if not np.isfinite(clip) or clip <= 0:
         raise ValueError(f"clip must be a finite number > 0, got {clip!r}")
     phi = np.asarray(phi, dtype=np.float64)
-    return clip_rows(phi.reshape(len(phi), -1), clip).reshape(phi.shape)
+    flat = phi.reshape(len(phi), -1)
+    if normalize:
+        norm = np.linalg.norm(flat, axis=1, keepdims=True)
+        return (flat * np.where(norm > 0, clip / np.maximum(norm, 1e-300), 0.0)).reshape(phi.shape)
+    return clip_rows(flat, clip).reshape(phi.shape)
 
 
-def attribution_sums(phi: np.ndarray, *, clip: float) -> dict[str, np.ndarray]:
+def attribution_sums(phi: np.ndarray, *, clip: float, normalize: bool = False) -> dict[str, np.ndarray]:
     """The releasable summary of grouped attributions: ``signed`` (sum of each patient's clipped
     attributions) and ``abs`` (sum of their absolute values), each ``(outputs, features)``."""
-    clipped = clip_patients(phi, clip=clip)
+    clipped = clip_patients(phi, clip=clip, normalize=normalize)
     return {"signed": clipped.sum(axis=0), "abs": np.abs(clipped).sum(axis=0)}
 
 
@@ -172,14 +146,15 @@ def position_profile(track_attributions: np.ndarray) -> np.ndarray:
     return np.asarray(track_attributions).sum(axis=2)
 
 
-def motif_sums(codes: np.ndarray, profile: np.ndarray, layout: object, *, clip: float) -> np.ndarray:
+def motif_sums(codes: np.ndarray, profile: np.ndarray, layout: object, *, clip: float,
+               normalize: bool = False) -> np.ndarray:
     """Clipped sums of each patient's motif attributions, ``(outputs, n_kmers, bins)``.
 
     A patient's attribution for the k-mer starting at position ``l`` is its position profile
     summed over the k-mer's ``k`` positions; that is added to the key (k-mer, position bin) of
     :class:`common.explanation.MotifLayout` (k-mers with an N are skipped). Each patient's whole
     array (all outputs) is clipped to L2 norm ``clip`` before it is added, so one patient moves the
-    sum by at most ``clip``. Built one patient at a time from its few nonzero keys: the dense
+    sum by at most ``clip`` (with ``normalize``, every patient's array is scaled to norm ``clip``). Built one patient at a time from its few nonzero keys: the dense
     array per patient would be ``4^k`` times the bins.
 
     Parameters
@@ -207,5 +182,6 @@ def motif_sums(codes: np.ndarray, profile: np.ndarray, layout: object, *, clip: 
         unique, inverse = np.unique(index, return_inverse=True)
         values = np.bincount(inverse, weights=window[i][:, ok].ravel(), minlength=len(unique))
         norm = np.linalg.norm(values)
-        np.add.at(flat, unique, values * min(1.0, clip / max(norm, 1e-300)))
+        scale = clip / max(norm, 1e-300) if normalize else min(1.0, clip / max(norm, 1e-300))
+        np.add.at(flat, unique, values * (scale if norm > 0 else 0.0))
     return flat.reshape(n_out, layout.n_kmers, layout.bins)

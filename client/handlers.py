@@ -681,4 +681,21 @@ def _store_final_models(vault: Any, cohort: Any, cnn_weights: dict[str, np.ndarr
                       meta={"coef": [float(c) for c in facts.coef], "glm_coef": [float(c) for c in facts.glm_coef],
                             "base_models": list(BASE_MODELS), "classes": list(cohort.classes),
                             "thresholds": dict(zip(MODEL_NAMES, facts.thresholds))},
-                      run_id=facts.run_id)
+                      run_id=facts.run_id, explanation=_explanation_of(facts))
+
+
+def _explanation_of(facts: RoundFacts) -> dict[str, Any] | None:
+    """The global explanation the evaluation carries, if it is one (it comes from the coordinator)."""
+    from common.explanation import FORMAT
+
+    if not facts.explanation:
+        return None
+    try:
+        doc = json.loads(facts.explanation)
+    except ValueError:
+        doc = None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        log.warning("run %s: the global explanation sent with the evaluation is not a %s; not stored",
+                    facts.run_id, FORMAT)
+        return None
+    return doc

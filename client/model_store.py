@@ -5,6 +5,7 @@ Roles
 ``model/forest``            the site forest (and its tabular preprocessor), pickled
 ``model/cnn``               the final global deep model: weights (.npz) + its config (JSON inside)
 ``model/meta``              the final meta-classifier coefficients (JSON)
+``model/explanation``       the run's global explanation as the coordinator sent it (JSON, public labels)
 ``run/<run-id>/...``        per-run working state (DP-SGD accountant, the last release of each kind)
 
 The forest is stored with ``pickle``: loading it is safe only because every blob a vault returns
@@ -27,6 +28,7 @@ FOREST_ROLE = "model/forest"
 CNN_ROLE = "model/cnn"
 SHARED_ROLE = "model/shared-scaler"
 META_ROLE = "model/meta"
+EXPLANATION_ROLE = "model/explanation"
 
 
 def run_role(run_id: str, name: str) -> str:
@@ -92,12 +94,16 @@ def load_start_weights(vault: Vault, *, run_id: str) -> dict[str, np.ndarray] | 
 
 
 def save_final_models(vault: Vault, *, cnn: dict[str, np.ndarray], cnn_config: dict[str, Any],
-                      shared: dict[str, np.ndarray], meta: dict[str, Any], run_id: str) -> None:
+                      shared: dict[str, np.ndarray], meta: dict[str, Any], run_id: str,
+                      explanation: dict[str, Any] | None = None) -> None:
     """The global models a run ends with (deep model, shared scaler, GLM and meta-classifier
-    coefficients), written together in one atomic vault update."""
-    vault.update({CNN_ROLE: arrays_to_bytes(cnn, {"config": cnn_config, "run_id": run_id}),
-                  SHARED_ROLE: arrays_to_bytes(shared, {"run_id": run_id}),
-                  META_ROLE: json.dumps({**meta, "run_id": run_id}, sort_keys=True).encode("utf-8")})
+    coefficients) and its global explanation, written together in one atomic vault update."""
+    blobs = {CNN_ROLE: arrays_to_bytes(cnn, {"config": cnn_config, "run_id": run_id}),
+             SHARED_ROLE: arrays_to_bytes(shared, {"run_id": run_id}),
+             META_ROLE: json.dumps({**meta, "run_id": run_id}, sort_keys=True).encode("utf-8")}
+    if explanation is not None:
+        blobs[EXPLANATION_ROLE] = json.dumps(explanation, sort_keys=True).encode("utf-8")
+    vault.update(blobs)
 
 
 def request_digest(settings: dict[str, Any], arrays: dict[str, np.ndarray]) -> str:
@@ -121,3 +127,13 @@ def stored_release(vault: Vault, role: str, *, request: str) -> tuple[dict[str, 
         return None
     arrays, meta = arrays_from_bytes(vault.read(role))
     return (arrays, meta["values"]) if meta.get("request") == request else None
+
+
+def save_explanation(vault: Vault, explanation: dict[str, Any]) -> None:
+    """The global explanation a run sent (``explanation.json``'s content), kept with the final models."""
+    put_json(vault, EXPLANATION_ROLE, explanation)
+
+
+def load_explanation(vault: Vault) -> dict[str, Any] | None:
+    """The stored global explanation, or None when no run has sent one."""
+    return get_json(vault, EXPLANATION_ROLE)

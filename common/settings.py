@@ -80,6 +80,11 @@ class RunSettings:
     init_from: str = ""              # start the deep model from an earlier run directory or checkpoint file
     hold_out_site: str = ""          # a site that does not train and joins only the evaluation
     site_alone: bool = True          # each site also trains its own models alone and reports them (what federation bought)
+    explain: bool = True             # phase 5: a global explanation from the sites' clipped, noised attribution sums
+    explanation_epsilon: float = 1.0  # under DP: the epsilon of each site's one explanation release
+    explanation_patients: int = 300  # each site explains at most this many validation patients (a seeded sample)
+    motif_k: int = 6                 # k-mer length of the deep model's motifs
+    motif_bins: int = 8              # position bins motifs are located in
     target_sensitivity: float = 0.0  # binary operating threshold: 0 = Youden's J on validation, else this sensitivity
     ledger_registry: str = ""        # coordinator file remembering each site's ledger (server/ledger_registry.py)
     sites_dir: str = ""
@@ -90,18 +95,20 @@ class RunSettings:
         if self.test_statistics not in TEST_STATISTICS:
             raise SettingsError(f"run config test-statistics = {self.test_statistics!r}: choose one of "
                                 f"{', '.join(TEST_STATISTICS)}")
-        positive = ("epsilon", "meta_epsilon", "test_epsilon", "moments_epsilon", "glm_epsilon", "glm_c", "max_grad_norm", "lr", "wait_timeout",
+        positive = ("epsilon", "meta_epsilon", "test_epsilon", "explanation_epsilon", "moments_epsilon", "glm_epsilon", "glm_c", "max_grad_norm", "lr", "wait_timeout",
                     "round_timeout")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise SettingsError(f"run config {_key(name)} = {getattr(self, name)!r}: must be > 0")
         at_least_one = ("cnn_rounds", "local_epochs", "batch_size", "meta_rounds", "min_sites", "forest_trees",
-                        "glm_rounds", "glm_max_features", "glm_dp_max_features")
+                        "glm_rounds", "glm_max_features", "glm_dp_max_features", "explanation_patients", "motif_bins")
         for name in at_least_one:
             if getattr(self, name) < 1:
                 raise SettingsError(f"run config {_key(name)} = {getattr(self, name)!r}: must be at least 1")
         if not 0 <= self.delta < 1:
             raise SettingsError(f"run config delta = {self.delta!r}: must be in [0, 1) (0: each site's own delta)")
+        if not 1 <= self.motif_k <= 8:
+            raise SettingsError(f"run config motif-k = {self.motif_k!r}: must be 1-8 (4^k k-mers are summed)")
         if not 0 <= self.target_sensitivity < 1:
             raise SettingsError(f"run config target-sensitivity = {self.target_sensitivity!r}: must be in [0, 1) "
                                 "(0: Youden's J)")
@@ -191,6 +198,8 @@ class RoundFacts:
     thresholds : the operating thresholds (probability of class 1) per model, in
         ``client.handlers.MODEL_NAMES`` order (evaluation of a binary problem).
     warm_start : first GLM or meta round without DP: also return the local fit.
+    explanation : the run's global explanation as JSON (evaluation: the site stores it with the
+        final models).
     """
 
     run_id: str
@@ -200,6 +209,7 @@ class RoundFacts:
     glm_coef: tuple[float, ...] = field(default_factory=tuple)
     thresholds: tuple[float, ...] = field(default_factory=tuple)
     warm_start: bool = False
+    explanation: str = ""
 
     def to_config(self) -> dict[str, Any]:
         """ConfigRecord-ready values (kebab-case keys)."""
@@ -213,6 +223,8 @@ class RoundFacts:
             out["glm-coef"] = [float(c) for c in self.glm_coef]
         if self.thresholds:
             out["thresholds"] = [float(c) for c in self.thresholds]
+        if self.explanation:
+            out["explanation"] = self.explanation
         return out
 
     @classmethod
@@ -224,7 +236,8 @@ class RoundFacts:
                        coef=tuple(float(c) for c in cfg.get("coef", ())),
                        glm_coef=tuple(float(c) for c in cfg.get("glm-coef", ())),
                        thresholds=tuple(float(c) for c in cfg.get("thresholds", ())),
-                       warm_start=bool(cfg.get("warm-start", False)))
+                       warm_start=bool(cfg.get("warm-start", False)),
+                       explanation=str(cfg.get("explanation", "")))
         except (KeyError, TypeError, ValueError) as exc:
             raise SettingsError(f"message config is not a genofed exchange: {exc!r}") from None
 

@@ -3,8 +3,8 @@
 Exchanges per run: census (1) + moments of the shared preprocessing (1) + CNN rounds (R) + GLM
 rounds (Newton steps from zero until converged, at most 8 by default) + meta rounds (3 by
 default: a warm start and two Newton steps) + the sites' own models alone (1, with ``site-alone``)
-+ validation statistics (1) + evaluation with distribution of the final models (1). Explanations
-(phase 5) will be inserted between the meta rounds and the evaluation; see ``run_phases``.
++ validation statistics (1) + explanations (1, with ``explain``; :mod:`server.explanation_phase`)
++ evaluation with distribution of the final models and the global explanation (1).
 
 All server state lives in :class:`RunState`, checkpointed after every completed exchange;
 ``resume`` restarts from the last checkpoint with the same genofed run id, so sites continue
@@ -62,6 +62,7 @@ class RunState:
     site_thresholds: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)  # site -> its own models'
     site_validation_auc: dict[str, dict[str, float]] = field(default_factory=dict)  # site -> own model -> AUC
     meta_fallback: dict[str, Any] = field(default_factory=dict)  # the base model the stack fell back to, and why
+    explanation: dict[str, Any] = field(default_factory=dict)    # the global explanation (explanation.json)
 
     rounds: list[dict[str, Any]] = field(default_factory=list)    # per exchange: sites, rejections, epsilon
     excluded: dict[str, str] = field(default_factory=dict)        # site -> why it left the run
@@ -534,7 +535,7 @@ def run_thresholds(grid: Grid, settings: RunSettings, state: RunState, log: RunL
     from common.metrics import metrics_from_stats
 
     k = len(state.schema["label"]["classes"])
-    state.phase = "evaluate"
+    state.phase = "explain" if settings.explain else "evaluate"
     pooled: dict[str, Any] = {}
     per_site: dict[str, dict[str, Any]] = {}
     if settings.test_statistics != "none":
@@ -591,7 +592,8 @@ def run_evaluation(grid: Grid, settings: RunSettings, state: RunState, log: RunL
     thresholds = {m: Threshold(int(t["bin"]), int(t["n_bins"]), str(t["rule"])) for m, t in state.thresholds.items()}
     facts = RoundFacts(run_id=state.run_id, model_config=json.dumps(state.model_config), coef=tuple(state.meta_coef),
                        glm_coef=tuple(state.glm_coef),
-                       thresholds=tuple(thresholds[m].probability for m in MODELS) if thresholds else ())
+                       thresholds=tuple(thresholds[m].probability for m in MODELS) if thresholds else (),
+                       explanation=json.dumps(state.explanation) if state.explanation else "")
     pooled, per_site, res = _statistics_exchange(grid, settings, state, log, weights, facts, message_type="evaluate",
                                                  where="evaluation", training=False)
     for site, v in per_site.items():

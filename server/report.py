@@ -26,6 +26,7 @@ from common.metrics import (
 )
 from common.settings import RunSettings
 from common.stack import REDUCED_STACKS, fallback_words
+from server.explanation_doc import explanation_markdown, read_explanation
 from server.phases import MODELS, RunState
 
 MODEL_ROLES = {
@@ -111,6 +112,10 @@ def _test_class_counts(census: dict[str, Any]) -> list[int] | None:
     return [int(c) for c in counts] if counts is not None else None
 
 
+CHARGED_PHASES = ("moments", "glm", "meta", "validation", "explain", "evaluate")
+"""Exchanges besides the CNN rounds whose records carry each charged site's ledger total."""
+
+
 def _privacy(state: RunState, settings: RunSettings) -> dict[str, Any]:
     out: dict[str, Any] = {}
 
@@ -127,7 +132,7 @@ def _privacy(state: RunState, settings: RunSettings) -> dict[str, Any]:
                 if "epsilon" in m:
                     entry(site).update(epsilon=float(m["epsilon"]),
                                        run_epsilon=float(m.get("run-epsilon", float("nan"))))
-        elif record.get("phase") in ("moments", "glm", "meta", "validation", "evaluate"):
+        elif record.get("phase") in CHARGED_PHASES:
             for site, eps in record.get("epsilon", {}).items():
                 entry(site)["epsilon"] = float(eps)
     return out
@@ -244,8 +249,16 @@ def _fmt(x: Any) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
 
 
-def render_markdown(doc: dict[str, Any]) -> str:
-    """A readable summary of ``metrics.json``."""
+def render_markdown(doc: dict[str, Any], *, explanation: dict[str, Any] | None = None,
+                    explanation_error: str = "") -> str:
+    """A readable summary of ``metrics.json``, with the run's global explanation when it has one.
+
+    Parameters
+    ----------
+    doc : the run's ``metrics.json``.
+    explanation : the run's ``explanation.json`` (:func:`server.explanation_doc.read_explanation`), or None.
+    explanation_error : why ``explanation.json`` could not be read ("" when it could or there is none).
+    """
     lines = ["| model | " + " | ".join(METRIC_NAMES) + " |", "|---|" + "---|" * len(METRIC_NAMES)]
     for name, m in doc["models"].items():
         lines.append(f"| {name} | " + " | ".join(f"{_fmt(m[k])} [{_fmt(m['ci'][k][0])}, {_fmt(m['ci'][k][1])}]"
@@ -306,6 +319,7 @@ def render_markdown(doc: dict[str, Any]) -> str:
         lines.append(f"Refused by {site}: {why}")
     if doc["missing_sites"]:
         lines.append("Sites that left the run: " + "; ".join(f"{s} ({r})" for s, r in doc["missing_sites"].items()))
+    lines += explanation_markdown(explanation, explanation_error)
     return "\n".join(lines) + "\n"
 
 
@@ -373,9 +387,10 @@ def _counts(counts: list[int] | None, classes: list[str]) -> str:
 
 
 def write_report(run_dir: Path, doc: dict[str, Any]) -> None:
-    """Write ``metrics.json`` and ``metrics.md`` atomically."""
+    """Write ``metrics.json`` and ``metrics.md`` atomically (``metrics.md`` with ``explanation.json``, if any)."""
+    explanation, error = read_explanation(run_dir)
     write_text_atomic(run_dir / "metrics.json", json.dumps(doc, indent=2, default=json_default))
-    write_text_atomic(run_dir / "metrics.md", render_markdown(doc))
+    write_text_atomic(run_dir / "metrics.md", render_markdown(doc, explanation=explanation, explanation_error=error))
 
 
 def write_failed_report(run_dir: Path, state: RunState, settings: RunSettings, *, reason: str) -> None:

@@ -2,8 +2,9 @@
 
 Built from ``metrics.json`` and ``pooled_stats.npz`` (the summed test statistics) alone: ROC
 curves of every model on the pooled test sets, metrics with intervals, per-site results, the
-privacy spend of each site over the CNN rounds, and the run's exchanges. Figures are inline
-PNGs, so the file can be mailed or archived on its own.
+privacy spend of each site over the CNN rounds, and the run's exchanges; with the global
+explanation when the run wrote ``explanation.json`` (:mod:`server.report_explanation`). Figures
+are inline PNGs, so the file can be mailed or archived on its own.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 from common.files import write_text_atomic
 from common.metrics import METRIC_NAMES, EvalStats, calibration_points, pr_points, roc_points
 from server.phases import MODELS
-from server.report import alone_missing_note, best_alone_rule, fallback_note, warm_start_note
+from server.report import CHARGED_PHASES, alone_missing_note, best_alone_rule, fallback_note, warm_start_note
 
 
 POOLED_STATS = "pooled_stats.npz"
@@ -136,7 +137,7 @@ def privacy_figure(doc: dict[str, Any]) -> str | None:
     for r in doc["rounds"]:
         if r.get("phase") == "cnn":
             spent = {site: m["epsilon"] for site, m in r["sites"].items() if "epsilon" in m}
-        elif r.get("phase") in ("moments", "glm", "meta", "validation", "evaluate"):
+        elif r.get("phase") in CHARGED_PHASES:
             spent = dict(r.get("epsilon", {}))
         else:
             continue
@@ -273,6 +274,9 @@ def _site_alone_section(doc: dict[str, Any]) -> str:
 def render_run_report(run_dir: Path, *, title: str = "genofed run", preamble: str = "",
                       out: Path | None = None) -> Path:
     """Write ``out`` (default ``run_dir/report.html``) from the run's metrics and pooled statistics."""
+    # Imported here: report_explanation draws with this module's figure helpers.
+    from server.report_explanation import explanation_section
+
     doc = json.loads((run_dir / "metrics.json").read_text())
     pooled = load_pooled_stats(run_dir)
     s = doc["settings"]
@@ -293,6 +297,7 @@ border-left:4px solid #4a7bd0}}img{{margin:.5em 1em .5em 0}}</style></head><body
 {f'<img alt="privacy spend" src="data:image/png;base64,{privacy_png}">' if privacy_png else ''}
 <h2>Per site</h2>{_sites_table(doc)}
 {_site_alone_section(doc)}
+{explanation_section(run_dir, run_id=doc['run']['run_id'])}
 {f'<h2>Sites that left the run</h2><ul>{missing}</ul>' if missing else ''}
 {f'<h2>Refused by the sites (their own privacy policies)</h2><ul>{refused}</ul>' if refused else ''}
 <h2>Privacy</h2><p class="note">{html.escape(doc['privacy_note'])}</p>

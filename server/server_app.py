@@ -1,7 +1,7 @@
 """The coordinator's Flower ServerApp: runs the phases of :mod:`server.phases` and writes the run directory.
 
 Run directory (``run-dir`` in the run config, an absolute path): ``metrics.json``,
-``metrics.md``, ``report.html``, ``pooled_stats.npz``, ``run.log``, ``events.jsonl`` and
+``metrics.md``, ``report.html``, ``explanation.json``, ``pooled_stats.npz``, ``run.log``, ``events.jsonl`` and
 ``checkpoints/``. With ``resume = true`` the
 run continues from the last checkpoint in that directory, under the same genofed run id.
 """
@@ -34,6 +34,7 @@ from server.phases import (
     state_from_dict,
     state_to_dict,
 )
+from server.explanation_phase import run_explanations
 from server.report import build_metrics, write_failed_report, write_report
 from server.runlog import RunLog
 from common.settings import RunSettings
@@ -105,7 +106,9 @@ def _run(grid: Grid, settings: RunSettings, run_dir: Path | None, log: RunLog, s
     if state.phase == "threshold":
         run_thresholds(grid, settings, state, log, weights)
         checkpoint(weights)
-    # Phase 5, explanations, goes here: sites' clipped, noised summaries -> global explanation.
+    if state.phase == "explain":
+        run_explanations(grid, settings, state, log, weights)
+        checkpoint(weights)
     evaluation = run_evaluation(grid, settings, state, log, weights)
     timing = {"total_s": round(time.monotonic() - started, 2),
               "exchange_s": round(sum(r.get("seconds", 0.0) for r in state.rounds), 2)}

@@ -147,3 +147,78 @@ def test_a_planted_motifs_attribution_is_read_back_with_its_position() -> None:
     assert best["kmer"] == "GGATCC" and best["score"] > 0 and best["positions"][0] <= 30 <= best["positions"][1]
     more = motif_sums(np.vstack([codes, codes[:1]]), np.vstack([profile, 100 * profile[:1]]), layout, clip=1.0)
     assert np.linalg.norm(more - sums) <= 1.0 + 1e-9
+
+
+def test_public_feature_labels_hide_site_resolved_names_and_group_like_the_forest(site) -> None:
+    """The coordinator's labels name site-resolved lists by position only, in the order the site
+    groups its own forest columns; the site maps them back to its names."""
+    from client.handlers import public_schema
+    from common.explanation import feature_layout
+    from common.tabular import shared_columns
+
+    data, _, _, names = site
+    schema = data.schema
+    public, named = feature_layout(public_schema(schema)), feature_layout(schema, named=True)
+    assert len(public.names) == len(named.names) and len(named.column_feature) == shared_columns(schema).width
+    assert public.names[0] == "variant#1" and named.names[0].startswith("variant:")
+    assert not any(n.startswith(("variant:", "omics:", "events:")) for n in public.names)
+    assert "clinical:smoker" in public.names and "kmer:ACG" in public.names
+    columns = [n.replace(":", "=") if n.startswith("pos") else n for n in names]
+    grouped = ExplanationFeatures.from_columns(columns, categorical=[*data.frame.categorical_names,
+                                                                     *{c.split("=")[0] for c in columns
+                                                                       if c.startswith("pos")}])
+    assert grouped.names == named.names and (grouped.column_feature == named.column_feature).all()
+
+
+def test_unit_scaled_patients_weigh_the_same_and_bound_the_release() -> None:
+    phi = np.array([[[3.0, 4.0]], [[0.03, 0.04]], [[0.0, 0.0]]])
+    scaled = clip_patients(phi, clip=1.0, normalize=True)
+    np.testing.assert_allclose(scaled[:2], [[[0.6, 0.8]], [[0.6, 0.8]]])
+    assert (scaled[2] == 0).all()
+    from common.explanation import summary_sensitivity
+
+    shapes = {"forest.signed": (1, 3), "forest.abs": (1, 3), "motifs.dna": (1, 16, 2), "shares": (3,)}
+    assert summary_sensitivity(shapes, clip=1.0) == pytest.approx(np.sqrt(2 + 1 + 1))
+
+
+def test_the_global_explanation_ranks_weights_and_draws_motif_logos() -> None:
+    from common.explanation import MotifLayout, global_explanation
+
+    schema = {"label": {"classes": ["a", "b"]}, "clinical": {"numeric": ["age", "bmi"], "categorical": {}},
+              "omics": {"features": 2}}
+    sums = {"forest.signed": np.array([[0.0, 0.0, 1.0, -2.0]]), "forest.abs": np.array([[1.0, 3.0, 2.0, 4.0]]),
+            "logreg.signed": np.array([[0.0, 6.0, 0.0, 0.0]]), "logreg.abs": np.array([[0.0, 6.0, 0.0, 0.0]]),
+            "shares": np.array([0.0, 1.0, 1.0])}
+    layout = MotifLayout(k=2, bins=1, length=10)
+    motifs = np.zeros((1, 16, 1))
+    motifs[0, 2, 0] = 5.0   # AG
+    motifs[0, 3, 0] = 1.0   # AT: one mismatch from AG
+    doc = global_explanation({**sums, "motifs.dna": motifs}, schema=schema, classes=["a", "b"], patients=2,
+                             motifs=layout, run_id="r")
+    assert [f["feature"] for f in doc["models"]["forest"]["features"][:2]] == ["clinical:bmi", "omics#2"]
+    # Equal shares: omics#2 has half the forest's and all the GLM's evidence.
+    assert doc["features"][0]["feature"] == "omics#2" and doc["features"][0]["importance"] == pytest.approx(0.5 * 0.3 + 0.5)
+    assert doc["shares"] == {"cnn": 0.0, "forest": 0.5, "logreg": 0.5}
+    top = doc["motifs"][0]
+    assert top["kmer"] == "AG" and top["score"] == pytest.approx(2.5)
+    assert top["matrix"][1] == [0.0, 0.0, 5.0, 1.0] and top["matrix"][0] == [5.0, 0.0, 0.0, 0.0]
+
+
+def test_an_explanation_epsilon_above_the_policy_is_refused_unless_explanations_are_off() -> None:
+    from client.privacy.policy import SitePolicy, check_request
+    from common.settings import RunSettings
+
+    policy = SitePolicy(max_run_epsilon=2.0)
+    assert any("explanation-epsilon 3" in r for r in check_request(policy, RunSettings(epsilon=1.0, meta_epsilon=1.0,
+                                                                                        explanation_epsilon=3.0)))
+    assert not check_request(policy, RunSettings(epsilon=1.0, explanation_epsilon=3.0, explain=False))
+
+
+def test_the_explanation_contract_declares_every_summary_and_refuses_more() -> None:
+    from client.privacy.egress import contract_for, observe
+
+    contract = contract_for("query.explain", dp=True, n_classes=2, summary_shapes={"shares": (3,)})
+    ok = {"summary": {"shares": observe(np.zeros(3))}, "metrics": {"epsilon": observe(1.0)}}
+    assert contract.violations(ok) == []
+    extra = {"summary": {"shares": observe(np.zeros(3)), "patient-17": observe(np.zeros(3))}}
+    assert contract.violations(extra) == ["undeclared key summary.patient-17"]

@@ -92,7 +92,8 @@ def _site_vaults(sites: Path) -> list[tuple[str, Vault]]:
 def test_run_writes_metrics_with_one_exchange_per_round(sites: Path, tmp_path: Path) -> None:
     doc, grid = _run(sites, tmp_path / "run", dp=False, glm_rounds=8)
     # census, moments, CNN rounds, GLM rounds (until converged), meta rounds, validation, evaluation
-    assert grid.exchanges == 2 + FAST["cnn_rounds"] + doc["glm"]["rounds"] + doc["meta"]["rounds"] + 2
+    # ... then validation, explanation and evaluation
+    assert grid.exchanges == 2 + FAST["cnn_rounds"] + doc["glm"]["rounds"] + doc["meta"]["rounds"] + 3
     assert set(doc["thresholds"]) == set(doc["models"]) and "Youden" in doc["thresholds"]["hybrid"]["rule"]
     assert doc["glm"]["converged"] and doc["glm"]["rounds"] <= 8
     on_disk = json.loads((tmp_path / "run" / "metrics.json").read_text())
@@ -103,10 +104,13 @@ def test_run_writes_metrics_with_one_exchange_per_round(sites: Path, tmp_path: P
     assert set(on_disk["sites"]) == {"site-1", "site-2", "site-3"}
     assert on_disk["missing_sites"] == {}
     report = (tmp_path / "run" / "report.html").read_text()
-    assert "Pooled test metrics" in report and report.count("data:image/png;base64,") == 3  # ROC, PR, calibration (no DP: no spend)
+    before_explanation = report.split("<h2>Explanation</h2>")[0]
+    assert "Pooled test metrics" in report and before_explanation.count("data:image/png;base64,") == 3  # ROC, PR, calibration (no DP: no spend)
+    assert "<h2>Explanation</h2>" in report and (tmp_path / "run" / "explanation.json").is_file()
     assert len(re.findall(r"CNN round \d/2: 3 updates aggregated", (tmp_path / "run" / "run.log").read_text())) == 2
     for _, vault in _site_vaults(sites):
         assert CNN_ROLE in vault.roles and "model/meta" in vault.roles
+        assert "model/explanation" in vault.roles  # the global explanation, stored with the final models
 
 
 def _union_predictions(sites: Path, meta_coef: list[float], split: str) -> tuple[np.ndarray, dict, np.ndarray]:
@@ -275,7 +279,8 @@ def test_dp_run_charges_noised_meta_statistics_to_every_ledger(sites: Path, tmp_
     assert "epsilon spent per site" in (tmp_path / "run" / "run.log").read_text()
     from server.report_html import privacy_figure
 
-    assert (tmp_path / "run" / "report.html").read_text().count("data:image/png;base64,") == 4  # ROC, PR, calibration, spend
+    report = (tmp_path / "run" / "report.html").read_text().split("<h2>Explanation</h2>")[0]
+    assert report.count("data:image/png;base64,") == 4  # ROC, PR, calibration, spend
     assert privacy_figure(doc) is not None
 
 

@@ -1,14 +1,16 @@
 """``report.html`` in a real browser: Debian's headless Chromium, driven by Playwright.
 
 A small DP federation (in-process grid, real handlers, vaults and ledgers) writes its run folder;
-``genofed report`` writes the page again; Chromium opens it. Every image must load, the console
-must stay free of errors, and a screenshot of the whole page is saved beside the report.
+``genofed report`` writes the page again; Chromium opens it. Every image must load (the global
+explanation's too), the console must stay free of errors, and a screenshot of the whole page is
+saved beside the report.
 Chromium comes from Debian's ``chromium`` package (``make test`` installs it when missing):
 Playwright's own browser download is not reachable from the machines genofed is tested on.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from simulations.cli import main
 from simulations.site_layout import split_cohort
 from simulations.synthetic import write_synthetic_cohort
 from tests.local_grid import LocalGrid, node_configs
+from tests.test_report_explanation import fake_explanation
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -36,7 +39,10 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
                  vaults=True, show_progress=False)
     run = RunSettings(run_dir=str(root / "run"), cnn_rounds=2, local_epochs=1, forest_trees=20, meta_rounds=1,
                       wait_timeout=2.0, round_timeout=120.0)  # DP, noised statistics: every figure of the page
-    run_federation(LocalGrid(client_app, node_configs(root / "sites"), run_config=run.to_run_config()), run)
+    doc = run_federation(LocalGrid(client_app, node_configs(root / "sites"), run_config=run.to_run_config()), run)
+    explanation = root / "run" / "explanation.json"
+    if not explanation.is_file():  # a run that explains writes its own; else a hand-written one, for the page
+        explanation.write_text(json.dumps({**fake_explanation(), "run_id": doc["run"]["run_id"]}))
     return root / "run"
 
 
@@ -65,6 +71,9 @@ def test_report_opens_in_chromium_with_every_image_and_no_console_error(run_dir:
     assert title == "browser test"
     alts = {i["alt"] for i in images}
     assert {"ROC curves", "precision-recall curves", "calibration", "privacy spend"} <= alts, alts  # a DP run: all
+    for kind in ("global SHAP forest", "attribution profile ", "motif logo "):  # the global explanation, drawn
+        assert any(a.startswith(kind) for a in alts), (kind, alts)
+    assert "could not be read" not in page_path.read_text()
     assert all(i["loaded"] for i in images), images
     assert errors == []
     assert shot.stat().st_size > 20_000

@@ -128,7 +128,7 @@ SCALAR_METRICS = {"num-examples": Field("int"), "handler-seconds": Field("float"
 def contract_for(message_type: str, *, dp: bool, n_classes: int, model_shapes: Mapping[str, tuple[int, ...]]
                  | None = None, meta_dim: int = 0, warm_start: bool = False,
                  stats_shapes: Mapping[str, tuple[int, ...]] | None = None, n_columns: int = 0,
-                 glm_dim: int = 0) -> EgressContract:
+                 glm_dim: int = 0, summary_shapes: Mapping[str, tuple[int, ...]] | None = None) -> EgressContract:
     """The contract of a reply to ``message_type``.
 
     Parameters
@@ -141,6 +141,8 @@ def contract_for(message_type: str, *, dp: bool, n_classes: int, model_shapes: M
     stats_shapes : the released test-statistics arrays, name -> shape (``evaluate``).
     n_columns : the shared preprocessing's column count (``query.moments``).
     glm_dim : the GLM's flat coefficient count (``train.glm``).
+    summary_shapes : the explanation release's arrays, name -> shape (``query.explain``,
+        :func:`common.explanation.summary_shapes`).
     """
     if message_type == "query.census":
         return EgressContract(message_type, _census(n_classes))
@@ -167,6 +169,10 @@ def contract_for(message_type: str, *, dp: bool, n_classes: int, model_shapes: M
         stats = {name: Field("array", tuple(shape), dtype="i") for name, shape in (stats_shapes or {}).items()}
         metrics = {**SCALAR_METRICS, "epsilon": Field("float"), "noise-std": Field("float")}
         return EgressContract(message_type, {"stats": stats, "metrics": metrics})
+    if message_type == "query.explain":
+        summary = {name: Field("array", tuple(shape)) for name, shape in (summary_shapes or {}).items()}
+        metrics = {**SCALAR_METRICS, "epsilon": Field("float"), "noise-std": Field("float")}
+        return EgressContract(message_type, {"summary": summary, "metrics": metrics})
     raise EgressViolation(f"no egress contract for message type {message_type!r}: the site answers none")
 
 

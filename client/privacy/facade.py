@@ -172,7 +172,7 @@ class SitePrivacy:
 
         The shared preprocessing's moments, DP-SGD over ``cnn-rounds`` x ``local-epochs`` epochs
         (Poisson rate 1 / batches), the GLM's noised gradient, the meta-classifier
-        statistics over ``meta-rounds``, and, when noised, one validation-statistics release (the
+        statistics over ``meta-rounds``, the explanation summary (``explain``), and, when noised, one validation-statistics release (the
         operating thresholds and the stacking fallback, for any number of classes) and one
         test-statistics release. Calibrated with the ledger's accounting, which needs no more noise than
         training's, so what is charged later is at most this plan.
@@ -191,6 +191,9 @@ class SitePrivacy:
                                  run_id=self._run_id, count=s.glm_fit_rounds)]
         plan.append(Release.gaussian(noise_multiplier=self.meta_noise_multiplier(), label="meta-statistics",
                                      run_id=self._run_id, count=s.meta_rounds))
+        if s.explain:
+            plan.append(Release.gaussian(noise_multiplier=self.explanation_noise_multiplier(), label="explanation",
+                                         run_id=self._run_id))
         return plan + self._test_plan()
 
     def _test_plan(self) -> list[Release]:
@@ -238,6 +241,10 @@ class SitePrivacy:
         """Noise multiplier of each GLM round's release (``glm-epsilon`` over the DP run's GLM rounds)."""
         s = self._settings
         return gaussian_noise_multiplier(epsilon=s.glm_epsilon, delta=self.delta, count=s.glm_fit_rounds)
+
+    def explanation_noise_multiplier(self) -> float:
+        """Noise multiplier of the one explanation release (``explanation-epsilon``)."""
+        return gaussian_noise_multiplier(epsilon=self._settings.explanation_epsilon, delta=self.delta)
 
     def test_noise_multiplier(self) -> float:
         """Noise multiplier of the one noised test-statistics release (``test-epsilon``)."""

@@ -135,7 +135,8 @@ def check_request(policy: SitePolicy, settings: RunSettings) -> list[str]:
         if settings.delta > policy.delta:
             reasons.append(f"the run asks for delta {settings.delta:g}, above the site's delta {policy.delta:g}")
         for key, value in (("epsilon", settings.epsilon), ("meta-epsilon", settings.meta_epsilon),
-                           ("moments-epsilon", settings.moments_epsilon), ("glm-epsilon", settings.glm_epsilon)):
+                           ("moments-epsilon", settings.moments_epsilon), ("glm-epsilon", settings.glm_epsilon),
+                           *((("explanation-epsilon", settings.explanation_epsilon),) if settings.explain else ())):
             if value > policy.max_run_epsilon:
                 reasons.append(f"the run asks for {key} {value:g}, above the site's max-run-epsilon "
                                f"{policy.max_run_epsilon:g}")
