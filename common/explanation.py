@@ -178,19 +178,22 @@ def top_motifs(sums: np.ndarray, layout: MotifLayout, *, n_patients: int, top: i
 
     A motif's score is its attribution summed over position bins, per patient (``n_patients``:
     the records the sums cover); it is reported at the bin where most of that attribution sits.
-    For a binary model the one output is class 1's log-odds: positive scores raise the risk,
-    negative ones lower it; motifs are ranked by the size of their score.
+    For a binary model the one output is class 1's log-odds, otherwise each class's
+    log-probability: positive scores are evidence for the output, negative ones against it.
+    Motifs are ranked by their score, evidence for the output first: what a motif logo of a class
+    should show (a donor site's GT for the donor class, not the donor GT that speaks against an
+    acceptor).
     """
     sums = np.asarray(sums, dtype=np.float64)
     names = output_names or [f"output {i}" for i in range(sums.shape[0])]
     found = []
     for o, per_key in enumerate(sums):
         score = per_key.sum(axis=1) / max(n_patients, 1)
-        for key in np.argsort(-np.abs(score), kind="stable")[:top]:
+        for key in np.argsort(-score, kind="stable")[:top]:
             b = int(np.argmax(np.abs(per_key[key])))
             first, last = layout.bin_range(b)
             found.append({"output": names[o], "kmer": kmer_string(int(key), layout.k), "score": float(score[key]),
-                          "positions": [first, last + layout.k - 1], "bin": b})
+                          "positions": [first + 1, last + layout.k], "bin": b})
     return found
 
 

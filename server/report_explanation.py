@@ -172,8 +172,8 @@ def _motifs_part(expl: dict[str, Any]) -> str:
         return ""
     return ("<h3>Motifs the deep model relies on</h3>" + "".join(imgs)
             + "<p><small>Sequence logos of the strongest k-mers per output: letter height is the attribution mass at "
-            "each position of the k-mers within one mismatch of the motif; positions: the stretch of the track (k-mer "
-            "starts) the motif's attribution was summed over.</small></p>")
+            "each position of the k-mers within one mismatch of the motif; positions: the stretch of the track (1-based "
+            "bases) that the k-mers of the motif's position bin cover.</small></p>")
 
 
 def _shares_part(expl: dict[str, Any]) -> str:

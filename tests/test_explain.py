@@ -144,7 +144,7 @@ def test_a_planted_motifs_attribution_is_read_back_with_its_position() -> None:
     sums = motif_sums(codes, profile, layout, clip=1.0)
     assert sums.shape == (1, 4**6, 4)
     best = top_motifs(sums, layout, n_patients=n, top=1)[0]
-    assert best["kmer"] == "GGATCC" and best["score"] > 0 and best["positions"][0] <= 30 <= best["positions"][1]
+    assert best["kmer"] == "GGATCC" and best["score"] > 0 and best["positions"][0] <= 31 <= best["positions"][1]  # 1-based
     more = motif_sums(np.vstack([codes, codes[:1]]), np.vstack([profile, 100 * profile[:1]]), layout, clip=1.0)
     assert np.linalg.norm(more - sums) <= 1.0 + 1e-9
 

@@ -37,3 +37,11 @@ def test_federated_hybrid_matches_pooled_on_splice(tmp_path: Path) -> None:
     fed = json.loads((tmp_path / "fed" / "metrics.json").read_text())["models"]
     assert fed["hybrid"]["auc"] == pytest.approx(pooled["hybrid"]["auc"], abs=0.01)
     assert fed["cnn"]["auc"] == pytest.approx(pooled["cnn"]["auc"], abs=0.01)  # FedAvg reaches the pooled CNN
+    # The deep model's motifs are the splice consensus at the exon-intron boundary (between the 30th and
+    # 31st base): the donor's GT for the donor class (EI), the acceptor's AG for the acceptor class (IE).
+    motifs = json.loads((tmp_path / "fed" / "explanation.json").read_text())["motifs"]
+    at_boundary = {out: [m["kmer"] for m in motifs if m["output"] == out and m["positions"][0] <= 30 < m["positions"][1]]
+                   for out in ("EI", "IE")}
+    donor = [m for m in motifs if m["output"] == "EI"]
+    assert "GT" in donor[0]["kmer"] and donor[0]["kmer"] in at_boundary["EI"], donor[:3]
+    assert any("AG" in k for k in at_boundary["IE"]), at_boundary["IE"]
