@@ -11,8 +11,9 @@ once per run, clipped sums of its patients' attributions (:mod:`client.explain`)
 
 Each patient's array is scaled to unit L2 norm per summary (:data:`UNIT`): every patient weighs the
 same whatever the scale of a model's output (probability or log-odds), and one patient moves the
-whole release by at most :func:`common.explanation.summary_sensitivity`; under DP every entry gets
-Gaussian noise for ``explanation-epsilon``, charged to the ledger before anything is computed.
+whole weighted release by at most :func:`common.explanation.summary_sensitivity`; under DP every
+entry gets Gaussian noise for ``explanation-epsilon`` (less on the feature rankings' absolute sums,
+:data:`common.explanation.SUMMARY_WEIGHTS`), charged to the ledger before anything is computed.
 Per-patient attributions never leave: only these sums do, each declared in the egress contract.
 """
 
@@ -49,7 +50,7 @@ def explain(site: SiteRef, cnn_weights: dict[str, np.ndarray], shared: dict[str,
     from client.pipeline import SiteData
     from client.privacy.egress import contract_for
     from client.privacy.ledger import Release
-    from common.explanation import motif_layout, summary_sensitivity, summary_shapes
+    from common.explanation import motif_layout, summary_noise_sd, summary_sensitivity, summary_shapes
 
     vault, cohort = _load(site)
     privacy = _privacy(vault, site, cohort, settings, facts)
@@ -72,9 +73,11 @@ def explain(site: SiteRef, cnn_weights: dict[str, np.ndarray], shared: dict[str,
         rng = np.random.default_rng(privacy.release(release, purpose="explanation"))
     sums = _attribution_sums(vault, cohort, data, cnn_weights, shared, settings, facts, privacy, motifs)
     if rng is not None:
-        sd = sigma * summary_sensitivity(shapes, clip=UNIT)
-        sums = {name: _noised(name, value, sd, rng) for name, value in sums.items()}
-        metrics |= {"epsilon": float(privacy.ledger.spent_epsilon()), "noise-std": float(sd)}
+        sds = summary_noise_sd(shapes, clip=UNIT, noise_multiplier=sigma)
+        sums = {name: _noised(name, sums[name], sds[name], rng) for name in sorted(sums)}
+        # The noise of a summary of unit weight (the rankings' absolute sums get less: SUMMARY_WEIGHTS).
+        metrics |= {"epsilon": float(privacy.ledger.spent_epsilon()),
+                    "noise-std": float(sigma * summary_sensitivity(shapes, clip=UNIT))}
     vault.update({role: release_blob(sums, metrics, request="one-per-run")})
     return HandlerReply({"summary": ("array", sums), "metrics": ("metric", metrics)}, contract, privacy)
 

@@ -244,12 +244,29 @@ def summary_shapes(schema: dict[str, Any], *, n_classes: int, model_config: dict
     return shapes
 
 
+SUMMARY_WEIGHTS = {"forest.abs": 3.0, "logreg.abs": 3.0, "forest.signed": 0.5, "logreg.signed": 0.5}
+"""How the budget is shared among the summaries (a summary of weight w gets noise ``1 / w`` times
+that of a summary of weight 1). The feature rankings' absolute sums, the explanation's headline,
+get the most; their signed sums, read only for the sign of the top features, the least. Against
+equal weights this cuts the rankings' noise from 2.83 to 1.58 noise multipliers and raises the
+others' from 2.83 to 4.74 (one DNA track)."""
+
+
+def summary_weight(name: str) -> float:
+    return SUMMARY_WEIGHTS.get(name, 1.0)
+
+
 def summary_sensitivity(shapes: dict[str, tuple[int, ...]], *, clip: float) -> float:
-    """L2 sensitivity of the whole release: one patient's clipped array per summary moves a
-    signed/absolute pair by ``sqrt(2) clip`` and a single sum by ``clip``."""
-    pairs = sum(1 for name in shapes if name.endswith(".signed"))
-    singles = sum(1 for name in shapes if not name.endswith((".signed", ".abs")))
-    return clip * float(np.sqrt(2 * pairs + singles))
+    """L2 sensitivity of the whole weighted release: one patient's clipped array moves each summary by
+    at most ``clip``, and the release holds every summary times its weight (:data:`SUMMARY_WEIGHTS`)."""
+    return clip * float(np.sqrt(sum(summary_weight(name) ** 2 for name in shapes)))
+
+
+def summary_noise_sd(shapes: dict[str, tuple[int, ...]], *, clip: float, noise_multiplier: float) -> dict[str, float]:
+    """The noise each summary gets: the Gaussian mechanism on the weighted release (noise
+    ``noise_multiplier`` times its sensitivity), read back on each summary's own scale."""
+    sd = noise_multiplier * summary_sensitivity(shapes, clip=clip)
+    return {name: sd / summary_weight(name) for name in shapes}
 
 
 def global_explanation(sums: dict[str, np.ndarray], *, schema: dict[str, Any], classes: Sequence[str],

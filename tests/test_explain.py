@@ -178,7 +178,12 @@ def test_unit_scaled_patients_weigh_the_same_and_bound_the_release() -> None:
     from common.explanation import summary_sensitivity
 
     shapes = {"forest.signed": (1, 3), "forest.abs": (1, 3), "motifs.dna": (1, 16, 2), "shares": (3,)}
-    assert summary_sensitivity(shapes, clip=1.0) == pytest.approx(np.sqrt(2 + 1 + 1))
+    # SUMMARY_WEIGHTS: forest.abs weighs 3 (a third of the noise), forest.signed 0.5 (twice the noise).
+    assert summary_sensitivity(shapes, clip=1.0) == pytest.approx(np.sqrt(0.25 + 9 + 1 + 1))
+    from common.explanation import summary_noise_sd
+
+    sds = summary_noise_sd(shapes, clip=1.0, noise_multiplier=2.0)
+    assert sds["forest.abs"] == pytest.approx(2 * np.sqrt(11.25) / 3) and sds["shares"] == pytest.approx(2 * np.sqrt(11.25))
 
 
 def test_the_global_explanation_ranks_weights_and_draws_motif_logos() -> None:
