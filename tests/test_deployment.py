@@ -50,8 +50,8 @@ def test_tls_federation_completes_and_writes_the_run_directory(deployment) -> No
     doc = json.loads((run_dir / "metrics.json").read_text())
     assert set(doc["sites"]) == {"site-1", "site-2", "site-3"}
     assert set(doc["privacy"]) == {"site-1", "site-2", "site-3"}
-    # census, moments, CNN, GLM and meta rounds, validation, evaluation
-    assert doc["run"]["exchanges"] == 2 + RUN["cnn-rounds"] + doc["glm"]["rounds"] + doc["meta"]["rounds"] + 2
+    # census, moments, CNN, GLM and meta rounds, validation, explanation, evaluation
+    assert doc["run"]["exchanges"] == 2 + RUN["cnn-rounds"] + doc["glm"]["rounds"] + doc["meta"]["rounds"] + 3
     assert doc["glm"]["rounds"] == 1  # a DP run: the GLM's one noised gradient
     assert all(0.0 <= doc["models"][m]["auc"] <= 1.0 for m in ("hybrid", "cnn", "forest", "logreg"))
     assert (run_dir / "checkpoints" / "latest.json").exists()

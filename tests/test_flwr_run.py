@@ -217,7 +217,7 @@ def test_flwr_run_from_the_repository_root_completes(flwr_home: Path, three_site
     for p in doc["privacy"].values():  # DP-SGD near its target; the ledger adds the meta statistics (epsilon 1)
         assert 0.0 < p["run_epsilon"] <= EPSILON + 0.02
         assert p["run_epsilon"] < p["epsilon"] <= EPSILON + 1.0
-    # census, moments, CNN, GLM and meta rounds, the sites' own models alone, validation, evaluation
-    assert doc["run"]["exchanges"] == 2 + ROUNDS + doc["glm"]["rounds"] + doc["meta"]["rounds"] + 3
+    # census, moments, CNN, GLM and meta rounds, the sites' own models alone, validation, explanation, evaluation
+    assert doc["run"]["exchanges"] == 2 + ROUNDS + doc["glm"]["rounds"] + doc["meta"]["rounds"] + 4
     assert not doc["missing_sites"]
     assert (run_dir / "run.log").is_file() and (run_dir / "run.log").read_text().strip()

@@ -27,8 +27,9 @@ def test_simulation_engine_run_completes(tmp_path: Path, capsys: pytest.CaptureF
                  "--set", "local-epochs=1"]) == 0
     doc = json.loads((out / "metrics.json").read_text())
     assert set(doc["sites"]) == {"site-1", "site-2", "site-3"}
-    # census, moments, CNN round, GLM rounds, meta rounds, the sites' own models alone, validation, evaluation
-    assert doc["run"]["exchanges"] == 2 + 1 + doc["glm"]["rounds"] + doc["meta"]["rounds"] + 3
+    # census, moments, CNN round, GLM rounds, meta rounds, the sites' own models alone, validation, explanation,
+    # evaluation
+    assert doc["run"]["exchanges"] == 2 + 1 + doc["glm"]["rounds"] + doc["meta"]["rounds"] + 4
     assert set(doc["site_alone"]["sites"]) == {"site-1", "site-2", "site-3"}
     for p in doc["privacy"].values():  # DP-SGD near its target; the ledger adds the other releases, composed
         assert 0 < p["run_epsilon"] <= 4.0 + 0.02 and p["run_epsilon"] < p["epsilon"] <= 4.0 + 1.0
