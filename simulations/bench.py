@@ -17,6 +17,9 @@ table the README's "Results" quotes), and prints the table.
 - ``throughput``: training samples per second of genofed's deep model vs the same network in a
   plain PyTorch loop (baseline), and the achieved arithmetic rate vs this machine's float32
   matrix-multiply rate.
+- ``predict``: ``genofed predict``'s milliseconds per patient with the models loaded (median and
+  90th percentile), with and without LIME, against the four models' probabilities alone; the
+  one-off load of a call and a whole CLI call.
 """
 
 from __future__ import annotations
@@ -215,10 +218,52 @@ def bench_throughput(repeats: int, *, quick: bool) -> BenchResult:
     return result
 
 
+def bench_predict(repeats: int, *, quick: bool) -> BenchResult:
+    """``genofed predict`` per patient with the models loaded, the one-off load, and a whole call."""
+    import tempfile
+
+    from simulations.benchmarks import predict_latency
+
+    params = {"sites": 2, "patients_per_site": 150 if quick else 300, "rounds": 1 if quick else 2,
+              "forest_trees": 50 if quick else 200, "timed_patients": 20 if quick else 60,
+              "cli_calls": 1 if quick else 3}
+    result = BenchResult(
+        name="predict", title="genofed predict: milliseconds per patient, models loaded", baseline="probabilities",
+        measures={"median_ms": "median per patient (ms)", "p90_ms": "p90 per patient (ms)",
+                  "once_ms": "once per call (ms)"}, params=params, repeats=repeats,
+        notes=["A synthetic cohort over 2 sites, `genofed simulate` with DP at the defaults "
+               f"({params['rounds']} CNN round(s) of 1 local epoch, {params['forest_trees']} trees), then the first "
+               f"site's first {params['timed_patients']} patients, one after the other, after one untimed "
+               "warm-up call.",
+               "probabilities: the four final models' probabilities for the patient (the baseline); predict: what "
+               "`genofed predict` computes (probabilities, TreeSHAP, the GLM's attributions, integrated gradients "
+               "of the deep model, 64 steps; the global comparison when the vault holds an explanation); "
+               "predict --lime: the same with LIME on the forest (1,000 perturbed records). A patient's work runs "
+               "torch and the BLAS on one thread.",
+               "load: open the vault, decrypt the cohort and the final models, build the model inputs, the "
+               "TreeSHAP explainer and LIME's background, the libraries already imported: once per "
+               "`genofed predict` call, not per patient. "
+               "CLI call: the whole `genofed predict --json` process for one patient (Python start, imports, load, "
+               "prediction)."])
+    with tempfile.TemporaryDirectory() as tmp:
+        sites = predict_latency.make_sites(Path(tmp), patients_per_site=params["patients_per_site"],
+                                           rounds=params["rounds"], forest_trees=params["forest_trees"])
+        for _ in range(repeats):
+            res = predict_latency.run(sites_dir=sites, timed=params["timed_patients"], calls=params["cli_calls"])
+            for variant in predict_latency.VARIANTS:
+                result.samples.setdefault(variant, []).append(
+                    {k: res[variant][k] for k in ("median_ms", "p90_ms")})
+            result.samples.setdefault("load", []).append({"once_ms": res["load_ms"]})
+            result.samples.setdefault("CLI call", []).append({"once_ms": statistics.median(res["cli_s"]) * 1000.0})
+        result.notes.append("The vault held the run's global explanation (the comparison was timed): "
+                            + ("yes." if res["global_explanation"] else "no."))
+    return result
+
+
 BENCHES: Mapping[str, tuple[Callable[..., BenchResult], int]] = {
     "deployment": (bench_deployment, 1), "federation": (bench_federation, 1), "scale": (bench_scale, 1),
     "dp": (bench_dp, 1),
-    "throughput": (bench_throughput, 3)}
+    "throughput": (bench_throughput, 3), "predict": (bench_predict, 3)}
 """Name -> (benchmark, default repeats)."""
 
 
@@ -250,7 +295,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("name", choices=list(BENCHES), metavar="NAME", help="one of: " + ", ".join(BENCHES))
     p.add_argument("--out", type=Path, required=True, help="folder for NAME.json and NAME.md (created)")
     p.add_argument("--repeats", type=int, help="repeats per variant (default: deployment, federation, scale, dp 1; "
-                                              "throughput 3)")
+                                              "throughput, predict 3)")
     p.add_argument("--quick", action="store_true", help="a smaller workload (for trying it; figures not comparable)")
     p.set_defaults(func=bench_command)
 

@@ -21,6 +21,7 @@ genofed: privacy-preserving federated learning for genomic medicine.
 
 Hospital IT:   genofed keygen, genofed vault import|inspect|verify|rekey, genofed supernode
 Privacy:       genofed ledger show|set-budget
+Clinicians:    genofed predict (one patient's predictions and explanations, on site)
 Coordinator:   genofed certs (then flower-superlink / flwr run: see the README)
 Researchers:   genofed cohort synth|split|recipe, genofed evaluate, genofed pretrain,
                genofed simulate, genofed report, genofed demo, genofed bench
@@ -30,7 +31,7 @@ Run `genofed COMMAND --help` for the options of each command."""
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser, with every role's commands registered."""
     # Imported here so that `genofed --help` stays fast and a broken optional part names itself.
-    from client import ledger_cli, supernode_cli, vault_cli
+    from client import ledger_cli, predict_cli, supernode_cli, vault_cli
     from server import certs_cli, report_cli
     from simulations import bench, cohort_cli, demo, evaluate_cli, pretrain, simulate_cli
 
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     vault_cli.register(sub)
     ledger_cli.register(sub)
+    predict_cli.register(sub)
     supernode_cli.register(sub)
     certs_cli.register(sub)
     cohort_cli.register(sub)

@@ -13,6 +13,7 @@ COMMANDS = [
     [], ["keygen"], ["vault"], ["vault", "import"], ["vault", "inspect"], ["vault", "verify"], ["vault", "rekey"],
     ["ledger"], ["ledger", "show"], ["ledger", "set-budget"], ["ledger", "policy"], ["ledger", "egress"], ["certs"], ["cohort"], ["cohort", "synth"],
     ["cohort", "split"], ["cohort", "recipe"], ["evaluate"], ["pretrain"], ["simulate"], ["report"], ["demo"], ["supernode"], ["bench"],
+    ["predict"],
 ]
 
 
