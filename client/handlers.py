@@ -488,16 +488,19 @@ def meta_round(site: SiteRef, cnn_weights: dict[str, np.ndarray], shared: dict[s
 # Phase 4: evaluation and the final models
 
 
-def stats_shapes(n_classes: int, *, test_statistics: str,
-                 models: tuple[str, ...] = MODEL_NAMES) -> dict[str, tuple[int, ...]]:
-    """The released statistics arrays of ``models`` (none when ``test-statistics = none``)."""
+def stats_shapes(n_classes: int, *, test_statistics: str, models: tuple[str, ...] = MODEL_NAMES,
+                 paired: bool = False) -> dict[str, tuple[int, ...]]:
+    """The released statistics arrays of ``models`` (none when ``test-statistics = none``), and with
+    ``paired`` (the test split) the hybrid's discordant counts against each base model."""
     from common.metrics import TEST_BINS
+    from common.paired import PAIRED_WITH, paired_key
 
     if test_statistics == "none":
         return {}
     per_model = {"hist_pos": (TEST_BINS,), "hist_neg": (TEST_BINS,)} if n_classes == 2 else \
         {"confusion": (n_classes, n_classes), "hist_pos": (n_classes, TEST_BINS), "hist_neg": (n_classes, TEST_BINS)}
-    return {f"{m}.{key}": shape for m in models for key, shape in per_model.items()}
+    shapes = {f"{m}.{key}": shape for m in models for key, shape in per_model.items()}
+    return shapes | ({paired_key(m): (2,) for m in PAIRED_WITH} if paired else {})
 
 
 def validation(site: SiteRef, cnn_weights: dict[str, np.ndarray], shared: dict[str, np.ndarray],
@@ -532,7 +535,8 @@ def _statistics_reply(site: SiteRef, cnn_weights: dict[str, np.ndarray], shared:
     contract = contract_for(message_type, dp=settings.dp, n_classes=k,
                             stats_shapes=stats_shapes(k, test_statistics=settings.test_statistics,
                                                       models=released_models(site_alone=settings.site_alone,
-                                                                             split=split)))
+                                                                             split=split),
+                                                      paired=split == "test" and settings.paired_tests))
     role = run_role(facts.run_id, "evaluate-release" if split == "test" else "validation-release")
     if again := stored_release(vault, role, request="one-per-run"):
         return HandlerReply({"stats": ("array", again[0]), "metrics": ("metric", again[1])}, contract, privacy)
@@ -569,19 +573,39 @@ def _released_statistics(vault: Any, cohort: Any, cnn_weights: dict[str, np.ndar
     models = tuple(m for m in released_models(site_alone=settings.site_alone, split=split) if m in proba)
     arrays = {f"{name}.{key}": value for name in models
               for key, value in released_arrays(compute_stats(y, proba[name], n_classes=k, n_bins=TEST_BINS)).items()}
+    paired = _discordant_counts(y, proba, facts) if split == "test" and settings.paired_tests else {}
     if settings.test_statistics == "noised":
+        from common.paired import PAIRED_WEIGHT
+
         sigma = privacy.test_noise_multiplier()
-        sensitivity = released_sensitivity(n_classes=k, n_models=len(models))
+        # One patient adds 1 to at most one discordant count per pair; the counts enter the one
+        # release at PAIRED_WEIGHT, so they cost the histograms little and carry 1 / weight of their noise.
+        sensitivity = math.sqrt(released_sensitivity(n_classes=k, n_models=len(models)) ** 2
+                                + len(paired) * PAIRED_WEIGHT**2)
         seed = privacy.release(Release.gaussian(noise_multiplier=sigma, label=f"{split}-statistics",
                                                 run_id=facts.run_id), purpose=f"{split}-statistics")
+        rng = np.random.default_rng(seed)
         # Post-processing with the class counts the census already released: each noised
         # histogram is projected onto the counts it must hold (fewer phantom patients than clipping).
         per_model = released_totals(np.bincount(y, minlength=k))
         totals = {f"{name}.{key}": total for name in models for key, total in per_model.items()}
-        arrays = noised_release(arrays, sensitivity=sensitivity, noise_multiplier=sigma,
-                                rng=np.random.default_rng(seed), totals=totals)
+        arrays = noised_release(arrays, sensitivity=sensitivity, noise_multiplier=sigma, rng=rng, totals=totals)
+        paired = {name: np.maximum(np.rint(c + rng.normal(0.0, sigma * sensitivity / PAIRED_WEIGHT, size=c.shape)), 0)
+                  for name, c in sorted(paired.items())}
         metrics |= {"epsilon": float(privacy.ledger.spent_epsilon()), "noise-std": float(sigma * sensitivity)}
+    arrays |= paired
     return {name: np.asarray(a, dtype=np.int64) for name, a in arrays.items()}, metrics
+
+
+def _discordant_counts(y: np.ndarray, proba: dict[str, np.ndarray], facts: RoundFacts) -> dict[str, np.ndarray]:
+    """The hybrid's discordant counts against each base model, at the run's operating thresholds
+    (binary; argmax otherwise): what McNemar's paired test needs, additive over sites."""
+    from common.paired import PAIRED_WITH, discordant_counts, paired_key, predictions
+
+    threshold = dict(zip(MODEL_NAMES, facts.thresholds))
+    hybrid = predictions(proba["hybrid"], threshold=threshold.get("hybrid"))
+    return {paired_key(m): discordant_counts(y, hybrid, predictions(proba[m], threshold=threshold.get(m)))
+            for m in PAIRED_WITH}
 
 
 def train_alone(site: SiteRef, settings: RunSettings, facts: RoundFacts) -> HandlerReply:

@@ -80,6 +80,7 @@ class RunSettings:
     init_from: str = ""              # start the deep model from an earlier run directory or checkpoint file
     hold_out_site: str = ""          # a site that does not train and joins only the evaluation
     site_alone: bool = True          # each site also trains its own models alone and reports them (what federation bought)
+    paired_tests: bool = True        # sites also release the hybrid's discordant counts against each base model (McNemar)
     explain: bool = True             # phase 5: a global explanation from the sites' clipped, noised attribution sums
     explanation_epsilon: float = 1.0  # under DP: the epsilon of each site's one explanation release
     explanation_patients: int = 300  # each site explains at most this many validation patients (a seeded sample)

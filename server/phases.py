@@ -612,7 +612,7 @@ def run_evaluation(grid: Grid, settings: RunSettings, state: RunState, log: RunL
     log.event("evaluate", seconds=res.seconds, sites=sorted(per_site))
     state.phase = "done"
     log.info(f"evaluation: {len(per_site)} sites returned test statistics; final models stored at every site")
-    return {"pooled": pooled, "sites": per_site}
+    return {"pooled": pooled, "sites": per_site, "paired": paired_tests(per_site, state.held_out)}
 
 
 def _stacking_fallback(state: RunState, pooled: dict[str, Any], n_classes: int, *,
@@ -704,13 +704,13 @@ def _statistics_exchange(grid: Grid, settings: RunSettings, state: RunState, log
         site, reply = state.site_of(node), res.replies[node]
         metrics = dict(reply.content.metric_records["metrics"])
         try:
-            stats = _site_stats(reply, k)
+            stats, paired = _site_stats(reply, k), _site_paired(reply)
         except ValueError as exc:
             state.excluded.setdefault(site, f"{where}: statistics rejected: {exc}")
             log.warning(f"{where}: statistics of site {site} rejected: {exc}")
             continue
         per_site[site] = {"n": int(metrics.get("num-examples", 0)), "noise_std": float(metrics.get("noise-std", 0.0)),
-                          "epsilon": float(metrics.get("epsilon", 0.0)), "stats": stats}
+                          "epsilon": float(metrics.get("epsilon", 0.0)), "stats": stats, "paired": paired}
         if site == state.held_out:
             continue
         for name, st in stats.items():
@@ -731,12 +731,50 @@ def _site_stats(reply: Any, n_classes: int) -> dict[str, Any]:
     arrays = from_record(reply.content.array_records["stats"]) if "stats" in reply.content.array_records else {}
     by_model: dict[str, dict[str, np.ndarray]] = {}
     for key, value in arrays.items():
+        if key.startswith("paired."):
+            continue  # the discordant counts: _site_paired
         model, _, part = key.partition(".")
         if model not in MODELS + tuple(REDUCED_STACKS) + ALONE_MODELS:
             raise ValueError(f"unknown model {model!r} in test statistics")
         by_model.setdefault(model, {})[part] = value
     return {m: stats_from_released(parts, n_classes=n_classes) for m, parts in by_model.items()}
 
+
+
+def _site_paired(reply: Any) -> dict[str, list[float]]:
+    """One site's released discordant counts of the hybrid against each base model (test split).
+
+    Raises
+    ------
+    ValueError
+        A pair that is not the hybrid against a base model, or not two finite counts.
+    """
+    from common.paired import PAIRED_WITH, paired_key
+
+    arrays = from_record(reply.content.array_records["stats"]) if "stats" in reply.content.array_records else {}
+    out = {}
+    for key, value in arrays.items():
+        if not key.startswith("paired."):
+            continue
+        if key not in {paired_key(m) for m in PAIRED_WITH}:
+            raise ValueError(f"unknown paired comparison {key!r}")
+        if np.shape(value) != (2,) or not np.isfinite(value).all():
+            raise ValueError(f"{key} is not two finite counts")
+        out[key.removeprefix("paired.")] = [float(v) for v in value]
+    return out
+
+
+def paired_tests(per_site: dict[str, dict[str, Any]], held_out: str) -> dict[str, dict[str, Any]]:
+    """McNemar's test of the hybrid against each base model on the summed discordant counts
+    (the held-out site left out, as from every pooled figure)."""
+    from common.paired import mcnemar
+
+    sums: dict[str, np.ndarray] = {}
+    for site, v in per_site.items():
+        if site != held_out:
+            for pair, counts in v.get("paired", {}).items():
+                sums[pair] = sums.get(pair, np.zeros(2)) + np.asarray(counts)
+    return {pair: mcnemar(counts) for pair, counts in sorted(sums.items())}
 
 
 def new_state() -> RunState:

@@ -153,6 +153,7 @@ def build_metrics(evaluation: dict[str, Any], state: RunState, settings: RunSett
         "run": {"run_id": state.run_id, "status": "completed", "exchanges": len(state.rounds), "timing": timing,
                 "classes": state.schema.get("label", {}).get("classes", [])},
         "models": models,
+        "paired_tests": _paired_note(evaluation, settings),
         "sites": {site: _site_metrics(v, state.census.get(site, {})) for site, v in evaluation["sites"].items()
                   if site != state.held_out},
         "site_alone": site_alone_comparison(evaluation, state),
@@ -196,6 +197,17 @@ def _model_roles(state: RunState, settings: RunSettings) -> dict[str, str]:
     elif chosen:
         roles["hybrid"] = f"the {chosen} below (stacking fallback: no stack beat it on validation)"
     return roles
+
+
+def _paired_note(evaluation: dict[str, Any], settings: RunSettings) -> dict[str, Any]:
+    """McNemar's test of the hybrid against each base model, on the sites' summed discordant counts."""
+    tests = evaluation.get("paired", {})
+    if not tests:
+        return {}
+    how = {"noised": "noised counts (the test is approximate: each count carries the test statistics' noise)",
+           "exact": "exact counts"}.get(settings.test_statistics, "")
+    return {"test": "McNemar (exact binomial on the discordant patients), at the operating thresholds (binary) or "
+                    "argmax", "counts": how, "pairs": tests}
 
 
 def _privacy_note(settings: RunSettings) -> str:
@@ -282,6 +294,7 @@ def render_markdown(doc: dict[str, Any], *, explanation: dict[str, Any] | None =
                          "iterate.")
     if fallback_note(doc):
         lines.append("Note: " + fallback_note(doc))
+    lines += paired_lines(doc)
     lines += ["", "Per site (test AUC, from each site's released statistics; test class counts): " + "; ".join(
         f"{site} ({_counts(m.get('class_counts'), doc['run']['classes'])}): "
         + ", ".join(f"{mod} {_fmt(v.get('auc'))}" for mod, v in m.items() if isinstance(v, dict))
@@ -321,6 +334,24 @@ def render_markdown(doc: dict[str, Any], *, explanation: dict[str, Any] | None =
         lines.append("Sites that left the run: " + "; ".join(f"{s} ({r})" for s, r in doc["missing_sites"].items()))
     lines += explanation_markdown(explanation, explanation_error)
     return "\n".join(lines) + "\n"
+
+
+def paired_rows(doc: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """(comparison, patients only the hybrid classified right, only the other model, p) per pair."""
+    pairs = (doc.get("paired_tests") or {}).get("pairs", {})
+    return [(pair.replace("-vs-", " vs "), str(t["first_only"]), str(t["second_only"]), f"{t['p']:.3g}")
+            for pair, t in pairs.items()]
+
+
+def paired_lines(doc: dict[str, Any]) -> list[str]:
+    """The paired comparison of the models, as markdown."""
+    rows = paired_rows(doc)
+    if not rows:
+        return []
+    pt = doc["paired_tests"]
+    return ["", f"Paired comparison on the pooled test patients: {pt['test']}, from the sites' summed "
+                f"{pt['counts']}.", "", "| comparison | only the hybrid right | only the other right | p |",
+            "|---|---|---|---|", *(f"| {a} | {b} | {c} | {p} |" for a, b, c, p in rows)]
 
 
 def warm_start_note(doc: dict[str, Any]) -> str:

@@ -22,7 +22,7 @@ import numpy as np
 from common.files import write_text_atomic
 from common.metrics import METRIC_NAMES, EvalStats, calibration_points, pr_points, roc_points
 from server.phases import MODELS
-from server.report import CHARGED_PHASES, alone_missing_note, best_alone_rule, fallback_note, warm_start_note
+from server.report import CHARGED_PHASES, alone_missing_note, paired_rows, best_alone_rule, fallback_note, warm_start_note
 
 
 POOLED_STATS = "pooled_stats.npz"
@@ -217,7 +217,22 @@ def _pooled_section(doc: dict[str, Any], pooled: Any) -> str:
             f'<img alt="precision-recall curves" src="data:image/png;base64,{pr_figure(pooled, doc)}">'
             f'<img alt="calibration" src="data:image/png;base64,{calibration_figure(pooled, doc)}">'
             "<p><small>Curves and calibration from the pooled binned statistics (the sites' sums); under noised "
-            "statistics they carry the noise too. Calibration shows bins holding at least 5 patients.</small></p>")
+            "statistics they carry the noise too. Calibration shows bins holding at least 5 patients.</small></p>"
+            + _paired_table(doc))
+
+
+def _paired_table(doc: dict[str, Any]) -> str:
+    """Model comparison with a paired test: McNemar on the sites' summed discordant counts."""
+    rows = paired_rows(doc)
+    if not rows:
+        return ""
+    pt = doc["paired_tests"]
+    body = "".join(f"<tr><td>{html.escape(a)}</td><td>{b}</td><td>{c}</td><td>{p}</td></tr>" for a, b, c, p in rows)
+    return ("<h3>Model comparison (paired, same patients)</h3><table><tr><th>comparison</th><th>only the hybrid "
+            f"right</th><th>only the other right</th><th>p</th></tr>{body}</table><p><small>"
+            f"{html.escape(pt['test'])}, from the sites' summed {html.escape(pt['counts'])}. No patient's "
+            "prediction left a site: each released how many of its test patients one model classified right and the "
+            "other wrong.</small></p>")
 
 
 def _roles_and_decisions(doc: dict[str, Any]) -> str:

@@ -155,6 +155,15 @@ def test_meta_matches_pooled_fit_and_pooled_metrics_match_the_union(sites: Path,
         for key in ("accuracy", "precision", "recall", "specificity", "f1"):
             assert fed[key] == pytest.approx(union[key], abs=1e-12), (name, key)
         assert fed["auc"] == pytest.approx(union["auc"], abs=1e-12)  # same bins: identical statistics
+    # The paired comparison: McNemar on the sites' summed discordant counts is McNemar on the union.
+    from common.paired import discordant_counts, mcnemar, predictions
+
+    th = {m: t["probability"] for m, t in doc["thresholds"].items()}
+    hybrid = predictions(proba["hybrid"], threshold=th["hybrid"])
+    for other in ("cnn", "forest", "logreg"):
+        union = mcnemar(discordant_counts(y_test, hybrid, predictions(proba[other], threshold=th[other])))
+        assert doc["paired_tests"]["pairs"][f"hybrid-vs-{other}"] == union
+    assert "McNemar" in (tmp_path / "run" / "report.html").read_text()
 
 
 def _pooled_sites(sites: Path) -> SiteData:
