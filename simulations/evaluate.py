@@ -8,7 +8,13 @@ or the union of several sites' vaults with the splits stored in them) and writes
   ``precision``, ``recall``, ``specificity``, ``f1``, ``auprc`` (test split) and ``ci`` (bootstrap
   95% intervals of each);
 - ``privacy``: ``epsilon``, ``delta``, ``accountant`` (or ``dp: false``);
+- ``paired_tests``: the hybrid against each base model on the same test patients, ``hybrid_vs_cnn``
+  etc., each with ``delong`` (DeLong's test of the two AUCs) and ``mcnemar`` (McNemar's exact test
+  of their decisions: at the operating thresholds for a binary problem, else argmax);
 - ``folds`` (with ``--folds K``): per-fold AUCs and paired tests of the hybrid against each model.
+
+It also writes ``RUNDIR/pooled_stats.npz`` (the test split's statistics of every model, for the
+curves) and ``RUNDIR/report.html`` (:mod:`simulations.evaluate_report`).
 """
 
 from __future__ import annotations
@@ -42,12 +48,14 @@ from common.meta import StackingMetaClassifier
 from common.metrics import (
     METRIC_NAMES,
     Threshold,
+    bin_index,
     bootstrap_ci,
     choose_threshold,
     compute_metrics,
     compute_stats,
     paired_tests,
 )
+from common.paired import delong_test_proba, discordant_counts, mcnemar
 from common.progress import progress_bar
 
 MODELS = ("hybrid", "cnn", "forest", "logreg")
@@ -237,11 +245,72 @@ def run_evaluate(cohort: Cohort, settings: EvaluateSettings, out: Path, *, sourc
         "privacy": main["privacy"], "details": {key: main[key] for key in ("deep", "forest", "meta", "timing")},
         "settings": asdict(settings),
     }
+    report["paired_tests"] = split_paired_tests(main["y_test"], main["test_proba"], thresholds=main["thresholds"])
     if settings.folds >= 2:
         report["folds"] = _cross_validate(data, cohort.groups, settings)
     report["timing"] = {"total_s": round(time.perf_counter() - t_start, 2)}
     _write(out, report)
+    _write_report_html(out, main, k)
     return report
+
+
+def decisions(proba: np.ndarray, *, threshold: Threshold | None) -> np.ndarray:
+    """Each patient's decided class: at or above ``threshold``'s bin edge on the public grid (binary,
+    exactly as :func:`common.metrics.at_threshold` counts it), else the most probable class.
+
+    Parameters
+    ----------
+    proba : (n, K) class probabilities.
+    threshold : the operating threshold of a binary problem, or None for argmax.
+    """
+    p = np.asarray(proba, dtype=np.float64)
+    if threshold is None or p.shape[1] != 2:
+        return np.argmax(p, axis=1)
+    return (bin_index(p[:, 1], n_bins=threshold.n_bins) >= threshold.bin).astype(np.int64)
+
+
+def split_paired_tests(y: np.ndarray, proba: dict[str, np.ndarray], *,
+                       thresholds: dict[str, Threshold]) -> dict[str, dict[str, Any]]:
+    """The hybrid against each base model on the same test patients: DeLong's test of the AUCs and
+    McNemar's exact test of the decisions (``_a`` is the hybrid, ``_b`` the other model).
+
+    Parameters
+    ----------
+    y : (n,) class indices of the test patients.
+    proba : each model's (n, K) test probabilities, ``hybrid`` and every base model.
+    thresholds : each model's operating threshold (binary problems); empty: argmax decisions.
+
+    Returns
+    -------
+    dict
+        ``{"hybrid_vs_cnn": {"delong": ..., "mcnemar": ...}, ...}``; ``delong`` is ``{"error": why}``
+        when the test split cannot carry the test (fewer than 2 patients of a class).
+    """
+    y = np.asarray(y)
+    rule = "operating thresholds" if thresholds else "argmax"
+    hybrid = decisions(proba["hybrid"], threshold=thresholds.get("hybrid"))
+    out = {}
+    for other in BASE_MODELS:
+        try:
+            delong: dict[str, Any] = delong_test_proba(y, proba["hybrid"], proba[other])
+        except ValueError as exc:
+            delong = {"error": str(exc)}
+        theirs = decisions(proba[other], threshold=thresholds.get(other))
+        counts = mcnemar(discordant_counts(y, hybrid, theirs))
+        out[f"hybrid_vs_{other}"] = {"delong": delong, "mcnemar": {
+            **counts, "accuracy_a": float(np.mean(hybrid == y)), "accuracy_b": float(np.mean(theirs == y)),
+            "decisions": rule}}
+    return out
+
+
+def _write_report_html(out: Path, main: dict[str, Any], k: int) -> None:
+    """``pooled_stats.npz`` (every model's test statistics) and ``report.html`` made from the folder's files."""
+    from server.report_html import save_pooled_stats
+    from simulations.evaluate_report import render_evaluate_report
+
+    save_pooled_stats(out, {name: compute_stats(main["y_test"], p, n_classes=k)
+                            for name, p in main["test_proba"].items()})
+    render_evaluate_report(out)
 
 
 def _site_forest_reference(main: dict[str, Any], k: int, settings: EvaluateSettings) -> dict[str, Any] | None:
@@ -298,6 +367,7 @@ def render_table(report: dict[str, Any]) -> str:
                      "unit: one training record. The forest, GLM and meta-classifier are not DP.")
     else:
         lines.append("No differential privacy (--no-dp): the non-private reference.")
+    lines += _paired_lines(report.get("paired_tests") or {})
     if "folds" in report:
         f = report["folds"]
         lines += ["", f"{f['k']}-fold cross-validation, test AUC per fold:"]
@@ -307,6 +377,25 @@ def render_table(report: dict[str, Any]) -> str:
             lines.append(f"- {name}: mean difference {t['mean_difference']:+.4f}, Wilcoxon p = {_fmt(t['wilcoxon_p'])}, "
                          f"paired t p = {_fmt(t['ttest_p'])}")
     return "\n".join(lines) + "\n"
+
+
+def _paired_lines(tests: dict[str, dict[str, Any]]) -> list[str]:
+    """The test split's paired tests as Markdown lines (none without them)."""
+    if not tests:
+        return []
+    lines = ["", "Paired tests on the test split (the same patients; DeLong: AUC, McNemar: decisions):"]
+    for name, t in tests.items():
+        d, m = t["delong"], t["mcnemar"]
+        auc = (f"DeLong AUC {_fmt(d['auc_a'])} vs {_fmt(d['auc_b'])}, difference {d['difference']:+.3f} "
+               f"(se {_fmt(d['se'])}), p = {_fmt_p(d['p'])}") if "error" not in d else f"DeLong: {d['error']}"
+        lines.append(f"- {name}: {auc}; McNemar ({m['decisions']}) {m['first_only']} vs {m['second_only']} "
+                     f"discordant, p = {_fmt_p(m['p'])}")
+    return lines
+
+
+def _fmt_p(p: float) -> str:
+    """A p-value: three decimals, or two significant digits below 0.001."""
+    return _fmt(p) if p is None or math.isnan(p) or p >= 0.001 else f"{p:.2g}"
 
 
 def _write(out: Path, report: dict[str, Any]) -> None:

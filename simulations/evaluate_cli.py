@@ -20,10 +20,14 @@ DESCRIPTION = """\
 Train every model on pooled data: the reference every federated result is judged against.
 
 Writes RUNDIR/metrics.json and RUNDIR/metrics.md:
-  models   hybrid, cnn, forest, logreg (the GLM): auc, accuracy, precision, recall, specificity, f1,
-           auprc on the test split, each with a bootstrap 95% interval under "ci"
-  privacy  epsilon, delta and the accountant of the deep model's DP-SGD (or dp: false)
-  folds    with --folds K: per-fold AUC and paired tests of the hybrid against each model
+  models        hybrid, cnn, forest, logreg (the GLM): auc, accuracy, precision, recall, specificity, f1,
+                auprc on the test split, each with a bootstrap 95% interval under "ci"
+  privacy       epsilon, delta and the accountant of the deep model's DP-SGD (or dp: false)
+  paired_tests  the hybrid against each base model on the test patients: DeLong's test of the AUCs,
+                McNemar's of the decisions at the operating thresholds (argmax for multi-class)
+  folds         with --folds K: per-fold AUC and paired tests of the hybrid against each model
+and RUNDIR/report.html (curves and paired tests; `genofed report RUNDIR` writes it again from
+RUNDIR/metrics.json and RUNDIR/pooled_stats.npz).
 DP is on by default (epsilon 8, delta min(1e-5, 0.1/n_train)); --no-dp is the non-private reference."""
 
 
@@ -102,5 +106,5 @@ def _command(args: argparse.Namespace) -> int:
                                 omics_pca=args.omics_pca)
     report = run_evaluate(cohort, settings, args.out, source=source)
     print(render_table(report))
-    print(f"wrote {args.out / 'metrics.json'} and {args.out / 'metrics.md'}")
+    print(f"wrote {args.out / 'metrics.json'}, {args.out / 'metrics.md'} and {args.out / 'report.html'}")
     return 0

@@ -3,7 +3,7 @@
 A small DP federation (in-process grid, real handlers, vaults and ledgers) writes its run folder;
 ``genofed report`` writes the page again; Chromium opens it. Every image must load (the global
 explanation's too), the console must stay free of errors, and a screenshot of the whole page is
-saved beside the report.
+saved beside the report. The page of a ``genofed evaluate`` folder is opened the same way.
 Chromium comes from Debian's ``chromium`` package (``make test`` installs it when missing):
 Playwright's own browser download is not reachable from the machines genofed is tested on.
 """
@@ -46,14 +46,22 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "run"
 
 
-@pytest.mark.slow
-def test_report_opens_in_chromium_with_every_image_and_no_console_error(run_dir: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def evaluate_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small ``genofed evaluate`` folder (sized as tests/test_evaluate.py sizes them)."""
+    root = tmp_path_factory.mktemp("evaluate")
+    write_synthetic_cohort(out=root / "cohort", patients=400, seed=3)
+    assert main(["evaluate", "--spec", str(root / "cohort" / "spec.toml"), "--out", str(root / "out"), "--no-dp",
+                 "--epochs", "3", "--bootstrap", "20"]) == 0
+    return root / "out"
+
+
+def _open_in_chromium(page_path: Path, shot: Path) -> tuple[str, list[dict], list[str]]:
+    """The page's title, its images (alt, loaded) and the console's errors; a full-page screenshot at ``shot``."""
     from playwright.sync_api import sync_playwright
 
     assert Path(CHROMIUM).is_file(), ("Debian's chromium is not installed: `apt-get install chromium` "
                                       "(make test does it when it can)")
-    page_path, shot = tmp_path / "report.html", tmp_path / "report.png"
-    assert main(["report", str(run_dir), "--out", str(page_path), "--title", "browser test"]) == 0
     errors: list[str] = []
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
@@ -68,12 +76,33 @@ def test_report_opens_in_chromium_with_every_image_and_no_console_error(run_dir:
             page.screenshot(path=str(shot), full_page=True)
         finally:
             browser.close()
+    return title, images, errors
+
+
+@pytest.mark.slow
+def test_report_opens_in_chromium_with_every_image_and_no_console_error(run_dir: Path, tmp_path: Path) -> None:
+    page_path, shot = tmp_path / "report.html", tmp_path / "report.png"
+    assert main(["report", str(run_dir), "--out", str(page_path), "--title", "browser test"]) == 0
+    title, images, errors = _open_in_chromium(page_path, shot)
     assert title == "browser test"
     alts = {i["alt"] for i in images}
     assert {"ROC curves", "precision-recall curves", "calibration", "privacy spend"} <= alts, alts  # a DP run: all
     for kind in ("global SHAP forest", "attribution profile ", "motif logo "):  # the global explanation, drawn
         assert any(a.startswith(kind) for a in alts), (kind, alts)
     assert "could not be read" not in page_path.read_text()
+    assert all(i["loaded"] for i in images), images
+    assert errors == []
+    assert shot.stat().st_size > 20_000
+
+
+@pytest.mark.slow
+def test_evaluate_report_opens_in_chromium_with_every_image_and_no_console_error(evaluate_dir: Path,
+                                                                                 tmp_path: Path) -> None:
+    page_path, shot = tmp_path / "report.html", tmp_path / "report.png"
+    assert main(["report", str(evaluate_dir), "--out", str(page_path)]) == 0
+    title, images, errors = _open_in_chromium(page_path, shot)
+    assert title == "genofed evaluate"
+    assert [i["alt"] for i in images] == ["ROC curves", "precision-recall curves", "calibration", "AUC differences"]
     assert all(i["loaded"] for i in images), images
     assert errors == []
     assert shot.stat().st_size > 20_000
