@@ -57,7 +57,12 @@ def forest_attributions(forest: object, x: np.ndarray) -> np.ndarray:
     """
     import shap
 
-    explainer = shap.TreeExplainer(forest.forest_)
+    return tree_shap(shap.TreeExplainer(forest.forest_), x)
+
+
+def tree_shap(explainer: object, x: np.ndarray) -> np.ndarray:
+    """TreeSHAP values ``(n, outputs, columns)`` from a prepared ``shap.TreeExplainer`` (class 1 of a
+    binary forest, every class otherwise): build the explainer once to explain many calls."""
     values = np.asarray(explainer.shap_values(np.asarray(x, dtype=np.float64)))  # (n, columns, classes)
     values = np.moveaxis(values, -1, 1)  # (n, classes, columns)
     return values[:, 1:2, :] if values.shape[1] == 2 else values

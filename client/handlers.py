@@ -680,20 +680,18 @@ def _probabilities(vault: Any, data: Any, cnn_weights: dict[str, np.ndarray], sh
                    split: str) -> dict[str, np.ndarray]:
     """Every model's class probabilities on ``split``: the base models, the hybrid, and on the
     validation split the reduced stacks (the hybrid without each base model)."""
-    from client.pipeline import meta_features
-    from common.meta import StackingMetaClassifier, without_model
+    from client.site_models import hybrid_probabilities
+    from common.meta import without_model
 
-    proba = _base_probabilities(vault, data, cnn_weights, shared, settings, facts, privacy, split)
+    base = _base_probabilities(vault, data, cnn_weights, shared, settings, facts, privacy, split)
     k = len(cohort.classes)
-    n_features = len(BASE_MODELS) * (1 if k == 2 else k)
-    x = meta_features(*(proba[m] for m in BASE_MODELS))
     coef = np.asarray(facts.coef, dtype=np.float64)
-    proba["hybrid"] = StackingMetaClassifier().set_coef(coef, n_features=n_features).predict_proba(x)
+    proba = {**base, "hybrid": hybrid_probabilities(base, coef, n_classes=k)}
     if split == "validation":
         for name, left_out in REDUCED_STACKS.items():
             reduced = without_model(coef, n_models=len(BASE_MODELS), n_classes=max(k, 2),
                                     index=BASE_MODELS.index(left_out))
-            proba[name] = StackingMetaClassifier().set_coef(reduced, n_features=n_features).predict_proba(x)
+            proba[name] = hybrid_probabilities(base, reduced, n_classes=k)
     return proba
 
 

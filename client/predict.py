@@ -325,18 +325,12 @@ def _top(phi: np.ndarray, names: tuple[str, ...], values: list[Any] | None, *, t
              "contribution": float(phi[i])} for i in order]
 
 
-def forest_shap(explainer: Any, x: np.ndarray) -> np.ndarray:
-    """TreeSHAP values ``(n, outputs, columns)`` from a prepared explainer: what
-    :func:`client.explain.forest_attributions` computes, without building the explainer per call."""
-    values = np.asarray(explainer.shap_values(np.asarray(x, dtype=np.float64)))  # (n, columns, classes)
-    values = np.moveaxis(values, -1, 1)
-    return values[:, 1:2, :] if values.shape[1] == 2 else values
-
-
 def forest_contributions(predictor: Predictor, x: np.ndarray) -> np.ndarray:
     """The forest's TreeSHAP values of records ``x`` (its inputs) grouped by explanation feature,
     ``(n, outputs, features)``; with ``predictor.expected_value`` they add up to its probabilities."""
-    return predictor.forest_layout.group(forest_shap(predictor.explainer, x))
+    from client.explain import tree_shap
+
+    return predictor.forest_layout.group(tree_shap(predictor.explainer, x))
 
 
 def _forest_part(predictor: Predictor, x: np.ndarray, proba: np.ndarray, *, out_index: int, top: int,

@@ -157,7 +157,7 @@ def model_probabilities(models: SiteModels, data: SiteData, split: str) -> dict[
 def decide(proba: np.ndarray, *, classes: tuple[str, ...], threshold: float | None) -> str:
     """The predicted class of one patient's probabilities: class 1 when its probability reaches the
     operating threshold (binary, as :func:`common.metrics.at_threshold` counts it), else argmax."""
-    p = np.asarray(proba, dtype=np.float64).ravel()
-    if len(classes) == 2 and threshold is not None:
-        return classes[1] if p[1] >= threshold else classes[0]
-    return classes[int(np.argmax(p))]
+    from common.paired import predictions
+
+    p = np.asarray(proba, dtype=np.float64).reshape(1, -1)
+    return classes[int(predictions(p, threshold=threshold if len(classes) == 2 else None)[0])]

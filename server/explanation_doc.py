@@ -108,13 +108,13 @@ def explanation_markdown(expl: dict[str, Any] | None, error: str = "") -> list[s
 
 
 def _markdown_lines(expl: dict[str, Any]) -> list[str]:
-    how = (f"clipped, noised sums (epsilon {expl.get('epsilon', '?')} per site)" if expl.get("noised", True) else
-           "clipped sums, exact (the run had no DP: outside any guarantee)")
+    how = (f"noised sums (epsilon {expl.get('epsilon', '?')} per site)" if expl.get("noised", True) else
+           "sums, exact (the run had no DP: outside any guarantee)")
     lines = ["", f"Explanation (global, from {expl.get('patients', '?')} patients; per-patient explanations never "
              f"left the sites, which released only {how}):", ""]
     for out, es in features_by_output(expl.get("features") or [], TOP_FEATURES_MD).items():
-        lines.append(f"- Top features for {out} (forest TreeSHAP, mean |SHAP| per patient; + raises, - lowers the "
-                     "risk): " + ", ".join(f"{e['feature']} {sign_word(e.get('mean'))} {float(e['importance']):.3g}"
+        lines.append(f"- Top features for {out} (the hybrid's consensus of the forest's TreeSHAP and the GLM's "
+                     "attributions, mean share per patient; + raises, - lowers the risk): " + ", ".join(f"{e['feature']} {sign_word(e.get('mean'))} {float(e['importance']):.3g}"
                                            for e in es))
     for out, ms in motifs_by_output(expl.get("motifs") or []).items():
         lines.append(f"- Top motifs for {out} (deep model): " + ", ".join(

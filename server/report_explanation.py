@@ -47,7 +47,7 @@ def _shap_panel(ax: Any, entries: list[dict[str, Any]], output: str, scale: str)
             color=[_colour(e.get("mean")) for e in entries])
     ax.set_yticks(range(len(entries)), [_mpl(e["feature"]) for e in entries], fontsize=7)
     ax.axvline(0, color="grey", lw=0.6)
-    ax.set_xlabel(f"mean |SHAP| ({_mpl(scale)})", fontsize=8)
+    ax.set_xlabel(f"mean |attribution| ({_mpl(scale)})", fontsize=8)
     ax.set_title(_mpl(output), fontsize=9)
 
 
@@ -137,14 +137,12 @@ def _alt_top(prefix: str, entries: list[dict[str, Any]]) -> str:
 
 
 def _features_part(expl: dict[str, Any]) -> str:
-    """The forest's global SHAP chart, and a smaller one per other model (the GLM)."""
+    """The consensus ranking (what the hybrid relies on), and each tabular model's own SHAP chart."""
     imgs = []
-    if png := shap_figure(expl.get("features") or [], title="Global SHAP: random forest (TreeSHAP)",
-                          scale="probability"):
-        imgs.append(_img(_alt_top("global SHAP forest, top features ", expl["features"]), png))
+    if png := shap_figure(expl.get("features") or [], title="Global ranking: what the hybrid relies on",
+                          scale="fraction of the weighted evidence"):
+        imgs.append(_img(_alt_top("global ranking, top features ", expl["features"]), png))
     for name, model in (expl.get("models") or {}).items():
-        if name == "forest" and imgs:  # the same ranking as "features", drawn above
-            continue
         if png := shap_figure(model.get("features") or [], title=f"Global SHAP: {name}", small=True,
                               scale=model.get("scale", "")):
             imgs.append(_img(_alt_top(f"global SHAP {name}, top features ", model["features"]), png))
@@ -152,9 +150,12 @@ def _features_part(expl: dict[str, Any]) -> str:
         return ""
     noise = " The numbers are noised sums, so a small bar may be noise." if expl.get("noised", True) else ""
     return ("<h3>Which features move the risk</h3>" + "".join(imgs)
-            + f"<p><small>Top {TOP_FEATURES} features per explained output. Bar length: mean |SHAP| per patient "
-            "(the feature's importance); colour: the sign of its mean SHAP, red where it raises the predicted risk of "
-            f"the output on average, blue where it lowers it.{noise}</small></p>")
+            + f"<p><small>Top {TOP_FEATURES} features per explained output. The global ranking weighs the forest's "
+            "and the GLM's importances (each as a fraction of its own total) by the meta-classifier's reliance on each "
+            "model; the smaller charts are each model's own (the forest's TreeSHAP, the GLM's exact attributions). "
+            "Bar length: mean |attribution| per patient, each patient's attributions scaled to unit length (so a "
+            "fraction of that patient's explanation); colour: the sign of the mean attribution, red where it raises "
+            f"the predicted risk of the output on average, blue where it lowers it.{noise}</small></p>")
 
 
 def _profiles_part(expl: dict[str, Any]) -> str:

@@ -56,7 +56,7 @@ def _features(n: int, *, output: str = "case", seed: int = 0) -> list[dict[str, 
 
 
 def fake_explanation(*, length: int = 60) -> dict[str, Any]:
-    """An explanation of a binary run, following /work/diag/explanation_format.md (version 1)."""
+    """An explanation of a binary run, following docs/explanations.md (format genofed-explanation, version 1)."""
     rng = np.random.default_rng(1)
     features = _features(20)
     motifs = [{"output": "case", "kmer": kmer, "score": score, "positions": [10 * i + 1, 10 * i + 15], "bin": i,
@@ -93,8 +93,9 @@ def test_report_draws_the_explanation(run_dir: Path) -> None:
     page = render_run_report(run_dir).read_text()
     section = _section(page)
     alts = re.findall(r'<img alt="([^"]*)" src="data:image/png;base64,', section)
-    # forest and GLM SHAP, one profile (dna), three logos (at most 3 of the 4 motifs of the one output)
-    assert len(alts) == 6, alts
+    # the global ranking, forest and GLM SHAP, one profile (dna), three logos (at most 3 of the 4 motifs)
+    assert len(alts) == 7, alts
+    assert sum(a.startswith(("global ranking", "global SHAP forest", "global SHAP logreg")) for a in alts) == 3
     assert sum(a.startswith("motif logo ") for a in alts) == 3
     assert {"motif logo GACGTC (case)", "motif logo TTGACA (case)", "motif logo CCGCGG (case)"} <= set(alts)
     assert "attribution profile dna" in alts
@@ -104,7 +105,7 @@ def test_report_draws_the_explanation(run_dir: Path) -> None:
     assert "epsilon 1.0, delta 1e-05 per site" in section
     assert "45%" in section and "<th>logreg</th>" in section  # shares
     assert "could not be read" not in page
-    assert page.count("<img ") == 3 + 6  # ROC, PR, calibration (no DP: no spend) and the explanation's
+    assert page.count("<img ") == 3 + 7  # ROC, PR, calibration (no DP: no spend) and the explanation's
 
 
 @pytest.mark.parametrize("content, why", [
@@ -137,7 +138,7 @@ def test_empty_parts_are_left_out(run_dir: Path) -> None:
             "run_id": "0ther0run"}
     (run_dir / EXPLANATION).write_text(json.dumps(expl))
     section = _section(render_run_report(run_dir).read_text())
-    assert section.count("<img ") == 1 and "global SHAP forest" in section  # the forest's chart alone
+    assert section.count("<img ") == 1 and "global ranking" in section  # the global ranking's chart alone
     assert "motif" not in section.lower() and "share" not in section and "outside any guarantee" in section
     assert "this explanation is from run 0ther0run, the metrics from run ab12cd34ef56" in section
 
