@@ -395,3 +395,60 @@ class ControlClient:
     def close(self) -> None:
         """Release the HTTP connection."""
         self._client.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Secure aggregation's building blocks (common/secure_sum.py)
+
+
+def _secagg_internals() -> types.SimpleNamespace:
+    """The SecAgg+ building blocks genofed's secure sum reuses (raises if one is gone).
+
+    Shamir's secret sharing (over pycryptodome), ECDH key agreement with HKDF, Fernet encryption
+    and the SECP384R1 key pairs. Not reused: ``secaggplus_utils.pseudo_rand_gen``, which folds its
+    seed to 32 bits (a mask an observer could search), and ``quantization``, which clips and rounds
+    stochastically into int32; common/secure_sum.py says what it uses instead.
+    """
+    from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
+    from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, encrypt, generate_shared_key
+    from flwr.supercore.primitives.asymmetric import (
+        bytes_to_private_key,
+        bytes_to_public_key,
+        generate_key_pairs,
+        private_key_to_bytes,
+        public_key_to_bytes,
+    )
+
+    return types.SimpleNamespace(**{k: v for k, v in locals().items()})
+
+
+_SECAGG_SIGNATURES = {
+    "create_shares": ("secret", "threshold", "num"), "combine_shares": ("share_list",),
+    "generate_shared_key": ("private_key", "public_key"), "encrypt": ("key", "plaintext"),
+    "decrypt": ("key", "ciphertext"), "generate_key_pairs": (), "private_key_to_bytes": ("private_key",),
+    "bytes_to_private_key": ("private_key_bytes",), "public_key_to_bytes": ("public_key",),
+    "bytes_to_public_key": ("public_key_bytes",)}
+
+
+def check_secagg_internals() -> types.SimpleNamespace:
+    """The secure-sum building blocks, after checking their signatures are Flower 1.42's.
+
+    Raises
+    ------
+    FlowerInternalsChanged
+        A building block is gone or takes other arguments.
+    """
+    import inspect
+
+    try:
+        flw = _secagg_internals()
+    except (ImportError, AttributeError) as exc:
+        raise FlowerInternalsChanged(f"Flower's secure aggregation modules changed ({exc}); genofed needs "
+                                     "flwr 1.42.x") from None
+    problems = []
+    for name, params in _SECAGG_SIGNATURES.items():
+        got = tuple(inspect.signature(getattr(flw, name)).parameters)
+        if got != params:
+            problems.append(f"{name} takes {got}, 1.42 took {params}")
+    _raise_if(problems)
+    return flw

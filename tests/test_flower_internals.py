@@ -42,6 +42,29 @@ def test_a_changed_internal_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
         fi.check_flower_internals()
 
 
+def test_the_secure_sum_building_blocks_are_what_1_42_had() -> None:
+    flw = fi.check_secagg_internals()
+    shares = flw.create_shares(b"0123456789abcdef", 3, 5)
+    assert len(shares) == 5 and flw.combine_shares(shares[1:4]) == b"0123456789abcdef"
+    a, b = flw.generate_key_pairs(), flw.generate_key_pairs()
+    key = flw.generate_shared_key(a[0], b[1])
+    assert key == flw.generate_shared_key(b[0], a[1])  # ECDH agrees both ways
+    assert flw.decrypt(key, flw.encrypt(key, b"share")) == b"share"
+    pub = flw.public_key_to_bytes(a[1])
+    assert flw.public_key_to_bytes(flw.bytes_to_public_key(pub)) == pub
+
+
+def test_a_changed_secure_sum_building_block_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flwr.common.secure_aggregation.crypto import shamir
+
+    monkeypatch.setattr(shamir, "create_shares", lambda secret, threshold: [])
+    with pytest.raises(fi.FlowerInternalsChanged, match=r"create_shares takes \('secret', 'threshold'\)"):
+        fi.check_secagg_internals()
+    monkeypatch.delattr(shamir, "combine_shares")
+    with pytest.raises(fi.FlowerInternalsChanged, match="secure aggregation modules changed.*1.42"):
+        fi.check_secagg_internals()
+
+
 def test_the_control_client_sends_what_flwr_run_ls_and_stop_send() -> None:
     flw = fi.check_control_internals()
     cli = Path(flw.build_fab_from_disk.__code__.co_filename).parent
