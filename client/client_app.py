@@ -10,6 +10,8 @@ Message types
 ``train.alone``      the site's own models alone (stay on the site; only the count leaves)
 ``query.validation`` validation statistics: thresholds and the stacking fallback          (phase 4)
 ``query.explain``    clipped, noised attribution sums for the global explanation         (phase 5)
+``query.secure_keys``, ``query.secure_shares``, ``query.secure_unmask``
+                     the secure sum's keys, mask-key shares and unmasking (client/secure_release.py)
 ``evaluate``         test statistics of every model (once per run); stores final models
                      and the global explanation                                           (phase 6)
 
@@ -62,25 +64,58 @@ def _answer(msg: Message, context: Context, handler: Callable[..., Any], *arrays
     inputs = [from_record(msg.content.array_records[name]) for name in arrays]
     reply = handler(site, *inputs, settings, facts)
     reply.records.setdefault("metrics", ("metric", {}))[1]["handler-seconds"] = time.perf_counter() - t0
-    return _send(msg, reply, facts)
+    return _send(msg, reply, facts, site, settings)
 
 
-def _send(msg: Message, reply: Any, facts: RoundFacts) -> Message:
+def _observe(reply: Any) -> dict[str, dict[str, Any]]:
     from client.privacy.egress import observe
 
-    observed = {name: {key: observe(_plain(value)) for key, value in values.items()}
-                for name, (_, values) in reply.records.items()}
+    return {name: {key: observe(_plain(value)) for key, value in values.items()}
+            for name, (_, values) in reply.records.items()}
+
+
+def _send(msg: Message, reply: Any, facts: RoundFacts, site: Any, settings: RunSettings) -> Message:
+    """Check ``reply`` against its contract, mask its summed record for a secure exchange (checked
+    again as masked), log it, and build the Flower reply."""
+    from common.summands import summed_record
+
+    observed = _observe(reply)
     problems = reply.contract.violations(observed)
     message_type = msg.metadata.message_type
+    if summed_record(message_type) and not facts.secure and settings.secure_sum:
+        # a curious coordinator could ask one round in the clear: the run's secure-sum binds every sum
+        problems.append("the run asks for secure-sum = true and this request for a sum carries no secure-sum facts")
+    secure = None
+    if not problems and facts.secure and summed_record(message_type):
+        secure, problems = _mask(reply, message_type, facts, site)
+        observed = _observe(reply)
     if problems:
         reason = "; ".join(problems)
         reply.privacy.log_reply(message_type=message_type, round=facts.server_round, observed=observed,
-                                status="blocked", reason=reason)
+                                status="blocked", reason=reason, secure=secure)
         raise EgressBlocked(f"reply to {message_type} blocked by the site's egress contract (nothing was sent): "
                             f"{reason}")
-    reply.privacy.log_reply(message_type=message_type, round=facts.server_round, observed=observed)
+    reply.privacy.log_reply(message_type=message_type, round=facts.server_round, observed=observed, secure=secure)
     return Message(RecordDict({name: _record(kind, values) for name, (kind, values) in reply.records.items()}),
                    reply_to=msg)
+
+
+def _mask(reply: Any, message_type: str, facts: RoundFacts, site: Any) -> tuple[dict[str, Any] | None, list[str]]:
+    """The summed record masked (common/secure_sum.py); what the log notes, and the masked reply's
+    contract violations (a step that fails sends nothing: its reason is the violation)."""
+    from client.privacy.egress import masked_contract
+    from client.secure_release import mask_reply
+    from common.secure_sum import SecureSumError
+    from common.summands import plain_metrics
+
+    try:
+        note = mask_reply(reply, message_type, facts, site)
+    except SecureSumError as exc:
+        return None, [str(exc)]
+    contract = masked_contract(reply.contract, summed=note["summed"], length=note["length"],
+                               participants=note["participants"],
+                               metrics=list(plain_metrics(message_type, reply.contract.records.get("metrics", {}))))
+    return note, contract.violations(_observe(reply))
 
 
 def _plain(value: Any) -> Any:
@@ -154,6 +189,29 @@ def explain(msg: Message, context: Context) -> Message:
     from client import explain_release
 
     return _answer(msg, context, explain_release.explain, "cnn", "shared")
+
+
+@app.query("secure_keys")
+def secure_keys(msg: Message, context: Context) -> Message:
+    from client import secure_release
+
+    return _answer(msg, context, secure_release.secure_keys)
+
+
+@app.query("secure_shares")
+def secure_shares(msg: Message, context: Context) -> Message:
+    from client import secure_release
+
+    return _answer(msg, context, secure_release.secure_shares)
+
+
+@app.query("secure_unmask")
+def secure_unmask(msg: Message, context: Context) -> Message:
+    from client import secure_release
+
+    sealed = dict(msg.content.config_records.get("sealed", ConfigRecord()))
+    return _answer(msg, context, lambda site, settings, facts: secure_release.secure_unmask(
+        site, settings, facts, {str(k): str(v) for k, v in sealed.items()}))
 
 
 @app.evaluate()

@@ -65,6 +65,13 @@ def _privacy(vault: Any, site: SiteRef, cohort: Any, settings: RunSettings, fact
     return privacy
 
 
+def _noise_share(vault: Any, settings: RunSettings, facts: RoundFacts, privacy: Any) -> float:
+    """The part of a release's noise this site adds (1 unless the noise is distributed over a secure sum)."""
+    from client.secure_release import noise_share
+
+    return noise_share(vault, settings, facts, privacy.policy)
+
+
 def _n_classes(cohort: Any) -> int:
     return max(len(cohort.classes), 2)
 
@@ -147,11 +154,13 @@ def moments(site: SiteRef, settings: RunSettings, facts: RoundFacts) -> HandlerR
         sigma = privacy.moments_noise_multiplier()
         release = Release.gaussian(noise_multiplier=sigma, label="moments", run_id=facts.run_id)
         rng = np.random.default_rng(privacy.release(release, purpose="moments"))
+        added = sigma * _noise_share(vault, settings, facts, privacy)
         arrays = noised_moments(site_moments(data, rescaled=True), sensitivity=moments_sensitivity(n_columns),
-                                noise_multiplier=sigma, rng=rng)
-        metrics |= {"epsilon": float(privacy.ledger.spent_epsilon()), "noise-multiplier": float(sigma)}
+                                noise_multiplier=added, rng=rng)
+        metrics |= {"epsilon": float(privacy.ledger.spent_epsilon()), "noise-multiplier": float(added)}
     else:
-        arrays = site_moments(data, rescaled=False)
+        # A secure sum's fixed point needs moderate values: rescaled, not clipped (undone by the coordinator).
+        arrays = site_moments(data, rescaled=settings.secure_sum, clip=False)
     vault.update({role: release_blob(arrays, metrics, request="one-per-run")})
     return HandlerReply({"moments": ("array", arrays), "metrics": ("metric", metrics)}, contract, privacy)
 
@@ -389,9 +398,10 @@ def _newton_records(vault: Any, privacy: Any, settings: RunSettings, facts: Roun
     privacy.refuse_over_budget([release], round=facts.server_round)  # before fitting anything for nothing
     x, y = inputs()
     rng = np.random.default_rng(privacy.release(release, purpose=f"{label}-noise"))
-    arrays = mechanism(coef, x, y, noise, rng)
+    added = noise * _noise_share(vault, settings, facts, privacy)
+    arrays = mechanism(coef, x, y, added, rng)
     metrics = {"num-examples": int(len(y)), "epsilon": float(privacy.ledger.spent_epsilon()),
-               "noise-multiplier": float(noise)}
+               "noise-multiplier": float(added)}
     vault.update({release_role: release_blob(arrays, metrics, request=request)})
     return {"terms": ("array", arrays), "metrics": ("metric", metrics)}
 

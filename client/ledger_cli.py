@@ -113,6 +113,10 @@ def _register_policy(commands: argparse._SubParsersAction) -> None:
     policy.add_argument("--test-statistics", choices=("noised", "exact", "none"),
                         help="how test statistics may leave the site")
     policy.add_argument("--test-epsilon", type=float, metavar="E", help="the most a noised test release may spend")
+    policy.add_argument("--require-secure-sum", type=_yes_no, metavar="yes|no",
+                        help="refuse runs whose sums would reach the coordinator site by site (secure-sum = false)")
+    policy.add_argument("--distributed-noise", type=_yes_no, metavar="yes|no",
+                        help="with secure sum, add only this site's share of each release's noise")
     policy.add_argument("--allow-raise", action="store_true",
                         help="allow a larger budget or delta than the current one (privacy officer's decision)")
     policy.set_defaults(func=policy_command)
@@ -183,7 +187,8 @@ def set_budget_command(args: argparse.Namespace) -> int:
     return 0
 
 
-POLICY_OPTIONS = ("require_dp", "budget", "delta", "max_run_epsilon", "test_statistics", "test_epsilon")
+POLICY_OPTIONS = ("require_dp", "budget", "delta", "max_run_epsilon", "test_statistics", "test_epsilon",
+                  "require_secure_sum", "distributed_noise")
 
 
 def policy_command(args: argparse.Namespace) -> int:
@@ -220,7 +225,9 @@ def _has_policy(vault: Vault) -> bool:
 def _policy_line(p: Any) -> str:
     return (f"require-dp {'yes' if p.require_dp else 'no'}; budget epsilon {p.budget_epsilon:g} at delta {p.delta:g}; "
             f"max-run-epsilon {p.max_run_epsilon:g}; test-statistics {p.test_statistics}"
-            + (f" (test-epsilon {p.test_epsilon:g})" if p.test_statistics == "noised" else ""))
+            + (f" (test-epsilon {p.test_epsilon:g})" if p.test_statistics == "noised" else "")
+            + f"; require-secure-sum {'yes' if p.require_secure_sum else 'no'}; "
+              f"distributed-noise {'yes' if p.distributed_noise else 'no'}")
 
 
 def egress_command(args: argparse.Namespace) -> int:

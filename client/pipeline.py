@@ -122,12 +122,13 @@ def shared_raw(data: SiteData, split: str) -> np.ndarray:
     return np.hstack(parts).astype(np.float64)
 
 
-def site_moments(data: SiteData, *, rescaled: bool) -> dict[str, np.ndarray]:
-    """Additive moments of the shared columns on the train split (rescaled to public ranges under DP)."""
+def site_moments(data: SiteData, *, rescaled: bool, clip: bool = True) -> dict[str, np.ndarray]:
+    """Additive moments of the shared columns on the train split (rescaled to public ranges under
+    DP, clipped to them unless ``clip=False``: :func:`common.tabular.column_moments`)."""
     cols = shared_columns(data.schema)
     raw = shared_raw(data, "train")
     if rescaled:
-        return column_moments(raw, low=cols.low, high=cols.high)
+        return column_moments(raw, low=cols.low, high=cols.high, clip=clip)
     return column_moments(raw)
 
 

@@ -175,12 +175,21 @@ class NewtonSolver:
         (local fits on nearly separable data extrapolate), the plain Newton step from that point
         is taken instead. Returns the next coefficients to evaluate.
         """
+        hess = [np.asarray(h) for h in local_hessians]
+        coefs = [np.asarray(c) for c in local_coefs]
+        return self.warm_start_from_sums(terms, coef_sum=sum(coefs), hess_sum=sum(hess),
+                                         hess_coef_sum=sum(h @ c for h, c in zip(hess, coefs)), holders=len(coefs))
+
+    def warm_start_from_sums(self, terms: NewtonTerms, *, coef_sum: np.ndarray, hess_sum: np.ndarray,
+                             hess_coef_sum: np.ndarray, holders: int) -> np.ndarray:
+        """:meth:`warm_start` from sums over the holders (what a secure sum delivers): of their
+        local fits ``c``, local Hessians ``H`` and products ``H @ c``."""
         self.step(terms)
         if self.converged:
             return self.coef
         penalty = self._penalty_hessian()
-        h = sum(np.asarray(hl) + penalty for hl in local_hessians)
-        b = sum((np.asarray(hl) + penalty) @ np.asarray(c) for hl, c in zip(local_hessians, local_coefs))
+        h = np.asarray(hess_sum) + holders * penalty
+        b = np.asarray(hess_coef_sum) + penalty @ np.asarray(coef_sum)
         # lstsq: the unpenalized multinomial directions (intercepts) leave h singular.
         proposal = self.feasible(np.linalg.lstsq(h, b, rcond=None)[0])
         self.fallback, self.direction, self.step_size = self.direction, proposal - self.best_coef, 1.0

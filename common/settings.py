@@ -22,6 +22,8 @@ TEST_STATISTICS = ("none", "noised", "exact")
 """How test statistics leave a site, strictest first."""
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum")
+SUM_STRATEGIES = ("fedavg", "fedprox", "fedadam")
+"""Strategies that need only the sum of the sites' updates (the rest read each site's: not with ``secure-sum``)."""
 
 
 class SettingsError(GenofedError):
@@ -87,6 +89,9 @@ class RunSettings:
     motif_k: int = 6                 # k-mer length of the deep model's motifs
     motif_bins: int = 8              # position bins motifs are located in
     target_sensitivity: float = 0.0  # binary operating threshold: 0 = Youden's J on validation, else this sensitivity
+    secure_sum: bool = False         # additive releases reach the coordinator only as a masked sum (common/secure_sum.py)
+    secure_sum_threshold: int = 0    # sites whose shares rebuild a mask: 0 = more than half of the census's training sites
+    distributed_noise: bool = True   # with secure-sum under DP: each site adds its share of the noise, the sum carries it all
     ledger_registry: str = ""        # coordinator file remembering each site's ledger (server/ledger_registry.py)
     sites_dir: str = ""
 
@@ -116,6 +121,12 @@ class RunSettings:
         if not self.meta_fallback_margin >= 0:
             raise SettingsError(f"run config meta-fallback-margin = {self.meta_fallback_margin!r}: must be >= 0 "
                                 "(standard errors of the best base model's validation AUC)")
+        if self.secure_sum and self.strategy not in SUM_STRATEGIES:
+            raise SettingsError(f"run config strategy = {self.strategy!r} reads each site's update, which secure-sum "
+                                f"hides: choose one of {', '.join(SUM_STRATEGIES)} or secure-sum = false")
+        if self.secure_sum_threshold < 0:
+            raise SettingsError(f"run config secure-sum-threshold = {self.secure_sum_threshold!r}: must be >= 0 "
+                                "(0: more than half of the sites)")
         if self.max_update_norm < 0:
             raise SettingsError(f"run config max-update-norm = {self.max_update_norm!r}: must be >= 0 "
                                 "(0: derived from the run's settings)")
@@ -201,6 +212,8 @@ class RoundFacts:
     warm_start : first GLM or meta round without DP: also return the local fit.
     explanation : the run's global explanation as JSON (evaluation: the site stores it with the
         final models).
+    secure : with secure sum, this release's label, participants (roster indices) and roster
+        digest as JSON (:mod:`common.secure_sum`); empty for a plain reply.
     """
 
     run_id: str
@@ -211,6 +224,7 @@ class RoundFacts:
     thresholds: tuple[float, ...] = field(default_factory=tuple)
     warm_start: bool = False
     explanation: str = ""
+    secure: str = ""
 
     def to_config(self) -> dict[str, Any]:
         """ConfigRecord-ready values (kebab-case keys)."""
@@ -226,6 +240,8 @@ class RoundFacts:
             out["thresholds"] = [float(c) for c in self.thresholds]
         if self.explanation:
             out["explanation"] = self.explanation
+        if self.secure:
+            out["secure"] = self.secure
         return out
 
     @classmethod
@@ -238,7 +254,7 @@ class RoundFacts:
                        glm_coef=tuple(float(c) for c in cfg.get("glm-coef", ())),
                        thresholds=tuple(float(c) for c in cfg.get("thresholds", ())),
                        warm_start=bool(cfg.get("warm-start", False)),
-                       explanation=str(cfg.get("explanation", "")))
+                       explanation=str(cfg.get("explanation", "")), secure=str(cfg.get("secure", "")))
         except (KeyError, TypeError, ValueError) as exc:
             raise SettingsError(f"message config is not a genofed exchange: {exc!r}") from None
 

@@ -112,19 +112,33 @@ def shared_columns(schema: dict[str, Any]) -> SharedColumns:
 
 
 def column_moments(raw: np.ndarray, *, low: np.ndarray | None = None,
-                   high: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                   high: np.ndarray | None = None, clip: bool = True) -> dict[str, np.ndarray]:
     """Additive moments of each column over its observed (non-NaN) values.
 
     With ``low`` and ``high`` (under DP), values are clipped to the range and rescaled to
-    ``[0, 1]`` first, so one record adds at most 1 to each entry.
+    ``[0, 1]`` first, so one record adds at most 1 to each entry. With ``clip=False`` they are
+    only rescaled (a secure sum's fixed point needs moderate values; :func:`raw_moments` undoes it).
     """
     x = np.asarray(raw, dtype=np.float64)
     observed = ~np.isnan(x)
     if low is not None and high is not None:
-        x = (np.clip(x, low, high) - low) / (high - low)
+        x = ((np.clip(x, low, high) if clip else x) - low) / _span(low, high)
     filled = np.where(observed, x, 0.0)
     return {"count": observed.sum(axis=0).astype(np.float64), "sum": filled.sum(axis=0),
             "sumsq": (filled**2).sum(axis=0)}
+
+
+def _span(low: np.ndarray, high: np.ndarray) -> np.ndarray:
+    span = np.asarray(high, dtype=np.float64) - np.asarray(low, dtype=np.float64)
+    return np.where(span > 0, span, 1.0)
+
+
+def raw_moments(unit: dict[str, np.ndarray], columns: SharedColumns) -> dict[str, np.ndarray]:
+    """The moments of the values from (summed) moments of the unclipped rescaled values."""
+    low, span = np.asarray(columns.low, dtype=np.float64), _span(columns.low, columns.high)
+    count, total, sumsq = (np.asarray(unit[k], dtype=np.float64) for k in ("count", "sum", "sumsq"))
+    return {"count": count, "sum": low * count + span * total,
+            "sumsq": low**2 * count + 2.0 * low * span * total + span**2 * sumsq}
 
 
 def moments_sensitivity(n_columns: int) -> float:

@@ -63,6 +63,7 @@ class RunState:
     site_validation_auc: dict[str, dict[str, float]] = field(default_factory=dict)  # site -> own model -> AUC
     meta_fallback: dict[str, Any] = field(default_factory=dict)  # the base model the stack fell back to, and why
     explanation: dict[str, Any] = field(default_factory=dict)    # the global explanation (explanation.json)
+    secure: dict[str, Any] = field(default_factory=dict)         # the secure sum's roster and sealed shares
 
     rounds: list[dict[str, Any]] = field(default_factory=list)    # per exchange: sites, rejections, epsilon
     excluded: dict[str, str] = field(default_factory=dict)        # site -> why it left the run
@@ -222,13 +223,32 @@ def run_moments(grid: Grid, settings: RunSettings, state: RunState, log: RunLog)
 
     columns = shared_columns(state.schema)
     nodes = _require_quorum(state, settings, "moments")
-    cfg = ConfigRecord(RoundFacts(run_id=state.run_id).to_config())
+    if settings.secure_sum and not state.secure:
+        from server.secure_phase import setup
+
+        setup(grid, settings, state, nodes, log)
+        nodes = _require_quorum(state, settings, "moments")
+    label = f"{state.run_id}-moments"
+    cfg = ConfigRecord(RoundFacts(run_id=state.run_id, secure=_secure_request(state, label, nodes)).to_config())
     res = exchange(grid, nodes, lambda n: RecordDict({"config": cfg}), message_type="query.moments",
-                   group_id=f"{state.run_id}-moments", timeout=settings.round_timeout)
+                   group_id=label, timeout=settings.round_timeout)
     _note_failures(state, log, res.failures, "moments")
     total: dict[str, np.ndarray] = {}
     noise_var = 0.0  # of the summed sums, from each site's noise multiplier (public) and the sensitivity
-    for node in sorted(res.replies, key=state.site_of):
+    summed = []
+    if state.secure:
+        total, summed = _secure_sum(grid, settings, state, log, res, label=label, nodes=nodes,
+                                    message_type="query.moments", where="moments")
+        if not all(np.shape(total.get(k)) == (columns.width,) for k in ("count", "sum", "sumsq")):
+            raise TooFewSitesError("moments: the summed moments do not have the shared columns' shape")
+        if not settings.dp:  # sent rescaled (not clipped) for the fixed point: back to the values' moments
+            from common.tabular import raw_moments
+
+            total = raw_moments(total, columns)
+    for node in summed:
+        sigma = float(res.replies[node].content.metric_records["metrics"].get("noise-multiplier", 0.0))
+        noise_var += (sigma * moments_sensitivity(columns.width)) ** 2
+    for node in [] if state.secure else sorted(res.replies, key=state.site_of):
         arrays = from_record(res.replies[node].content.array_records["moments"])
         bad = [k for k in ("count", "sum", "sumsq") if np.shape(arrays.get(k)) != (columns.width,)
                or not np.isfinite(arrays[k]).all()]
@@ -246,7 +266,7 @@ def run_moments(grid: Grid, settings: RunSettings, state: RunState, log: RunLog)
                                  noise_sd=math.sqrt(noise_var))
     state.shared = {k: v.tolist() for k, v in scaler.to_arrays().items()}
     record = {"phase": "moments", **res.cost(),
-              "sites": sorted(state.site_of(n) for n in res.replies)}
+              "sites": sorted(state.site_of(n) for n in (summed if state.secure else res.replies))}
     spent = {state.site_of(n): float(r.content.metric_records["metrics"]["epsilon"])
              for n, r in res.replies.items() if "epsilon" in r.content.metric_records["metrics"]}
     if spent:
@@ -256,6 +276,19 @@ def run_moments(grid: Grid, settings: RunSettings, state: RunState, log: RunLog)
     log.info(f"moments: one scaler for {columns.width} shared columns from {len(res.replies)} sites"
              + (" (noised)" if settings.dp else "") + f"; the GLM reads {len(scaler.glm_columns)} of them")
     state.phase = "cnn"
+
+
+def _secure_request(state: RunState, label: str, nodes: list[int]) -> str:
+    """``RoundFacts.secure`` for an additive exchange ("" without secure sum)."""
+    from server.secure_phase import request
+
+    return request(state, label, nodes)
+
+
+def _secure_sum(grid: Grid, settings: RunSettings, state: RunState, log: RunLog, res: Any, **kwargs: Any) -> Any:
+    from server.secure_phase import unmask_sum
+
+    return unmask_sum(grid, settings, state, log, res, **kwargs)
 
 
 def shared_record(state: RunState) -> Any:
@@ -280,13 +313,17 @@ def run_cnn_rounds(grid: Grid, settings: RunSettings, state: RunState, log: RunL
     while state.cnn_round < settings.cnn_rounds:
         rnd = state.cnn_round + 1
         nodes = _require_quorum(state, settings, f"CNN round {rnd}")
+        label = f"{state.run_id}-cnn-{rnd}"
         content = RecordDict({"arrays": to_record(weights), "shared": shared_record(state), "config": ConfigRecord(
-            RoundFacts(run_id=state.run_id, server_round=rnd, model_config=model_json).to_config())})
-        res = exchange(grid, nodes, lambda n: content, message_type="train", group_id=f"{state.run_id}-cnn-{rnd}",
+            RoundFacts(run_id=state.run_id, server_round=rnd, model_config=model_json,
+                       secure=_secure_request(state, label, nodes)).to_config())})
+        res = exchange(grid, nodes, lambda n: content, message_type="train", group_id=label,
                        timeout=settings.round_timeout)
         _note_failures(state, log, res.failures, f"CNN round {rnd}")
         accepted, record = [], {"phase": "cnn", "round": rnd, **res.cost(), "sites": {}, "rejected": {}}
-        for node in sorted(res.replies, key=state.site_of):
+        if state.secure:
+            accepted = _secure_update(grid, settings, state, log, res, weights, record, label=label, nodes=nodes)
+        for node in [] if state.secure else sorted(res.replies, key=state.site_of):
             site, reply = state.site_of(node), res.replies[node]
             arrays, metrics = from_record(reply.content.array_records["arrays"]), dict(reply.content.metric_records["metrics"])
             verdict = validate_update(_site_spec(weights, settings, state, site), global_arrays=weights,
@@ -306,12 +343,52 @@ def run_cnn_rounds(grid: Grid, settings: RunSettings, state: RunState, log: RunL
         state.cnn_round, state.aggregator = rnd, agg.state_dict()
         state.rounds.append(record)
         eps = ", ".join(f"{s} {v['epsilon']:.3f}" for s, v in record["sites"].items() if "epsilon" in v)
-        log.info(f"CNN round {rnd}/{settings.cnn_rounds}: {len(accepted)} updates aggregated "
-                 f"({res.seconds:.1f} s)" + (f"; epsilon spent per site: {eps}" if eps else ""))
+        log.info(f"CNN round {rnd}/{settings.cnn_rounds}: "
+                 + (f"the secure sum of {len(record['sites'])} updates {'aggregated' if accepted else 'rejected'} "
+                    if state.secure else f"{len(accepted)} updates aggregated ")
+                 + f"({res.seconds:.1f} s)" + (f"; epsilon spent per site: {eps}" if eps else ""))
         log.event("cnn-round", **record)
         checkpoint(weights)
     state.phase = "glm"
     return weights
+
+
+def _secure_update(grid: Grid, settings: RunSettings, state: RunState, log: RunLog, res: Any,
+                   weights: dict[str, np.ndarray], record: dict[str, Any], *, label: str,
+                   nodes: list[int]) -> list[tuple[dict[str, np.ndarray], int]]:
+    """The round's mean update from the secure sum, as the one update the aggregator combines.
+
+    Each site's update is hidden, so validation sees the mean only: finite, the model's layout,
+    within the largest of the survivors' norm bounds and their census counts. A rejected mean
+    leaves the global model unchanged (no site can be named).
+    """
+    from server.validation import UpdateSpec, Verdict, validate_update
+
+    sums, summed = _secure_sum(grid, settings, state, log, res, label=label, nodes=nodes, message_type="train",
+                               where=f"CNN round {record['round']}")
+    metrics = {state.site_of(n): dict(res.replies[n].content.metric_records["metrics"]) for n in summed}
+    n_total = sum(int(m["num-examples"]) for m in metrics.values())
+    mean = {k: (sums[k] / max(n_total, 1)).astype(np.asarray(g).dtype) if k in sums else np.asarray(g)
+            for k, g in weights.items()}
+    specs = [_site_spec(weights, settings, state, site) for site in metrics]
+    norms = [s.max_norm for s in specs if s.max_norm is not None]
+    spec = UpdateSpec.from_arrays(weights, max_norm=max(norms) if len(norms) == len(specs) else None,
+                                  max_examples=sum(s.max_examples or 0 for s in specs) or None)
+    verdict = validate_update(spec, global_arrays=weights, update_arrays=mean, num_examples=n_total)
+    over = [site for (site, m), s in zip(metrics.items(), specs)
+            if s.max_examples is not None and int(m["num-examples"]) > s.max_examples]
+    if over:  # FedAvg weights by the counts: one inflated count would own the mean
+        verdict = Verdict(ok=False, reason=f"num-examples above the census count at {', '.join(over)}")
+    for site, m in metrics.items():
+        record["sites"][site] = {k: m[k] for k in ("epsilon", "run-epsilon", "num-examples") if k in m}
+    if "metric.train-loss" in sums:
+        record["train_loss"] = float(sums["metric.train-loss"][0]) / max(n_total, 1)
+    record["secure_sum"] = True
+    if not verdict.ok:
+        record["rejected"]["secure sum"] = verdict.reason
+        log.warning(f"CNN round {record['round']}: the summed update was rejected: {verdict.reason}")
+        return []
+    return [(mean, n_total)]
 
 
 def _site_spec(weights: dict[str, np.ndarray], settings: RunSettings, state: RunState, site: str) -> Any:
@@ -449,25 +526,38 @@ def _newton_rounds(grid: Grid, settings: RunSettings, state: RunState, log: RunL
         rnd = getattr(state, f"{kind}_round") + 1
         nodes = _require_quorum(state, settings, f"{name} round {rnd}")
         warm = rnd == 1 and warm_start and not settings.dp  # a local fit has no DP mechanism: never under DP
+        label = f"{state.run_id}-{kind}-{rnd}"
         cfg = ConfigRecord(RoundFacts(run_id=state.run_id, server_round=rnd, model_config=json.dumps(state.model_config),
                                       coef=tuple(float(c) for c in solver.coef), warm_start=warm,
-                                      **facts).to_config())
+                                      secure=_secure_request(state, label, nodes), **facts).to_config())
         res = exchange(grid, nodes, lambda n: RecordDict({**content, "config": cfg}), message_type=f"train.{kind}",
-                       group_id=f"{state.run_id}-{kind}-{rnd}", timeout=settings.round_timeout)
+                       group_id=label, timeout=settings.round_timeout)
         _note_failures(state, log, res.failures, f"{name} round {rnd}")
-        replies, rejected = _valid_newton_replies(res, state, log, f"{name} round {rnd}", dim=solver.coef.shape[0],
+        local: dict[str, np.ndarray] = {}  # the warm start's sums (secure sum)
+        if state.secure:
+            replies, total, local = _secure_newton_terms(grid, settings, state, log, res, label=label, nodes=nodes,
+                                                  kind=kind, where=f"{name} round {rnd}", dim=solver.coef.shape[0],
                                                   max_n=max_n, public_curvature=public_curvature)
-        if len(replies) < settings.min_sites:
-            raise TooFewSitesError(f"{name} round {rnd}: {len(replies)} site(s) sent valid terms"
-                                   + "".join(f"; {s}: {r}" for s, r in rejected.items()))
-        terms = [NewtonTerms(float(r.get("loss", np.nan)), r["grad"], r["hess"], int(r["num-examples"]))
-                 for r in replies]
-        total = sum(terms[1:], terms[0])
+        else:
+            replies, rejected = _valid_newton_replies(res, state, log, f"{name} round {rnd}",
+                                                      dim=solver.coef.shape[0], max_n=max_n,
+                                                      public_curvature=public_curvature)
+            if len(replies) < settings.min_sites:
+                raise TooFewSitesError(f"{name} round {rnd}: {len(replies)} site(s) sent valid terms"
+                                       + "".join(f"; {s}: {r}" for s, r in rejected.items()))
+            terms = [NewtonTerms(float(r.get("loss", np.nan)), r["grad"], r["hess"], int(r["num-examples"]))
+                     for r in replies]
+            total = sum(terms[1:], terms[0])
         if settings.dp and public_curvature is None:  # a released, noised Hessian
             floor = noise_floor(dim=total.hess.shape[0], n_classes=k, bound=bound,
                                 noise_multipliers=[float(r.get("noise-multiplier", 0.0)) for r in replies])
             total.hess = nearest_positive_definite(total.hess, floor=floor)
-        if warm:
+        if warm and state.secure:
+            solver.warm_start_from_sums(total, coef_sum=local["local_coef"], hess_sum=local["local_hess"],
+                                        hess_coef_sum=local["local_hess_coef"], holders=len(replies))
+            log.info(f"{name} round 1: {'forests fitted and ' if kind == 'meta' else ''}warm start from the sum of "
+                     f"{len(replies)} sites' local fits")
+        elif warm:
             solver.warm_start(total, [r["local_coef"] for r in replies], [r["local_hess"] for r in replies])
             log.info(f"{name} round 1: {'forests fitted and ' if kind == 'meta' else ''}warm start from "
                      f"{len(replies)} sites' local fits")
@@ -489,6 +579,33 @@ def _newton_rounds(grid: Grid, settings: RunSettings, state: RunState, log: RunL
         state.rounds.append(record)
         log.event(f"{kind}-round", round=rnd, seconds=res.seconds, converged=solver.converged)
         checkpoint()
+
+
+def _secure_newton_terms(grid: Grid, settings: RunSettings, state: RunState, log: RunLog, res: Any, *, label: str,
+                         nodes: list[int], kind: str, where: str, dim: int, max_n: str,
+                         public_curvature: Any = None) -> tuple[list[dict[str, Any]], Any, dict[str, np.ndarray]]:
+    """The summed Newton terms from the secure sum, checked as a whole (finite, shapes, symmetric,
+    within the survivors' census counts); returns the survivors' plain metrics, the terms, and the
+    warm start's sums (local fits, Hessians and their products)."""
+    from common.meta import NewtonTerms
+    from server.validation import check_newton_terms
+
+    sums, summed = _secure_sum(grid, settings, state, log, res, label=label, nodes=nodes,
+                               message_type=f"train.{kind}", where=where)
+    replies = [dict(res.replies[n].content.metric_records["metrics"]) for n in summed]
+    counts = [int(state.census.get(state.site_of(n), {}).get(max_n, 0)) for n in summed]
+    n = sum(int(r["num-examples"]) for r in replies)
+    hess = sums.get("hess")
+    if public_curvature is not None:
+        hess = None if "hess" in sums else sum(public_curvature(c) for c in counts)
+    why = check_newton_terms(sums.get("grad"), hess, dim=dim, n=n, max_n=sum(counts) or None)
+    if why is None and any(int(r["num-examples"]) > c for r, c in zip(replies, counts) if c):
+        why = "num-examples above the census count"
+    if why is not None:
+        raise TooFewSitesError(f"{where}: the summed terms were rejected: {why}")
+    total = NewtonTerms(float(sums["metric.loss"][0]) if "metric.loss" in sums else float("nan"), sums["grad"], hess, n)
+    local = {k: sums[k] for k in ("local_coef", "local_hess", "local_hess_coef") if k in sums}
+    return replies, total, local
 
 
 def _valid_newton_replies(res: Any, state: RunState, log: RunLog, where: str, *, dim: int, max_n: str,

@@ -323,9 +323,9 @@ def test_policy_command_shows_sets_and_refuses_a_silent_raise(sites: Path, capsy
     vault, key = str(sites / "site-1" / "vault"), str(sites / "site-1" / "key")
     assert main(["ledger", "policy", vault, "--key-file", key]) == 0
     assert "require-dp yes; budget epsilon 10 at delta 1e-05; max-run-epsilon 10; test-statistics noised " \
-           "(test-epsilon 1)" in capsys.readouterr().out
+           "(test-epsilon 1); require-secure-sum no; distributed-noise yes" in capsys.readouterr().out
     assert main(["ledger", "policy", vault, "--key-file", key, "--require-dp", "no", "--max-run-epsilon", "4",
-                 "--test-statistics", "none"]) == 0
+                 "--test-statistics", "none", "--require-secure-sum", "yes"]) == 0
     assert "site policy updated: require-dp no" in capsys.readouterr().out
     assert main(["ledger", "policy", vault, "--key-file", key, "--budget", "20"]) == 1
     err = capsys.readouterr().err
@@ -333,7 +333,8 @@ def test_policy_command_shows_sets_and_refuses_a_silent_raise(sites: Path, capsy
     assert main(["ledger", "policy", vault, "--key-file", key, "--budget", "20", "--allow-raise", "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["policy"] == {"require_dp": False, "budget_epsilon": 20.0, "delta": 1e-5, "max_run_epsilon": 4.0,
-                             "test_statistics": "none", "test_epsilon": 1.0}
+                             "test_statistics": "none", "test_epsilon": 1.0, "require_secure_sum": True,
+                             "distributed_noise": True}
     assert [h["change"] for h in doc["budget_history"]] == ["created", "raised"]
     assert doc["history"][-1]["change"]["require-dp"] == [True, False]
     with pytest.raises(SystemExit) as stop:  # argparse: one usage line, exit 2
@@ -374,3 +375,17 @@ def test_the_run_plan_counts_the_validation_release_for_any_number_of_classes(si
         privacy = SitePrivacy.open(vault, site="site-1", settings=settings, run_id="plan", n_records=100)
         labels = [r.label for r in privacy.plan_run(n_train=70)]
         assert labels.count("validation-statistics") == 1 and labels.count("test-statistics") == 1, labels
+
+
+def test_a_policy_stored_before_secure_sum_reads_as_it_meant() -> None:
+    from client.privacy.policy import ADDED_LATER, PolicyError, SitePolicy, parse_policy_blob, policy_blob
+
+    doc = json.loads(policy_blob(SitePolicy(require_dp=False)))
+    for key in ADDED_LATER:
+        del doc[key]
+    fields, _ = parse_policy_blob(json.dumps(doc).encode(), where="site-1")
+    assert fields["require_secure_sum"] is False and fields["distributed_noise"] is True
+    assert fields["require_dp"] is False
+    del doc["test_statistics"]
+    with pytest.raises(PolicyError, match="site-1: the site policy lacks test_statistics"):
+        parse_policy_blob(json.dumps(doc).encode(), where="site-1")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -34,6 +34,8 @@ VERSION = 1
 NAME_LEN = 128        # a site name
 TEXT_LEN = 4096       # a refusal: reasons built from the run's settings and the site's policy
 SCHEMA_JSON_LEN = 1 << 20
+PUBLIC_KEY_LEN = 1024  # a PEM public key (SECP384R1: 215 characters)
+SHARE_LEN = 4096       # a sealed Shamir share (a mask key's: about 1,100 characters)
 
 
 class EgressViolation(GenofedError):
@@ -128,7 +130,8 @@ SCALAR_METRICS = {"num-examples": Field("int"), "handler-seconds": Field("float"
 def contract_for(message_type: str, *, dp: bool, n_classes: int, model_shapes: Mapping[str, tuple[int, ...]]
                  | None = None, meta_dim: int = 0, warm_start: bool = False,
                  stats_shapes: Mapping[str, tuple[int, ...]] | None = None, n_columns: int = 0,
-                 glm_dim: int = 0, summary_shapes: Mapping[str, tuple[int, ...]] | None = None) -> EgressContract:
+                 glm_dim: int = 0, summary_shapes: Mapping[str, tuple[int, ...]] | None = None,
+                 secure_keys: Sequence[str] = ()) -> EgressContract:
     """The contract of a reply to ``message_type``.
 
     Parameters
@@ -143,6 +146,9 @@ def contract_for(message_type: str, *, dp: bool, n_classes: int, model_shapes: M
     glm_dim : the GLM's flat coefficient count (``train.glm``).
     summary_shapes : the explanation release's arrays, name -> shape (``query.explain``,
         :func:`common.explanation.summary_shapes`).
+    secure_keys : the sealed shares a secure-sum step returns, from the request (``to-J`` per other
+        site for ``query.secure_shares``; ``self-J`` per survivor and ``key-J`` per dropped site for
+        ``query.secure_unmask``).
     """
     if message_type == "query.census":
         return EgressContract(message_type, _census(n_classes))
@@ -173,7 +179,27 @@ def contract_for(message_type: str, *, dp: bool, n_classes: int, model_shapes: M
         summary = {name: Field("array", tuple(shape)) for name, shape in (summary_shapes or {}).items()}
         metrics = {**SCALAR_METRICS, "epsilon": Field("float"), "noise-std": Field("float")}
         return EgressContract(message_type, {"summary": summary, "metrics": metrics})
+    if message_type == "query.secure_keys":  # two public keys (PEM)
+        return EgressContract(message_type, {"keys": {k: Field("str", max_len=PUBLIC_KEY_LEN) for k in ("cipher", "mask")},
+                                             "metrics": dict(SCALAR_METRICS)})
+    if message_type in ("query.secure_shares", "query.secure_unmask"):  # sealed (or opened) Shamir shares
+        record = "sealed" if message_type == "query.secure_shares" else "shares"
+        return EgressContract(message_type, {record: {k: Field("str", max_len=SHARE_LEN) for k in secure_keys},
+                                             "metrics": dict(SCALAR_METRICS)})
     raise EgressViolation(f"no egress contract for message type {message_type!r}: the site answers none")
+
+
+def masked_contract(contract: EgressContract, *, summed: str, length: int, participants: Sequence[int],
+                    metrics: Sequence[str]) -> EgressContract:
+    """``contract`` for a reply whose ``summed`` record went through the secure sum: that record
+    holds one masked uint64 vector of ``length``, a ``secure`` record its layout and one sealed
+    self-mask share per participant, and ``metrics`` only the plain ``metrics`` it declared."""
+    records = dict(contract.records)
+    records[summed] = {"masked": Field("array", (int(length),), dtype="i")}  # uint64
+    records["secure"] = {"layout": Field("str", max_len=SCHEMA_JSON_LEN),
+                         **{f"self-{j}": Field("str", max_len=SHARE_LEN) for j in participants}}
+    records["metrics"] = {k: f for k, f in contract.records.get("metrics", {}).items() if k in metrics}
+    return EgressContract(contract.message_type, records)
 
 
 def _newton_records(dim: int, *, dp: bool, warm_start: bool, hessian: bool = True) -> Records:

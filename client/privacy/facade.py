@@ -36,6 +36,7 @@ from client.privacy.ledger import (
 from client.privacy.policy import (
     DEFAULTS,
     POLICY_ROLE,
+    STORED,
     PolicyError,
     PolicyRefusal,
     SitePolicy,
@@ -108,7 +109,7 @@ def set_policy(vault: Any, *, site: str, n_records: int, allow_raise: bool = Fal
     new = old.with_changes(**changes)  # validates
     if (new.budget_epsilon, new.delta) != (old.budget_epsilon, old.delta):
         PrivacyLedger.load(vault).set_budget(epsilon=new.budget_epsilon, delta=new.delta, allow_raise=allow_raise)
-    stored_old = {k: getattr(old, k) for k in ("require_dp", "max_run_epsilon", "test_statistics", "test_epsilon")}
+    stored_old = {k: getattr(old, k) for k in STORED}
     stored_new = {k: getattr(new, k) for k in stored_old}
     if stored_new != stored_old:
         with ledger_lock(vault.path):
@@ -302,11 +303,14 @@ class SitePrivacy:
     # -- egress -------------------------------------------------------------------------------
 
     def log_reply(self, *, message_type: str, round: int, observed: Mapping[str, Mapping[str, Observed]],
-                  status: str = "sent", reason: str = "") -> None:
-        """Record one reply (or a blocked one) in the egress log, before it is sent."""
+                  status: str = "sent", reason: str = "", secure: Mapping[str, Any] | None = None) -> None:
+        """Record one reply (or a blocked one) in the egress log, before it is sent; ``secure``
+        notes a reply whose summed record left masked (its label, participants and length)."""
         entry = log_entry(run_id=self._run_id, message_type=message_type, round=round, observed=observed,
                           epsilon=self.charged_epsilon, status=status, reason=reason)
         entry["charges"] = self.charges
+        if secure:
+            entry["secure_sum"] = dict(secure)
         with ledger_lock(self._vault.path):
             EgressLog(self._vault).append(entry)
 

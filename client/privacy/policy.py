@@ -74,6 +74,12 @@ class SitePolicy:
     test_statistics : ``"none"`` (no test statistics leave), ``"noised"`` (Gaussian noise
         calibrated to one patient, charged) or ``"exact"`` (uncharged, outside the guarantee).
     test_epsilon : the most a noised test-statistics release may spend.
+    require_secure_sum : refuse any run whose additive releases would reach the coordinator one
+        by one (``secure-sum = false``).
+    distributed_noise : with secure sum, add only this site's share of a release's noise (the sum
+        carries the calibrated noise while at least the threshold of sites contribute; against
+        sites that pool their own noise with the coordinator's view, less: docs/security.md);
+        ``False`` adds the whole noise whatever the run asks.
     """
 
     require_dp: bool = True
@@ -82,6 +88,8 @@ class SitePolicy:
     max_run_epsilon: float = 10.0
     test_statistics: str = "noised"
     test_epsilon: float = 1.0
+    require_secure_sum: bool = False
+    distributed_noise: bool = True
 
     def __post_init__(self) -> None:
         for name in ("budget_epsilon", "max_run_epsilon", "test_epsilon"):
@@ -94,8 +102,9 @@ class SitePolicy:
         if self.test_statistics not in TEST_STATISTICS:
             raise PolicyError(f"policy test-statistics must be one of {', '.join(TEST_STATISTICS)}, "
                               f"got {self.test_statistics!r}")
-        if not isinstance(self.require_dp, bool):
-            raise PolicyError(f"policy require-dp must be yes or no, got {self.require_dp!r}")
+        for name in ("require_dp", "require_secure_sum", "distributed_noise"):
+            if not isinstance(getattr(self, name), bool):
+                raise PolicyError(f"policy {name.replace('_', '-')} must be yes or no, got {getattr(self, name)!r}")
 
     def state_dict(self) -> dict[str, Any]:
         """Plain data (JSON-ready)."""
@@ -140,6 +149,10 @@ def check_request(policy: SitePolicy, settings: RunSettings) -> list[str]:
             if value > policy.max_run_epsilon:
                 reasons.append(f"the run asks for {key} {value:g}, above the site's max-run-epsilon "
                                f"{policy.max_run_epsilon:g}")
+    if policy.require_secure_sum and not settings.secure_sum:
+        reasons.append("its policy requires secure sum and the run asks for secure-sum = false (run with "
+                       "secure-sum = true, or its privacy officer may allow it with "
+                       "`genofed ledger policy --require-secure-sum no`)")
     reasons += _check_test_statistics(policy, settings)
     return reasons
 
@@ -157,7 +170,10 @@ def _check_test_statistics(policy: SitePolicy, settings: RunSettings) -> list[st
 # ---------------------------------------------------------------------------------------------
 # Storage (the non-budget part; the budget is the ledger's)
 
-STORED = ("require_dp", "max_run_epsilon", "test_statistics", "test_epsilon")
+STORED = ("require_dp", "max_run_epsilon", "test_statistics", "test_epsilon", "require_secure_sum",
+          "distributed_noise")
+ADDED_LATER = {"require_secure_sum": False, "distributed_noise": True}
+"""Stored keys a policy written before them lacks, with the value such a policy meant."""
 
 
 def policy_blob(policy: SitePolicy, *, history: list[dict[str, Any]] | None = None) -> bytes:
@@ -184,10 +200,10 @@ def parse_policy_blob(raw: bytes, *, where: str) -> tuple[dict[str, Any], list[d
     if doc.get("version") != VERSION:
         raise PolicyError(f"{where}: the site policy is version {doc.get('version')!r}; this genofed reads "
                           f"version {VERSION} (upgrade genofed)")
-    missing = [k for k in STORED if k not in doc]
+    missing = [k for k in STORED if k not in doc and k not in ADDED_LATER]
     if missing:
         raise PolicyError(f"{where}: the site policy lacks {', '.join(missing)}; restore the vault from backup")
-    return {k: doc[k] for k in STORED}, list(doc.get("history", []))
+    return {k: doc.get(k, ADDED_LATER.get(k)) for k in STORED}, list(doc.get("history", []))
 
 
 def _now() -> str:
