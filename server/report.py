@@ -162,6 +162,7 @@ def build_metrics(evaluation: dict[str, Any], state: RunState, settings: RunSett
         "init_origin": dict(state.init_origin),
         "privacy": _privacy(state, settings),
         "privacy_note": _privacy_note(settings),
+        "secure_sum": _secure_sum(state, settings),
         "missing_sites": dict(state.excluded),
         "refusals": dict(state.refusals),
         "test_statistics": _test_statistics_note(settings, evaluation),
@@ -210,7 +211,35 @@ def _paired_note(evaluation: dict[str, Any], settings: RunSettings) -> dict[str,
                     "argmax", "counts": how, "pairs": tests}
 
 
+def _secure_sum(state: Any, settings: RunSettings) -> dict[str, Any]:
+    """Which sites' sums were masked, and the threshold that unmasks one (empty without secure sum)."""
+    from common.summands import SUMMED_RECORD
+
+    if not state.secure:
+        return {}
+    return {"sites": sorted(state.secure["index"]), "threshold": int(state.secure["roster"]["threshold"]),
+            "distributed_noise": bool(settings.dp and settings.distributed_noise),
+            "summed": sorted(SUMMED_RECORD),
+            "unmasked_sums": sum(r.get("phase") == "secure-unmask" for r in state.rounds)}
+
+
 def _privacy_note(settings: RunSettings) -> str:
+    return _dp_note(settings) + _secure_sum_note(settings)
+
+
+def _secure_sum_note(settings: RunSettings) -> str:
+    if not settings.secure_sum:
+        return " No secure sum (secure-sum = false): the coordinator saw each site's release."
+    distributed = settings.dp and settings.distributed_noise
+    return (" Secure sum: the coordinator saw the moments, the CNN updates and the GLM's and meta-classifier's "
+            "statistics only summed over at least the threshold of sites; the validation, test and explanation "
+            "statistics were not routed through it." + (
+                " Distributed noise: each site whose policy allows it added 1/sqrt(threshold) of each summed "
+                "release's noise and was charged for the whole; against sites colluding with the coordinator the "
+                "sum carries less (docs/security.md)." if distributed else ""))
+
+
+def _dp_note(settings: RunSettings) -> str:
     if not settings.dp:
         return ("No differential privacy in this run (dp = false): the non-private reference, run only where every "
                 "site's policy allows it. Everything left the sites exact: the shared preprocessing's moments, model "

@@ -36,6 +36,7 @@ def setup(grid: Grid, settings: RunSettings, state: Any, nodes: list[int], log: 
     res = exchange(grid, nodes, lambda n: RecordDict({"config": cfg}), message_type="query.secure_keys",
                    group_id=f"{state.run_id}-secure-keys", timeout=settings.round_timeout)
     _exclude(state, log, res.failures, "secure sum keys")
+    state.rounds.append({"phase": "secure-keys", **res.cost(), "sites": sorted(map(state.site_of, res.replies))})
     order = sorted(res.replies, key=state.site_of)
     keys = [dict(res.replies[n].content.config_records["keys"]) for n in order]
     _quorum(settings, len(order), "secure sum keys")
@@ -53,7 +54,7 @@ def setup(grid: Grid, settings: RunSettings, state: Any, nodes: list[int], log: 
             sealed.setdefault(key.removeprefix("to-"), {})[str(owner)] = str(token)
     _quorum(settings, len(res2.replies), "secure sum shares")
     state.secure = {"roster": roster.to_dict(), "index": index, "sealed": sealed}
-    state.rounds.append({"phase": "secure-setup", **res2.cost(), "sites": sorted(index),
+    state.rounds.append({"phase": "secure-shares", **res2.cost(), "sites": sorted(index),
                          "threshold": roster.threshold})
     log.info(f"secure sum: {len(index)} sites exchanged keys and mask-key shares; any {roster.threshold} of them "
              "unmask a sum, and no sum is unmasked with fewer")

@@ -151,6 +151,8 @@ def test_a_secure_run_ends_at_the_plain_runs_models(sites_template: Path, tmp_pa
         ckpt = load_latest(tmp_path / f"run-{secure}")
         states[secure], weights[secure] = ckpt.state, ckpt.arrays
         assert doc["models"]["hybrid"]["auc"] > 0
+        assert (doc["secure_sum"]["threshold"] == 2 and doc["secure_sum"]["sites"] == ["site-1", "site-2", "site-3"]
+                and "Secure sum: the coordinator saw" in doc["privacy_note"]) if secure else doc["secure_sum"] == {}
     for name in weights[False]:
         assert np.allclose(weights[True][name], weights[False][name], atol=1e-5), name
     for key in ("glm_coef", "meta_coef"):

@@ -24,12 +24,14 @@ def test_simulation_engine_run_completes(tmp_path: Path, capsys: pytest.CaptureF
     monkeypatch.chdir(tmp_path)  # relative paths, as a user types them
     assert main(["simulate", "--sites-dir", "sites", "--out", "run", "--rounds", "1",
                  "--epsilon", "4", "--set", "forest-trees=10", "--set", "glm-rounds=2",
-                 "--set", "local-epochs=1"]) == 0
+                 "--set", "local-epochs=1", "--set", "secure-sum=true"]) == 0
     doc = json.loads((out / "metrics.json").read_text())
     assert set(doc["sites"]) == {"site-1", "site-2", "site-3"}
     # census, moments, CNN round, GLM rounds, meta rounds, the sites' own models alone, validation, explanation,
-    # evaluation
-    assert doc["run"]["exchanges"] == 2 + 1 + doc["glm"]["rounds"] + doc["meta"]["rounds"] + 4
+    # evaluation; with the secure sum, keys and shares once and one unmask after each summed exchange
+    summed = 1 + 1 + doc["glm"]["rounds"] + doc["meta"]["rounds"]
+    assert doc["run"]["exchanges"] == 1 + summed + 4 + 2 + summed
+    assert sum(r.get("phase") == "secure-unmask" for r in doc["rounds"]) == summed
     assert set(doc["site_alone"]["sites"]) == {"site-1", "site-2", "site-3"}
     for p in doc["privacy"].values():  # DP-SGD near its target; the ledger adds the other releases, composed
         assert 0 < p["run_epsilon"] <= 4.0 + 0.02 and p["run_epsilon"] < p["epsilon"] <= 4.0 + 1.0

@@ -10,10 +10,14 @@ scaler could reach), beside the no-noise fit. For each setting it also gives the
 epsilon at a site (the run plan the site checks, at the given DP-SGD ``epsilon``). Nothing is
 charged to the ledgers: this is for choosing settings.
 
+``--distributed`` adds, for every setting, the same draws with distributed noise (what a run with
+``secure-sum = true`` does): each site adds ``1/sqrt(t)`` of the noise, ``t`` the secure sum's
+default threshold, so the summed release carries the calibrated noise once instead of once per site.
+
 Usage::
 
     python -m simulations.benchmarks.dp_glm SITES_DIR [--glm-epsilon 1 2 4] [--moments-epsilon 0.5 2]
-        [--draws 5] [--json OUT]
+        [--draws 5] [--distributed] [--json OUT]
 """
 
 from __future__ import annotations
@@ -100,10 +104,11 @@ def _run_epsilon(sites_dir: Path, settings: Any) -> float:
 
 
 def run(*, sites_dir: Path, glm_epsilons: list[float], moments_epsilons: list[float], epsilon: float,
-        delta: float, draws: int) -> dict[str, Any]:
+        delta: float, draws: int, distributed: bool = False) -> dict[str, Any]:
     from client.pipeline import SiteData, fit_shared_scaler, shared_raw
     from client.privacy.ledger import gaussian_noise_multiplier
     from common.cohort import concat_cohorts
+    from common.secure_sum import default_threshold
     from common.settings import RunSettings
     from common.tabular import shared_columns
 
@@ -115,24 +120,27 @@ def run(*, sites_dir: Path, glm_epsilons: list[float], moments_epsilons: list[fl
     # The exact pooled scaler: what the shared scaler would be without noise.
     exact = fit_shared_scaler(SiteData.from_cohort(concat_cohorts(cohorts)), max_glm_columns=base.glm_max_features)
     raws = [shared_raw(s, "train") for s in sites]
+    shares = {"whole": 1.0} | ({"distributed": default_threshold(len(sites)) ** -0.5} if distributed else {})
     rows = []
     for me in moments_epsilons:
         for ge in glm_epsilons:
-            sigma_g = gaussian_noise_multiplier(epsilon=ge, delta=delta)
-            sigma_m = gaussian_noise_multiplier(epsilon=me, delta=delta)
-            noised, pooled = [], []
-            for draw in range(draws):
-                rng = np.random.default_rng(draw)
-                scaler = _noised_scaler(raws, columns, sigma=sigma_m, max_glm_columns=base.glm_max_features, rng=rng)
-                kw = {"C": base.glm_c, "keep": base.glm_dp_max_features, "n_classes": n_classes, "rng": rng}
-                noised.append(round(_glm_auc(sites, scaler, sigma=sigma_g, **kw), 4))
-                pooled.append(round(_glm_auc(sites, exact, sigma=sigma_g, **kw), 4))
-            settings = RunSettings(epsilon=epsilon, glm_epsilon=ge, moments_epsilon=me, test_statistics="none")
-            rows.append({"moments_epsilon": me, "glm_epsilon": ge, "run_epsilon": round(_run_epsilon(sites_dir,
-                                                                                                      settings), 3),
-                         "auc_noised_scaler": noised, "auc_exact_scaler": pooled,
-                         "mean_noised_scaler": round(float(np.mean(noised)), 4),
-                         "mean_exact_scaler": round(float(np.mean(pooled)), 4)})
+            for noise, share in shares.items():
+                sigma_g = share * gaussian_noise_multiplier(epsilon=ge, delta=delta)
+                sigma_m = share * gaussian_noise_multiplier(epsilon=me, delta=delta)
+                noised, pooled = [], []
+                for draw in range(draws):
+                    rng = np.random.default_rng(draw)
+                    scaler = _noised_scaler(raws, columns, sigma=sigma_m, max_glm_columns=base.glm_max_features,
+                                            rng=rng)
+                    kw = {"C": base.glm_c, "keep": base.glm_dp_max_features, "n_classes": n_classes, "rng": rng}
+                    noised.append(round(_glm_auc(sites, scaler, sigma=sigma_g, **kw), 4))
+                    pooled.append(round(_glm_auc(sites, exact, sigma=sigma_g, **kw), 4))
+                settings = RunSettings(epsilon=epsilon, glm_epsilon=ge, moments_epsilon=me, test_statistics="none")
+                rows.append({"moments_epsilon": me, "glm_epsilon": ge, "noise": noise, "noise_share": round(share, 4),
+                             "run_epsilon": round(_run_epsilon(sites_dir, settings), 3),
+                             "auc_noised_scaler": noised, "auc_exact_scaler": pooled,
+                             "mean_noised_scaler": round(float(np.mean(noised)), 4),
+                             "mean_exact_scaler": round(float(np.mean(pooled)), 4)})
     no_noise = _glm_auc(sites, exact, sigma=0.0, C=base.glm_c, keep=base.glm_dp_max_features, n_classes=n_classes,
                         rng=np.random.default_rng(0))
     return {"sites_dir": str(sites_dir), "sites": len(sites), "shared_columns": columns.width,
@@ -149,10 +157,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epsilon", type=float, default=8.0, help="DP-SGD epsilon, for the composed run epsilon")
     parser.add_argument("--delta", type=float, default=1e-5)
     parser.add_argument("--draws", type=int, default=5, help="noise draws per setting")
+    parser.add_argument("--distributed", action="store_true",
+                        help="also each setting with distributed noise (secure-sum = true)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     emit(run(sites_dir=args.sites_dir, glm_epsilons=args.glm_epsilon, moments_epsilons=args.moments_epsilon,
-             epsilon=args.epsilon, delta=args.delta, draws=args.draws), args.json)
+             epsilon=args.epsilon, delta=args.delta, draws=args.draws, distributed=args.distributed), args.json)
 
 
 if __name__ == "__main__":
