@@ -96,12 +96,17 @@ def inspect_vault(path: str | Path | Vault, key: KeySource | None = None) -> dic
     dict
         ``vault``: path, format, version, cipher, kdf kind, blob count, stored bytes and roles;
         ``cohort``: :meth:`Cohort.summary` (patients, classes, per-split class counts,
-        modalities with their feature counts, schema hash), or None if no cohort is stored.
+        modalities with their feature counts, missing values per column, schema hash), or None
+        if no cohort is stored.
     """
     vault = _as_vault(path, key)
     info = {"vault": {**vault.stats(), "roles": vault.roles}, "cohort": None}
     if SUMMARY_ROLE in vault:
         info["cohort"] = json.loads(vault.read(SUMMARY_ROLE).decode("utf-8"))
+        if "missing" not in info["cohort"] and "cohort/meta" in vault:
+            # A summary from an import that predates the missing-value counts: they follow exactly
+            # from the stored cohort (NaN and -1 cells), so count them, in memory only.
+            info["cohort"]["missing"] = load_cohort(vault).missing_values()
     elif "cohort/meta" in vault:
         # Written without a summary (an older import): compute it, in memory only.
         info["cohort"] = load_cohort(vault).summary()

@@ -29,7 +29,8 @@ VAULT_DESCRIPTION = """\
 Create and look after a site's encrypted vault (AES-256-GCM; see client/vault.py for the format).
 
   import    validate the files a cohort spec names and write them into a new vault
-  inspect   show what a vault holds: counts, classes, splits, modalities (no patient data)
+  inspect   show what a vault holds: counts, classes, splits, modalities, missing values per
+            column (no patient data)
   verify    authenticate every blob; names the first missing, edited or truncated file
   rekey     re-encrypt the vault under a new key or passphrase"""
 
@@ -37,7 +38,9 @@ IMPORT_DESCRIPTION = """\
 Validate every file a cohort spec names (FASTA, VCF, CSV/TSV), then write the cohort into an
 encrypted vault. Nothing is written unless every file is valid; every problem is reported with
 its file, line or patient, and column. With --force an existing vault (which the given key must
-open) gets the new cohort in one atomic step; other stored roles, such as fitted models, stay."""
+open) gets the new cohort in one atomic step; other stored roles, such as fitted models, stay.
+The summary counts, per modality, the patients without a value in each column, and warns of a
+column no patient has a value in (column names and counts only)."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -62,10 +65,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="replace the cohort in an existing vault (the key must open it)")
     imp.set_defaults(func=import_command)
 
-    ins = commands.add_parser("inspect", help="show counts, classes, splits and modalities (no patient data)",
+    ins = commands.add_parser("inspect", help="show counts, classes, splits, modalities and missing values "
+                              "(no patient data)",
                               description="Open a vault and show what it holds: patients, classes per split, "
-                              "modalities with their feature counts, schema hash, and the vault's format, "
-                              "key kind, blob count and size. No patient ids or values are shown.")
+                              "modalities with their feature counts, how many patients lack a value in each "
+                              "column (and a warning for a column no patient has a value in), schema hash, and "
+                              "the vault's format, key kind, blob count and size. No patient ids or values "
+                              "are shown.")
     ins.add_argument("vault", type=Path, metavar="VAULT", help="vault folder")
     _add_key_options(ins)
     ins.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")

@@ -374,7 +374,10 @@ def _parse_split(r: _Reader) -> SplitSpec:
             raise r.fail(k, f"must lie strictly between 0 and 1, got {v}")
     if abs(sum(fractions.values()) - 1.0) > 1e-9:
         raise r.fail("train", f"train + validation + test must be 1, got {sum(fractions.values()):.6g}")
-    return SplitSpec(policy=r.choice("policy", ("stratified", "group"), "stratified"), seed=r.get("seed", int, 0),
+    seed = r.get("seed", int, 0)
+    if seed < 0:  # numpy's generators take non-negative seeds only
+        raise r.fail("seed", f"must be a non-negative integer, got {seed}")
+    return SplitSpec(policy=r.choice("policy", ("stratified", "group"), "stratified"), seed=seed,
                      group_column=r.optional_str("group-column"), group_file=r.path("group-file", None),
                      **fractions)
 

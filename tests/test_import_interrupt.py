@@ -1,11 +1,18 @@
 """`genofed vault import` killed at any moment leaves the previous vault or none, never half of one.
 
-The real command runs in a child process on a synthetic cohort and is sent SIGKILL after a
-range of delays that cover start-up, parsing, encryption and the vault write. After each kill
-the vault is absent ("not a vault") or opens, verifies, and holds one complete cohort: the
-previous one (re-import with --force) or the new one. Another test kills the import the moment
-its vault write is seen to begin and requires the write's leftovers on disk afterwards, so that
-a kill provably landed mid-write.
+The real command runs in a child process on a synthetic cohort and is killed after a range of
+delays that cover start-up, parsing, encryption and the vault write. Each kill is made in two
+steps: SIGSTOP, waiting until the child has stopped, then SIGKILL. While the child is stopped
+nothing it does can change the disk, so what the test sees then is exactly what the kill
+interrupts, with no race: a first import's hidden ``.partial-`` staging folder (the new vault
+before its rename into place), or the vault folder's ``flock`` held (writers take it for a whole
+update). A timed kill may miss the write, which is short next to parsing; if none of them landed
+inside it, further runs are killed the moment their write is seen to begin, until one does.
+
+After each kill the vault is absent ("not a vault") or opens, verifies, and holds one complete
+cohort: the previous one (re-import with --force) or the new one. A kill inside the staging
+leaves no vault and the staging folder still on disk; every step of the vault write itself is
+also covered deterministically in test_vault_interrupt.
 """
 
 from __future__ import annotations
@@ -15,6 +22,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +32,13 @@ import pytest
 from client.cohort_store import load_cohort, save_cohort
 from client.importers import import_cohort
 from client.vault import KeySource, Vault, VaultError, generate_key_file
+from common.durable import directory_lock
 from common.spec import load_spec
 from simulations.synthetic import write_synthetic_cohort
 
 ENV = {**os.environ, "GENOFED_NO_PROGRESS": "1"}
+WATCHED_RUNS = 5
+"""Runs killed the moment their write begins, when no timed kill landed inside a write."""
 
 
 @pytest.fixture(scope="module")
@@ -50,92 +62,139 @@ def _full_run_seconds(spec: Path, tmp: Path) -> float:
     return time.perf_counter() - t0
 
 
+# ---------------------------------------------------------------------------------------------
+# Stopping, looking, killing
+
+
+def _partials(vault: Path) -> list[str]:
+    """Hidden ``.partial-`` siblings: a first import's vault before it is renamed into place."""
+    return [p.name for p in vault.parent.iterdir() if p.name.startswith(f".{vault.name}.partial-")]
+
+
+def _write_in_progress(vault: Path) -> str | None:
+    """The vault write a *stopped* importer is inside: "staging" (its staging folder exists),
+    "update" (it holds the vault folder's flock, held by writers for a whole update) or None.
+    Taking the flock for a moment here is harmless: the importer cannot run until it is killed."""
+    if _partials(vault):
+        return "staging"
+    if vault.is_dir():
+        with directory_lock(vault, wait_s=0.0) as free:
+            if not free:
+                return "update"
+    return None
+
+
+def _stop(child: subprocess.Popen) -> bool:
+    """SIGSTOP ``child`` and wait until it has stopped; False if it ended first (then reaped)."""
+    if child.poll() is not None:
+        return False
+    os.kill(child.pid, signal.SIGSTOP)  # a process that just exited is a zombie: no error
+    _, status = os.waitpid(child.pid, os.WUNTRACED)
+    if os.WIFSTOPPED(status):
+        return True
+    child.returncode = os.waitstatus_to_exitcode(status)
+    return False
+
+
+@dataclass
+class Kill:
+    """What one run came to: whether it was killed, and inside which vault write (if any)."""
+
+    killed: bool
+    phase: str | None
+
+
+def _run_and_kill(cmd: list[str], vault: Path, wait: Callable[[subprocess.Popen], None]) -> Kill:
+    """Start ``cmd``, ``wait(child)``, then stop it, note the write it is inside and kill it."""
+    child = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait(child)
+        if not _stop(child):
+            return Kill(killed=False, phase=None)
+        phase = _write_in_progress(vault)
+        os.kill(child.pid, signal.SIGKILL)
+        return Kill(killed=True, phase=phase)
+    finally:
+        if child.returncode is None:
+            child.kill()
+        child.wait()
+
+
+def _sleep(seconds: float) -> Callable[[subprocess.Popen], None]:
+    return lambda child: time.sleep(seconds)
+
+
+def _until_write_starts(vault: Path, before: set[str]) -> Callable[[subprocess.Popen], None]:
+    """Wait until the importer's staging folder appears, or (re-import) a file the vault did not have."""
+    def wait(child: subprocess.Popen) -> None:
+        deadline = time.monotonic() + 120
+        while child.poll() is None and time.monotonic() < deadline:
+            if _partials(vault) or (vault.is_dir() and set(os.listdir(vault)) - before):
+                return
+            time.sleep(0.0005)
+    return wait
+
+
+# ---------------------------------------------------------------------------------------------
+# What a kill left
+
+
+def _outcome(vault: Path, key: KeySource, ids: dict[str, set[str]], previous: bool) -> str:
+    """"none", "old" or "new": the vault after a kill, which must verify and hold one whole cohort."""
+    try:
+        Vault.open(vault, key).verify()
+        held = set(load_cohort(vault, key).patient_ids.tolist())
+    except VaultError as exc:
+        assert not previous, f"previous vault lost: {exc}"
+        assert "not a vault" in str(exc)
+        return "none"
+    assert held in (ids["old"], ids["new"]), "vault holds a mixture of two cohorts"
+    return "new" if held == ids["new"] else "old"
+
+
+def _check_kill_inside_write(kill: Kill, outcome: str, vault: Path, previous: bool) -> None:
+    """A kill inside the staging leaves no vault (the rename is the commit) and the staging folder;
+    inside an update, the vault is whole either way, and a first import's vault is already the new one."""
+    if kill.phase == "staging":
+        assert not previous and outcome == "none", outcome
+        assert _partials(vault), "the staging folder of the killed write is gone"
+    elif kill.phase == "update" and not previous:
+        assert outcome == "new", outcome
+
+
 @pytest.mark.parametrize("previous", [False, True], ids=["first-import", "re-import"])
 def test_killed_import_leaves_previous_vault_or_none(cohorts: dict[str, Path], tmp_path: Path, previous: bool) -> None:
     new_spec = cohorts["new"] / "spec.toml"
     total = _full_run_seconds(new_spec, tmp_path)
     key_path = generate_key_file(tmp_path / "key")
     key = KeySource.from_key_file(key_path)
-    old_ids = set(import_cohort(load_spec(cohorts["old"] / "spec.toml")).patient_ids.tolist())
-    new_ids = set(import_cohort(load_spec(new_spec)).patient_ids.tolist())
-    outcomes, killed = set(), 0
-    # Delays from start-up to past the measured run time: a loaded machine shifts the moment of
-    # commit, so the test asserts the invariant at every kill and that kills really happened;
-    # every step of the vault write itself is covered deterministically in test_vault_interrupt.
-    for i, fraction in enumerate(np.linspace(0.1, 1.2, 10)):
-        vault = tmp_path / f"vault-{i}"
-        if previous:
-            save_cohort(vault, import_cohort(load_spec(cohorts["old"] / "spec.toml")), key)
-        child = subprocess.Popen(_import_cmd(new_spec, vault, key_path, previous), env=ENV,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(total * fraction)
-        if child.poll() is None:
-            os.kill(child.pid, signal.SIGKILL)
-            killed += 1
-        child.wait()
-        try:
-            Vault.open(vault, key).verify()
-            ids = set(load_cohort(vault, key).patient_ids.tolist())
-        except VaultError as exc:
-            assert not previous, f"previous vault lost after kill at {fraction:.2f}: {exc}"
-            assert "not a vault" in str(exc)
-            outcomes.add("none")
-            continue
-        assert ids in (old_ids, new_ids), "vault holds a mixture of two cohorts"
-        outcomes.add("new" if ids == new_ids else "old")
-    assert killed >= 3, f"only {killed} runs were still going when the kill came"
-    assert outcomes <= {"none", "old", "new"} and ("old" in outcomes if previous else "none" in outcomes)
-
-
-def _write_started(vault: Path, before: set[str]) -> bool:
-    """Whether the import has begun writing: a first import's hidden ``.partial-`` sibling exists,
-    or (re-import) a file the previous vault did not have appeared in it."""
-    if any(p.name.startswith(f".{vault.name}.partial-") for p in vault.parent.iterdir()):
-        return True
-    return vault.is_dir() and bool(set(os.listdir(vault)) - before)
-
-
-def _traces(vault: Path, key: KeySource) -> list[str]:
-    """What an interrupted write left on disk: a ``.partial-`` sibling, or files the vault does not use."""
-    partial = [p.name for p in vault.parent.iterdir() if p.name.startswith(f".{vault.name}.partial-")]
-    if partial or not vault.is_dir():
-        return partial
-    return Vault.open(vault, key).verify()["warnings"]
-
-
-@pytest.mark.parametrize("previous", [False, True], ids=["first-import", "re-import"])
-def test_a_kill_inside_the_vault_write_leaves_the_previous_state(cohorts: dict[str, Path], tmp_path: Path,
-                                                                 previous: bool) -> None:
-    """Kill the moment the write is seen to begin, so the kill provably lands mid-write: its traces
-    are on disk afterwards, and the vault is still the previous one (or none)."""
-    new_spec = cohorts["new"] / "spec.toml"
-    key_path = generate_key_file(tmp_path / "key")
-    key = KeySource.from_key_file(key_path)
     old = import_cohort(load_spec(cohorts["old"] / "spec.toml"))
-    landed = []
-    for attempt in range(5):  # the write can finish between seeing it start and the kill: try again
-        vault = tmp_path / f"vault-{attempt}"
+    ids = {"old": set(old.patient_ids.tolist()), "new": set(import_cohort(load_spec(new_spec)).patient_ids.tolist())}
+    outcomes: set[str] = set()
+    kills: list[Kill] = []
+
+    def run(name: str, wait_for: Callable[[Path, set[str]], Callable[[subprocess.Popen], None]]) -> None:
+        vault = tmp_path / name
         if previous:
             save_cohort(vault, old, key)
         before = set(os.listdir(vault)) if previous else set()
-        child = subprocess.Popen(_import_cmd(new_spec, vault, key_path, previous), env=ENV,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 120
-        while child.poll() is None and not _write_started(vault, before) and time.monotonic() < deadline:
-            time.sleep(0.0005)
-        if child.poll() is None:
-            os.kill(child.pid, signal.SIGKILL)
-        child.wait()
-        traces = _traces(vault, key)
-        if previous:
-            assert set(load_cohort(vault, key).patient_ids.tolist()) == set(old.patient_ids.tolist())
-        else:
-            with pytest.raises(VaultError, match="not a vault"):
-                Vault.open(vault, key)
-        if traces:
-            landed.append(traces)
+        kill = _run_and_kill(_import_cmd(new_spec, vault, key_path, previous), vault, wait_for(vault, before))
+        outcome = _outcome(vault, key, ids, previous)
+        _check_kill_inside_write(kill, outcome, vault, previous)
+        kills.append(kill)
+        outcomes.add(outcome)
+
+    # Delays from start-up to past the measured run time: a loaded machine shifts every moment,
+    # so the invariant is checked at each kill, whatever it interrupted.
+    for i, fraction in enumerate(np.linspace(0.1, 1.2, 10)):
+        run(f"vault-{i}", lambda vault, before, s=total * fraction: _sleep(s))
+    for i in range(WATCHED_RUNS):
+        if any(k.phase for k in kills):
             break
-    assert landed, "no kill landed inside the vault write in 5 attempts"
-    # the write's own leftovers: the hidden sibling of a first import, or blobs and a manifest no index names
-    assert all(t.startswith((f".{vault.name}.partial-", "unreferenced blob file", "temporary manifest"))
-               for t in landed[0]), landed
+        run(f"vault-watched-{i}", _until_write_starts)
+
+    assert sum(k.killed for k in kills) >= 3, f"only {sum(k.killed for k in kills)} runs were still going when killed"
+    assert any(k.phase for k in kills), f"no kill landed inside a vault write in {len(kills)} runs"
+    # A re-import never loses the previous vault; a first import never finds an old one.
+    assert outcomes <= ({"old", "new"} if previous else {"none", "new"}), outcomes
+    assert ("old" if previous else "none") in outcomes, outcomes

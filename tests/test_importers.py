@@ -443,6 +443,25 @@ def test_nan_and_inf_written_as_values(site: Site, token: str) -> None:
     assert "write an empty cell for a missing value" in p.message
 
 
+@pytest.mark.parametrize("token", ["1e400", "-1E+400", "1.8e308", "inf", "-Infinity", "nan", "+nan"])
+def test_a_clinical_value_that_overflows_or_is_not_finite_is_refused(site: Site, token: str) -> None:
+    """float('1e400') is inf: refused like a literal inf, with its line and column, and no vault."""
+    site.write("clinical.tsv", CLINICAL.replace("P6\t33\t", f"P6\t{token}\t"))
+    p = one(site.fail(), "is not a finite number")
+    assert str(p) == (f"{site.path('clinical.tsv')}:line 7: column 'age': value {token!r} is not a finite number: "
+                      "write an empty cell for a missing value")
+
+
+def test_missing_tokens_stay_missing_next_to_refused_non_finite_values(site: Site) -> None:
+    site.modality("omics", **{"allow-missing": True})
+    site.write("omics.csv", OMICS.replace("P3,3,3", "P3,,NA").replace("P4,4,4", "P4,1e-400,4"))
+    cohort = import_cohort(site.spec())
+    assert np.isnan(cohort.omics.values[2]).all() and cohort.omics.values[3].tolist() == [0.0, 4.0]
+    site.write("omics.csv", OMICS.replace("P3,3,3", "P3,,NA").replace("P4,4,4", "P4,1e400,4"))
+    err = site.fail()
+    assert err.total == 1 and one(err, "'1e400' is not a finite number").location == "line 6"
+
+
 def test_non_numeric_cell(site: Site) -> None:
     site.write("omics.csv", OMICS.replace("P4,4,4", "P4,4,4,5").replace("P3,3,3", "P3,3,3,5"))
     err = site.fail()  # a ragged file: more fields than the header
@@ -641,6 +660,16 @@ def test_wrong_sequence_length(site: Site) -> None:
     assert (p.location, p.field) == ("line 10", "record 'P5'")
 
 
+def test_a_huge_sequence_length_in_the_spec_is_a_problem_not_an_allocation(site: Site) -> None:
+    """length = 10**12 once allocated patients x length bytes before any record was checked
+    (numpy's MemoryError, a traceback); now each record is the wrong length."""
+    site.modality("sequences", length=10**12)
+    err = site.fail()
+    assert err.total == 8
+    assert str(err.problems[0]).endswith("record 'P1': sequence length 8, expected 1000000000000 (length in "
+                                         "[modalities.sequences]): every sequence must have exactly that length")
+
+
 def test_unknown_symbol_reports_its_line_and_position(site: Site) -> None:
     site.write("seqs.fa", FASTA.replace("ACGT\nACGA", "ACGT\nACXA"))
     p = one(site.fail(), "unknown symbol 'X' at position 7")
@@ -688,8 +717,34 @@ def test_genotype_naming_an_allele_beyond_alt_is_refused(site: Site) -> None:
     assert records[2] != VCF_RECORDS[2]
     site.write("variants.vcf", vcf_text(records))
     p = one(site.fail(), "names allele 2")
-    assert p.location == "record 2:50" and p.field.startswith("sample 'P") and "1 alternate allele(s) (G,A)" in p.message
-    assert "fix the genotype or the record's ALT" in p.message
+    assert str(p) == (f"{site.path('variants.vcf')}:record 2:50: sample 'P3': genotype '0/2' names allele 2, but the "
+                      "record has 1 alternate allele (REF G, ALT A): fix the genotype or the record's ALT")
+
+
+@pytest.mark.parametrize("allele", [40000, 65535, 65536, 65537, 131073])
+def test_an_allele_index_past_int16_is_not_wrapped(site: Site, allele: int) -> None:
+    """cyvcf2's Genotypes.array() casts allele indices to int16: 0/65537 read as 0/1, 0/65536 as 0/0,
+    0/65535 as 0/. and 0/40000 as no copy at all. Each was imported without a word."""
+    site.write("variants.vcf", vcf_text([*VCF_RECORDS[:2], VCF_RECORDS[2].replace("\t0/1", f"\t0/{allele}", 1)]))
+    p = one(site.fail(), f"names allele {allele},")
+    assert (p.location, p.field) == ("record 2:50", "sample 'P3'") and f"genotype '0/{allele}'" in p.message
+
+
+@pytest.mark.parametrize("call", ["1/1/1", "0|1|1", "0/1/."])
+def test_a_genotype_with_more_than_two_alleles_is_refused(site: Site, call: str) -> None:
+    """A dosage is 0, 1 or 2 (the public range clipping relies on): a triploid call read as 3."""
+    site.write("variants.vcf", vcf_text([*VCF_RECORDS[:2], VCF_RECORDS[2].replace("\t0/1", f"\t{call}", 1)]))
+    p = one(site.fail(), "has 3 alleles")
+    assert str(p) == (f"{site.path('variants.vcf')}:record 2:50: sample 'P3': genotype {call!r} has 3 alleles: "
+                      "genofed reads haploid and diploid calls only (a dosage is 0, 1 or 2); fix the genotype")
+
+
+def test_haploid_and_mixed_ploidy_calls_import(site: Site) -> None:
+    records = [VCF_RECORDS[0], VCF_RECORDS[1].replace("\t0/0\t0/0\t0/0\t0/0\t0/0\t0/0\t0/0\t1/1",
+                                                      "\t0\t1\t.\t0/0\t0|1\t1|0\t.|1\t1/1")]
+    site.write("variants.vcf", vcf_text(records))
+    # VCF samples are P8..P1, so the record's calls read backwards for P1..P8
+    assert import_cohort(site.spec()).variants.values[:, 1].tolist() == [2, -1, 1, 1, 0, -1, 1, 0]
 
 
 def test_partly_missing_genotype_is_missing(site: Site) -> None:

@@ -803,3 +803,28 @@ def test_cli_import_shows_missing_values_per_column_and_warns_of_an_empty_one(
                            "models will impute it everywhere at this site; check the export if the site does record it")
     assert cli("vault", "inspect", tmp_path / "v", "--key-file", tmp_path / "key") == 0
     assert "clinical column 'bmi' has no values at all" in capsys.readouterr().out
+    assert cli("vault", "inspect", tmp_path / "v", "--key-file", tmp_path / "key", "--json") == 0
+    cohort = json.loads(capsys.readouterr().out)["cohort"]
+    assert cohort["missing"]["clinical"]["bmi"] == cohort["patients"] == 60
+
+
+def test_inspect_counts_missing_values_of_a_vault_imported_before_they_were_stored(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """An older import's summary has no missing-value counts: inspect counts them from the stored
+    cohort (in memory) rather than asking for a re-import, in the table and in --json."""
+    key_file = generate_key_file(tmp_path / "key")
+    key = KeySource.from_key_file(key_file)
+    save_cohort(tmp_path / "vault", small_cohort(), key)
+    vault = Vault.open(tmp_path / "vault", key)
+    summary = json.loads(vault.read(SUMMARY_ROLE))
+    del summary["missing"]
+    vault.update({SUMMARY_ROLE: json.dumps(summary).encode("utf-8")})
+    expected = {"variants": {"1:200:C:T": 1}, "omics": {"ESR1": 1}, "events": {"PIK3CA": 1, "GATA3": 1},
+                "clinical": {"age": 1, "sex": 1}}
+    assert inspect_vault(tmp_path / "vault", key)["cohort"]["missing"] == expected
+    assert cli("vault", "inspect", tmp_path / "vault", "--key-file", key_file, "--json") == 0
+    assert json.loads(capsys.readouterr().out)["cohort"]["missing"] == expected
+    assert cli("vault", "inspect", tmp_path / "vault", "--key-file", key_file) == 0
+    table = capsys.readouterr().out
+    assert "missing values in clinical (patients without a value, of 6): age 1 (17%), sex 1 (17%)" in table
+    assert "not recorded" not in table

@@ -141,10 +141,10 @@ def encode_records(file: str, records: list[SequenceRecord], patients: tuple[str
     source = records[0] if records else SequenceRecord("", "", "", None)
     index = match_ids(file, [r.id for r in records], [r.location for r in records],
                       source.id_field, patients, log, label_file=label_file, what=source.unit)
-    codes = np.full((len(patients), length), 4, dtype=np.uint8)
+    encoded: list[np.ndarray] = []
     ambiguity: Counter[str] = Counter()
     with_ambiguity = 0
-    for i, row in enumerate(index):
+    for row in index:
         if row < 0:
             continue
         record = records[row]
@@ -152,16 +152,22 @@ def encode_records(file: str, records: list[SequenceRecord], patients: tuple[str
             log.add(file, record.location, record.field, record.empty_message, kind="empty sequence")
             continue
         try:
-            codes[i], seen = encode_sequence(record.sequence, length)
+            row_codes, seen = encode_sequence(record.sequence, length)
         except SequenceEncodingError as exc:
             _log_bad_sequence(file, record, exc, length, log)
             continue
+        encoded.append(row_codes)
         if seen:
             ambiguity.update(seen)
             with_ambiguity += 1
+    if len(encoded) < len(patients):
+        return None  # each patient without a usable sequence is a logged problem: the import fails
+    # Stacked from sequences that have the spec's length, never allocated from ``length`` alone:
+    # a mistyped length (10**12) is then a problem per record, not a failed allocation.
+    codes = np.stack(encoded)
     report = {"records": len(records), "length": length,
               "ambiguity_codes": dict(sorted(ambiguity.items())), "sequences_with_ambiguity": with_ambiguity,
-              "identical_to_another": _repeats(codes[index >= 0])}
+              "identical_to_another": _repeats(codes)}
     return SequencesResult(codes=codes, report=report)
 
 

@@ -1,10 +1,13 @@
 """Multi-sample VCF / VCF.gz to alternate-allele dosages, with cyvcf2 (htslib).
 
-Genotypes are decoded per record as one vectorised allele array (``Variant.genotype.array()``:
-one row per sample, allele indices, -1 for a missing allele, -2 past a short call's end), so
-a dosage is a count of one allele over the row. This one path covers biallelic sites, split
-multi-allelic sites (a feature per alternate allele), haploid calls (dosage 0/1) and partly
-missing calls such as ``0/.`` (missing, where ``gt_types`` would say homozygous reference).
+Genotypes are decoded per record as one vectorised allele array (from htslib's int32 GT values,
+``Variant.format("GT", int)``: one row per sample, allele indices, -1 for a missing allele, -2
+past a short call's end), so a dosage is a count of one allele over the row. This one path
+covers biallelic sites, split multi-allelic sites (a feature per alternate allele), haploid
+calls (dosage 0/1) and partly missing calls such as ``0/.`` (missing, where ``gt_types`` would
+say homozygous reference). cyvcf2's own ``Genotypes.array()`` is not used: it casts allele
+indices to int16, so ``0/65537`` would read as ``0/1``. A call naming an allele the record does
+not have, or holding more than two alleles (a dosage is 0, 1 or 2), is a problem.
 
 htslib's own stderr messages are silenced while reading; every failure becomes a problem
 here instead, and a truncated or corrupt file is diagnosed with Python's gzip.
@@ -32,6 +35,11 @@ _HTSLIB_DEFAULT_LOG_LEVEL = 3
 _PROGRESS_EVERY = 256
 _SPLIT_HINT = 'split it with `bcftools norm -m -any`, or set multiallelic = "split" in [modalities.variants]'
 _MISSING_HINT = 'set missing = "allow" in [modalities.variants] to keep it'
+# htslib's int32 GT encoding: an allele is stored as (index + 1) << 1 | phased, so 0 and 1 are a
+# missing allele ('.'); a call shorter than the record's longest is padded with vector_end.
+_GT_VECTOR_END = -(2**31) + 1
+_GT_INT32_MISSING = -(2**31)
+_MAX_PLOIDY = 2
 
 
 @dataclass
@@ -226,32 +234,43 @@ class _Records:
             self._store(f"{chrom}:{pos}:{ref}:{alt}", dosage, where)
 
     def _genotypes(self, v: cyvcf2.Variant, where: str) -> np.ndarray | None:
-        """(samples, ploidy + 1) allele array, last column the phase flag; None without GT."""
+        """(samples, ploidy + 1) int32 allele array, last column the phase flag; None without GT."""
         try:
-            genotype = v.genotype
-        except Exception:  # cyvcf2: "couldn't get genotypes for variant" when FORMAT lacks GT
-            genotype = None
-        if genotype is None:
+            raw = v.format("GT", int)
+        except Exception:  # cyvcf2 raises rather than return None for some records without GT
+            raw = None
+        if raw is None:
             self.log.add(self.file, where, None, "record has no GT (genotype) field: genofed needs called genotypes "
                          "in FORMAT/GT", kind="no GT field")
             return None
-        return genotype.array()
+        return _decode_gt(raw, len(self.samples))
 
     def _check_alleles(self, calls: np.ndarray, ref: str, alts: list[str], where: str) -> None:
-        """Log each sample whose genotype names an allele beyond the record's ALT (0 = REF, 1.. = ALT):
-        htslib reads ``0/2`` at a site with one ALT without a word, and it would count as no copy."""
-        beyond = (calls[:, :-1] > len(alts)).any(axis=1)
-        if not beyond.any():
-            return
-        hits = np.flatnonzero(beyond)
-        kind = "allele beyond ALT"
+        """Log each sample whose genotype names an allele beyond the record's ALT (0 = REF, 1.. = ALT),
+        or holds more than two alleles: htslib reads ``0/2`` at a site with one ALT, or ``1/1/1``,
+        without a word, and they would count as no copy, or as a dosage of 3."""
+        alleles = calls[:, :-1]
+        beyond = (alleles > len(alts)).any(axis=1)
+        if beyond.any():
+            shown = f"REF {ref}, ALT {','.join(alts)}"
+            noun = "allele" if len(alts) == 1 else "alleles"
+            self._per_sample(calls, beyond, where, "allele beyond ALT",
+                             lambda i: f"names allele {int(alleles[i].max())}, but the record has {len(alts)} "
+                             f"alternate {noun} ({shown}): fix the genotype or the record's ALT")
+        if alleles.shape[1] > _MAX_PLOIDY:
+            extra = (alleles[:, _MAX_PLOIDY:] != -2).any(axis=1)
+            self._per_sample(calls, extra & ~beyond, where, "more than two alleles",
+                             lambda i: f"has {int((alleles[i] != -2).sum())} alleles: genofed reads haploid and "
+                             "diploid calls only (a dosage is 0, 1 or 2); fix the genotype")
+
+    def _per_sample(self, calls: np.ndarray, mask: np.ndarray, where: str, kind: str,
+                    message: Callable[[int], str]) -> None:
+        """Log ``genotype 'G' <message(i)>`` for the first samples of ``mask`` that fit the cap; count the rest."""
+        hits = np.flatnonzero(mask)
         room = min(self.log.room(self.file, kind), hits.size)
-        alleles = ",".join([ref, *alts])
         for i in hits[:room]:
             self.log.add(self.file, where, f"sample {self.samples[i]!r}",
-                         f"genotype {_genotype_text(calls[i])!r} names allele {int(calls[i, :-1].max())}, but the "
-                         f"record has {len(alts)} alternate allele(s) ({alleles}): fix the genotype or the record's "
-                         "ALT", kind=kind)
+                         f"genotype {_genotype_text(calls[i])!r} {message(i)}", kind=kind)
         self.log.count(self.file, kind, hits.size - room)
 
     def _check_order(self, chrom: str, pos: int, where: str) -> None:
@@ -295,6 +314,23 @@ class _Records:
     def dosages(self) -> np.ndarray:
         """(sites, samples) int8 dosages in file order."""
         return self._rows[: len(self.sites)]
+
+
+def _decode_gt(raw: np.ndarray, n_samples: int) -> np.ndarray:
+    """htslib's int32 GT values (samples x ploidy) as an int32 allele array plus a phase column.
+
+    Allele ``-1`` is missing ('.', or no value at all), ``-2`` is past the end of a shorter call.
+    The phase flag is the second allele's (htslib stores it there); it only picks the separator
+    when a call is quoted back in a problem.
+    """
+    raw = np.asarray(raw, dtype=np.int32).reshape(n_samples, -1)
+    calls = np.empty((n_samples, raw.shape[1] + 1), dtype=np.int32)
+    alleles = calls[:, :-1]
+    np.subtract(raw >> 1, 1, out=alleles)
+    alleles[raw == _GT_VECTOR_END] = -2
+    alleles[raw == _GT_INT32_MISSING] = -1
+    calls[:, -1] = raw[:, min(1, raw.shape[1] - 1)] & 1
+    return calls
 
 
 def _allele_count(calls: np.ndarray, allele: int) -> np.ndarray:
