@@ -1,6 +1,7 @@
 # Two entry points that do all the set-up on a fresh machine:
 #   make demo   creates .venv, installs genofed, runs the demo on a synthetic cohort
 #   make test   creates .venv, installs genofed with its test tools, runs the test suite
+#   make test-attacks   the slow attack campaign (docs/security.md); .ci/run runs it after make test
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -16,7 +17,7 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 # download is not reachable from the machines genofed is tested on).
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: demo test install clean chromium
+.PHONY: demo test test-attacks install clean chromium
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,7 +28,10 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP) chromium
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -m "not attack"
+
+test-attacks: $(STAMP)
+	$(BIN)/python -m pytest -q -m attack
 
 chromium:
 	@command -v chromium >/dev/null || { echo "installing Debian's chromium for the report's browser test"; \

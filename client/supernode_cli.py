@@ -1,7 +1,9 @@
 """``genofed supernode``: start a hospital's Flower SuperNode after checking its vault and key.
 
-The site daemon. It checks, before connecting to anyone, that ``--node-config`` names a vault
-that opens with the given key file (or passphrase file), then starts the SuperNode with genofed's
+The site daemon. It checks, before connecting to anyone, that every private key file it is given
+(the SuperNode authentication key, the Runtime API's TLS key, the vault's key or passphrase
+file) is readable by its owner only (:mod:`common.keyfiles`), and that ``--node-config`` names a
+vault that opens with the given key file (or passphrase file), then starts the SuperNode with genofed's
 warm ClientApp worker (:mod:`client.warm_node`), or, with ``--plain``, as stock
 ``flower-supernode``. Every other option is passed to ``flower-supernode`` unchanged.
 """
@@ -15,6 +17,7 @@ import subprocess
 from typing import Any
 
 from common.errors import GenofedError
+from common.keyfiles import check_private_file, check_private_files
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 9094  # flower-supernode's own default for its Runtime API
@@ -22,7 +25,10 @@ DEFAULT_PORT = 9094  # flower-supernode's own default for its Runtime API
 DESCRIPTION = """\
 Start this hospital's Flower SuperNode, bound to its vault.
 
-The vault named in --node-config must open with its key (or passphrase) file, or nothing starts.
+The vault named in --node-config must open with its key (or passphrase) file, or nothing starts;
+so must every private key file (--auth-supernode-private-key, the vault's key-file or
+passphrase-file, --ssl-keyfile) be readable by its owner only: a key other users can read is
+refused with the fix (`chmod 600 FILE`).
 By default every message runs in a warm process that keeps torch and the run's models loaded
 (about 0.3-0.5 s per exchange instead of about 6 s: docs/federation.md); --plain starts stock
 flower-supernode instead. Every option not listed here (--superlink, --root-certificates,
@@ -61,8 +67,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cmd.set_defaults(func=supernode_command, passthrough=True)
 
 
+def private_flower_files(flower_args: list[str]) -> list[tuple[str, str]]:
+    """``(path, what)`` of every private key file among the options passed on to ``flower-supernode``.
+
+    Parsed as Flower parses them (argparse, abbreviations allowed), so that an abbreviated
+    option is not missed.
+    """
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--auth-supernode-private-key")
+    parser.add_argument("--auth-supernode-public-key")  # listed so that abbreviations resolve as in Flower
+    parser.add_argument("--ssl-keyfile", "--appio-ssl-keyfile", dest="ssl_keyfile")
+    known, _ = parser.parse_known_args(flower_args)
+    files = [(known.auth_supernode_private_key, "SuperNode authentication key"),
+             (known.ssl_keyfile, "Runtime API TLS key")]
+    return [(path, what) for path, what in files if path]
+
+
 def check_site(node_config: str) -> Any:
-    """The site the node config names, after opening its vault with its key (one clear error if not)."""
+    """The site the node config names, after opening its vault with its key (one clear error if not).
+
+    The vault's key or passphrase file must be readable by its owner only
+    (:class:`common.keyfiles.KeyFilePermissionError` otherwise), checked before it is read.
+    """
     from flwr.common.config import parse_config_args
 
     from client.site import resolve_site
@@ -74,12 +100,18 @@ def check_site(node_config: str) -> Any:
     if "vault" not in parsed:
         raise SupernodeConfigError("--node-config names no vault: give 'vault=\"/abs/vault\" key-file=\"/abs/key\"'")
     site = resolve_site(parsed, {})
+    secrets = ((site.key_file, "vault key file"), (site.passphrase_file, "vault passphrase file"))
+    check_private_files((path, what) for path, what in secrets if path is not None)
     site.open_vault()
     return site
 
 
 def supernode_command(args: argparse.Namespace) -> int:
-    """Check the vault, then run the SuperNode (warm by default) until it exits."""
+    """Check the key files and the vault, then run the SuperNode (warm by default) until it exits."""
+    # Before the vault is opened: a loose key is refused without reading any secret.
+    check_private_files(private_flower_files(args.flower_args))
+    if args.superexec_auth_secret_file:
+        check_private_file(args.superexec_auth_secret_file, "SuperExec auth secret file")
     site = check_site(args.node_config)
     print(f"genofed supernode: site {site.name}, vault {site.vault} opens; starting the SuperNode", flush=True)
     flower_args = [*args.flower_args, "--node-config", args.node_config, "--host", args.host, "--port", str(args.port)]

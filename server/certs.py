@@ -28,6 +28,12 @@ Keys and certificates:
 
 The whole directory is built in a hidden temporary sibling and renamed into place, so ``out``
 either holds a complete set or does not exist; an existing non-empty ``out`` is never touched.
+
+A site can also make its own key pair, so that its private key never leaves its machine:
+:func:`write_supernode_key` there (``genofed certs --site-key NAME``), then, at the coordinator,
+:func:`add_site_public_key` files only the public key as ``out/sites/NAME.pub``
+(``genofed certs --register NAME.pub``), refusing anything that holds a private key. A
+credentials folder may thus hold public keys without their private keys.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -100,14 +107,17 @@ class CertBundle:
 
     @classmethod
     def load(cls, root: Path | str) -> CertBundle:
-        """Describe an existing credentials folder; raises :class:`CertsError` if files are missing."""
+        """Describe an existing credentials folder; raises :class:`CertsError` if files are missing.
+
+        ``sites`` lists every ``sites/*.pub``; a site's private key may be absent (it stays at the site).
+        """
         root = Path(root).expanduser().resolve()
         sites_dir = root / "sites"
-        names = sorted((p.stem for p in sites_dir.glob("site-*.pub")), key=_site_sort_key) \
+        names = sorted((p.stem for p in sites_dir.glob("*.pub")), key=_site_sort_key) \
             if sites_dir.is_dir() else []
         bundle = cls(root=root, sites=tuple(names))
+        # Site private keys are not required: a site that made its own key pair sent only its .pub.
         required = [bundle.ca_cert, bundle.server_cert, bundle.server_key]
-        required += [bundle.site_key(n) for n in names]
         missing = [str(p.relative_to(root)) for p in required if not p.is_file()]
         if missing:
             raise CertsError(f"{root}: not a complete credentials folder (missing {', '.join(missing)}); "
@@ -188,8 +198,7 @@ def write_supernode_key(folder: Path | str, name: str) -> tuple[Path, Path]:
     take. Existing files are never overwritten (:class:`CertsError`). Returns (private, public).
     """
     folder = Path(folder)
-    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
-        raise CertsError(f"SuperNode key name {name!r}: use letters, digits, '-', '_' and '.'")
+    _check_key_name(name)
     folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     private_path, public_path = folder / name, folder / f"{name}.pub"
     key = ec.generate_private_key(CURVE())
@@ -202,6 +211,102 @@ def write_supernode_key(folder: Path | str, name: str) -> tuple[Path, Path]:
     except FileExistsError as exc:
         raise CertsError(f"{exc.filename}: exists; refusing to overwrite a key") from None
     return private_path, public_path
+
+
+NIST_CURVES = ("secp256r1", "secp384r1", "secp521r1")
+"""Curves of the SuperNode keys ``flwr supernode register`` accepts (1.42: NIST P-256, P-384, P-521)."""
+MAX_PUBLIC_KEY_BYTES = 16 * 1024
+
+
+def read_site_public_key(path: Path | str) -> ec.EllipticCurvePublicKey:
+    """The OpenSSH EC public key in ``path``, as ``flwr supernode register`` needs it.
+
+    Raises
+    ------
+    CertsError
+        One line: the file is missing, holds a private key (which must stay at the site), or is
+        not an OpenSSH EC public key on a NIST curve.
+    """
+    path = Path(path)
+    try:
+        data = path.read_bytes()[:MAX_PUBLIC_KEY_BYTES + 1]
+    except OSError as exc:
+        raise CertsError(f"{path}: cannot read the public key ({exc.strerror})") from None
+    if b"PRIVATE KEY" in data:
+        # Someone sent the wrong file: say so, and never copy it anywhere.
+        raise CertsError(f"{path}: is a PRIVATE key; it must never leave the site: ask the site for its .pub "
+                         "file, and have it make a new key pair (`genofed certs --site-key NAME`) since this "
+                         "one has been exposed")
+    try:
+        if len(data) > MAX_PUBLIC_KEY_BYTES:
+            raise ValueError("too large")
+        key = serialization.load_ssh_public_key(data.strip())
+    except (ValueError, UnsupportedAlgorithm):
+        raise CertsError(f"{path}: not an OpenSSH public key line (e.g. 'ecdsa-sha2-nistp384 AAAA...'); "
+                         "send the .pub file `genofed certs --site-key` wrote") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name not in NIST_CURVES:
+        raise CertsError(f"{path}: not an EC key on a NIST curve, which Flower's SuperNode authentication "
+                         "requires; make one with `genofed certs --site-key NAME`")
+    return key
+
+
+def add_site_public_key(out: Path | str, public_key: Path | str, name: str | None = None) -> Path:
+    """File a site's public key as ``out/sites/NAME.pub`` in the credentials folder ``out``.
+
+    Parameters
+    ----------
+    out : path
+        A credentials folder written by :func:`generate_certs`.
+    public_key : path
+        The site's OpenSSH public key (``NAME.pub`` from ``genofed certs --site-key NAME``).
+    name : str, optional
+        The site's name; by default the key file's name without ``.pub``.
+
+    Returns
+    -------
+    Path
+        The filed public key. Only the public key is written (re-encoded), never the input file.
+
+    Raises
+    ------
+    CertsError
+        If ``out`` is not a credentials folder, the key is not an acceptable public key (or is a
+        private key), the name is taken by another key, or the same key is filed under another name.
+    """
+    bundle = CertBundle.load(out)
+    key = read_site_public_key(public_key)
+    source = Path(public_key)
+    name = name or (source.name[:-4] if source.name.endswith(".pub") else source.name)
+    _check_key_name(name)  # before it becomes a path: no "../"
+    line = key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    fingerprint = ssh_fingerprint(line)
+    target = bundle.site_public_key(name)
+    for other in bundle.sites:
+        if other != name and ssh_fingerprint(bundle.site_public_key(other).read_bytes()) == fingerprint:
+            raise CertsError(f"{public_key}: this key is already filed as {bundle.site_public_key(other)}; "
+                             "every site needs its own key")
+    if target.is_file():
+        if ssh_fingerprint(target.read_bytes()) == fingerprint:
+            return target  # the same key again: nothing to do
+        raise CertsError(f"{target}: another key is filed under the name {name!r}; choose another --name")
+    (bundle.root / "sites").mkdir(mode=0o700, exist_ok=True)
+    _write(target, line + f" genofed-{name}\n".encode())
+    durable.fsync_dir(target.parent)
+    return target
+
+
+def check_certificate_dates(path: Path | str, *, now: _dt.datetime | None = None) -> x509.Certificate:
+    """The certificate in ``path`` if it is valid now; one-line :class:`CertsError` if expired or not yet valid."""
+    path = Path(path)
+    cert = x509.load_pem_x509_certificate(path.read_bytes())
+    now = now or _dt.datetime.now(_dt.timezone.utc)
+    if cert.not_valid_after_utc < now:
+        raise CertsError(f"{path}: certificate expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC, and "
+                         "SuperNodes refuse it; make new credentials with `genofed certs`")
+    if cert.not_valid_before_utc > now:
+        raise CertsError(f"{path}: certificate is not valid before {cert.not_valid_before_utc:%Y-%m-%d %H:%M} "
+                         "UTC; check this host's clock")
+    return cert
 
 
 def ssh_fingerprint(public_key: bytes | str) -> str:
@@ -305,6 +410,11 @@ def _pem_private(key: ec.EllipticCurvePrivateKey) -> bytes:
 # Files
 
 
+def _check_key_name(name: str) -> None:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name) or name.endswith(".pub"):
+        raise CertsError(f"SuperNode key name {name!r}: use letters, digits, '-', '_' and '.' (no .pub ending)")
+
+
 def _site_name(site: str | int) -> str:
     if isinstance(site, int) and not isinstance(site, bool):
         return f"site-{site}"
@@ -382,5 +492,10 @@ SuperNode keys (private key, public key to register, OpenSSH SHA256 fingerprint)
 
 Private keys (ca.key, superlink.key, sites/site-<i>) are readable only by their owner (mode 0600)
 and carry no passphrase: protect them with file permissions and copy them over secure channels.
-An unregistered key is refused by the SuperLink ("Failed to activate SuperNode").
+An unregistered key is refused by the SuperLink ("Failed to activate SuperNode"); genofed refuses a
+private key file other users can read (fix: chmod 600 FILE).
+
+A site may instead make its own key pair, so its private key never leaves it:
+    genofed certs --site-key site-<i> --out DIR                  # at the site; send DIR/site-<i>.pub
+    genofed certs --register site-<i>.pub --out <this folder> --connection genofed   # here
 """

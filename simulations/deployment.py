@@ -19,6 +19,9 @@ local choices:
   ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.2`` and a ``PATH`` that starts with this Python's
   ``bin/`` (Flower launches ``flower-superexec``, ``flwr-serverapp`` and ``flwr-clientapp`` by
   bare name).
+- Everything on 127.0.0.1 by default; ``host=`` (the SuperLink's bind and dial address, named
+  in the certificate) and ``prefix_for=`` (a command prefix per process, e.g. ``ip netns exec
+  NS``) put the coordinator and each site on hosts of their own (tests/test_network_partition.py).
 - The ``flwr`` CLI gets its own ``FLWR_HOME`` whose ``config.toml`` holds one connection
   (``[superlink.<name>] address, root-certificates``); :meth:`LocalDeployment.flwr_env` returns
   that environment for running further ``flwr`` commands by hand.
@@ -72,7 +75,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -233,19 +236,30 @@ class LocalDeployment(contextlib.AbstractContextManager["LocalDeployment"]):
         Start SuperNodes with ``genofed supernode`` (vault checked, warm ClientApp worker, short
         polls), as sites do; ``False`` starts stock ``flower-supernode``. Per node:
         :meth:`start_supernode`'s ``warm``.
+    host : str
+        Address the SuperLink binds and every process dials (default 127.0.0.1). Credentials made
+        here name it in the SuperLink certificate; given ones must already.
+    prefix_for : callable, optional
+        The command prefix of each process role, ``"superlink"``, ``"cli"`` (every ``flwr`` call)
+        or a SuperNode's name, e.g. ``["ip", "netns", "exec", NAME]`` to run each host in its own
+        network namespace (tests/test_network_partition.py); by default everything runs here.
+        A SuperNode's Runtime API stays on its own host's loopback.
     """
 
     def __init__(self, workdir: Path | str, *, certs: Path | str | CertBundle | None = None, sites: int = 3,
                  connection: str = DEFAULT_CONNECTION, env: Mapping[str, str] | None = None,
-                 die_with_parent: bool = True, warm: bool = True, database: bool = False) -> None:
+                 die_with_parent: bool = True, warm: bool = True, database: bool = False, host: str = HOST,
+                 prefix_for: Callable[[str], Sequence[str]] | None = None) -> None:
         self.warm = warm
         self.database = database
+        self.host = host
+        self.prefix_for = prefix_for or (lambda role: ())
         self.workdir = Path(workdir).expanduser().absolute()
         self.workdir.mkdir(parents=True, exist_ok=True)
         if certs is None:
             certs = self.workdir / "certs"
             self.certs = CertBundle.load(certs) if certs.is_dir() and any(certs.iterdir()) \
-                else generate_certs(certs, sites=sites)
+                else generate_certs(certs, sites=sites, hosts=[host])
         else:
             self.certs = certs if isinstance(certs, CertBundle) else CertBundle.load(certs)
         self.connection = connection
@@ -311,11 +325,12 @@ class LocalDeployment(contextlib.AbstractContextManager["LocalDeployment"]):
         try:
             popen, config = start_superlink(
                 home, env=self.env, timeout=timeout, die_with_parent=self.die_with_parent, taken=self._reserved_ports,
-                config_for=lambda port: SuperLinkConfig(port, certs=self.certs, supernode_auth=True, database=database),
+                config_for=lambda port: SuperLinkConfig(port, certs=self.certs, supernode_auth=True, database=database,
+                                                        host=self.host, prefix=tuple(self.prefix_for("superlink"))),
                 on_spawn=self._record)
         except SuperLinkError as exc:
             raise DeploymentError(str(exc)) from None
-        self.superlink = ManagedProcess(name="SuperLink", argv=config.argv(), log_path=home / "superlink.log",
+        self.superlink = ManagedProcess(name="SuperLink", argv=config.command(), log_path=home / "superlink.log",
                                         home=home, port=config.port, popen=popen, started_at=started)
         self.timings["superlink_healthy_s"] = time.monotonic() - started
         self.cli_home.mkdir(parents=True, exist_ok=True)
@@ -327,7 +342,7 @@ class LocalDeployment(contextlib.AbstractContextManager["LocalDeployment"]):
         """``host:port`` of the SuperLink (Fleet, Control and Runtime APIs)."""
         if self.superlink is None:
             raise DeploymentError("the SuperLink has not been started")
-        return f"{HOST}:{self.superlink.port}"
+        return f"{self.host}:{self.superlink.port}"
 
     def register_supernode(self, public_key: Path | str, *, name: str, timeout: float = 30.0) -> int:
         """``flwr supernode register KEY.pub CONNECTION --name NAME``; returns the new node id."""
@@ -365,7 +380,7 @@ class LocalDeployment(contextlib.AbstractContextManager["LocalDeployment"]):
         home.mkdir(parents=True, exist_ok=True)
         port = free_port(self._reserved_ports)
         warm = self.warm if warm is None else warm
-        argv = ["genofed", "supernode"] if warm else ["flower-supernode"]
+        argv = [*self.prefix_for(name), *(["genofed", "supernode"] if warm else ["flower-supernode"])]
         argv += ["--superlink", self.address,
                 "--root-certificates", str(self.certs.ca_cert),
                 "--auth-supernode-private-key", str(key),
@@ -584,7 +599,7 @@ class LocalDeployment(contextlib.AbstractContextManager["LocalDeployment"]):
     def flwr(self, args: Sequence[str], *, timeout: float = 60.0, cwd: Path | None = None,
              ) -> subprocess.CompletedProcess[str]:
         """Run ``flwr ARGS`` with the deployment's CLI home; output is returned and appended to ``cli/flwr.log``."""
-        argv = ["flwr", *args]
+        argv = [*self.prefix_for("cli"), "flwr", *args]
         self.cli_home.mkdir(parents=True, exist_ok=True)
         t0 = time.monotonic()
         try:

@@ -6,6 +6,9 @@ authentication, as a coordinator would. Both get the same launch: a free port ch
 (a start that loses a port race is retried on a new one), the SuperLink's own ``FLWR_HOME`` and
 log file, its own session (so its process group can be signalled), no runtime dependency
 installation, and a wait until ``/health`` answers, or one error naming the log and its last lines.
+With TLS, nothing starts if a credential file is missing, the SuperLink's private key is readable
+by other users (:mod:`common.keyfiles`: one line with the ``chmod 600`` fix) or its certificate
+is expired or not yet valid (SuperNodes would refuse it).
 """
 
 from __future__ import annotations
@@ -14,16 +17,18 @@ import re
 import socket
 import ssl
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import GenofedError
+from common.keyfiles import check_private_file
 from common.processes import PREEXEC
-from server.certs import CertBundle
+from server.certs import CertBundle, check_certificate_dates
 from simulations.flower_cli import tail, toml_str
 
 HOST = "127.0.0.1"
@@ -50,10 +55,19 @@ class SuperLinkConfig:
     supernode_auth: bool = False
     database: Path | None = None
     """SQLite file for the SuperLink's state; ``None`` keeps it in memory."""
+    host: str = HOST
+    """Address it binds and everyone dials (with TLS it must be one of the certificate's SANs)."""
+    prefix: tuple[str, ...] = ()
+    """Command prefix that runs it elsewhere, e.g. ``("ip", "netns", "exec", NAME)``; the health
+    check then runs through the same prefix (its address may be unreachable from here)."""
 
     @property
     def address(self) -> str:
-        return f"{HOST}:{self.port}"
+        return f"{self.host}:{self.port}"
+
+    def command(self) -> list[str]:
+        """The process to start: :attr:`prefix` then :meth:`argv`."""
+        return [*self.prefix, *self.argv()]
 
     def argv(self) -> list[str]:
         """The ``flower-superlink`` command line."""
@@ -69,7 +83,7 @@ class SuperLinkConfig:
             argv.append("--enable-supernode-auth")
         if self.database is not None:
             argv += ["--database", str(self.database)]
-        return argv + ["--disable-runtime-dependency-installation", "--host", HOST, "--port", str(self.port)]
+        return argv + ["--disable-runtime-dependency-installation", "--host", self.host, "--port", str(self.port)]
 
     def cli_config(self, connection: str) -> str:
         """``config.toml`` for a ``flwr`` CLI home whose one (default) connection is this SuperLink."""
@@ -110,7 +124,9 @@ def start_superlink(home: Path, *, env: Mapping[str, str], config_for: Callable[
 
     A start that loses a port race is retried on another free port (up to ``PORT_TRIES``).
     ``on_spawn`` sees every process started (for a caller that tracks pids to kill). Returns the
-    running process and its configuration; raises :class:`SuperLinkError` with the log's last lines.
+    running process and its configuration; raises :class:`SuperLinkError` with the log's last lines,
+    and, before anything starts, :class:`common.keyfiles.KeyFilePermissionError` for a TLS key other
+    users can read or :class:`server.certs.CertsError` for an expired certificate (one line each).
     """
     home.mkdir(parents=True, exist_ok=True)
     log_path = home / "superlink.log"
@@ -120,10 +136,13 @@ def start_superlink(home: Path, *, env: Mapping[str, str], config_for: Callable[
     if missing:
         raise SuperLinkError(f"TLS file(s) missing: {', '.join(map(str, missing))}; make them with "
                              "`genofed certs`", log_path)
+    if certs is not None:
+        check_private_file(certs.server_key, "SuperLink TLS private key")
+        check_certificate_dates(certs.server_cert)
     deadline = time.monotonic() + timeout
     for attempt in range(PORT_TRIES):
         config = config_for(free_port(taken))
-        proc = spawn(config.argv(), home=home, env={**env, "FLWR_HOME": str(home)}, log_path=log_path,
+        proc = spawn(config.command(), home=home, env={**env, "FLWR_HOME": str(home)}, log_path=log_path,
                      die_with_parent=die_with_parent)
         if on_spawn is not None:
             on_spawn(proc)
@@ -142,22 +161,43 @@ def wait_healthy(proc: subprocess.Popen, config: SuperLinkConfig, *, log_path: P
     """Return once the SuperLink's ``/health`` answers 200; raise if it exits or ``deadline`` passes."""
     scheme = "http" if config.certs is None else "https"
     url = f"{scheme}://{config.address}/health"
-    context = None if config.certs is None else ssl.create_default_context(cafile=str(config.certs.ca_cert))
+    cafile = None if config.certs is None else str(config.certs.ca_cert)
     last = ""
     while True:
         if proc.poll() is not None:
             raise SuperLinkError(f"SuperLink (pid {proc.pid}) exited with code {proc.returncode} before becoming "
                                  "healthy", log_path)
-        try:
-            with urllib.request.urlopen(url, context=context, timeout=2.0) as response:
-                if response.status == 200:
-                    return
-                last = f"HTTP {response.status}"
-        except (urllib.error.URLError, OSError) as exc:
-            last = str(getattr(exc, "reason", exc))
+        last = _probe_through(config.prefix, url, cafile) if config.prefix else probe_health(url, cafile)
+        if not last:
+            return
         if time.monotonic() > deadline:
             raise SuperLinkError(f"SuperLink (pid {proc.pid}) not healthy at {url} in time (last: {last})", log_path)
         time.sleep(0.2)
+
+
+def probe_health(url: str, cafile: str | None) -> str:
+    """``""`` if ``url`` answers HTTP 200 (TLS verified against ``cafile``), else what went wrong."""
+    context = None if cafile is None else ssl.create_default_context(cafile=cafile)
+    try:
+        with urllib.request.urlopen(url, context=context, timeout=2.0) as response:
+            return "" if response.status == 200 else f"HTTP {response.status}"
+    except (urllib.error.URLError, OSError) as exc:
+        return str(getattr(exc, "reason", exc)) or type(exc).__name__
+
+
+_PROBE = ("import sys; from simulations.superlink import probe_health; "
+          "r = probe_health(sys.argv[1], sys.argv[2] or None); print(r); sys.exit(1 if r else 0)")
+
+
+def _probe_through(prefix: Sequence[str], url: str, cafile: str | None) -> str:
+    """:func:`probe_health` run through ``prefix`` (where the SuperLink runs), in a short Python process."""
+    root = str(Path(__file__).resolve().parents[1])
+    try:
+        out = subprocess.run([*prefix, sys.executable, "-c", _PROBE, url, cafile or ""], capture_output=True,
+                             text=True, timeout=10.0, cwd=root, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return "health probe timed out"
+    return "" if out.returncode == 0 else (out.stdout + out.stderr).strip()[-300:] or f"exit {out.returncode}"
 
 
 def stop(proc: subprocess.Popen, *, grace: float = 15.0) -> None:

@@ -58,3 +58,23 @@ def test_a_real_superlink_that_exits_is_one_summary_line_and_its_log(tmp_path: P
                                                                 database=tmp_path / "no" / "such" / "state.db"))
     assert "\n" not in err.value.summary and "exited with code" in err.value.summary
     assert "last lines:" in str(err.value)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="127.0.0.2 and /proc are Linux's")
+def test_a_superlink_on_another_address_through_a_command_prefix(tmp_path: Path) -> None:
+    """The seams tests/test_network_partition.py uses: a bind address its certificate names, and a
+    command prefix (there ``ip netns exec NS``) that the health check goes through too."""
+    certs = generate_certs(tmp_path / "certs", sites=1, hosts=["127.0.0.2"])
+    home = tmp_path / "prefixed"
+    prefix = ("env", "GENOFED_VIA_PREFIX=1")  # env execs the SuperLink: same pid, marked environment
+
+    def make(port: int) -> SuperLinkConfig:
+        return SuperLinkConfig(port, certs=certs, supernode_auth=True, host="127.0.0.2", prefix=prefix)
+
+    proc, config = start_superlink(home, env=_env(home), config_for=make)
+    try:
+        assert config.command() == [*prefix, *config.argv()] and config.address == f"127.0.0.2:{config.port}"
+        assert "--host 127.0.0.2" in " ".join(config.argv())
+        assert b"GENOFED_VIA_PREFIX=1" in Path(f"/proc/{proc.pid}/environ").read_bytes()
+    finally:
+        stop(proc, grace=10)
