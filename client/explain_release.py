@@ -23,7 +23,16 @@ from typing import Any
 
 import numpy as np
 
-from client.handlers import HandlerReply, _base_probabilities, _load, _model_config, _n_classes, _privacy, _scaler
+from client.handlers import (
+    HandlerReply,
+    _base_probabilities,
+    _load,
+    _model_config,
+    _n_classes,
+    _noise_share,
+    _privacy,
+    _scaler,
+)
 from client.site import SiteRef
 from common.settings import RoundFacts, RunSettings
 
@@ -73,11 +82,13 @@ def explain(site: SiteRef, cnn_weights: dict[str, np.ndarray], shared: dict[str,
         rng = np.random.default_rng(privacy.release(release, purpose="explanation"))
     sums = _attribution_sums(vault, cohort, data, cnn_weights, shared, settings, facts, privacy, motifs)
     if rng is not None:
-        sds = summary_noise_sd(shapes, clip=UNIT, noise_multiplier=sigma)
-        sums = {name: _noised(name, sums[name], sds[name], rng) for name in sorted(sums)}
+        added = sigma * _noise_share(vault, settings, facts, privacy)  # a share of it under distributed noise
+        sds = summary_noise_sd(shapes, clip=UNIT, noise_multiplier=added)
+        # Under secure sum the coordinator clips the sum: clipping each share would bias it upwards.
+        sums = {name: _noised(name, sums[name], sds[name], rng, clip=not facts.secure) for name in sorted(sums)}
         # The noise of a summary of unit weight (the rankings' absolute sums get less: SUMMARY_WEIGHTS).
         metrics |= {"epsilon": float(privacy.ledger.spent_epsilon()),
-                    "noise-std": float(sigma * summary_sensitivity(shapes, clip=UNIT))}
+                    "noise-std": float(added * summary_sensitivity(shapes, clip=UNIT))}
     vault.update({role: release_blob(sums, metrics, request="one-per-run")})
     return HandlerReply({"summary": ("array", sums), "metrics": ("metric", metrics)}, contract, privacy)
 
@@ -92,10 +103,11 @@ def _sample(mask: np.ndarray, most: int, *, seed: int) -> np.ndarray:
     return out
 
 
-def _noised(name: str, value: np.ndarray, sd: float, rng: np.random.Generator) -> np.ndarray:
+def _noised(name: str, value: np.ndarray, sd: float, rng: np.random.Generator, *, clip: bool = True) -> np.ndarray:
     out = np.asarray(value, dtype=np.float64) + rng.normal(0.0, sd, size=np.shape(value))
-    # Sums of absolute values cannot be negative: clipping at zero is free post-processing.
-    return np.maximum(out, 0.0) if name.endswith(".abs") or name == "shares" else out
+    from common.explanation import clip_nonnegative
+
+    return clip_nonnegative(name, out) if clip else out
 
 
 def _attribution_sums(vault: Any, cohort: Any, data: Any, cnn_weights: dict[str, np.ndarray],

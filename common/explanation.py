@@ -256,6 +256,13 @@ def summary_weight(name: str) -> float:
     return SUMMARY_WEIGHTS.get(name, 1.0)
 
 
+def clip_nonnegative(name: str, value: np.ndarray) -> np.ndarray:
+    """``value`` of summary ``name`` clipped at zero if it is a sum of absolute values (free
+    post-processing of its noise); other summaries unchanged. A site clips its own release; under
+    secure sum the coordinator clips the sum instead."""
+    return np.maximum(value, 0.0) if name.endswith(".abs") or name == "shares" else value
+
+
 def summary_sensitivity(shapes: dict[str, tuple[int, ...]], *, clip: float) -> float:
     """L2 sensitivity of the whole weighted release: one patient's clipped array moves each summary by
     at most ``clip``, and the release holds every summary times its weight (:data:`SUMMARY_WEIGHTS`)."""

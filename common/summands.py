@@ -2,7 +2,7 @@
 
 Every reply the coordinator only ever adds up can reach it as a masked sum: the moments of the
 shared preprocessing, the deep model's weights (weighted by the site's examples: FedAvg's
-numerator), the GLM's and the meta-classifier's Newton terms. A site turns its reply's array
+numerator), the GLM's and the meta-classifier's Newton terms, the explanation summaries. A site turns its reply's array
 record into *summands* (:func:`summands`), flattens them in the order of :func:`layout`, and
 the coordinator unflattens the sum (:func:`unflatten`). Per-site figures that were plain metrics
 beside the arrays (a round's loss) move into the sum; counts the census already published stay
@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-SUMMED_RECORD = {"query.moments": "moments", "train": "arrays", "train.glm": "terms", "train.meta": "terms"}
+SUMMED_RECORD = {"query.moments": "moments", "train": "arrays", "train.glm": "terms", "train.meta": "terms",
+                 "query.explain": "summary"}
 """The record of a reply that is summed, by message type (the other records stay plain)."""
 MOVED_METRICS = {"train": ("train-loss",), "train.glm": ("loss",), "train.meta": ("loss",)}
 """Per-site metrics that join the sum (prefixed ``metric.``); the rest of a secure reply's metrics

@@ -231,9 +231,9 @@ def _secure_sum_note(settings: RunSettings) -> str:
     if not settings.secure_sum:
         return " No secure sum (secure-sum = false): the coordinator saw each site's release."
     distributed = settings.dp and settings.distributed_noise
-    return (" Secure sum: the coordinator saw the moments, the CNN updates and the GLM's and meta-classifier's "
-            "statistics only summed over at least the threshold of sites; the validation, test and explanation "
-            "statistics were not routed through it." + (
+    return (" Secure sum: the coordinator saw the moments, the CNN updates, the GLM's and meta-classifier's "
+            "statistics and the explanation summaries only summed over at least the threshold of sites; the "
+            "validation and test statistics were not routed through it." + (
                 " Distributed noise: each site whose policy allows it added 1/sqrt(threshold) of each summed "
                 "release's noise and was charged for the whole; against sites colluding with the coordinator the "
                 "sum carries less (docs/security.md)." if distributed else ""))

@@ -10,6 +10,7 @@ is distributed, and refused combinations are named.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -147,7 +148,8 @@ def test_a_secure_run_ends_at_the_plain_runs_models(sites_template: Path, tmp_pa
     for secure in (False, True):
         copy = tmp_path / f"sites-{secure}"
         shutil.copytree(sites_template, copy)
-        doc = _run(copy, tmp_path / f"run-{secure}", dp=False, secure_sum=secure)
+        doc = _run(copy, tmp_path / f"run-{secure}", dp=False, secure_sum=secure, explain=True,
+                   explanation_patients=40)
         ckpt = load_latest(tmp_path / f"run-{secure}")
         states[secure], weights[secure] = ckpt.state, ckpt.arrays
         assert doc["models"]["hybrid"]["auc"] > 0
@@ -160,11 +162,15 @@ def test_a_secure_run_ends_at_the_plain_runs_models(sites_template: Path, tmp_pa
     for key, value in states[False]["shared"].items():
         assert np.allclose(states[True]["shared"][key], value, rtol=1e-6, atol=1e-6), key
     assert states[True]["secure"]["roster"]["threshold"] == 2 and not states[False]["secure"]
+    explained = {s: json.loads((tmp_path / f"run-{s}" / "explanation.json").read_text()) for s in (False, True)}
+    assert [f["feature"] for f in explained[True]["features"]] == [f["feature"] for f in explained[False]["features"]]
+    for a, b in zip(explained[True]["features"], explained[False]["features"]):
+        assert a["importance"] == pytest.approx(b["importance"], abs=1e-6), a["feature"]
 
 
 def test_the_coordinator_sees_only_masked_vectors_shares_and_the_sum(sites: Path, tmp_path: Path) -> None:
     seen: list = []
-    _run(sites, tmp_path / "run", record=seen, dp=False, secure_sum=True)
+    _run(sites, tmp_path / "run", record=seen, dp=False, secure_sum=True, explain=True, explanation_patients=40)
     train = [m for m in seen if m.metadata.message_type == "train"]
     assert len(train) == 3 * FAST["cnn_rounds"]
     for reply in train:
@@ -172,7 +178,7 @@ def test_the_coordinator_sees_only_masked_vectors_shares_and_the_sum(sites: Path
         assert set(arrays) == {"masked"} and arrays["masked"].dtype == np.uint64
         assert np.median(np.abs(ss.decode(arrays["masked"]))) > 1e6  # weights are O(1), times O(100) examples
         assert set(reply.content.metric_records["metrics"]) <= {"num-examples", "handler-seconds"}
-    for kind in ("query.moments", "train.glm", "train.meta"):
+    for kind in ("query.moments", "train.glm", "train.meta", "query.explain"):
         replies = [m for m in seen if m.metadata.message_type == kind]
         assert replies and all(set(from_record(next(iter(m.content.array_records.values())))) == {"masked"}
                                for m in replies), kind
@@ -184,7 +190,8 @@ def test_the_coordinator_sees_only_masked_vectors_shares_and_the_sum(sites: Path
 
         log = list(EgressLog(Vault.open(p / "vault", KeySource.from_key_file(p / "key"))))
         secure = [e for e in log if "secure_sum" in e]
-        assert {e["message_type"] for e in secure} == {"query.moments", "train", "train.glm", "train.meta"}
+        assert {e["message_type"] for e in secure} == {"query.moments", "train", "train.glm", "train.meta",
+                                                        "query.explain"}
         assert all(set(e["keys"]) >= {"secure.layout"} for e in secure)
 
 
