@@ -232,8 +232,11 @@ def test_distributed_noise_adds_a_share_and_charges_the_same_epsilon(sites_templ
 
 
 def test_refused_combinations_are_named(sites: Path, tmp_path: Path) -> None:
-    with pytest.raises(SettingsError, match="reads each site's update, which secure-sum hides"):
-        RunSettings(strategy="krum", secure_sum=True)
+    for rule in ("krum", "fedmedian", "fedtrimmedavg"):
+        with pytest.raises(SettingsError, match="reads each site's update, which secure-sum hides"):
+            RunSettings(strategy=rule, secure_sum=True)
+    with pytest.raises(SettingsError, match="secure-sum-threshold = -1: must be >= 0"):
+        RunSettings(secure_sum_threshold=-1)
     from client.vault import KeySource, Vault
 
     for p in sorted(q for q in sites.iterdir() if (q / "vault").is_dir()):
