@@ -55,7 +55,7 @@ def explain(site: SiteRef, cnn_weights: dict[str, np.ndarray], shared: dict[str,
     client.privacy.ledger.PrivacyBudgetExceeded
         Before any work, when the release would exceed the site's budget.
     """
-    from client.model_store import release_blob, run_role, stored_release
+    from client.model_store import run_role
     from client.pipeline import SiteData
     from client.privacy.egress import contract_for
     from client.privacy.ledger import Release
@@ -68,7 +68,7 @@ def explain(site: SiteRef, cnn_weights: dict[str, np.ndarray], shared: dict[str,
     shapes = summary_shapes(cohort.schema, n_classes=k, model_config=facts.model(), motifs=motifs)
     contract = contract_for("query.explain", dp=settings.dp, n_classes=k, summary_shapes=shapes)
     role = run_role(facts.run_id, "explanation-release")
-    if again := stored_release(vault, role, request="one-per-run"):
+    if again := privacy.stored_release(role, request="one-per-run"):
         return HandlerReply({"summary": ("array", again[0]), "metrics": ("metric", again[1])}, contract, privacy)
     data = SiteData.from_cohort(cohort)
     data.masks["explain"] = _sample(data.masks["validation"], settings.explanation_patients,
@@ -89,7 +89,7 @@ def explain(site: SiteRef, cnn_weights: dict[str, np.ndarray], shared: dict[str,
         # The noise of a summary of unit weight (the rankings' absolute sums get less: SUMMARY_WEIGHTS).
         metrics |= {"epsilon": float(privacy.ledger.spent_epsilon()),
                     "noise-std": float(added * summary_sensitivity(shapes, clip=UNIT))}
-    vault.update({role: release_blob(sums, metrics, request="one-per-run")})
+    vault.update({role: privacy.release_blob(sums, metrics, request="one-per-run")})
     return HandlerReply({"summary": ("array", sums), "metrics": ("metric", metrics)}, contract, privacy)
 
 

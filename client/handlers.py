@@ -135,7 +135,7 @@ def moments(site: SiteRef, settings: RunSettings, facts: RoundFacts) -> HandlerR
     (sensitivity ``sqrt(3 d)``), charged first. Once per run: asked again, the site sends the
     stored release.
     """
-    from client.model_store import release_blob, run_role, stored_release
+    from client.model_store import run_role
     from client.pipeline import SiteData, site_moments
     from client.privacy.ledger import Release
     from client.privacy.mechanisms import noised_moments
@@ -146,7 +146,7 @@ def moments(site: SiteRef, settings: RunSettings, facts: RoundFacts) -> HandlerR
     n_columns = shared_columns(cohort.schema).width
     contract = contract_for("query.moments", dp=settings.dp, n_classes=len(cohort.classes), n_columns=n_columns)
     role = run_role(facts.run_id, "moments-release")
-    if again := stored_release(vault, role, request="one-per-run"):
+    if again := privacy.stored_release(role, request="one-per-run"):
         return HandlerReply({"moments": ("array", again[0]), "metrics": ("metric", again[1])}, contract, privacy)
     data = SiteData.from_cohort(cohort)
     metrics: dict[str, Any] = {"num-examples": int(data.masks["train"].sum())}
@@ -161,7 +161,7 @@ def moments(site: SiteRef, settings: RunSettings, facts: RoundFacts) -> HandlerR
     else:
         # A secure sum's fixed point needs moderate values: rescaled, not clipped (undone by the coordinator).
         arrays = site_moments(data, rescaled=settings.secure_sum, clip=False)
-    vault.update({role: release_blob(arrays, metrics, request="one-per-run")})
+    vault.update({role: privacy.release_blob(arrays, metrics, request="one-per-run")})
     return HandlerReply({"moments": ("array", arrays), "metrics": ("metric", metrics)}, contract, privacy)
 
 
@@ -246,11 +246,9 @@ def train_round(site: SiteRef, global_weights: dict[str, np.ndarray], shared: di
     from client.dp_training import TrainConfig
     from client.model_store import (
         get_json,
-        release_blob,
         request_digest,
         run_role,
         save_start_weights,
-        stored_release,
     )
     from client.pipeline import SiteData, deep_config, train_deep
     from client.privacy.ledger import Release
@@ -263,7 +261,7 @@ def train_round(site: SiteRef, global_weights: dict[str, np.ndarray], shared: di
     run_id, rnd = facts.run_id, facts.server_round
     release_role = run_role(run_id, "cnn-release")
     request = request_digest({"settings": settings.release_settings(), "facts": facts.to_config()}, global_weights)
-    if settings.dp and (again := stored_release(vault, release_role, request=request)):
+    if settings.dp and (again := privacy.stored_release(release_role, request=request)):
         return _train_reply(again[0], again[1], site, contract, privacy)  # charged once, sent again
     data = SiteData.from_cohort(cohort)
     if deep_config(data, arch=model_cfg.arch).to_dict()["tracks"] != model_cfg.to_dict()["tracks"]:
@@ -301,7 +299,7 @@ def train_round(site: SiteRef, global_weights: dict[str, np.ndarray], shared: di
     weights = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
     if dp is not None:  # one atomic write: the accountant and the release it accounted for
         vault.update({state_role: json.dumps(result.accountant_state, sort_keys=True).encode("utf-8"),
-                      release_role: release_blob(weights, metrics, request=request)})
+                      release_role: privacy.release_blob(weights, metrics, request=request)})
     return _train_reply(weights, metrics, site, contract, privacy)
 
 
@@ -368,10 +366,8 @@ def _newton_records(vault: Any, privacy: Any, settings: RunSettings, facts: Roun
     resumed from a checkpoint) gets the stored release back, charged once.
     """
     from client.model_store import (
-        release_blob,
         request_digest,
         run_role,
-        stored_release,
     )
     from client.privacy.ledger import Release
     from common.meta import flat_coef, newton_terms
@@ -390,7 +386,7 @@ def _newton_records(vault: Any, privacy: Any, settings: RunSettings, facts: Roun
                 "metrics": ("metric", {"num-examples": int(terms.n), "loss": float(terms.loss)})}
     request = request_digest({"settings": settings.release_settings(), "facts": facts.to_config()}, request_arrays)
     release_role = run_role(facts.run_id, f"{label}-release")
-    if again := stored_release(vault, release_role, request=request):
+    if again := privacy.stored_release(release_role, request=request):
         return {"terms": ("array", again[0]), "metrics": ("metric", again[1])}
     noise = sigma()
     release = Release.gaussian(noise_multiplier=noise, label=f"{label}-statistics", run_id=facts.run_id,
@@ -402,7 +398,7 @@ def _newton_records(vault: Any, privacy: Any, settings: RunSettings, facts: Roun
     arrays = mechanism(coef, x, y, added, rng)
     metrics = {"num-examples": int(len(y)), "epsilon": float(privacy.ledger.spent_epsilon()),
                "noise-multiplier": float(added)}
-    vault.update({release_role: release_blob(arrays, metrics, request=request)})
+    vault.update({release_role: privacy.release_blob(arrays, metrics, request=request)})
     return {"terms": ("array", arrays), "metrics": ("metric", metrics)}
 
 
@@ -536,7 +532,7 @@ def evaluate(site: SiteRef, cnn_weights: dict[str, np.ndarray], shared: dict[str
 
 def _statistics_reply(site: SiteRef, cnn_weights: dict[str, np.ndarray], shared: dict[str, np.ndarray],
                       settings: RunSettings, facts: RoundFacts, *, split: str) -> HandlerReply:
-    from client.model_store import release_blob, run_role, stored_release
+    from client.model_store import run_role
 
     vault, cohort = _load(site)
     privacy = _privacy(vault, site, cohort, settings, facts)
@@ -548,13 +544,13 @@ def _statistics_reply(site: SiteRef, cnn_weights: dict[str, np.ndarray], shared:
                                                                              split=split),
                                                       paired=split == "test" and settings.paired_tests))
     role = run_role(facts.run_id, "evaluate-release" if split == "test" else "validation-release")
-    if again := stored_release(vault, role, request="one-per-run"):
+    if again := privacy.stored_release(role, request="one-per-run"):
         return HandlerReply({"stats": ("array", again[0]), "metrics": ("metric", again[1])}, contract, privacy)
     arrays, metrics = _released_statistics(vault, cohort, cnn_weights, shared, settings, facts, privacy, k,
                                            split=split)
     if split == "test":
         _store_final_models(vault, cohort, cnn_weights, shared, facts)
-    vault.update({role: release_blob(arrays, metrics, request="one-per-run")})
+    vault.update({role: privacy.release_blob(arrays, metrics, request="one-per-run")})
     return HandlerReply({"stats": ("array", arrays), "metrics": ("metric", metrics)}, contract, privacy)
 
 

@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import pickle
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -116,17 +117,21 @@ def request_digest(settings: dict[str, Any], arrays: dict[str, np.ndarray]) -> s
     return h.hexdigest()
 
 
-def release_blob(arrays: dict[str, np.ndarray], values: dict[str, Any], *, request: str) -> bytes:
-    """A release as sent (arrays plus scalar values), tagged with the request it answered."""
-    return arrays_to_bytes(arrays, {"request": request, "values": values})
+def release_blob(arrays: dict[str, np.ndarray], values: dict[str, Any], *, request: str,
+                 charges: Sequence[int] = ()) -> bytes:
+    """A release as sent (arrays plus scalar values), tagged with the request it answered and the
+    ledger charges (sequence numbers) that paid for it."""
+    return arrays_to_bytes(arrays, {"request": request, "values": values, "charges": [int(c) for c in charges]})
 
 
-def stored_release(vault: Vault, role: str, *, request: str) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
-    """The release stored under ``role`` if it answered exactly ``request``, else None."""
+def read_release(vault: Vault, role: str, *,
+                 request: str) -> tuple[dict[str, np.ndarray], dict[str, Any], list[int]] | None:
+    """The release stored under ``role`` if it answered exactly ``request`` (arrays, values and the
+    charges that paid for it), else None."""
     if role not in vault.roles:
         return None
     arrays, meta = arrays_from_bytes(vault.read(role))
-    return (arrays, meta["values"]) if meta.get("request") == request else None
+    return (arrays, meta["values"], list(meta.get("charges", []))) if meta.get("request") == request else None
 
 
 def save_explanation(vault: Vault, explanation: dict[str, Any]) -> None:

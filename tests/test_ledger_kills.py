@@ -29,9 +29,9 @@ After every kill the parent opens the vault and asserts
 Each message starts from a snapshot of the vault taken before it in one clean run, so a kill run
 costs one message and its recovery one more. The kills per landing place are printed (``-s``).
 
-Counted, not failed: a kill after the stored release's commit and before the egress entry's leaves
-a charge that the replay's entry (epsilon 0, no charges: a replay charges nothing) does not name,
-so no egress entry links that charge to the reply that carried it. The ledger still counts it.
+A kill after the stored release's commit and before the egress entry's leaves a charge that no
+entry of the killed child names; the replay's entry (epsilon 0, no new charges) names it as
+``replay_of``, so every charge stays tied to a reply that carried its release.
 """
 
 from __future__ import annotations
@@ -370,7 +370,7 @@ def _books(site: Path, step: Step, inputs: dict[str, Any]) -> Books:
 
 def _stored_digest(vault: Any, step: Step, inputs: dict[str, Any]) -> str | None:
     """The digest of the release the site stored for exactly this request (as the handler keys it)."""
-    from client.model_store import request_digest, run_role, stored_release
+    from client.model_store import read_release, request_digest, run_role
     from common.settings import RoundFacts
 
     if step.message_type == "train":
@@ -379,7 +379,7 @@ def _stored_digest(vault: Any, step: Step, inputs: dict[str, Any]) -> str | None
                                  inputs[step.name])
     else:
         request = "one-per-run"
-    again = stored_release(vault, run_role(RUN_ID, step.role), request=request)
+    again = read_release(vault, run_role(RUN_ID, step.role), request=request)
     return None if again is None else _digest(again[0])
 
 
@@ -422,11 +422,10 @@ def _assert_recovery(before: Books, after: Books, step: Step, outcome: Outcome,
         assert reply["digest"] == killed.released[0]["digest"]
     if before.stored:
         assert not new_rows and entry["charges"] == [] and reply["digest"] == before.stored
-        named = {seq for e in after.entries if e["status"] == "sent" for seq in e["charges"]}
-        if not any(_is_charge_of(row, step) and row["charge"] in named for row in after.rows):
-            # Charged, but the killed child died before logging it: the ledger holds the charge and
-            # the egress log this reply (epsilon 0, a replay); no entry links the two (see report).
-            return "replayed, its charge named by no egress entry"
+        paid = [row["charge"] for row in after.rows if _is_charge_of(row, step)]
+        assert entry.get("replay_of") and set(entry["replay_of"]) <= set(paid), (entry, paid)
+        named = {seq for e in after.entries if e["status"] == "sent" for seq in e["charges"] + e.get("replay_of", [])}
+        assert set(entry["replay_of"]) <= named  # every charge tied to a reply that carried its release
         return "replayed"
     assert new_rows and entry["charges"] == [row["charge"] for row in new_rows], (entry, new_rows)
     assert after.stored == reply["digest"], "a fresh release was not stored for its replay"

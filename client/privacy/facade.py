@@ -130,6 +130,7 @@ class SitePrivacy:
         self._policy = policy
         self._ledger = PrivacyLedger.open(vault, site=site)
         self._charged: list[tuple[int, float]] = []   # (seq, epsilon increase) of this message
+        self._replay_of: list[int] | None = None       # charges of a stored release this message sends again
 
     @classmethod
     def open(cls, vault: Any, *, site: str, settings: RunSettings, run_id: str, n_records: int) -> SitePrivacy:
@@ -300,6 +301,28 @@ class SitePrivacy:
         """Sequence numbers of this message's charges."""
         return [seq for seq, _ in self._charged]
 
+    # -- stored releases ---------------------------------------------------------------------
+
+    def release_blob(self, arrays: dict[str, Any], values: dict[str, Any], *, request: str) -> bytes:
+        """The vault blob of a release this message computed, naming the charges that paid for it."""
+        from client.model_store import release_blob
+
+        return release_blob(arrays, values, request=request, charges=self.charges)
+
+    def stored_release(self, role: str, *, request: str) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """The release stored under ``role`` for exactly ``request``, to be sent again uncharged.
+
+        Its egress entry then names the charges that paid for it (``replay_of``): a site killed
+        after storing a release and before logging it still has every charge tied to a reply.
+        """
+        from client.model_store import read_release
+
+        got = read_release(self._vault, role, request=request)
+        if got is None:
+            return None
+        self._replay_of = got[2]
+        return got[0], got[1]
+
     # -- egress -------------------------------------------------------------------------------
 
     def log_reply(self, *, message_type: str, round: int, observed: Mapping[str, Mapping[str, Observed]],
@@ -309,6 +332,8 @@ class SitePrivacy:
         entry = log_entry(run_id=self._run_id, message_type=message_type, round=round, observed=observed,
                           epsilon=self.charged_epsilon, status=status, reason=reason)
         entry["charges"] = self.charges
+        if self._replay_of is not None:
+            entry["replay_of"] = self._replay_of
         if secure:
             entry["secure_sum"] = dict(secure)
         with ledger_lock(self._vault.path):
