@@ -90,3 +90,16 @@ def node_configs(sites: Path) -> list[dict[str, Any]]:
     """One deployment-style node config per site folder of a layout (vault, key file, name)."""
     return [{"vault": str(p / "vault"), "key-file": str(p / "key"), "site": p.name}
             for p in sorted(q for q in Path(sites).iterdir() if (q / "vault").is_dir())]
+
+
+def reference_layout(root: Path, *, patients: int, sites: int = 3, seed: int = 5) -> Path:
+    """``root/sites``: a synthetic cohort split iid over ``sites`` vaults whose policies allow the
+    non-private reference (``dp = false``, exact test statistics), for in-process federation tests."""
+    from simulations.site_layout import set_layout_policy, split_cohort
+    from simulations.synthetic import write_synthetic_cohort
+
+    write_synthetic_cohort(out=root / "cohort", patients=patients, seed=seed)
+    split_cohort(spec_path=root / "cohort" / "spec.toml", sites=sites, by="iid", out=root / "sites", seed=0,
+                 vaults=True, show_progress=False)
+    set_layout_policy(root / "sites", require_dp=False, test_statistics="exact")
+    return root / "sites"

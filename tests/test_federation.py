@@ -49,9 +49,9 @@ from common.tabular import SharedScaler
 from server.exchange import TooFewSitesError
 from server.phases import CensusError
 from server.server_app import run_federation
-from simulations.site_layout import set_layout_policy, split_cohort
+from simulations.site_layout import set_layout_policy
 from simulations.synthetic import write_synthetic_cohort
-from tests.local_grid import LocalGrid, node_configs
+from tests.local_grid import LocalGrid, node_configs, reference_layout
 
 FAST = dict(cnn_rounds=2, local_epochs=1, forest_trees=20, wait_timeout=2.0, round_timeout=60.0, test_statistics="exact",
             site_alone=False, glm_rounds=2)
@@ -59,13 +59,8 @@ FAST = dict(cnn_rounds=2, local_epochs=1, forest_trees=20, wait_timeout=2.0, rou
 
 @pytest.fixture(scope="module")
 def sites_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("fed")
-    write_synthetic_cohort(out=root / "cohort", patients=360, seed=5)
-    split_cohort(spec_path=root / "cohort" / "spec.toml", sites=3, by="iid", out=root / "sites", seed=0,
-                 vaults=True, show_progress=False)
     # These tests compare against non-private references: every site's officer allows them.
-    set_layout_policy(root / "sites", require_dp=False, test_statistics="exact")
-    return root / "sites"
+    return reference_layout(tmp_path_factory.mktemp("fed"), patients=360)
 
 
 @pytest.fixture()

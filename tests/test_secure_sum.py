@@ -26,9 +26,7 @@ from common.settings import RunSettings, SettingsError
 from server.checkpoint import load_latest
 from server.phases import CensusError, RunState
 from server.server_app import run_federation
-from simulations.site_layout import set_layout_policy, split_cohort
-from simulations.synthetic import write_synthetic_cohort
-from tests.local_grid import LocalGrid, node_configs
+from tests.local_grid import LocalGrid, node_configs, reference_layout
 
 FAST = dict(cnn_rounds=2, local_epochs=1, forest_trees=20, wait_timeout=2.0, round_timeout=60.0,
             test_statistics="exact", site_alone=False, glm_rounds=2, explain=False)
@@ -117,12 +115,7 @@ def test_values_that_could_wrap_or_are_not_finite_are_refused() -> None:
 
 @pytest.fixture(scope="module")
 def sites_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("secure")
-    write_synthetic_cohort(out=root / "cohort", patients=300, seed=5)
-    split_cohort(spec_path=root / "cohort" / "spec.toml", sites=3, by="iid", out=root / "sites", seed=0,
-                 vaults=True, show_progress=False)
-    set_layout_policy(root / "sites", require_dp=False, test_statistics="exact")
-    return root / "sites"
+    return reference_layout(tmp_path_factory.mktemp("secure"), patients=300)
 
 
 @pytest.fixture()
