@@ -540,9 +540,10 @@ def _statistics_reply(site: SiteRef, cnn_weights: dict[str, np.ndarray], shared:
     message_type = "evaluate" if split == "test" else "query.validation"
     contract = contract_for(message_type, dp=settings.dp, n_classes=k,
                             stats_shapes=stats_shapes(k, test_statistics=settings.test_statistics,
-                                                      models=released_models(site_alone=settings.site_alone,
+                                                      models=released_models(site_alone=settings.releases_site_alone,
                                                                              split=split),
-                                                      paired=split == "test" and settings.paired_tests))
+                                                      paired=split == "test" and settings.paired_tests),
+                            stats_dtype="f" if facts.secure else "i")
     role = run_role(facts.run_id, "evaluate-release" if split == "test" else "validation-release")
     if again := privacy.stored_release(role, request="one-per-run"):
         return HandlerReply({"stats": ("array", again[0]), "metrics": ("metric", again[1])}, contract, privacy)
@@ -574,9 +575,9 @@ def _released_statistics(vault: Any, cohort: Any, cnn_weights: dict[str, np.ndar
     if settings.test_statistics == "none":
         return {}, metrics
     proba = _probabilities(vault, data, cnn_weights, shared, settings, facts, privacy, cohort, split)
-    if settings.site_alone:
+    if settings.releases_site_alone:
         proba |= _alone_probabilities(vault, data, facts, split)
-    models = tuple(m for m in released_models(site_alone=settings.site_alone, split=split) if m in proba)
+    models = tuple(m for m in released_models(site_alone=settings.releases_site_alone, split=split) if m in proba)
     arrays = {f"{name}.{key}": value for name in models
               for key, value in released_arrays(compute_stats(y, proba[name], n_classes=k, n_bins=TEST_BINS)).items()}
     paired = _discordant_counts(y, proba, facts) if split == "test" and settings.paired_tests else {}
@@ -591,6 +592,10 @@ def _released_statistics(vault: Any, cohort: Any, cnn_weights: dict[str, np.ndar
         seed = privacy.release(Release.gaussian(noise_multiplier=sigma, label=f"{split}-statistics",
                                                 run_id=facts.run_id), purpose=f"{split}-statistics")
         rng = np.random.default_rng(seed)
+        if facts.secure:
+            share = _noise_share(vault, settings, facts, privacy)
+            arrays, metrics = _secure_noised(arrays, paired, rng=rng, std=sigma * sensitivity * share, metrics=metrics)
+            return arrays, metrics | {"epsilon": float(privacy.ledger.spent_epsilon())}
         # Post-processing with the class counts the census already released: each noised
         # histogram is projected onto the counts it must hold (fewer phantom patients than clipping).
         per_model = released_totals(np.bincount(y, minlength=k))
@@ -600,7 +605,25 @@ def _released_statistics(vault: Any, cohort: Any, cnn_weights: dict[str, np.ndar
                   for name, c in sorted(paired.items())}
         metrics |= {"epsilon": float(privacy.ledger.spent_epsilon()), "noise-std": float(sigma * sensitivity)}
     arrays |= paired
-    return {name: np.asarray(a, dtype=np.int64) for name, a in arrays.items()}, metrics
+    dtype = np.float64 if facts.secure else np.int64  # a secure sum adds floats (common/summands.py)
+    return {name: np.asarray(a, dtype=dtype) for name, a in arrays.items()}, metrics
+
+
+def _secure_noised(arrays: dict[str, np.ndarray], paired: dict[str, np.ndarray], *, rng: np.random.Generator,
+                   std: float, metrics: dict[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The statistics with this site's noise and nothing else, for the secure sum.
+
+    Rounding, clipping and the projection onto the class counts are post-processing of a DP
+    release only when applied to the release itself: with the noise distributed over the sites no
+    site's own values are that release, so the coordinator post-processes the unmasked sum instead.
+    """
+    from common.paired import PAIRED_WEIGHT
+
+    out = {name: np.asarray(a, dtype=np.float64) + rng.normal(0.0, std, size=np.shape(a))
+           for name, a in sorted(arrays.items())}
+    out |= {name: np.asarray(c, dtype=np.float64) + rng.normal(0.0, std / PAIRED_WEIGHT, size=np.shape(c))
+            for name, c in sorted(paired.items())}
+    return out, metrics | {"noise-std": float(std)}
 
 
 def _discordant_counts(y: np.ndarray, proba: dict[str, np.ndarray], facts: RoundFacts) -> dict[str, np.ndarray]:

@@ -124,12 +124,21 @@ class RunSettings:
         if self.secure_sum and self.strategy not in SUM_STRATEGIES:
             raise SettingsError(f"run config strategy = {self.strategy!r} reads each site's update, which secure-sum "
                                 f"hides: choose one of {', '.join(SUM_STRATEGIES)} or secure-sum = false")
+        if self.secure_sum and self.hold_out_site:
+            raise SettingsError(f"run config hold-out-site = {self.hold_out_site!r} reports one site's statistics, "
+                                "which secure-sum hides: leave hold-out-site empty or set secure-sum = false")
         if self.secure_sum_threshold < 0:
             raise SettingsError(f"run config secure-sum-threshold = {self.secure_sum_threshold!r}: must be >= 0 "
                                 "(0: more than half of the sites)")
         if self.max_update_norm < 0:
             raise SettingsError(f"run config max-update-norm = {self.max_update_norm!r}: must be >= 0 "
                                 "(0: derived from the run's settings)")
+
+    @property
+    def releases_site_alone(self) -> bool:
+        """Whether the sites train their own models alone and release their statistics: per-site
+        figures by nature, so not under ``secure-sum`` (which shows the coordinator sums only)."""
+        return self.site_alone and not self.secure_sum
 
     @classmethod
     def from_run_config(cls, cfg: dict[str, Any]) -> RunSettings:

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 SUMMED_RECORD = {"query.moments": "moments", "train": "arrays", "train.glm": "terms", "train.meta": "terms",
-                 "query.explain": "summary"}
+                 "query.explain": "summary", "query.validation": "stats", "evaluate": "stats"}
 """The record of a reply that is summed, by message type (the other records stay plain)."""
 MOVED_METRICS = {"train": ("train-loss",), "train.glm": ("loss",), "train.meta": ("loss",)}
 """Per-site metrics that join the sum (prefixed ``metric.``); the rest of a secure reply's metrics
@@ -26,6 +26,9 @@ DROPPED_METRICS = {"train": ("val-loss",)}
 """Per-site metrics a secure reply leaves out (not summable: missing at a site without validation)."""
 WEIGHTED = {"train": "num-examples"}
 """Message types whose arrays are summed times a count (FedAvg's numerator)."""
+COUNTED = ("query.validation", "evaluate")
+"""Message types whose integer arrays are summed too (statistics: histograms and counts). Elsewhere
+integer arrays are bookkeeping (a batch-norm step counter) and stay out."""
 
 
 def summed_record(message_type: str) -> str | None:
@@ -36,8 +39,9 @@ def summed_record(message_type: str) -> str | None:
 def summands(message_type: str, arrays: Mapping[str, np.ndarray], metrics: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """The float64 arrays a site adds to the sum for its reply (integer arrays stay out)."""
     weight = float(metrics[WEIGHTED[message_type]]) if message_type in WEIGHTED else 1.0
+    counted = message_type in COUNTED
     out = {k: np.asarray(v, dtype=np.float64) * weight for k, v in arrays.items()
-           if np.issubdtype(np.asarray(v).dtype, np.floating)}
+           if counted or np.issubdtype(np.asarray(v).dtype, np.floating)}
     if "local_coef" in arrays:  # the warm start's Hessian-weighted combination, as sums
         out["local_hess_coef"] = np.asarray(arrays["local_hess"], dtype=np.float64) @ np.asarray(arrays["local_coef"])
     for name in MOVED_METRICS.get(message_type, ()):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -491,7 +491,7 @@ def run_site_alone(grid: Grid, settings: RunSettings, state: RunState, log: RunL
     stays in the run and is evaluated, without its site-alone rows.
     """
     state.phase = "threshold"
-    if not settings.site_alone or settings.test_statistics == "none":
+    if not settings.releases_site_alone or settings.test_statistics == "none":
         return
     nodes = _require_quorum(state, settings, "site alone", training=False)
     timeout = settings.round_timeout * max(1, settings.cnn_rounds)
@@ -658,8 +658,8 @@ def run_thresholds(grid: Grid, settings: RunSettings, state: RunState, log: RunL
     if settings.test_statistics != "none":
         facts = RoundFacts(run_id=state.run_id, model_config=json.dumps(state.model_config),
                            coef=tuple(state.meta_coef), glm_coef=tuple(state.glm_coef))
-        pooled, per_site, res = _statistics_exchange(grid, settings, state, log, weights, facts,
-                                                     message_type="query.validation", where="validation")
+        pooled, _, per_site, res = _statistics_exchange(grid, settings, state, log, weights, facts,
+                                                        message_type="query.validation", where="validation")
         log.event("validation", seconds=res.seconds)
         state.rounds.append({"phase": "validation", **res.cost(), "sites": sorted(per_site),
                              "epsilon": {s: v["epsilon"] for s, v in per_site.items() if v["epsilon"] > 0}})
@@ -711,8 +711,8 @@ def run_evaluation(grid: Grid, settings: RunSettings, state: RunState, log: RunL
                        glm_coef=tuple(state.glm_coef),
                        thresholds=tuple(thresholds[m].probability for m in MODELS) if thresholds else (),
                        explanation=json.dumps(state.explanation) if state.explanation else "")
-    pooled, per_site, res = _statistics_exchange(grid, settings, state, log, weights, facts, message_type="evaluate",
-                                                 where="evaluation", training=False)
+    pooled, paired, per_site, res = _statistics_exchange(grid, settings, state, log, weights, facts,
+                                                         message_type="evaluate", where="evaluation", training=False)
     for site, v in per_site.items():
         v["alone"] = _site_alone_stats(v["stats"], state.site_thresholds.get(site, {}))
     if thresholds:
@@ -729,7 +729,7 @@ def run_evaluation(grid: Grid, settings: RunSettings, state: RunState, log: RunL
     log.event("evaluate", seconds=res.seconds, sites=sorted(per_site))
     state.phase = "done"
     log.info(f"evaluation: {len(per_site)} sites returned test statistics; final models stored at every site")
-    return {"pooled": pooled, "sites": per_site, "paired": paired_tests(per_site, state.held_out)}
+    return {"pooled": pooled, "sites": per_site, "paired": paired_tests(paired)}
 
 
 def _stacking_fallback(state: RunState, pooled: dict[str, Any], n_classes: int, *,
@@ -802,41 +802,89 @@ def _site_alone_stats(stats: dict[str, Any], thresholds: dict[str, dict[str, Any
 
 def _statistics_exchange(grid: Grid, settings: RunSettings, state: RunState, log: RunLog,
                          weights: dict[str, np.ndarray], facts: RoundFacts, *, message_type: str,
-                         where: str, training: bool = True) -> tuple[dict[str, Any], dict[str, dict[str, Any]], Any]:
+                         where: str, training: bool = True) -> tuple[dict[str, Any], dict[str, np.ndarray],
+                                                                     dict[str, dict[str, Any]], Any]:
     """Ask every site for its released statistics of one split; sum them per model (the held-out
-    site, asked when not ``training``, is left out of the sums)."""
-    from common.metrics import EvalStats
+    site, asked when not ``training``, is left out of the sums).
 
+    Returns the summed statistics by model, the summed discordant counts by pair, each site's
+    count, noise and epsilon (with its own statistics, unless they went through the secure sum),
+    and the exchange.
+    """
     nodes = _require_quorum(state, settings, where, training=training)
-    cfg = ConfigRecord(facts.to_config())
+    label = f"{state.run_id}-{where}"
+    cfg = ConfigRecord(replace(facts, secure=_secure_request(state, label, nodes)).to_config())
     shared = shared_record(state)
     cnn = to_record(weights)
     res = exchange(grid, nodes, lambda n: RecordDict({"cnn": cnn, "shared": shared, "config": cfg}),
-                   message_type=message_type, group_id=f"{state.run_id}-{where}", timeout=settings.round_timeout)
+                   message_type=message_type, group_id=label, timeout=settings.round_timeout)
     _note_failures(state, log, res.failures, where)
     k = max(len(state.schema["label"]["classes"]), 2)
-    pooled: dict[str, EvalStats] = {}
+    if state.secure:
+        return (*_secure_statistics(grid, settings, state, log, res, nodes=nodes, label=label,
+                                    message_type=message_type, where=where, k=k), res)
+    pooled: dict[str, Any] = {}
+    pooled_paired: dict[str, np.ndarray] = {}
     per_site: dict[str, dict[str, Any]] = {}
     for node in sorted(res.replies, key=state.site_of):
         site, reply = state.site_of(node), res.replies[node]
-        metrics = dict(reply.content.metric_records["metrics"])
+        arrays = from_record(reply.content.array_records["stats"]) if "stats" in reply.content.array_records else {}
         try:
-            stats, paired = _site_stats(reply, k), _site_paired(reply)
+            stats, paired = _stats_from_arrays(arrays, k), _paired_from_arrays(arrays)
         except ValueError as exc:
             state.excluded.setdefault(site, f"{where}: statistics rejected: {exc}")
             log.warning(f"{where}: statistics of site {site} rejected: {exc}")
             continue
-        per_site[site] = {"n": int(metrics.get("num-examples", 0)), "noise_std": float(metrics.get("noise-std", 0.0)),
-                          "epsilon": float(metrics.get("epsilon", 0.0)), "stats": stats, "paired": paired}
+        per_site[site] = {**_site_counts(reply), "stats": stats, "paired": paired}
         if site == state.held_out:
             continue
         for name, st in stats.items():
             pooled[name] = pooled[name] + st if name in pooled else st
-    return pooled, per_site, res
+        for pair, counts in paired.items():
+            pooled_paired[pair] = pooled_paired.get(pair, np.zeros(2)) + counts
+    return pooled, pooled_paired, per_site, res
 
 
-def _site_stats(reply: Any, n_classes: int) -> dict[str, Any]:
-    """One site's released test statistics per model (empty when its policy releases none).
+def _site_counts(reply: Any) -> dict[str, Any]:
+    """What a statistics reply says in the clear: the split's count, the noise added, the epsilon spent."""
+    metrics = dict(reply.content.metric_records["metrics"])
+    return {"n": int(metrics.get("num-examples", 0)), "noise_std": float(metrics.get("noise-std", 0.0)),
+            "epsilon": float(metrics.get("epsilon", 0.0))}
+
+
+def _secure_statistics(grid: Grid, settings: RunSettings, state: RunState, log: RunLog, res: Any, *,
+                       nodes: list[int], label: str, message_type: str, where: str,
+                       k: int) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, dict[str, Any]]]:
+    """The unmasked sum of the sites' statistics, made whole counts here: rounded, and under DP
+    projected onto the summed class counts of the census (post-processing of the one release the
+    coordinator sees; the sites add noise only). No site's own statistics are known."""
+    from common.metrics import project_rows_to_totals, released_totals
+
+    sums, summed = _secure_sum(grid, settings, state, log, res, label=label, nodes=nodes, message_type=message_type,
+                               where=where)
+    split = "test" if message_type == "evaluate" else "validation"
+    counts = sum(np.asarray(state.census[state.site_of(n)][f"{split}-class-counts"], dtype=np.int64) for n in summed)
+    totals = released_totals(np.asarray(counts, dtype=np.int64)) if settings.test_statistics == "noised" else {}
+    whole = {}
+    for key, value in sums.items():
+        part = key.partition(".")[2]
+        if part in totals and not key.startswith("paired."):
+            flat = np.asarray(value, dtype=np.float64).reshape(-1, np.shape(value)[-1])
+            row_totals = np.broadcast_to(np.asarray(totals[part], dtype=np.int64), (flat.shape[0],))
+            whole[key] = project_rows_to_totals(flat, totals=row_totals).reshape(np.shape(value))
+        else:
+            whole[key] = np.maximum(np.rint(value), 0).astype(np.int64)
+    try:
+        pooled, paired = _stats_from_arrays(whole, k), _paired_from_arrays(whole)
+    except ValueError as exc:
+        raise TooFewSitesError(f"{where}: the summed statistics are malformed: {exc}") from None
+    per_site = {state.site_of(n): {**_site_counts(res.replies[n]), "stats": {}, "paired": {}}
+                for n in sorted(summed, key=state.site_of)}
+    return pooled, paired, per_site
+
+
+def _stats_from_arrays(arrays: dict[str, np.ndarray], n_classes: int) -> dict[str, Any]:
+    """Released test statistics per model (empty when a site's policy releases none).
 
     Raises
     ------
@@ -845,11 +893,10 @@ def _site_stats(reply: Any, n_classes: int) -> dict[str, Any]:
     """
     from common.metrics import stats_from_released
 
-    arrays = from_record(reply.content.array_records["stats"]) if "stats" in reply.content.array_records else {}
     by_model: dict[str, dict[str, np.ndarray]] = {}
     for key, value in arrays.items():
         if key.startswith("paired."):
-            continue  # the discordant counts: _site_paired
+            continue  # the discordant counts: _paired_from_arrays
         model, _, part = key.partition(".")
         if model not in MODELS + tuple(REDUCED_STACKS) + ALONE_MODELS:
             raise ValueError(f"unknown model {model!r} in test statistics")
@@ -857,9 +904,8 @@ def _site_stats(reply: Any, n_classes: int) -> dict[str, Any]:
     return {m: stats_from_released(parts, n_classes=n_classes) for m, parts in by_model.items()}
 
 
-
-def _site_paired(reply: Any) -> dict[str, list[float]]:
-    """One site's released discordant counts of the hybrid against each base model (test split).
+def _paired_from_arrays(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Released discordant counts of the hybrid against each base model (test split).
 
     Raises
     ------
@@ -868,7 +914,6 @@ def _site_paired(reply: Any) -> dict[str, list[float]]:
     """
     from common.paired import PAIRED_WITH, paired_key
 
-    arrays = from_record(reply.content.array_records["stats"]) if "stats" in reply.content.array_records else {}
     out = {}
     for key, value in arrays.items():
         if not key.startswith("paired."):
@@ -877,21 +922,16 @@ def _site_paired(reply: Any) -> dict[str, list[float]]:
             raise ValueError(f"unknown paired comparison {key!r}")
         if np.shape(value) != (2,) or not np.isfinite(value).all():
             raise ValueError(f"{key} is not two finite counts")
-        out[key.removeprefix("paired.")] = [float(v) for v in value]
+        out[key.removeprefix("paired.")] = np.asarray(value, dtype=np.float64)
     return out
 
 
-def paired_tests(per_site: dict[str, dict[str, Any]], held_out: str) -> dict[str, dict[str, Any]]:
+def paired_tests(sums: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
     """McNemar's test of the hybrid against each base model on the summed discordant counts
     (the held-out site left out, as from every pooled figure)."""
     from common.paired import mcnemar
 
-    sums: dict[str, np.ndarray] = {}
-    for site, v in per_site.items():
-        if site != held_out:
-            for pair, counts in v.get("paired", {}).items():
-                sums[pair] = sums.get(pair, np.zeros(2)) + np.asarray(counts)
-    return {pair: mcnemar(counts) for pair, counts in sorted(sums.items())}
+    return {pair: mcnemar(np.asarray(counts)) for pair, counts in sorted(sums.items())}
 
 
 def new_state() -> RunState:

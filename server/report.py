@@ -232,8 +232,10 @@ def _secure_sum_note(settings: RunSettings) -> str:
         return " No secure sum (secure-sum = false): the coordinator saw each site's release."
     distributed = settings.dp and settings.distributed_noise
     return (" Secure sum: the coordinator saw the moments, the CNN updates, the GLM's and meta-classifier's "
-            "statistics and the explanation summaries only summed over at least the threshold of sites; the "
-            "validation and test statistics were not routed through it." + (
+            "statistics, the explanation summaries and the validation and test statistics only summed over at least "
+            "the threshold of sites: this report has pooled figures only (no site's own AUC, no site-alone "
+            "comparison, which needs each site's statistics); the counts per site and split come from the census "
+            "and stay in the clear." + (
                 " Distributed noise: each site whose policy allows it added 1/sqrt(threshold) of each summed "
                 "release's noise and was charged for the whole; against sites colluding with the coordinator the "
                 "sum carries less (docs/security.md)." if distributed else ""))
@@ -324,9 +326,13 @@ def render_markdown(doc: dict[str, Any], *, explanation: dict[str, Any] | None =
     if fallback_note(doc):
         lines.append("Note: " + fallback_note(doc))
     lines += paired_lines(doc)
-    lines += ["", "Per site (test AUC, from each site's released statistics; test class counts): " + "; ".join(
-        f"{site} ({_counts(m.get('class_counts'), doc['run']['classes'])}): "
-        + ", ".join(f"{mod} {_fmt(v.get('auc'))}" for mod, v in m.items() if isinstance(v, dict))
+    per_site = ("Per site (test class counts; no site's own AUC: the test statistics reached the coordinator only "
+                "summed, secure-sum = true): " if doc.get("secure_sum") else
+                "Per site (test AUC, from each site's released statistics; test class counts): ")
+    lines += ["", per_site + "; ".join(
+        f"{site} ({_counts(m.get('class_counts'), doc['run']['classes'])})"
+        + "".join(f"{', ' if i else ': '}{mod} {_fmt(v.get('auc'))}"
+                  for i, (mod, v) in enumerate((mod, v) for mod, v in m.items() if isinstance(v, dict)))
         for site, m in doc["sites"].items())]
     if warm_start_note(doc):
         lines += ["", warm_start_note(doc)]

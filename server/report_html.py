@@ -191,7 +191,9 @@ def _sites_table(doc: dict[str, Any]) -> str:
                     f"<td>{_fmt(eps)}</td></tr>")
     head = "".join(f"<th>{name} AUC</th>" for name in MODELS)
     classes = " / ".join(html.escape(str(c)) for c in doc["run"].get("classes", []))
-    return (f"<table><tr><th>site</th><th>test patients</th><th>test class counts ({classes})</th>{head}"
+    secure = ("<p>No site's own AUC: with secure-sum the coordinator saw the test statistics only summed over the "
+              "sites (pooled figures above).</p>" if doc.get("secure_sum") else "")
+    return (f"{secure}<table><tr><th>site</th><th>test patients</th><th>test class counts ({classes})</th>{head}"
             f"<th>epsilon spent</th></tr>{''.join(rows)}</table>")
 
 

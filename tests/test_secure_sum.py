@@ -137,12 +137,12 @@ def test_a_secure_run_ends_at_the_plain_runs_models(sites_template: Path, tmp_pa
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     # the sites seed their forests from the run id: one id for both runs
     monkeypatch.setattr("server.server_app.new_state", lambda: RunState(run_id="fixedrun0001"))
-    states, weights = {}, {}
+    states, weights, docs = {}, {}, {}
     for secure in (False, True):
         copy = tmp_path / f"sites-{secure}"
         shutil.copytree(sites_template, copy)
-        doc = _run(copy, tmp_path / f"run-{secure}", dp=False, secure_sum=secure, explain=True,
-                   explanation_patients=40)
+        docs[secure] = doc = _run(copy, tmp_path / f"run-{secure}", dp=False, secure_sum=secure, explain=True,
+                                  explanation_patients=40)
         ckpt = load_latest(tmp_path / f"run-{secure}")
         states[secure], weights[secure] = ckpt.state, ckpt.arrays
         assert doc["models"]["hybrid"]["auc"] > 0
@@ -155,6 +155,13 @@ def test_a_secure_run_ends_at_the_plain_runs_models(sites_template: Path, tmp_pa
     for key, value in states[False]["shared"].items():
         assert np.allclose(states[True]["shared"][key], value, rtol=1e-6, atol=1e-6), key
     assert states[True]["secure"]["roster"]["threshold"] == 2 and not states[False]["secure"]
+    # exact statistics go through the sum as whole counts: the pooled figures, thresholds and paired tests are the same
+    assert docs[True]["models"] == docs[False]["models"] and docs[True]["thresholds"] == docs[False]["thresholds"]
+    assert docs[True]["paired_tests"] == docs[False]["paired_tests"]
+    assert all(set(v) == {"n", "class_counts", "noise_std"} for v in docs[True]["sites"].values())
+    assert any("hybrid" in v for v in docs[False]["sites"].values())
+    assert "no site's own AUC: the test statistics reached the coordinator only summed" in \
+        (tmp_path / "run-True" / "metrics.md").read_text()
     explained = {s: json.loads((tmp_path / f"run-{s}" / "explanation.json").read_text()) for s in (False, True)}
     assert [f["feature"] for f in explained[True]["features"]] == [f["feature"] for f in explained[False]["features"]]
     for a, b in zip(explained[True]["features"], explained[False]["features"]):
@@ -171,7 +178,7 @@ def test_the_coordinator_sees_only_masked_vectors_shares_and_the_sum(sites: Path
         assert set(arrays) == {"masked"} and arrays["masked"].dtype == np.uint64
         assert np.median(np.abs(ss.decode(arrays["masked"]))) > 1e6  # weights are O(1), times O(100) examples
         assert set(reply.content.metric_records["metrics"]) <= {"num-examples", "handler-seconds"}
-    for kind in ("query.moments", "train.glm", "train.meta", "query.explain"):
+    for kind in ("query.moments", "train.glm", "train.meta", "query.explain", "query.validation", "evaluate"):
         replies = [m for m in seen if m.metadata.message_type == kind]
         assert replies and all(set(from_record(next(iter(m.content.array_records.values())))) == {"masked"}
                                for m in replies), kind
@@ -184,7 +191,7 @@ def test_the_coordinator_sees_only_masked_vectors_shares_and_the_sum(sites: Path
         log = list(EgressLog(Vault.open(p / "vault", KeySource.from_key_file(p / "key"))))
         secure = [e for e in log if "secure_sum" in e]
         assert {e["message_type"] for e in secure} == {"query.moments", "train", "train.glm", "train.meta",
-                                                        "query.explain"}
+                                                        "query.explain", "query.validation", "evaluate"}
         assert all(set(e["keys"]) >= {"secure.layout"} for e in secure)
 
 
@@ -213,13 +220,21 @@ def test_distributed_noise_adds_a_share_and_charges_the_same_epsilon(sites_templ
         copy = tmp_path / f"sites-{secure}"
         shutil.copytree(sites_template, copy)
         docs[secure] = _run(copy, tmp_path / f"run-{secure}", record=seen[secure], dp=True, epsilon=4.0,
-                            secure_sum=secure)
+                            secure_sum=secure, test_statistics="noised")
     for kind in ("query.moments", "train.glm", "train.meta"):
         sigma = {s: {float(m.content.metric_records["metrics"]["noise-multiplier"]) for m in _replies(seen[s], kind)}
                  for s in (False, True)}
         assert len(sigma[False]) == 1 and len(sigma[True]) == 1, kind
         # threshold 2 of 3: each site adds 1/sqrt(2) of the noise; any two shares carry all of it
         assert next(iter(sigma[True])) == pytest.approx(next(iter(sigma[False])) / np.sqrt(2)), kind
+    for kind in ("query.validation", "evaluate"):
+        std = {s: {float(m.content.metric_records["metrics"]["noise-std"]) for m in _replies(seen[s], kind)}
+               for s in (False, True)}
+        assert len(std[True]) == 1 and next(iter(std[True])) == pytest.approx(next(iter(std[False])) / np.sqrt(2)), kind
+    # the coordinator makes the noised sum whole counts: each model's histograms hold the summed class counts
+    tests = sum(np.asarray(c["test-class-counts"]) for c in load_latest(tmp_path / "run-True").state["census"].values())
+    for name, m in docs[True]["models"].items():
+        assert m["n"] == int(tests.sum()) and 0.0 <= m["auc"] <= 1.0, name
     for site, plain in docs[False]["privacy"].items():
         assert docs[True]["privacy"][site]["epsilon"] == pytest.approx(plain["epsilon"]), site
 
@@ -228,6 +243,9 @@ def test_refused_combinations_are_named(sites: Path, tmp_path: Path) -> None:
     for rule in ("krum", "fedmedian", "fedtrimmedavg"):
         with pytest.raises(SettingsError, match="reads each site's update, which secure-sum hides"):
             RunSettings(strategy=rule, secure_sum=True)
+    with pytest.raises(SettingsError, match="hold-out-site = 'site-1' reports one site's statistics, which secure"):
+        RunSettings(secure_sum=True, hold_out_site="site-1")
+    assert not RunSettings(secure_sum=True).releases_site_alone and RunSettings().releases_site_alone
     with pytest.raises(SettingsError, match="secure-sum-threshold = -1: must be >= 0"):
         RunSettings(secure_sum_threshold=-1)
     from client.vault import KeySource, Vault
@@ -254,3 +272,8 @@ def test_a_site_refuses_a_sum_in_the_clear_when_the_run_asks_for_secure_sum(site
         client_app(msg, ctx)
     vault = Vault.open(sites / "site-1" / "vault", KeySource.from_key_file(sites / "site-1" / "key"))
     assert [e["status"] for e in EgressLog(vault).entries()] == ["blocked"]
+
+
+def test_a_secure_run_that_releases_no_statistics_sums_an_empty_release(sites: Path, tmp_path: Path) -> None:
+    doc = _run(sites, tmp_path / "run", dp=False, secure_sum=True, test_statistics="none")
+    assert doc["models"] == {} and set(doc["sites"]) == {"site-1", "site-2", "site-3"}

@@ -131,7 +131,7 @@ def contract_for(message_type: str, *, dp: bool, n_classes: int, model_shapes: M
                  | None = None, meta_dim: int = 0, warm_start: bool = False,
                  stats_shapes: Mapping[str, tuple[int, ...]] | None = None, n_columns: int = 0,
                  glm_dim: int = 0, summary_shapes: Mapping[str, tuple[int, ...]] | None = None,
-                 secure_keys: Sequence[str] = ()) -> EgressContract:
+                 secure_keys: Sequence[str] = (), stats_dtype: str = "i") -> EgressContract:
     """The contract of a reply to ``message_type``.
 
     Parameters
@@ -142,6 +142,8 @@ def contract_for(message_type: str, *, dp: bool, n_classes: int, model_shapes: M
     meta_dim : the meta-classifier's flat coefficient count (``train.meta``).
     warm_start : a non-DP first GLM or meta round that also returns the local fit.
     stats_shapes : the released test-statistics arrays, name -> shape (``evaluate``).
+    stats_dtype : their numpy kind: ``"i"`` (whole counts), or ``"f"`` for a secure sum, which adds
+        floats and leaves rounding to the coordinator.
     n_columns : the shared preprocessing's column count (``query.moments``).
     glm_dim : the GLM's flat coefficient count (``train.glm``).
     summary_shapes : the explanation release's arrays, name -> shape (``query.explain``,
@@ -172,7 +174,7 @@ def contract_for(message_type: str, *, dp: bool, n_classes: int, model_shapes: M
     if message_type == "train.alone":  # the site's own models stay home: only the train count leaves
         return EgressContract(message_type, {"metrics": dict(SCALAR_METRICS)})
     if message_type in ("evaluate", "query.validation"):
-        stats = {name: Field("array", tuple(shape), dtype="i") for name, shape in (stats_shapes or {}).items()}
+        stats = {name: Field("array", tuple(shape), dtype=stats_dtype) for name, shape in (stats_shapes or {}).items()}
         metrics = {**SCALAR_METRICS, "epsilon": Field("float"), "noise-std": Field("float")}
         return EgressContract(message_type, {"stats": stats, "metrics": metrics})
     if message_type == "query.explain":
