@@ -463,7 +463,7 @@ def meta_round(site: SiteRef, cnn_weights: dict[str, np.ndarray], shared: dict[s
     """
     from client.pipeline import meta_features
     from client.privacy.mechanisms import private_newton_terms
-    from common.meta import META_FEATURE_BOUND, StackingMetaClassifier
+    from common.meta import META_FEATURE_BOUND, StackingMetaClassifier, without_model_features
 
     vault, cohort = _load(site)
     privacy = _privacy(vault, site, cohort, settings, facts)
@@ -476,7 +476,10 @@ def meta_round(site: SiteRef, cnn_weights: dict[str, np.ndarray], shared: dict[s
 
         data = SiteData.from_cohort(cohort)
         proba = _base_probabilities(vault, data, cnn_weights, shared, settings, facts, privacy, "validation")
-        return meta_features(*(proba[m] for m in BASE_MODELS)), data.y[data.masks["validation"]]
+        x = meta_features(*(proba[m] for m in BASE_MODELS))
+        if not settings.stack_forest:  # nothing the forest (fitted without DP) says enters the meta statistics
+            x = without_model_features(x, n_models=len(BASE_MODELS), n_classes=k, index=BASE_MODELS.index("forest"))
+        return x, data.y[data.masks["validation"]]
 
     def mechanism(coef: np.ndarray, x: np.ndarray, y: np.ndarray, noise: float, rng: Any) -> dict[str, np.ndarray]:
         terms = private_newton_terms(coef, x, y, n_classes=k, bound=META_FEATURE_BOUND, noise_multiplier=noise,

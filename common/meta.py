@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -97,7 +98,9 @@ class NewtonSolver:
 
     ``positive`` (a mask over the flat coefficients, or None) keeps those coefficients at or above
     zero: each step then solves the Newton model's quadratic under that bound
-    (:func:`bounded_newton_direction`), and step halving stays feasible.
+    (:func:`bounded_newton_direction`), and step halving stays feasible. ``fixed`` (a mask, or
+    None) keeps those coefficients at exactly zero: each step solves the Newton model over the
+    others only (a stack that must not read some base model).
     """
 
     n_features: int
@@ -106,6 +109,7 @@ class NewtonSolver:
     C: float = 1.0
     tol: float = 1e-10
     positive: np.ndarray | None = None
+    fixed: np.ndarray | None = None
     coef: np.ndarray = field(init=False)
     best_coef: np.ndarray = field(init=False)
     best_objective: float = field(init=False, default=np.inf)
@@ -152,11 +156,15 @@ class NewtonSolver:
                 self.coef, self.converged = self.best_coef.copy(), True
             return self.coef
         self.best_coef, self.best_objective, self.fallback = self.coef.copy(), obj, None
+        free = self._free()
+        hess, grad = hess[np.ix_(free, free)], grad[free]
         # lstsq copes with the singular Hessian of the unpenalized multinomial model.
-        direction = -np.linalg.lstsq(hess, grad, rcond=None)[0]
+        step = -np.linalg.lstsq(hess, grad, rcond=None)[0]
         if self.positive is not None:
-            direction = bounded_newton_direction(hess, grad, direction, lower=self._lower())
-        decrement = float(-grad @ direction)
+            step = bounded_newton_direction(hess, grad, step, lower=self._lower()[free])
+        direction = np.zeros_like(self.coef)
+        direction[free] = step
+        decrement = float(-grad @ step)
         if decrement / 2.0 <= self.tol * max(1.0, terms.n):
             self.converged = True
             return self.coef
@@ -201,14 +209,21 @@ class NewtonSolver:
         mask = self._penalty_mask()
         return np.diag(mask / self.C) if self.penalty is not None else np.zeros((mask.size, mask.size))
 
+    def _free(self) -> np.ndarray:
+        """Mask of the coefficients a step may move (all but ``fixed``)."""
+        n = self.coef.shape[0]
+        return np.ones(n, dtype=bool) if self.fixed is None else ~np.asarray(self.fixed, dtype=bool)
+
     def _lower(self) -> np.ndarray:
         """Lower bounds of a step from :attr:`coef` (``-coef`` where positive, else unbounded)."""
         return np.where(np.asarray(self.positive, dtype=bool), -self.coef, -np.inf)
 
     def feasible(self, coef: np.ndarray) -> np.ndarray:
-        """``coef`` with the ``positive`` coefficients raised to zero (a warm start's projection)."""
+        """``coef`` with the ``positive`` coefficients raised to zero and the ``fixed`` ones set to
+        zero (a warm start's projection)."""
+        coef = np.where(self._free(), np.asarray(coef, dtype=np.float64), 0.0)
         if self.positive is None:
-            return np.asarray(coef, dtype=np.float64)
+            return coef
         return np.where(np.asarray(self.positive, dtype=bool), np.maximum(coef, 0.0), coef)
 
     def result(self) -> np.ndarray:
@@ -307,21 +322,40 @@ def statistic_bounds(*, n_features: int, n_classes: int, bound: float) -> tuple[
     return math.sqrt(2.0 * z2), z2
 
 
-def averaging_prior(*, n_models: int, n_classes: int) -> np.ndarray:
+def averaging_prior(*, n_models: int, n_classes: int, left_out: Sequence[int] = ()) -> np.ndarray:
     """Flat coefficients that average the base models' log-odds (or log-probabilities).
 
     The features are ``n_models`` blocks of one log-odds column (binary) or ``n_classes``
-    log-probability columns; the prior gives each model weight ``1 / n_models`` on its own
-    evidence for each class and no intercept. It needs no data, so it is a free starting point
-    when the statistics that would refine it are noised.
+    log-probability columns; the prior gives each model (but those ``left_out``) an equal weight on
+    its own evidence for each class and no intercept. It needs no data, so it is a free starting
+    point when the statistics that would refine it are noised.
     """
+    kept = [m for m in range(n_models) if m not in set(left_out)]
     if n_classes == 2:
-        return np.append(np.full(n_models, 1.0 / n_models), 0.0)
+        coef = np.zeros(n_models + 1)
+        coef[kept] = 1.0 / len(kept)
+        return coef
     d = n_models * n_classes + 1
     coef = np.zeros((n_classes, d))
     for k in range(n_classes):
-        coef[k, [m * n_classes + k for m in range(n_models)]] = 1.0 / n_models
+        coef[k, [m * n_classes + k for m in kept]] = 1.0 / len(kept)
     return coef.ravel()
+
+
+def without_model_features(x: np.ndarray, *, n_models: int, n_classes: int, index: int) -> np.ndarray:
+    """Stacking inputs ``x`` with model ``index``'s columns set to zero (what the stack without
+    it reads: nothing of that model enters its statistics)."""
+    k = 1 if n_classes == 2 else n_classes
+    out = np.array(x, dtype=np.float64, copy=True)
+    out[:, index * k:(index + 1) * k] = 0.0
+    return out
+
+
+def model_mask(*, n_models: int, n_classes: int, index: int) -> np.ndarray:
+    """Mask of the flat coefficients that weigh model ``index``'s features (the ones
+    :func:`without_model` zeroes)."""
+    ones = np.ones(n_params(n_models * (1 if n_classes == 2 else n_classes), n_classes))
+    return without_model(ones, n_models=n_models, n_classes=n_classes, index=index) == 0.0
 
 
 def nearest_positive_definite(hess: np.ndarray, *, floor: float) -> np.ndarray:

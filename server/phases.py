@@ -460,19 +460,21 @@ def _train_class_counts(state: RunState) -> np.ndarray:
 def run_meta_rounds(grid: Grid, settings: RunSettings, state: RunState, log: RunLog,
                     weights: dict[str, np.ndarray], checkpoint: Any) -> list[float]:
     """Federated Newton on the stacking meta-classifier (the first round also fits the forests)."""
-    from common.meta import META_FEATURE_BOUND, NewtonSolver, averaging_prior, positive_evidence
+    from common.meta import META_FEATURE_BOUND, NewtonSolver, averaging_prior, model_mask, positive_evidence
 
     k = len(state.schema["label"]["classes"])
     n_models = len(BASE_MODELS)
     positive = positive_evidence(n_models=n_models, n_classes=max(k, 2)) if settings.meta_positive else None
+    left_out = () if settings.stack_forest else (BASE_MODELS.index("forest"),)
+    fixed = model_mask(n_models=n_models, n_classes=max(k, 2), index=left_out[0]) if left_out else None
     solver = NewtonSolver(n_features=n_models * (1 if k == 2 else k), n_classes=max(k, 2), penalty="l2",
-                          C=settings.meta_c, tol=settings.meta_tol, positive=positive)
+                          C=settings.meta_c, tol=settings.meta_tol, positive=positive, fixed=fixed)
     if state.meta_solver:
         solver.load_state_dict(state.meta_solver)
     elif settings.dp:
         # Noised steps from zero can land anywhere, sign flips included; from the plain average of
         # the base models' log-odds (public, needs no data) a noisy step can only refine.
-        solver.coef = solver.best_coef = averaging_prior(n_models=n_models, n_classes=max(k, 2))
+        solver.coef = solver.best_coef = averaging_prior(n_models=n_models, n_classes=max(k, 2), left_out=left_out)
     content = {"cnn": to_record(weights), "shared": shared_record(state)}
     _newton_rounds(grid, settings, state, log, solver, content, kind="meta", rounds=settings.meta_rounds,
                    bound=META_FEATURE_BOUND, max_n="n-validation", warm_start=not settings.dp,
@@ -664,7 +666,8 @@ def run_thresholds(grid: Grid, settings: RunSettings, state: RunState, log: RunL
         state.rounds.append({"phase": "validation", **res.cost(), "sites": sorted(per_site),
                              "epsilon": {s: v["epsilon"] for s, v in per_site.items() if v["epsilon"] > 0}})
     chosen = _binary_thresholds(settings, state, pooled, per_site) if k == 2 else {}
-    state.meta_fallback = _stacking_fallback(state, pooled, k, margin_se=settings.meta_fallback_margin)
+    state.meta_fallback = _stacking_fallback(state, pooled, k, margin_se=settings.meta_fallback_margin,
+                                             candidates=stacked_models(settings))
     if state.meta_fallback.get("model"):
         fb = state.meta_fallback
         if chosen:
@@ -732,13 +735,20 @@ def run_evaluation(grid: Grid, settings: RunSettings, state: RunState, log: RunL
     return {"pooled": pooled, "sites": per_site, "paired": paired_tests(paired)}
 
 
+def stacked_models(settings: RunSettings) -> tuple[str, ...]:
+    """The base models the hybrid may read (and fall back to): all, or all but the site forest
+    (``stack-forest = false``: it is fitted without DP)."""
+    return tuple(m for m in BASE_MODELS if settings.stack_forest or m != "forest")
+
+
 def _stacking_fallback(state: RunState, pooled: dict[str, Any], n_classes: int, *,
-                       margin_se: float) -> dict[str, Any]:
+                       margin_se: float, candidates: tuple[str, ...] = BASE_MODELS) -> dict[str, Any]:
     """The stack the hybrid becomes, chosen on the sites' summed validation statistics; returns
     what was decided and on what figures, or {} (no statistics).
 
     The candidates are the fitted stack and the reduced stacks (the stack without each base
     model, :data:`common.stack.REDUCED_STACKS`). Unless the best of them beats the best base model
+    of ``candidates``
     by more than ``margin_se`` times that model's AUC standard error (``meta-fallback-margin``),
     the hybrid becomes that base model; otherwise it becomes the best stack. ``state.meta_coef`` is
     set to what was chosen.
@@ -759,7 +769,7 @@ def _stacking_fallback(state: RunState, pooled: dict[str, Any], n_classes: int, 
         return {}
     stacks = ["hybrid", *(m for m in REDUCED_STACKS if m in pooled)]
     auc = {m: float(metrics_from_stats(pooled[m])["auc"]) for m in (*stacks, *BASE_MODELS)}
-    best = max(BASE_MODELS, key=lambda m: -1.0 if math.isnan(auc[m]) else auc[m])
+    best = max(candidates, key=lambda m: -1.0 if math.isnan(auc[m]) else auc[m])
     # The full stack wins ties: it is what was fitted.
     stack = max(stacks, key=lambda m: (-1.0 if math.isnan(auc[m]) else auc[m], m == "hybrid"))
     se = auc_standard_error(pooled[best])

@@ -169,7 +169,8 @@ def build_metrics(evaluation: dict[str, Any], state: RunState, settings: RunSett
         "model_roles": _model_roles(state, settings),
         "thresholds": dict(state.thresholds),
         "meta": {"coef": list(state.meta_coef), "rounds": state.meta_round,
-                 "converged": bool(state.meta_solver.get("converged", False)), "fallback": dict(state.meta_fallback)},
+                 "converged": bool(state.meta_solver.get("converged", False)), "fallback": dict(state.meta_fallback),
+                 "stack_forest": settings.stack_forest},
         "glm": {"rounds": state.glm_round, "converged": bool(state.glm_solver.get("converged", False)),
                 "columns": len(state.shared.get("glm_columns", [])), "kept": _glm_kept(state, settings),
                 "C": settings.glm_c},
@@ -192,7 +193,13 @@ def _model_roles(state: RunState, settings: RunSettings) -> dict[str, str]:
         roles["cnn"] = ("federated deep model: a dense network on the shared tabular features (the cohort has no "
                         f"sequence tracks), FedAvg of the sites' {updates}")
     chosen = state.meta_fallback.get("model")
-    if chosen in REDUCED_STACKS:
+    if not settings.stack_forest and chosen in ("", None):
+        roles["hybrid"] = ("federated stacking meta-classifier over the deep model and the GLM (stack-forest = false: "
+                           "the site forest, fitted without DP, is not stacked)")
+    elif not settings.stack_forest and chosen in REDUCED_STACKS:
+        roles["hybrid"] = (f"federated stacking meta-classifier over the deep model and the GLM but the "
+                           f"{REDUCED_STACKS[chosen]} (stack-forest = false; the stack without it won on validation)")
+    elif chosen in REDUCED_STACKS:
         roles["hybrid"] = (f"federated stacking meta-classifier over the base models below but the "
                            f"{REDUCED_STACKS[chosen]} (its weight set to zero: the stack without it won on validation)")
     elif chosen:
@@ -259,8 +266,13 @@ def _dp_note(settings: RunSettings) -> str:
             "split and class), the number of examples sent with each update, "
             + ("the validation and test statistics (released exact, by the sites' policies), "
                if settings.test_statistics == "exact" else "") +
-            "the site forests' fit and their kNN imputation from each site's own data (both stay on site but "
-            "shape what the meta-classifier statistics and test statistics release), early stopping, and the random number generator, which "
+            ("the site forests' fit and their kNN imputation from each site's own data (both stay on site but "
+               "shape what the meta-classifier statistics and test statistics release, and the hybrid stacks the "
+               "forest: its predictions at a site tell training patients from others, stack-forest = false keeps "
+               "the hybrid to the DP-trained models), " if settings.stack_forest else
+               "the site forests' fit and their kNN imputation from each site's own data (the hybrid does not read "
+               "the forest, stack-forest = false, but the forest's own row and test statistics do), ") +
+            "early stopping, and the random number generator, which "
             "is not cryptographically secure here (it is seeded from each site's vault key and ledger, never from "
             "the run config). See docs/privacy.md.")
 

@@ -246,6 +246,11 @@ def test_the_stack_falls_back_to_a_better_base_model_on_validation() -> None:
     fb = _stacking_fallback(state, pooled, 2, margin_se=1.0)
     assert fb["model"] == "" and fb["validation_auc"]["hybrid"] > fb["validation_auc"]["forest"] + fb["margin"] > 0
     assert state.meta_coef == [0.3, 0.3, 0.3, 0.0]
+    # With stack-forest = false the forest is no candidate: the stack beats the rest and keeps its fit.
+    pooled["hybrid"] = stats(0.5 * good + 0.5 * noise)
+    state = RunState(run_id="r", meta_coef=[0.3, 0.0, 0.3, 0.0])
+    fb = _stacking_fallback(state, pooled, 2, margin_se=1.0, candidates=("cnn", "logreg"))
+    assert fb["best_base"] in ("cnn", "logreg") and fb["model"] != "forest"
 
 
 def test_a_multiclass_stack_falls_back_on_its_macro_auc() -> None:
@@ -382,3 +387,29 @@ def test_a_warm_start_worse_than_its_origin_gives_way_to_the_newton_step(k: int)
     restored = NewtonSolver(n_features=3, n_classes=k, C=1.0)
     restored.load_state_dict(solver.state_dict())
     np.testing.assert_array_equal(restored.step(total(restored.coef)), solver.step(total(solver.coef)))
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_a_fixed_model_keeps_exactly_zero_weight_and_the_rest_is_the_fit_without_it(k: int) -> None:
+    """``fixed`` (stack-forest = false): the left-out model's weights stay exactly 0, even on noised
+    terms, and the others reach the pooled fit on the other models' features alone."""
+    from common.meta import model_mask, without_model_features
+
+    x, y = _scores(5, 1500, k)
+    cols = 1 if k == 2 else k
+    x3 = np.hstack([x, np.random.default_rng(1).normal(size=(len(y), cols))])  # a third "model"
+    fixed = model_mask(n_models=3, n_classes=k, index=1)
+    xs = without_model_features(x3, n_models=3, n_classes=k, index=1)
+    solver = NewtonSolver(n_features=x3.shape[1], n_classes=k, penalty="l2", C=0.5, fixed=fixed)
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        t = newton_terms(solver.coef, xs, y, n_classes=k)
+        t.grad = t.grad + rng.normal(0, 1e-3, t.grad.shape)  # noised terms move every coordinate
+        solver.step(t)
+        assert np.all(solver.coef[fixed] == 0.0)
+        if solver.converged:
+            break
+    keep = np.r_[0:cols, 2 * cols:3 * cols]
+    pooled = StackingMetaClassifier(penalty="l2", C=0.5, positive=False).fit(x3[:, keep], y)
+    got = StackingMetaClassifier().set_coef(solver.result(), n_features=x3.shape[1]).coef_
+    np.testing.assert_allclose(np.delete(got, np.r_[cols:2 * cols], axis=-1), pooled.coef_, atol=1e-3)
