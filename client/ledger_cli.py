@@ -117,6 +117,9 @@ def _register_policy(commands: argparse._SubParsersAction) -> None:
                         help="refuse runs whose sums would reach the coordinator site by site (secure-sum = false)")
     policy.add_argument("--distributed-noise", type=_yes_no, metavar="yes|no",
                         help="with secure sum, add only this site's share of each release's noise")
+    policy.add_argument("--stack-forest", type=_yes_no, metavar="yes|no",
+                        help="allow runs whose hybrid stacks this site's forest, which is fitted without DP "
+                             "(no: refuse runs with stack-forest = true)")
     policy.add_argument("--allow-raise", action="store_true",
                         help="allow a larger budget or delta than the current one (privacy officer's decision)")
     policy.set_defaults(func=policy_command)
@@ -188,7 +191,7 @@ def set_budget_command(args: argparse.Namespace) -> int:
 
 
 POLICY_OPTIONS = ("require_dp", "budget", "delta", "max_run_epsilon", "test_statistics", "test_epsilon",
-                  "require_secure_sum", "distributed_noise")
+                  "require_secure_sum", "distributed_noise", "stack_forest")
 
 
 def policy_command(args: argparse.Namespace) -> int:
@@ -227,7 +230,8 @@ def _policy_line(p: Any) -> str:
             f"max-run-epsilon {p.max_run_epsilon:g}; test-statistics {p.test_statistics}"
             + (f" (test-epsilon {p.test_epsilon:g})" if p.test_statistics == "noised" else "")
             + f"; require-secure-sum {'yes' if p.require_secure_sum else 'no'}; "
-              f"distributed-noise {'yes' if p.distributed_noise else 'no'}")
+              f"distributed-noise {'yes' if p.distributed_noise else 'no'}; "
+              f"stack-forest {'yes' if p.stack_forest else 'no'}")
 
 
 def egress_command(args: argparse.Namespace) -> int:

@@ -152,8 +152,12 @@ class KeySource:
 
     @classmethod
     def from_key_file(cls, path: str | Path) -> KeySource:
-        """A raw key read from ``path``, which must hold exactly 32 bytes."""
+        """A raw key read from ``path``, which must hold exactly 32 bytes and be readable by its
+        owner only (:mod:`common.keyfiles`; checked before it is read)."""
+        from common.keyfiles import check_private_file
+
         path = Path(path)
+        check_private_file(path, "vault key file")
         try:
             data = path.read_bytes()
         except FileNotFoundError:
@@ -183,8 +187,12 @@ class KeySource:
 
     @classmethod
     def from_passphrase_file(cls, path: str | Path) -> KeySource:
-        """A passphrase read from a UTF-8 text file (one trailing newline is ignored)."""
+        """A passphrase read from a UTF-8 text file (one trailing newline is ignored), readable by
+        its owner only (:mod:`common.keyfiles`; checked before it is read)."""
+        from common.keyfiles import check_private_file
+
         path = Path(path)
+        check_private_file(path, "vault passphrase file")
         try:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:

@@ -4,9 +4,10 @@ A private key that other local users can read (mode 0644, the usual default for 
 file) is a key that is no longer private: the SuperNode authentication key lets anyone
 holding it join the federation as that hospital, the SuperLink's TLS key lets them
 impersonate the coordinator, and a vault key opens the site's patient data. OpenSSH refuses
-such keys; so does every genofed command that hands one to Flower or opens a vault with it
-(``genofed supernode``, the SuperLink launcher of :mod:`simulations.superlink`), with one line
-naming the file and the fix.
+such keys; so does every genofed command that hands one to Flower (``genofed supernode``, the
+SuperLink launcher of :mod:`simulations.superlink`) or opens a vault with one
+(:meth:`client.vault.KeySource.from_key_file` and ``from_passphrase_file``: every ``vault``,
+``ledger``, ``predict`` and ``evaluate`` command), with one line naming the file and the fix.
 """
 
 from __future__ import annotations

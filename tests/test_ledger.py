@@ -425,6 +425,7 @@ def test_cli_show_and_set_budget(vault: Vault, key_file: Path, capsys: pytest.Ca
 
 def test_cli_takes_a_passphrase_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "pw").write_text("a long passphrase\n")
+    (tmp_path / "pw").chmod(0o600)
     Vault.create(tmp_path / "v", KeySource.from_passphrase_file(tmp_path / "pw"), {})
     assert cli("ledger", "set-budget", tmp_path / "v", "--passphrase-file", tmp_path / "pw", "--epsilon", "2",
                "--site", "hospital-a") == 0

@@ -215,8 +215,34 @@ def test_keygen_needs_an_existing_folder(tmp_path: Path) -> None:
 
 def test_wrong_key_size(tmp_path: Path) -> None:
     (tmp_path / "short.key").write_bytes(b"x" * 31)
+    (tmp_path / "short.key").chmod(0o600)
     assert_fails(r"short\.key: key file is 31 bytes, expected 32; pass the file written by `genofed keygen`",
                  lambda: KeySource.from_key_file(tmp_path / "short.key"), unchanged=tmp_path)
+
+
+def test_a_key_or_passphrase_file_others_can_read_is_refused_before_it_is_read(tmp_path: Path,
+                                                                              capsys: pytest.CaptureFixture) -> None:
+    from common.keyfiles import KeyFilePermissionError
+
+    key = generate_key_file(tmp_path / "key")
+    Vault.create(tmp_path / "v", KeySource.from_key_file(key), {})
+    key.chmod(0o644)
+    before = tree(tmp_path / "v")
+    with pytest.raises(KeyFilePermissionError, match=r"key: vault key file is accessible by other users \(mode "
+                                                     r"0644\); refusing to use it: run `chmod 600 .*key`"):
+        KeySource.from_key_file(key)
+    from simulations.cli import main as genofed
+
+    assert genofed(["vault", "inspect", str(tmp_path / "v"), "--key-file", str(key)]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "vault key file is accessible by other users" in err and "\n" not in err and "Traceback" not in err
+    (tmp_path / "pw").write_text("a long passphrase\n")
+    (tmp_path / "pw").chmod(0o640)
+    with pytest.raises(KeyFilePermissionError, match=r"pw: vault passphrase file is accessible by other users"):
+        KeySource.from_passphrase_file(tmp_path / "pw")
+    assert tree(tmp_path / "v") == before  # nothing was opened or written
+    key.chmod(0o600)
+    assert Vault.open(tmp_path / "v", KeySource.from_key_file(key)).roles is not None
 
 
 def test_missing_key_file(tmp_path: Path) -> None:
@@ -228,12 +254,14 @@ def test_empty_passphrase_is_refused(tmp_path: Path) -> None:
     with pytest.raises(VaultError, match="passphrase is empty"):
         KeySource.from_passphrase("")
     (tmp_path / "pw").write_text("\n")
+    (tmp_path / "pw").chmod(0o600)
     assert_fails(r"pw: passphrase file is empty", lambda: KeySource.from_passphrase_file(tmp_path / "pw"),
                  unchanged=tmp_path)
 
 
 def test_passphrase_file_ignores_one_trailing_newline(tmp_path: Path) -> None:
     (tmp_path / "pw").write_text("s3cret words\n")
+    (tmp_path / "pw").chmod(0o600)
     Vault.create(tmp_path / "v", KeySource.from_passphrase_file(tmp_path / "pw"), {"a": b"1"})
     assert contents(tmp_path / "v", KeySource.from_passphrase("s3cret words")) == {"a": b"1"}
 
@@ -703,6 +731,7 @@ def test_cli_keygen_verify_inspect_rekey(tmp_path: Path, capsys: pytest.CaptureF
     assert "missing values in clinical (patients without a value, of 6): age 1 (17%), sex 1 (17%)" in table
 
     (tmp_path / "pw").write_text("a long passphrase\n")
+    (tmp_path / "pw").chmod(0o600)
     assert cli("vault", "rekey", tmp_path / "vault", "--key-file", tmp_path / "key",
                "--new-passphrase-file", tmp_path / "pw") == 0
     assert "the old one no longer opens it" in capsys.readouterr().out

@@ -80,6 +80,9 @@ class SitePolicy:
         carries the calibrated noise while at least the threshold of sites contribute; against
         sites that pool their own noise with the coordinator's view, less: docs/security.md);
         ``False`` adds the whole noise whatever the run asks.
+    stack_forest : allow runs whose hybrid stacks the site's forest (fitted without DP, so the
+        hybrid's predictions at the site are then outside the guarantee); ``False`` refuses any run
+        with ``stack-forest = true``.
     """
 
     require_dp: bool = True
@@ -90,6 +93,7 @@ class SitePolicy:
     test_epsilon: float = 1.0
     require_secure_sum: bool = False
     distributed_noise: bool = True
+    stack_forest: bool = True
 
     def __post_init__(self) -> None:
         for name in ("budget_epsilon", "max_run_epsilon", "test_epsilon"):
@@ -102,7 +106,7 @@ class SitePolicy:
         if self.test_statistics not in TEST_STATISTICS:
             raise PolicyError(f"policy test-statistics must be one of {', '.join(TEST_STATISTICS)}, "
                               f"got {self.test_statistics!r}")
-        for name in ("require_dp", "require_secure_sum", "distributed_noise"):
+        for name in ("require_dp", "require_secure_sum", "distributed_noise", "stack_forest"):
             if not isinstance(getattr(self, name), bool):
                 raise PolicyError(f"policy {name.replace('_', '-')} must be yes or no, got {getattr(self, name)!r}")
 
@@ -153,6 +157,10 @@ def check_request(policy: SitePolicy, settings: RunSettings) -> list[str]:
         reasons.append("its policy requires secure sum and the run asks for secure-sum = false (run with "
                        "secure-sum = true, or its privacy officer may allow it with "
                        "`genofed ledger policy --require-secure-sum no`)")
+    if not policy.stack_forest and settings.stack_forest:
+        reasons.append("its policy keeps its forest (fitted without DP) out of the hybrid and the run asks for "
+                       "stack-forest = true (run with stack-forest = false, or its privacy officer may allow it with "
+                       "`genofed ledger policy --stack-forest yes`)")
     reasons += _check_test_statistics(policy, settings)
     return reasons
 
@@ -171,8 +179,8 @@ def _check_test_statistics(policy: SitePolicy, settings: RunSettings) -> list[st
 # Storage (the non-budget part; the budget is the ledger's)
 
 STORED = ("require_dp", "max_run_epsilon", "test_statistics", "test_epsilon", "require_secure_sum",
-          "distributed_noise")
-ADDED_LATER = {"require_secure_sum": False, "distributed_noise": True}
+          "distributed_noise", "stack_forest")
+ADDED_LATER = {"require_secure_sum": False, "distributed_noise": True, "stack_forest": True}
 """Stored keys a policy written before them lacks, with the value such a policy meant."""
 
 
