@@ -27,13 +27,13 @@ def test_simulation_engine_run_completes(tmp_path: Path, capsys: pytest.CaptureF
                  "--set", "local-epochs=1", "--set", "secure-sum=true"]) == 0
     doc = json.loads((out / "metrics.json").read_text())
     assert set(doc["sites"]) == {"site-1", "site-2", "site-3"}
-    # census, moments, CNN round, GLM rounds, meta rounds, the sites' own models alone, validation, explanation,
-    # evaluation; with the secure sum, keys and shares once and one unmask after each summed exchange (moments,
-    # CNN, GLM and meta rounds, explanation)
-    summed = 1 + 1 + doc["glm"]["rounds"] + doc["meta"]["rounds"] + 1
-    assert doc["run"]["exchanges"] == 1 + summed - 1 + 4 + 2 + summed
+    # census, then the summed exchanges (moments, CNN round, GLM rounds, meta rounds, validation, explanation,
+    # evaluation), each followed by its unmask, and the secure sum's keys and shares once; no sites' own models
+    # alone: their figures are per site, which the secure sum hides
+    summed = 1 + 1 + doc["glm"]["rounds"] + doc["meta"]["rounds"] + 3
+    assert doc["run"]["exchanges"] == 1 + summed + summed + 2
     assert sum(r.get("phase") == "secure-unmask" for r in doc["rounds"]) == summed
-    assert set(doc["site_alone"]["sites"]) == {"site-1", "site-2", "site-3"}
+    assert doc["site_alone"] == {} and all("hybrid" not in v for v in doc["sites"].values())
     for p in doc["privacy"].values():  # DP-SGD near its target; the ledger adds the other releases, composed
         assert 0 < p["run_epsilon"] <= 4.0 + 0.02 and p["run_epsilon"] < p["epsilon"] <= 4.0 + 1.0
     assert (out / "report.html").exists() and "run directory" in capsys.readouterr().out

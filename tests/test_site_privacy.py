@@ -323,9 +323,9 @@ def test_policy_command_shows_sets_and_refuses_a_silent_raise(sites: Path, capsy
     vault, key = str(sites / "site-1" / "vault"), str(sites / "site-1" / "key")
     assert main(["ledger", "policy", vault, "--key-file", key]) == 0
     assert "require-dp yes; budget epsilon 10 at delta 1e-05; max-run-epsilon 10; test-statistics noised " \
-           "(test-epsilon 1); require-secure-sum no; distributed-noise yes" in capsys.readouterr().out
+           "(test-epsilon 1); require-secure-sum no; distributed-noise yes; stack-forest yes" in capsys.readouterr().out
     assert main(["ledger", "policy", vault, "--key-file", key, "--require-dp", "no", "--max-run-epsilon", "4",
-                 "--test-statistics", "none", "--require-secure-sum", "yes"]) == 0
+                 "--test-statistics", "none", "--require-secure-sum", "yes", "--stack-forest", "no"]) == 0
     assert "site policy updated: require-dp no" in capsys.readouterr().out
     assert main(["ledger", "policy", vault, "--key-file", key, "--budget", "20"]) == 1
     err = capsys.readouterr().err
@@ -334,7 +334,7 @@ def test_policy_command_shows_sets_and_refuses_a_silent_raise(sites: Path, capsy
     doc = json.loads(capsys.readouterr().out)
     assert doc["policy"] == {"require_dp": False, "budget_epsilon": 20.0, "delta": 1e-5, "max_run_epsilon": 4.0,
                              "test_statistics": "none", "test_epsilon": 1.0, "require_secure_sum": True,
-                             "distributed_noise": True}
+                             "distributed_noise": True, "stack_forest": False}
     assert [h["change"] for h in doc["budget_history"]] == ["created", "raised"]
     assert doc["history"][-1]["change"]["require-dp"] == [True, False]
     with pytest.raises(SystemExit) as stop:  # argparse: one usage line, exit 2
