@@ -36,8 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "demo", help="synthetic cohort -> encrypted site vaults -> federated simulation -> report",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, type=Path, help="run directory to create (must not exist)")
-    p.add_argument("--patients", type=int, default=1200, help="synthetic cohort size (default 1200)")
-    p.add_argument("--sites", type=int, default=3, help="number of hospitals (default 3)")
+    p.add_argument("--patients", type=int, default=4000, help="synthetic cohort size (default 4000)")
+    p.add_argument("--sites", type=int, default=4, help="number of hospitals (default 4)")
     p.add_argument("--rounds", type=int, default=4, help="CNN rounds (default 4)")
     p.add_argument("--epsilon", type=float, default=8.0, help="DP-SGD target epsilon per site (default 8)")
     p.add_argument("--seed", type=int, default=0, help="seed for the cohort, the split and training (default 0)")

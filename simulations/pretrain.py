@@ -27,6 +27,9 @@ class PretrainError(GenofedError):
     """The deep model could not be pretrained (for example the output folder already exists)."""
 
 
+PATIENCE = 10
+"""Early-stopping patience of pretraining (public data, no DP: epochs are cheap)."""
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``genofed pretrain``."""
     from simulations.evaluate_cli import add_cohort_source
@@ -38,6 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=60, help="epochs at most; early stopping on validation (default 60)")
     p.add_argument("--batch-size", type=int, default=128, help="batch size (default 128)")
     p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (default 2e-3)")
+    p.add_argument("--patience", type=int, default=PATIENCE,
+                   help=f"stop after this many epochs without a lower validation loss (default {PATIENCE})")
     p.add_argument("--seed", type=int, default=0, help="seed of the start and the batches (default 0)")
     p.add_argument("--arch", choices=("cnn", "lstm"), default="cnn", help="deep model towers (default cnn)")
     p.set_defaults(func=_command)
@@ -48,7 +53,7 @@ def _command(args: argparse.Namespace) -> int:
 
     cohort, source = load_input_cohort(args)
     summary = pretrain(cohort, out=args.out, source=source, epochs=args.epochs, batch_size=args.batch_size,
-                       lr=args.lr, seed=args.seed, arch=args.arch)
+                       lr=args.lr, seed=args.seed, arch=args.arch, patience=args.patience)
     print(f"pretrained on {source}: validation AUC {summary['validation_auc']:.3f} after {summary['best_epoch']} "
           f"epoch(s) of {summary['epochs_run']}, no DP (public data only)")
     print(f"checkpoint: {summary['checkpoint']}  (genofed simulate --init-from {args.out})")
@@ -56,8 +61,12 @@ def _command(args: argparse.Namespace) -> int:
 
 
 def pretrain(cohort: Any, *, out: Path, source: str, epochs: int, batch_size: int, lr: float, seed: int,
-             arch: str = "cnn") -> dict[str, Any]:
+             arch: str = "cnn", patience: int = PATIENCE) -> dict[str, Any]:
     """Train the deep model on ``cohort`` without DP; write ``out/checkpoints/`` and ``out/pretrain.json``.
+
+    ``patience``: epochs without a lower validation loss before stopping. A convolutional model
+    often sits on a loss plateau for several epochs before it finds a motif, so the pooled
+    training default of 3 can stop it at chance (measured in docs/learning.md).
 
     Returns
     -------
@@ -84,7 +93,9 @@ def pretrain(cohort: Any, *, out: Path, source: str, epochs: int, batch_size: in
     # A dense-only model is fed shared-scaled inputs; here the public cohort's own exact scaling
     # (the GLM's column choice, which the cap sets, plays no part in the deep model).
     scaler = fit_shared_scaler(data, max_glm_columns=1) if cfg.n_tabular else None
-    train = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+    if patience < 1:
+        raise PretrainError(f"--patience must be at least 1, got {patience}")
+    train = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, patience=patience)
     with progress_bar() as bar:
         task = bar.add_task("pretraining the deep model (no DP: public data)", total=epochs)
         model, result = train_deep(data, cfg=cfg, train=train, dp=None, seed=seed, scaler=scaler,
