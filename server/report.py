@@ -285,11 +285,14 @@ def _test_statistics_note(settings: RunSettings, evaluation: dict[str, Any]) -> 
     out: dict[str, Any] = {"mode": settings.test_statistics, "noise_std_per_site": max(stds) if stds else 0.0,
                            "bins": _bins(evaluation)}
     if settings.test_statistics == "noised" and stds and max(stds) > 0:
+        # Plain: each site's release is made whole counts on its own. Secure sum: the coordinator
+        # makes the sum whole once, as if one site had released it with all the sites' noise.
+        std, n_sites = (math.sqrt(sum(x * x for x in stds)), 1) if settings.secure_sum else (max(stds), len(stds))
         out["pooled_metric_error_sd"] = {
-            name: noise_error(st, noise_std_per_site=max(stds), n_sites=len(stds), draws=100, seed=settings.seed)
+            name: noise_error(st, noise_std_per_site=std, n_sites=n_sites, draws=100, seed=settings.seed)
             for name, st in evaluation["pooled"].items()}
         out["pooled_metric_bias"] = {
-            name: noise_bias(st, noise_std_per_site=max(stds), n_sites=len(stds), draws=100, seed=settings.seed)
+            name: noise_bias(st, noise_std_per_site=std, n_sites=n_sites, draws=100, seed=settings.seed)
             for name, st in evaluation["pooled"].items()}
     return out
 

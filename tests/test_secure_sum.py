@@ -235,6 +235,9 @@ def test_distributed_noise_adds_a_share_and_charges_the_same_epsilon(sites_templ
     tests = sum(np.asarray(c["test-class-counts"]) for c in load_latest(tmp_path / "run-True").state["census"].values())
     for name, m in docs[True]["models"].items():
         assert m["n"] == int(tests.sum()) and 0.0 <= m["auc"] <= 1.0, name
+    # the report's noise error is the sum's: all the sites' noise, made whole counts once
+    errors = {s: docs[s]["test_statistics"]["pooled_metric_error_sd"]["hybrid"]["auc"] for s in (False, True)}
+    assert 0.0 < errors[True] < 0.5 and 0.0 < errors[False] < 0.5, errors
     for site, plain in docs[False]["privacy"].items():
         assert docs[True]["privacy"][site]["epsilon"] == pytest.approx(plain["epsilon"]), site
 
