@@ -37,7 +37,8 @@ def summed_record(message_type: str) -> str | None:
 
 
 def summands(message_type: str, arrays: Mapping[str, np.ndarray], metrics: Mapping[str, Any]) -> dict[str, np.ndarray]:
-    """The float64 arrays a site adds to the sum for its reply (integer arrays stay out)."""
+    """The float64 arrays a site adds to the sum for its reply (integer arrays stay out unless the
+    message type is :data:`COUNTED`)."""
     weight = float(metrics[WEIGHTED[message_type]]) if message_type in WEIGHTED else 1.0
     counted = message_type in COUNTED
     out = {k: np.asarray(v, dtype=np.float64) * weight for k, v in arrays.items()

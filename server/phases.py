@@ -748,8 +748,7 @@ def _stacking_fallback(state: RunState, pooled: dict[str, Any], n_classes: int, 
 
     The candidates are the fitted stack and the reduced stacks (the stack without each base
     model, :data:`common.stack.REDUCED_STACKS`). Unless the best of them beats the best base model
-    of ``candidates``
-    by more than ``margin_se`` times that model's AUC standard error (``meta-fallback-margin``),
+    of ``candidates`` by more than ``margin_se`` times that model's AUC standard error (``meta-fallback-margin``),
     the hybrid becomes that base model; otherwise it becomes the best stack. ``state.meta_coef`` is
     set to what was chosen.
 
@@ -878,7 +877,7 @@ def _secure_statistics(grid: Grid, settings: RunSettings, state: RunState, log: 
     whole = {}
     for key, value in sums.items():
         part = key.partition(".")[2]
-        if part in totals and not key.startswith("paired."):
+        if part in totals:  # a model's histograms (a pair's counts have no known total)
             flat = np.asarray(value, dtype=np.float64).reshape(-1, np.shape(value)[-1])
             row_totals = np.broadcast_to(np.asarray(totals[part], dtype=np.int64), (flat.shape[0],))
             whole[key] = project_rows_to_totals(flat, totals=row_totals).reshape(np.shape(value))

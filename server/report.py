@@ -193,15 +193,14 @@ def _model_roles(state: RunState, settings: RunSettings) -> dict[str, str]:
         roles["cnn"] = ("federated deep model: a dense network on the shared tabular features (the cohort has no "
                         f"sequence tracks), FedAvg of the sites' {updates}")
     chosen = state.meta_fallback.get("model")
-    if not settings.stack_forest and chosen in ("", None):
-        roles["hybrid"] = ("federated stacking meta-classifier over the deep model and the GLM (stack-forest = false: "
-                           "the site forest, fitted without DP, is not stacked)")
-    elif not settings.stack_forest and chosen in REDUCED_STACKS:
-        roles["hybrid"] = (f"federated stacking meta-classifier over the deep model and the GLM but the "
-                           f"{REDUCED_STACKS[chosen]} (stack-forest = false; the stack without it won on validation)")
+    over = "the base models below" if settings.stack_forest else "the deep model and the GLM"
+    if not settings.stack_forest and not chosen:
+        roles["hybrid"] = (f"federated stacking meta-classifier over {over} (stack-forest = false: the site forest, "
+                           "fitted without DP, is not stacked)")
     elif chosen in REDUCED_STACKS:
-        roles["hybrid"] = (f"federated stacking meta-classifier over the base models below but the "
-                           f"{REDUCED_STACKS[chosen]} (its weight set to zero: the stack without it won on validation)")
+        roles["hybrid"] = (f"federated stacking meta-classifier over {over} but the {REDUCED_STACKS[chosen]} (its "
+                           "weight set to zero: the stack without it won on validation"
+                           + ("" if settings.stack_forest else "; stack-forest = false") + ")")
     elif chosen:
         roles["hybrid"] = f"the {chosen} below (stacking fallback: no stack beat it on validation)"
     return roles
@@ -344,11 +343,7 @@ def render_markdown(doc: dict[str, Any], *, explanation: dict[str, Any] | None =
     per_site = ("Per site (test class counts; no site's own AUC: the test statistics reached the coordinator only "
                 "summed, secure-sum = true): " if doc.get("secure_sum") else
                 "Per site (test AUC, from each site's released statistics; test class counts): ")
-    lines += ["", per_site + "; ".join(
-        f"{site} ({_counts(m.get('class_counts'), doc['run']['classes'])})"
-        + "".join(f"{', ' if i else ': '}{mod} {_fmt(v.get('auc'))}"
-                  for i, (mod, v) in enumerate((mod, v) for mod, v in m.items() if isinstance(v, dict)))
-        for site, m in doc["sites"].items())]
+    lines += ["", per_site + "; ".join(_site_line(site, m, doc["run"]["classes"]) for site, m in doc["sites"].items())]
     if warm_start_note(doc):
         lines += ["", warm_start_note(doc)]
     lines += _site_alone_lines(doc)
@@ -435,6 +430,12 @@ def alone_missing_note(sa: dict[str, Any]) -> str:
     """The sites left out of the site-alone comparison because they have no models alone, and why."""
     return " ".join(f"Site {site} has no models alone ({why}) and is left out of this comparison."
                     for site, why in sa.get("without_models_alone", {}).items())
+
+
+def _site_line(site: str, m: dict[str, Any], classes: list[str]) -> str:
+    """One site's test class counts and, where it released its own statistics, each model's AUC."""
+    aucs = ", ".join(f"{mod} {_fmt(v.get('auc'))}" for mod, v in m.items() if isinstance(v, dict))
+    return f"{site} ({_counts(m.get('class_counts'), classes)})" + (f": {aucs}" if aucs else "")
 
 
 def _site_alone_lines(doc: dict[str, Any]) -> list[str]:

@@ -30,6 +30,7 @@ class PretrainError(GenofedError):
 PATIENCE = 10
 """Early-stopping patience of pretraining (public data, no DP: epochs are cheap)."""
 
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``genofed pretrain``."""
     from simulations.evaluate_cli import add_cohort_source
