@@ -4,6 +4,11 @@ Flower's ``Grid.send_and_receive`` sleeps 3 s between polls in deployment; pushi
 pulling every 0.1 s with the public ``push_messages`` / ``pull_messages`` returns as soon as the
 last reply lands. Every exchange has a timeout; a site whose reply is missing when it expires,
 or that sent an error reply, is named with the reason, and the run goes on with the others.
+
+One pull can outlast the timeout: when a site dies while uploading its reply, Flower's grid retries
+that reply's missing objects until the SuperLink's object-push session expires (180 s in Flower
+1.42), and the other sites' replies wait behind it. So the loop always pulls once more after the
+deadline before it names a site silent (:func:`_pull_until`).
 """
 
 from __future__ import annotations
@@ -148,15 +153,30 @@ class PollingGrid(Grid):
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         """Push, then pull every ``POLL_S`` until every reply is in or ``timeout`` seconds pass."""
         pending = set(self._grid.push_messages(messages))
-        end = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
-        while pending and (end is None or time.monotonic() < end):
-            for reply in self._grid.pull_messages(list(pending)):
-                pending.discard(reply.metadata.reply_to_message_id)
-                replies.append(reply)
-            if pending:
-                time.sleep(POLL_S)
+
+        def take(reply: Message) -> None:
+            pending.discard(reply.metadata.reply_to_message_id)
+            replies.append(reply)
+
+        _pull_until(self._grid, pending, take, start=time.monotonic(), timeout=timeout)
         return replies
+
+
+def _pull_until(grid: Grid, pending: set[str], take: Callable[[Message], None], *, start: float,
+                timeout: float | None) -> None:
+    """Pull the ``pending`` message ids' replies every ``POLL_S`` until none is pending or time is up.
+
+    ``take`` handles each reply and removes its id from ``pending``. The last pull always begins
+    after the deadline, so replies that landed while an earlier pull was blocked are not lost.
+    """
+    while pending:
+        overdue = timeout is not None and time.monotonic() - start >= timeout
+        for reply in grid.pull_messages(list(pending)):
+            take(reply)
+        if overdue or not pending:
+            return
+        time.sleep(POLL_S)
 
 
 def exchange(grid: Grid, nodes: Iterable[int], content_for: Callable[[int], RecordDict], *, message_type: str,
@@ -175,24 +195,24 @@ def exchange(grid: Grid, nodes: Iterable[int], content_for: Callable[[int], Reco
         messages.append(Message(content, dst_node_id=node, message_type=message_type, group_id=group_id))
     for msg, mid in zip(messages, grid.push_messages(messages)):
         sent[mid] = msg.metadata.dst_node_id
-    start = time.monotonic()  # the timeout counts from the moment every message is out
     pending = set(sent)
-    while pending and time.monotonic() - start < timeout:
-        for reply in grid.pull_messages(list(pending)):
-            mid = reply.metadata.reply_to_message_id
-            if mid not in pending:
-                continue
-            pending.discard(mid)
-            node = sent[mid]  # error replies from the SuperLink carry node id 1: map by message id
-            if reply.has_error():
-                result.failures[node] = f"error code {reply.error.code}: {short_reason(reply.error.reason)}"
-            elif problem := _unreadable_arrays(reply.content):
-                result.failures[node] = problem
-            else:
-                result.replies[node] = reply
-                result.bytes_received[node] = payload_bytes(reply.content)
-        if pending:
-            time.sleep(POLL_S)
+
+    def take(reply: Message) -> None:
+        mid = reply.metadata.reply_to_message_id
+        if mid not in pending:
+            return
+        pending.discard(mid)
+        node = sent[mid]  # error replies from the SuperLink carry node id 1: map by message id
+        if reply.has_error():
+            result.failures[node] = f"error code {reply.error.code}: {short_reason(reply.error.reason)}"
+        elif problem := _unreadable_arrays(reply.content):
+            result.failures[node] = problem
+        else:
+            result.replies[node] = reply
+            result.bytes_received[node] = payload_bytes(reply.content)
+
+    # The timeout counts from the moment every message is out.
+    _pull_until(grid, pending, take, start=time.monotonic(), timeout=timeout)
     for mid in pending:
         result.failures[sent[mid]] = f"no reply within {timeout:.0f} s"
     result.seconds = time.monotonic() - t0

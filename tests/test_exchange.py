@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from common.records import PACKED, RecordError, from_record, to_record
-from server.exchange import ExchangeResult, payload_bytes
+from server.exchange import ExchangeResult, exchange, payload_bytes
 
 
 def _deflated_npz() -> bytes:
@@ -60,3 +61,46 @@ def test_a_record_is_one_buffer_that_keeps_names_dtypes_and_shapes() -> None:
 def test_a_record_that_does_not_unpack_is_one_clear_error(record: ArrayRecord) -> None:
     with pytest.raises(RecordError, match="array record"):
         from_record(record)
+
+
+class _StalledGrid:
+    """Site 3 died mid-upload: the first pull blocks past the deadline (Flower retrying its objects),
+    then returns its error; sites 1 and 2 replied while that pull was blocked."""
+
+    def __init__(self, stall_s: float) -> None:
+        self.stall_s, self.pulls, self.ids = stall_s, 0, {}
+
+    def push_messages(self, messages):
+        self.ids = {f"m{msg.metadata.dst_node_id}": msg.metadata.dst_node_id for msg in messages}
+        return list(self.ids)
+
+    def pull_messages(self, message_ids):
+        self.pulls += 1
+        if self.pulls == 1:
+            time.sleep(self.stall_s)
+            return [_stub_reply("m3", error=True)] if "m3" in message_ids else []
+        return [_stub_reply(mid) for mid in message_ids if mid != "m3"]
+
+
+def _stub_reply(mid: str, *, error: bool = False) -> SimpleNamespace:
+    return SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=mid), content=RecordDict(),
+                           has_error=lambda: error, error=SimpleNamespace(code=3, reason="object-push session expired"))
+
+
+def test_replies_that_land_during_a_pull_blocked_past_the_deadline_are_kept() -> None:
+    import tests.local_grid  # noqa: F401 - sets the TaskIdentity a bare Message needs
+
+    grid = _StalledGrid(stall_s=0.5)
+    result = exchange(grid, [1, 2, 3], lambda node: RecordDict(), message_type="query", group_id="g", timeout=0.2)
+    assert set(result.replies) == {1, 2}
+    assert set(result.failures) == {3} and "session expired" in result.failures[3]
+    assert grid.pulls == 2
+
+
+def test_a_site_still_silent_after_the_last_pull_is_named() -> None:
+    import tests.local_grid  # noqa: F401 - sets the TaskIdentity a bare Message needs
+
+    grid = _StalledGrid(stall_s=0.0)
+    grid.pull_messages = lambda ids: []  # nobody ever replies
+    result = exchange(grid, [1, 2], lambda node: RecordDict(), message_type="query", group_id="g", timeout=0.3)
+    assert result.replies == {} and result.failures == {1: "no reply within 0 s", 2: "no reply within 0 s"}  # 0.3 s, rounded
