@@ -225,3 +225,9 @@ def test_the_fedavg_gap_benchmark_scores_every_round_of_every_variant(tmp_path) 
     dealt = _iid_sites(pooled, sizes, seed=3)
     assert [int(s.masks["train"].sum()) for s in dealt] == sizes
     assert np.array_equal(np.sum([s.masks["train"] for s in dealt], axis=0), pooled.masks["train"])
+    # A server step of 0 never moves the global model; 1 without momentum is plain FedAvg.
+    frozen = run(sites_dir=tmp_path / "sites", rounds=2, local_epochs=1, variants=["fedavg"], server_lr=0.0)
+    assert frozen["curves"]["fedavg"][0] == {**frozen["curves"]["fedavg"][1], "round": 1}
+    plain = run(sites_dir=tmp_path / "sites", rounds=2, local_epochs=1, variants=["fedavg"], server_lr=1.0,
+                server_momentum=0.0)
+    assert plain["curves"]["fedavg"] == result["curves"]["fedavg"]

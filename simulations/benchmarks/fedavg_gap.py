@@ -76,8 +76,13 @@ def _scores(model: Any, pooled: Any, scaler: Any) -> dict[str, float]:
     return out
 
 
-def _fedavg(sites: list[Any], pooled: Any, *, cfg: Any, scaler: Any, rounds: int, train: Any) -> list[dict]:
-    """FedAvg by train counts, each site's optimizer started afresh every round."""
+def _fedavg(sites: list[Any], pooled: Any, *, cfg: Any, scaler: Any, rounds: int, train: Any,
+            server_lr: float = 1.0, server_momentum: float = 0.0) -> list[dict]:
+    """FedAvg by train counts, each site's optimizer started afresh every round.
+
+    With ``server_lr`` 1 and ``server_momentum`` 0 the new global model is the average; otherwise
+    the average's step from the global model is taken as a pseudo-gradient (FedAvgM).
+    """
     import torch
 
     from client.dp_training import train_deep_model
@@ -86,6 +91,7 @@ def _fedavg(sites: list[Any], pooled: Any, *, cfg: Any, scaler: Any, rounds: int
     from server.aggregation import weighted_mean
 
     glob = build_model(cfg, seed=0)
+    velocity: dict[str, np.ndarray] = {}
     curve = []
     for rnd in range(1, rounds + 1):
         updates = []
@@ -95,7 +101,12 @@ def _fedavg(sites: list[Any], pooled: Any, *, cfg: Any, scaler: Any, rounds: int
             train_deep_model(local, deep_data(site, "train", cfg, scaler),
                              config=dataclasses.replace(train, seed=1000 * rnd + i))
             updates.append(({k: v.numpy() for k, v in local.state_dict().items()}, int(site.masks["train"].sum())))
-        glob.load_state_dict({k: torch.as_tensor(v) for k, v in weighted_mean(updates).items()})  # the run's FedAvg
+        mean = weighted_mean(updates)  # the run's FedAvg
+        old = {k: v.numpy() for k, v in glob.state_dict().items()}
+        for k in mean:
+            velocity[k] = server_momentum * velocity.get(k, 0.0) + (mean[k] - old[k])
+            mean[k] = (old[k] + server_lr * velocity[k]).astype(old[k].dtype)
+        glob.load_state_dict({k: torch.as_tensor(v) for k, v in mean.items()})
         curve.append({"round": rnd, **_scores(glob, pooled, scaler)})
     return curve
 
@@ -119,7 +130,8 @@ def _pooled(pooled: Any, *, cfg: Any, scaler: Any, rounds: int, train: Any) -> l
 
 
 def run(*, sites_dir: Path, rounds: int, local_epochs: int, variants: list[str], batch_size: int | None = None,
-        lr: float | None = None, seed: int = 0) -> dict[str, Any]:
+        lr: float | None = None, seed: int = 0, server_lr: float = 1.0,
+        server_momentum: float = 0.0) -> dict[str, Any]:
     from client.dp_training import TrainConfig
     from client.pipeline import deep_config, fit_shared_scaler
     from common.settings import RunSettings
@@ -138,10 +150,12 @@ def run(*, sites_dir: Path, rounds: int, local_epochs: int, variants: list[str],
             continue
         members = {"one-site-rounds": [pooled], "fedavg": sites,
                    "fedavg-iid": _iid_sites(pooled, sizes, seed)}[name]
-        curves[name] = _fedavg(members, pooled, cfg=cfg, scaler=scaler, rounds=rounds, train=train)
+        curves[name] = _fedavg(members, pooled, cfg=cfg, scaler=scaler, rounds=rounds, train=train,
+                               server_lr=server_lr, server_momentum=server_momentum)
     best = {name: max(c, key=lambda r: r["validation"]) for name, c in curves.items()}
     return {"sites_dir": str(sites_dir), "site_train_records": sizes, "rounds": rounds, "local_epochs": local_epochs,
-            "batch_size": train.batch_size, "lr": train.lr,
+            "batch_size": train.batch_size, "lr": train.lr, "server_lr": server_lr,
+            "server_momentum": server_momentum,
             "final": {name: c[-1] for name, c in curves.items()},
             "best_by_validation": best, "curves": curves}
 
@@ -160,10 +174,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, help="default: the run's batch-size")
     parser.add_argument("--lr", type=float, help="default: the run's lr")
     parser.add_argument("--seed", type=int, default=0, help="how fedavg-iid deals the records")
+    parser.add_argument("--server-lr", type=float, default=1.0,
+                        help="step along the averaged update (1: plain FedAvg)")
+    parser.add_argument("--server-momentum", type=float, default=0.0,
+                        help="server momentum on the averaged update (0: plain FedAvg)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     emit(run(sites_dir=args.sites_dir, rounds=args.rounds, local_epochs=args.local_epochs, variants=args.variants,
-             batch_size=args.batch_size, lr=args.lr, seed=args.seed), args.json)
+             batch_size=args.batch_size, lr=args.lr, seed=args.seed, server_lr=args.server_lr,
+             server_momentum=args.server_momentum), args.json)
 
 
 if __name__ == "__main__":
