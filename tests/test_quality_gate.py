@@ -1,11 +1,12 @@
-"""The federation's quality gate on real data: federated equals pooled, within 0.01 AUC.
+"""The federation's quality gate on real data: federated against pooled, on splice and METABRIC.
 
 On the splice recipe (3 sites of ../shared/data/splice, whole locus groups per site), the hybrid's
 pooled test AUC from ``genofed simulate --no-dp`` (Flower's Simulation Engine) must be within 0.01
 of ``genofed evaluate --sites-dir --no-dp`` (every model trained once on the union of the sites),
-on the same data and splits. Measured when written: 0.9947 pooled, 0.9929 federated. Where each
-site's forest is weaker than a pooled one (small synthetic sites) the gate does not hold by
-design, since forests never leave their site: docs/federation.md ("Measured").
+on the same data and splits (measured when written: 0.9947 pooled, 0.9929 federated); at epsilon 8,
+within 0.03 of the pooled reference with site forests. Where each site's forest is weaker than a
+pooled one (small synthetic sites) the first gate does not hold by design, since forests never
+leave their site: docs/federation.md ("Measured").
 
 On the METABRIC recipe (5 centres, tabular: the deep model is a dense network), against the pooled
 reference with per-site forests (what a federation can reach when forests never leave their sites):
@@ -33,16 +34,22 @@ pytestmark = [pytest.mark.realdata, pytest.mark.slow, pytest.mark.timeout(900),
               pytest.mark.skipif(not DATA.is_dir(), reason=f"shared data folder {DATA} not present")]
 
 
-def test_federated_hybrid_matches_pooled_on_splice(tmp_path: Path) -> None:
+def _recipe_with_pooled_reference(tmp_path: Path, recipe: str) -> tuple[Path, dict]:
+    """The recipe's layout, each site allowing the non-private reference, and its pooled ``metrics.json``."""
     sites = tmp_path / "sites"
-    assert main(["cohort", "recipe", "splice", "--data", str(DATA), "--out", str(sites), "--vaults"]) == 0
+    assert main(["cohort", "recipe", recipe, "--data", str(DATA), "--out", str(sites), "--vaults"]) == 0
     # The non-private reference: every site's officer allows it, and exact test statistics.
     set_layout_policy(sites, require_dp=False, test_statistics="exact")
     assert main(["evaluate", "--sites-dir", str(sites), "--no-dp", "--out", str(tmp_path / "pooled"),
                  "--bootstrap", "1"]) == 0
+    return sites, json.loads((tmp_path / "pooled" / "metrics.json").read_text())
+
+
+def test_federated_hybrid_matches_pooled_on_splice(tmp_path: Path) -> None:
+    sites, reference = _recipe_with_pooled_reference(tmp_path, "splice")
+    pooled = reference["models"]
     assert main(["simulate", "--sites-dir", str(sites), "--no-dp", "--rounds", "10", "--local-epochs", "2",
                  "--set", 'test-statistics="exact"', "--set", "site-alone=false", "--out", str(tmp_path / "fed")]) == 0
-    pooled = json.loads((tmp_path / "pooled" / "metrics.json").read_text())["models"]
     fed = json.loads((tmp_path / "fed" / "metrics.json").read_text())["models"]
     assert fed["hybrid"]["auc"] == pytest.approx(pooled["hybrid"]["auc"], abs=0.01)
     assert fed["cnn"]["auc"] == pytest.approx(pooled["cnn"]["auc"], abs=0.01)  # FedAvg reaches the pooled CNN
@@ -54,17 +61,19 @@ def test_federated_hybrid_matches_pooled_on_splice(tmp_path: Path) -> None:
     donor = [m for m in motifs if m["output"] == "EI"]
     assert "GT" in donor[0]["kmer"] and donor[0]["kmer"] in at_boundary["EI"], donor[:3]
     assert any("AG" in k for k in at_boundary["IE"]), at_boundary["IE"]
+    # At epsilon 8 the hybrid stays within 0.03 of the pooled reference with site forests (measured
+    # -0.007 and -0.004) and at its best federated base model.
+    assert main(["simulate", "--sites-dir", str(sites), "--epsilon", "8", "--set", 'test-statistics="exact"',
+                 "--set", "site-alone=false", "--out", str(tmp_path / "dp")]) == 0
+    dp = json.loads((tmp_path / "dp" / "metrics.json").read_text())["models"]
+    assert dp["hybrid"]["auc"] == pytest.approx(reference["reference_site_forests"]["hybrid"]["auc"], abs=0.03)
+    assert dp["hybrid"]["auc"] >= max(dp[m]["auc"] for m in ("cnn", "forest", "logreg")) - 0.005
 
 
 def test_federated_metabric_reaches_the_site_forest_reference(tmp_path: Path) -> None:
-    sites = tmp_path / "sites"
-    assert main(["cohort", "recipe", "metabric", "--data", str(DATA), "--out", str(sites), "--vaults"]) == 0
-    set_layout_policy(sites, require_dp=False, test_statistics="exact")
-    assert main(["evaluate", "--sites-dir", str(sites), "--no-dp", "--out", str(tmp_path / "pooled"),
-                 "--bootstrap", "1"]) == 0
+    sites, pooled = _recipe_with_pooled_reference(tmp_path, "metabric")
     assert main(["simulate", "--sites-dir", str(sites), "--no-dp", "--set", 'test-statistics="exact"',
                  "--out", str(tmp_path / "fed")]) == 0
-    pooled = json.loads((tmp_path / "pooled" / "metrics.json").read_text())
     fed = json.loads((tmp_path / "fed" / "metrics.json").read_text())
     auc = {name: m["auc"] for name, m in fed["models"].items()}
     # The GLM has no randomness: federated Newton steps on summed statistics reach the pooled fit, and
