@@ -23,7 +23,7 @@ given. Nothing is charged to the ledgers.
 Usage::
 
     python -m simulations.benchmarks.fedavg_gap SITES_DIR [--rounds 10] [--local-epochs 2]
-        [--variants pooled fedavg ...] [--json OUT]
+        [--variants pooled fedavg ...] [--server-lr S] [--server-momentum M] [--json OUT]
 """
 
 from __future__ import annotations
