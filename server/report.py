@@ -339,6 +339,8 @@ def render_markdown(doc: dict[str, Any], *, explanation: dict[str, Any] | None =
                          "iterate.")
     if fallback_note(doc):
         lines.append("Note: " + fallback_note(doc))
+    if unresolved_note(doc):
+        lines.append("Note: " + unresolved_note(doc))
     lines += paired_lines(doc)
     per_site = ("Per site (test class counts; no site's own AUC: the test statistics reached the coordinator only "
                 "summed, secure-sum = true): " if doc.get("secure_sum") else
@@ -415,6 +417,30 @@ def warm_start_note(doc: dict[str, Any]) -> str:
 def fallback_note(doc: dict[str, Any]) -> str:
     """The stacking fallback of a run's ``metrics.json`` in words ("" when the stack kept its fit)."""
     return fallback_words((doc.get("meta") or {}).get("fallback") or {})
+
+
+#: A model whose AUC the released bins leave this uncertain is named in the report: its figure is
+#: then the bins' tie count, not its ranking (one class's scores all in one or two bins).
+UNRESOLVED_AUC_BOUND = 0.05
+
+
+def unresolved_note(doc: dict[str, Any]) -> str:
+    """The models whose test AUC the binned statistics cannot resolve, in words ("" when none).
+
+    A model whose predicted probabilities barely vary (an under-confident deep model: every
+    patient near the class shares) puts most test patients into one bin of the public grid; its
+    AUC is then only known to within ``auc_bound``, and the point figure (ties counted half) is
+    near 0.5 whatever the model's ranking.
+    """
+    loose = {name: m for name, m in doc.get("models", {}).items()
+             if float(m.get("auc_bound", 0.0)) >= UNRESOLVED_AUC_BOUND}
+    if not loose:
+        return ""
+    parts = [f"{name} {_fmt(m['auc'])}, anywhere in [{_fmt(max(m['auc'] - m['auc_bound'], 0.0))}, "
+             f"{_fmt(min(m['auc'] + m['auc_bound'], 1.0))}]" for name, m in loose.items()]
+    return ("the test statistics' bins do not resolve the AUC of " + "; ".join(parts) + ": most of its test "
+            "patients share a bin (its predicted probabilities barely vary), so the figure counts ties as half and "
+            "its interval leaves out the binning; the model may rank patients better than it shows.")
 
 
 def best_alone_rule(sa: dict[str, Any]) -> str:

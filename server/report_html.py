@@ -22,7 +22,15 @@ import numpy as np
 from common.files import write_text_atomic
 from common.metrics import METRIC_NAMES, EvalStats, calibration_points, pr_points, roc_points
 from server.phases import MODELS
-from server.report import CHARGED_PHASES, alone_missing_note, paired_rows, best_alone_rule, fallback_note, warm_start_note
+from server.report import (
+    CHARGED_PHASES,
+    alone_missing_note,
+    best_alone_rule,
+    fallback_note,
+    paired_rows,
+    unresolved_note,
+    warm_start_note,
+)
 
 
 POOLED_STATS = "pooled_stats.npz"
@@ -249,6 +257,8 @@ def _roles_and_decisions(doc: dict[str, Any]) -> str:
                     for fit in ("glm", "meta") if doc.get(fit) and not doc[fit].get("converged", True))
     if fallback_note(doc):
         notes += f"<li>{html.escape(fallback_note(doc)[0].upper() + fallback_note(doc)[1:])}</li>"
+    if unresolved_note(doc):
+        notes += f"<li>{html.escape(unresolved_note(doc)[0].upper() + unresolved_note(doc)[1:])}</li>"
     return f"<ul>{roles}{notes}</ul><p><small>{decisions}</small></p>"
 
 

@@ -360,3 +360,31 @@ def test_projection_shrinks_the_pooled_noise_bias() -> None:
     assert clipped["auc"] < -0.15 and clipped["accuracy"] < -0.1, report
     assert abs(projected["auc"]) < 0.95 * abs(clipped["auc"]), report
     assert abs(projected["accuracy"]) < 0.85 * abs(clipped["accuracy"]), report
+
+
+def test_a_model_whose_scores_share_one_released_bin_is_named_unresolved_in_the_report() -> None:
+    """An under-confident model (probabilities within 0.002 of the class shares) ranks patients
+    well, but at the released 32 bins its AUC reads about 0.5: the report must say that the bins
+    do not resolve it, with an interval that holds its true AUC; a spread-out model is not named."""
+    from sklearn.metrics import roc_auc_score
+
+    from common.metrics import coarsen_stats, compute_stats, metrics_from_stats
+    from server.report import unresolved_note
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 400)
+    score = y + rng.normal(0.0, 1.0, 400)
+    flat = 0.4 + 0.001 * score  # ranks as `score` does, all within 0.01
+    spread = 1.0 / (1.0 + np.exp(-2.0 * score))
+    true_auc = roc_auc_score(y, score)
+    models = {}
+    for name, p in (("cnn", flat), ("forest", spread)):
+        stats = coarsen_stats(compute_stats(y, np.column_stack([1 - p, p]), n_classes=2), n_bins=32)
+        m = metrics_from_stats(stats)
+        models[name] = {**m, "ci": {k: [m[k], m[k]] for k in m}}
+    assert models["cnn"]["auc_bound"] >= 0.05 > models["forest"]["auc_bound"]
+    assert abs(models["cnn"]["auc"] - 0.5) < 0.05 < true_auc - 0.5
+    note = unresolved_note({"models": models})
+    low, high = (float(v) for v in note.split("anywhere in [")[1].split("]")[0].split(", "))
+    assert "cnn" in note and "forest" not in note and low <= true_auc <= high
+    assert unresolved_note({"models": {"forest": models["forest"]}}) == ""
