@@ -43,7 +43,7 @@ def _site_metrics(site: dict[str, Any], census: dict[str, Any]) -> dict[str, Any
     out: dict[str, Any] = {"n": site["n"], "class_counts": _test_class_counts(census), "noise_std": site["noise_std"]}
     for model, stats in site["stats"].items():
         m = metrics_from_stats(stats)
-        out[model] = {k: m[k] for k in METRIC_NAMES}
+        out[model] = {**{k: m[k] for k in METRIC_NAMES}, "auc_bound": m["auc_bound"]}
     return out
 
 
@@ -319,7 +319,7 @@ def render_markdown(doc: dict[str, Any], *, explanation: dict[str, Any] | None =
     lines = ["| model | " + " | ".join(METRIC_NAMES) + " |", "|---|" + "---|" * len(METRIC_NAMES)]
     for name, m in doc["models"].items():
         lines.append(f"| {name} | " + " | ".join(f"{_fmt(m[k])} [{_fmt(m['ci'][k][0])}, {_fmt(m['ci'][k][1])}]"
-                                                 for k in METRIC_NAMES) + " |")
+                                                 + (bins_mark(m) if k == "auc" else "") for k in METRIC_NAMES) + " |")
     th = doc.get("thresholds", {})
     if th:
         lines += ["", "Accuracy, precision, recall, specificity and F1 at each model's operating threshold ("
@@ -424,6 +424,12 @@ def fallback_note(doc: dict[str, Any]) -> str:
 UNRESOLVED_AUC_BOUND = 0.05
 
 
+def bins_mark(m: dict[str, Any]) -> str:
+    """The mark ``" (bins ±B)"`` after an AUC the released bins leave that uncertain ("" otherwise)."""
+    bound = float(m.get("auc_bound", 0.0))
+    return f" (bins \u00b1{bound:.3f})" if bound >= UNRESOLVED_AUC_BOUND else ""
+
+
 def unresolved_note(doc: dict[str, Any]) -> str:
     """The models whose test AUC the binned statistics cannot resolve, in words ("" when none).
 
@@ -460,7 +466,7 @@ def alone_missing_note(sa: dict[str, Any]) -> str:
 
 def _site_line(site: str, m: dict[str, Any], classes: list[str]) -> str:
     """One site's test class counts and, where it released its own statistics, each model's AUC."""
-    aucs = ", ".join(f"{mod} {_fmt(v.get('auc'))}" for mod, v in m.items() if isinstance(v, dict))
+    aucs = ", ".join(f"{mod} {_fmt(v.get('auc'))}{bins_mark(v)}" for mod, v in m.items() if isinstance(v, dict))
     return f"{site} ({_counts(m.get('class_counts'), classes)})" + (f": {aucs}" if aucs else "")
 
 

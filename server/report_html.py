@@ -26,6 +26,7 @@ from server.report import (
     CHARGED_PHASES,
     alone_missing_note,
     best_alone_rule,
+    bins_mark,
     fallback_note,
     paired_rows,
     unresolved_note,
@@ -183,8 +184,8 @@ def _metrics_table(doc: dict[str, Any]) -> str:
     head = "".join(f"<th>{m}</th>" for m in METRIC_NAMES)
     rows = []
     for name, m in doc["models"].items():
-        cells = "".join(f"<td>{_fmt(m[k])}<br><small>[{_fmt(m['ci'][k][0])}, {_fmt(m['ci'][k][1])}]</small></td>"
-                        for k in METRIC_NAMES)
+        cells = "".join(f"<td>{_fmt(m[k])}<br><small>[{_fmt(m['ci'][k][0])}, {_fmt(m['ci'][k][1])}]"
+                        f"{html.escape(bins_mark(m)) if k == 'auc' else ''}</small></td>" for k in METRIC_NAMES)
         rows.append(f"<tr><th>{name}</th>{cells}</tr>")
     return f"<table><tr><th>model</th>{head}</tr>{''.join(rows)}</table>"
 
@@ -192,7 +193,8 @@ def _metrics_table(doc: dict[str, Any]) -> str:
 def _sites_table(doc: dict[str, Any]) -> str:
     rows = []
     for site, m in doc["sites"].items():
-        aucs = "".join(f"<td>{_fmt(m.get(name, {}).get('auc'))}</td>" for name in MODELS)
+        aucs = "".join(f"<td>{_fmt(m.get(name, {}).get('auc'))}{html.escape(bins_mark(m.get(name, {})))}</td>"
+                       for name in MODELS)
         eps = doc["privacy"].get(site, {}).get("epsilon")
         counts = " / ".join(str(c) for c in (m.get("class_counts") or []))
         rows.append(f"<tr><th>{html.escape(site)}</th><td>{m.get('n', '')}</td><td>{counts}</td>{aucs}"

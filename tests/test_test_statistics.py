@@ -369,7 +369,7 @@ def test_a_model_whose_scores_share_one_released_bin_is_named_unresolved_in_the_
     from sklearn.metrics import roc_auc_score
 
     from common.metrics import coarsen_stats, compute_stats, metrics_from_stats
-    from server.report import unresolved_note
+    from server.report import bins_mark, unresolved_note
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 400)
@@ -388,3 +388,5 @@ def test_a_model_whose_scores_share_one_released_bin_is_named_unresolved_in_the_
     low, high = (float(v) for v in note.split("anywhere in [")[1].split("]")[0].split(", "))
     assert "cnn" in note and "forest" not in note and low <= true_auc <= high
     assert unresolved_note({"models": {"forest": models["forest"]}}) == ""
+    assert bins_mark(models["cnn"]) == f" (bins \u00b1{models['cnn']['auc_bound']:.3f})"
+    assert bins_mark(models["forest"]) == ""
