@@ -38,12 +38,23 @@ MODEL_ROLES = {
 """What each row of ``models`` is: rows that are local models are labelled as such."""
 
 
-def _site_metrics(site: dict[str, Any], census: dict[str, Any]) -> dict[str, Any]:
-    """One site's test metrics, computed here from the statistics it released (noised if so)."""
+def _site_metrics(site: dict[str, Any], census: dict[str, Any], *, seed: int) -> dict[str, Any]:
+    """One site's test metrics, computed here from the statistics it released (noised if so).
+
+    With noised statistics, ``auc_noise_sd`` is the standard deviation that the site's own noise
+    adds to an AUC there (simulated on its hybrid's released statistics, as the pooled figures'):
+    at a few test patients it is larger than any difference between models.
+    """
+    from common.metrics import noise_error
+
     out: dict[str, Any] = {"n": site["n"], "class_counts": _test_class_counts(census), "noise_std": site["noise_std"]}
     for model, stats in site["stats"].items():
         m = metrics_from_stats(stats)
         out[model] = {**{k: m[k] for k in METRIC_NAMES}, "auc_bound": m["auc_bound"]}
+    hybrid = site["stats"].get("hybrid")
+    if site["noise_std"] > 0 and hybrid is not None:
+        out["auc_noise_sd"] = noise_error(hybrid, noise_std_per_site=site["noise_std"], n_sites=1, draws=100,
+                                          seed=seed)["auc"]
     return out
 
 
@@ -154,7 +165,8 @@ def build_metrics(evaluation: dict[str, Any], state: RunState, settings: RunSett
                 "classes": state.schema.get("label", {}).get("classes", [])},
         "models": models,
         "paired_tests": _paired_note(evaluation, settings),
-        "sites": {site: _site_metrics(v, state.census.get(site, {})) for site, v in evaluation["sites"].items()
+        "sites": {site: _site_metrics(v, state.census.get(site, {}), seed=settings.seed)
+                  for site, v in evaluation["sites"].items()
                   if site != state.held_out},
         "site_alone": site_alone_comparison(evaluation, state),
         "held_out": _held_out(evaluation, state),
@@ -467,7 +479,8 @@ def alone_missing_note(sa: dict[str, Any]) -> str:
 def _site_line(site: str, m: dict[str, Any], classes: list[str]) -> str:
     """One site's test class counts and, where it released its own statistics, each model's AUC."""
     aucs = ", ".join(f"{mod} {_fmt(v.get('auc'))}{bins_mark(v)}" for mod, v in m.items() if isinstance(v, dict))
-    return f"{site} ({_counts(m.get('class_counts'), classes)})" + (f": {aucs}" if aucs else "")
+    noise = f"; its test noise adds sd {_fmt(m['auc_noise_sd'])} to an AUC" if "auc_noise_sd" in m else ""
+    return f"{site} ({_counts(m.get('class_counts'), classes)}{noise})" + (f": {aucs}" if aucs else "")
 
 
 def _site_alone_lines(doc: dict[str, Any]) -> list[str]:
@@ -491,7 +504,19 @@ def _site_alone_lines(doc: dict[str, Any]) -> list[str]:
     lines.append(f"| mean over sites | | {_fmt(m.get('alone_cnn'))} | {_fmt(m.get('alone_forest'))} | "
                  f"{_fmt(m.get('alone_logreg'))} | {_fmt(m['best_alone'])} | {_fmt(m['federated_hybrid'])} | "
                  f"{m['federated_hybrid'] - m['best_alone']:+.3f} |")
-    return lines
+    return lines + ([site_noise_note(doc)] if site_noise_note(doc) else [])
+
+
+def site_noise_note(doc: dict[str, Any]) -> str:
+    """How much the sites' own test-statistics noise moves a per-site AUC ("" without noise)."""
+    sds = {site: m["auc_noise_sd"] for site, m in doc.get("sites", {}).items() if "auc_noise_sd" in m}
+    if not sds:
+        return ""
+    return ("Every per-site figure carries its site's test-statistics noise, which adds a standard deviation of "
+            f"{_fmt(min(sds.values()))} to {_fmt(max(sds.values()))} to an AUC there ("
+            + ", ".join(f"{site} {_fmt(sd)}" for site, sd in sds.items())
+            + "; simulated by re-noising each site's released statistics): differences between models at one site "
+            "smaller than that are noise, and a mean over sites averages it down only with the number of sites.")
 
 
 def _counts(counts: list[int] | None, classes: list[str]) -> str:

@@ -29,6 +29,7 @@ from server.report import (
     bins_mark,
     fallback_note,
     paired_rows,
+    site_noise_note,
     unresolved_note,
     warm_start_note,
 )
@@ -203,8 +204,9 @@ def _sites_table(doc: dict[str, Any]) -> str:
     classes = " / ".join(html.escape(str(c)) for c in doc["run"].get("classes", []))
     secure = ("<p>No site's own AUC: with secure-sum the coordinator saw the test statistics only summed over the "
               "sites (pooled figures above).</p>" if doc.get("secure_sum") else "")
+    noise = f"<p><small>{html.escape(site_noise_note(doc))}</small></p>" if site_noise_note(doc) else ""
     return (f"{secure}<table><tr><th>site</th><th>test patients</th><th>test class counts ({classes})</th>{head}"
-            f"<th>epsilon spent</th></tr>{''.join(rows)}</table>")
+            f"<th>epsilon spent</th></tr>{''.join(rows)}</table>{noise}")
 
 
 def _pooled_section(doc: dict[str, Any], pooled: Any) -> str:
@@ -292,12 +294,13 @@ def _site_alone_section(doc: dict[str, Any]) -> str:
                 + ", ".join(f"{html.escape(k)} {_fmt(v['auc'])}" for k, v in ho["federated"].items())
                 + "; its own " + ", ".join(f"{html.escape(k)} {_fmt(v['auc'])}" for k, v in ho["own"].items())
                 + " (test AUC).</p>")
+    noise = f"<p><small>{html.escape(site_noise_note(doc))}</small></p>" if site_noise_note(doc) else ""
     return ("<h2>What federation bought</h2><p><small>Test AUC at each site: its own models trained on its data "
             "alone (local models, each at the site's own threshold) against the federated hybrid. "
             f"{html.escape(best_alone_rule(sa))} {missing}".rstrip() + "</small></p>"
             "<table><tr><th>site</th><th>test class counts</th><th>own deep model</th><th>own forest</th>"
             "<th>own GLM</th><th>best alone</th><th>federated hybrid</th><th>hybrid - best alone</th></tr>"
-            f"{''.join(rows)}</table>{held}")
+            f"{''.join(rows)}</table>{noise}{held}")
 
 
 def render_run_report(run_dir: Path, *, title: str = "genofed run", preamble: str = "",

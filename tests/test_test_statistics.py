@@ -390,3 +390,27 @@ def test_a_model_whose_scores_share_one_released_bin_is_named_unresolved_in_the_
     assert unresolved_note({"models": {"forest": models["forest"]}}) == ""
     assert bins_mark(models["cnn"]) == f" (bins \u00b1{models['cnn']['auc_bound']:.3f})"
     assert bins_mark(models["forest"]) == ""
+
+
+def test_each_site_reports_how_much_its_test_noise_moves_an_auc_there() -> None:
+    """With noised test statistics every per-site figure carries the site's own noise: metrics.json
+    gives its standard deviation on an AUC (larger at a smaller site) and the report says it; exact
+    statistics carry none."""
+    from common.metrics import coarsen_stats
+    from server.report import _site_metrics, site_noise_note
+
+    rng = np.random.default_rng(1)
+
+    def site(n: int, noise_std: float) -> dict:
+        y = rng.integers(0, 2, n)
+        p = 1.0 / (1.0 + np.exp(-(2.0 * y - 1.0 + rng.normal(0.0, 1.0, n))))
+        stats = coarsen_stats(compute_stats(y, np.column_stack([1 - p, p]), n_classes=2), n_bins=TEST_BINS)
+        return {"n": n, "noise_std": noise_std, "stats": {"hybrid": stats, "forest": stats}}
+
+    small, large = (_site_metrics(site(n, 5.0), {}, seed=0) for n in (30, 600))
+    assert 0.0 < large["auc_noise_sd"] < small["auc_noise_sd"]
+    exact = _site_metrics(site(30, 0.0), {}, seed=0)
+    assert "auc_noise_sd" not in exact
+    note = site_noise_note({"sites": {"site-a": small, "site-b": large}})
+    assert "site-a" in note and f"{small['auc_noise_sd']:.3f}" in note
+    assert site_noise_note({"sites": {"site-a": exact}}) == ""
