@@ -204,6 +204,13 @@ def test_the_dp_glm_benchmark_replays_the_mechanism(tmp_path) -> None:
     assert exact["auc_exact_scaler"][0] == pytest.approx(result["auc_exact_scaler_no_noise"], abs=0.01)
     assert result["auc_exact_scaler_no_noise"] > 0.6
     assert weak["run_epsilon"] < exact["run_epsilon"]
+    # Each width is replayed with its own scaler: without noise each row reaches its own no-noise fit.
+    widths = run(sites_dir=tmp_path / "sites", glm_epsilons=[1e6], moments_epsilons=[1e6], epsilon=8.0, delta=1e-5,
+                 draws=1, widths=[4, 256])
+    assert [r["glm_max_features"] for r in widths["rows"]] == [4, 256]
+    for row in widths["rows"]:
+        assert row["auc_exact_scaler"][0] == pytest.approx(row["auc_exact_scaler_no_noise"], abs=0.01)
+    assert widths["rows"][1]["auc_exact_scaler_no_noise"] == pytest.approx(result["auc_exact_scaler_no_noise"])
 
 
 def test_the_fedavg_gap_benchmark_scores_every_round_of_every_variant(tmp_path) -> None:

@@ -10,6 +10,10 @@ scaler could reach), beside the no-noise fit. For each setting it also gives the
 epsilon at a site (the run plan the site checks, at the given DP-SGD ``epsilon``). Nothing is
 charged to the ledgers: this is for choosing settings.
 
+``--glm-max-features`` replays each setting at several widths of the GLM (the columns it reads:
+every clinical column, then the most variable of the rest, chosen from the noised moments without
+the label), to price a narrower release.
+
 ``--distributed`` adds, for every setting, the same draws with distributed noise (what a run with
 ``secure-sum = true`` does): each site adds ``1/sqrt(t)`` of the noise, ``t`` the secure sum's
 default threshold, so the summed release carries the calibrated noise once instead of once per site.
@@ -17,12 +21,13 @@ default threshold, so the summed release carries the calibrated noise once inste
 Usage::
 
     python -m simulations.benchmarks.dp_glm SITES_DIR [--glm-epsilon 1 2 4] [--moments-epsilon 0.5 2]
-        [--draws 5] [--distributed] [--json OUT]
+        [--glm-max-features 256 64 16] [--draws 5] [--distributed] [--json OUT]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 from pathlib import Path
 from typing import Any
@@ -104,7 +109,7 @@ def _run_epsilon(sites_dir: Path, settings: Any) -> float:
 
 
 def run(*, sites_dir: Path, glm_epsilons: list[float], moments_epsilons: list[float], epsilon: float,
-        delta: float, draws: int, distributed: bool = False) -> dict[str, Any]:
+        delta: float, draws: int, distributed: bool = False, widths: list[int] | None = None) -> dict[str, Any]:
     from client.pipeline import SiteData, fit_shared_scaler, shared_raw
     from client.privacy.ledger import gaussian_noise_multiplier
     from common.cohort import concat_cohorts
@@ -117,35 +122,35 @@ def run(*, sites_dir: Path, glm_epsilons: list[float], moments_epsilons: list[fl
     columns = shared_columns(sites[0].schema)
     n_classes = max(2, sites[0].n_classes)
     base = RunSettings(epsilon=epsilon, test_statistics="none")
-    # The exact pooled scaler: what the shared scaler would be without noise.
-    exact = fit_shared_scaler(SiteData.from_cohort(concat_cohorts(cohorts)), max_glm_columns=base.glm_max_features)
+    everyone = SiteData.from_cohort(concat_cohorts(cohorts))
     raws = [shared_raw(s, "train") for s in sites]
     shares = {"whole": 1.0} | ({"distributed": default_threshold(len(sites)) ** -0.5} if distributed else {})
-    rows = []
-    for me in moments_epsilons:
-        for ge in glm_epsilons:
-            for noise, share in shares.items():
-                sigma_g = share * gaussian_noise_multiplier(epsilon=ge, delta=delta)
-                sigma_m = share * gaussian_noise_multiplier(epsilon=me, delta=delta)
-                noised, pooled = [], []
-                for draw in range(draws):
-                    rng = np.random.default_rng(draw)
-                    scaler = _noised_scaler(raws, columns, sigma=sigma_m, max_glm_columns=base.glm_max_features,
-                                            rng=rng)
-                    kw = {"C": base.glm_c, "keep": base.glm_dp_max_features, "n_classes": n_classes, "rng": rng}
-                    noised.append(round(_glm_auc(sites, scaler, sigma=sigma_g, **kw), 4))
-                    pooled.append(round(_glm_auc(sites, exact, sigma=sigma_g, **kw), 4))
-                settings = RunSettings(epsilon=epsilon, glm_epsilon=ge, moments_epsilon=me, test_statistics="none")
-                rows.append({"moments_epsilon": me, "glm_epsilon": ge, "noise": noise, "noise_share": round(share, 4),
-                             "run_epsilon": round(_run_epsilon(sites_dir, settings), 3),
-                             "auc_noised_scaler": noised, "auc_exact_scaler": pooled,
-                             "mean_noised_scaler": round(float(np.mean(noised)), 4),
-                             "mean_exact_scaler": round(float(np.mean(pooled)), 4)})
-    no_noise = _glm_auc(sites, exact, sigma=0.0, C=base.glm_c, keep=base.glm_dp_max_features, n_classes=n_classes,
-                        rng=np.random.default_rng(0))
+    fit = {"C": base.glm_c, "keep": base.glm_dp_max_features, "n_classes": n_classes}
+    rows, no_noise = [], {}
+    for width in widths or [base.glm_max_features]:
+        # The exact pooled scaler: what the shared scaler would be without noise.
+        exact = fit_shared_scaler(everyone, max_glm_columns=width)
+        no_noise[width] = round(_glm_auc(sites, exact, sigma=0.0, rng=np.random.default_rng(0), **fit), 4)
+        for me, ge, (noise, share) in itertools.product(moments_epsilons, glm_epsilons, shares.items()):
+            sigma_g = share * gaussian_noise_multiplier(epsilon=ge, delta=delta)
+            sigma_m = share * gaussian_noise_multiplier(epsilon=me, delta=delta)
+            noised, exact_aucs = [], []
+            for draw in range(draws):
+                rng = np.random.default_rng(draw)
+                scaler = _noised_scaler(raws, columns, sigma=sigma_m, max_glm_columns=width, rng=rng)
+                noised.append(round(_glm_auc(sites, scaler, sigma=sigma_g, rng=rng, **fit), 4))
+                exact_aucs.append(round(_glm_auc(sites, exact, sigma=sigma_g, rng=rng, **fit), 4))
+            settings = RunSettings(epsilon=epsilon, glm_epsilon=ge, moments_epsilon=me, test_statistics="none")
+            rows.append({"glm_max_features": width, "moments_epsilon": me, "glm_epsilon": ge, "noise": noise,
+                         "noise_share": round(share, 4), "run_epsilon": round(_run_epsilon(sites_dir, settings), 3),
+                         "auc_noised_scaler": noised, "auc_exact_scaler": exact_aucs,
+                         "mean_noised_scaler": round(float(np.mean(noised)), 4),
+                         "mean_exact_scaler": round(float(np.mean(exact_aucs)), 4),
+                         "auc_exact_scaler_no_noise": no_noise[width]})
     return {"sites_dir": str(sites_dir), "sites": len(sites), "shared_columns": columns.width,
             "train_records": int(sum(int(s.masks["train"].sum()) for s in sites)), "dp_sgd_epsilon": epsilon,
-            "delta": delta, "draws": draws, "auc_exact_scaler_no_noise": round(no_noise, 4), "rows": rows}
+            "delta": delta, "draws": draws, "auc_exact_scaler_no_noise": no_noise[rows[0]["glm_max_features"]],
+            "rows": rows}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -154,6 +159,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("sites_dir", type=Path, help="a site layout with vaults (genofed split ... --vaults)")
     parser.add_argument("--glm-epsilon", type=float, nargs="+", default=[1.0, 2.0, 4.0])
     parser.add_argument("--moments-epsilon", type=float, nargs="+", default=[0.5])
+    parser.add_argument("--glm-max-features", type=int, nargs="+",
+                        help="widths of the GLM to replay (default: the run's glm-max-features)")
     parser.add_argument("--epsilon", type=float, default=8.0, help="DP-SGD epsilon, for the composed run epsilon")
     parser.add_argument("--delta", type=float, default=1e-5)
     parser.add_argument("--draws", type=int, default=5, help="noise draws per setting")
@@ -162,7 +169,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     emit(run(sites_dir=args.sites_dir, glm_epsilons=args.glm_epsilon, moments_epsilons=args.moments_epsilon,
-             epsilon=args.epsilon, delta=args.delta, draws=args.draws, distributed=args.distributed), args.json)
+             epsilon=args.epsilon, delta=args.delta, draws=args.draws, distributed=args.distributed,
+             widths=args.glm_max_features), args.json)
 
 
 if __name__ == "__main__":
