@@ -85,7 +85,8 @@ def _glm_auc(sites: list[Any], scaler: Any, *, sigma: float, C: float, keep: int
     solver = NewtonSolver(n_features=d, n_classes=n_classes, penalty="l2", C=C)
     solver.coef = solver.best_coef = coef
     _, g, h = solver.objective(terms)
-    step = keep_largest(coef - np.linalg.solve(h, g), n_features=d, n_classes=n_classes, keep=keep)
+    # lstsq, as the coordinator's solver: the multinomial curvature is singular along the intercepts' sum.
+    step = keep_largest(coef - np.linalg.lstsq(h, g, rcond=None)[0], n_features=d, n_classes=n_classes, keep=keep)
     x_test = np.vstack([glm_matrix(s, "test", scaler) for s in sites])
     y_test = np.concatenate([s.y[s.masks["test"]] for s in sites])
     p = FederatedGLM().set_coef(step, n_features=d).predict_proba(x_test)
