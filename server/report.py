@@ -349,10 +349,7 @@ def render_markdown(doc: dict[str, Any], *, explanation: dict[str, Any] | None =
             lines.append(f"Note: the {'GLM' if fit == 'glm' else 'meta-classifier'} did not converge in "
                          f"{info.get('rounds')} Newton rounds (converged: false); its coefficients are the last "
                          "iterate.")
-    if fallback_note(doc):
-        lines.append("Note: " + fallback_note(doc))
-    if unresolved_note(doc):
-        lines.append("Note: " + unresolved_note(doc))
+    lines += [f"Note: {note}" for note in (fallback_note(doc), unresolved_note(doc)) if note]
     lines += paired_lines(doc)
     per_site = ("Per site (test class counts; no site's own AUC: the test statistics reached the coordinator only "
                 "summed, secure-sum = true): " if doc.get("secure_sum") else
@@ -436,10 +433,13 @@ def fallback_note(doc: dict[str, Any]) -> str:
 UNRESOLVED_AUC_BOUND = 0.05
 
 
+def _unresolved(m: dict[str, Any]) -> bool:
+    return float(m.get("auc_bound", 0.0)) >= UNRESOLVED_AUC_BOUND
+
+
 def bins_mark(m: dict[str, Any]) -> str:
     """The mark ``" (bins ±B)"`` after an AUC the released bins leave that uncertain ("" otherwise)."""
-    bound = float(m.get("auc_bound", 0.0))
-    return f" (bins \u00b1{bound:.3f})" if bound >= UNRESOLVED_AUC_BOUND else ""
+    return f" (bins \u00b1{m['auc_bound']:.3f})" if _unresolved(m) else ""
 
 
 def unresolved_note(doc: dict[str, Any]) -> str:
@@ -450,8 +450,7 @@ def unresolved_note(doc: dict[str, Any]) -> str:
     AUC is then only known to within ``auc_bound``, and the point figure (ties counted half) is
     near 0.5 whatever the model's ranking.
     """
-    loose = {name: m for name, m in doc.get("models", {}).items()
-             if float(m.get("auc_bound", 0.0)) >= UNRESOLVED_AUC_BOUND}
+    loose = {name: m for name, m in doc.get("models", {}).items() if _unresolved(m)}
     if not loose:
         return ""
     parts = [f"{name} {_fmt(m['auc'])}, anywhere in [{_fmt(max(m['auc'] - m['auc_bound'], 0.0))}, "
@@ -504,7 +503,8 @@ def _site_alone_lines(doc: dict[str, Any]) -> list[str]:
     lines.append(f"| mean over sites | | {_fmt(m.get('alone_cnn'))} | {_fmt(m.get('alone_forest'))} | "
                  f"{_fmt(m.get('alone_logreg'))} | {_fmt(m['best_alone'])} | {_fmt(m['federated_hybrid'])} | "
                  f"{m['federated_hybrid'] - m['best_alone']:+.3f} |")
-    return lines + ([site_noise_note(doc)] if site_noise_note(doc) else [])
+    noise = site_noise_note(doc)
+    return lines + ([noise] if noise else [])
 
 
 def site_noise_note(doc: dict[str, Any]) -> str:

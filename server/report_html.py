@@ -191,6 +191,11 @@ def _metrics_table(doc: dict[str, Any]) -> str:
     return f"<table><tr><th>model</th>{head}</tr>{''.join(rows)}</table>"
 
 
+def _small_note(text: str) -> str:
+    """``text`` as a small paragraph ("" when there is none)."""
+    return f"<p><small>{html.escape(text)}</small></p>" if text else ""
+
+
 def _sites_table(doc: dict[str, Any]) -> str:
     rows = []
     for site, m in doc["sites"].items():
@@ -204,7 +209,7 @@ def _sites_table(doc: dict[str, Any]) -> str:
     classes = " / ".join(html.escape(str(c)) for c in doc["run"].get("classes", []))
     secure = ("<p>No site's own AUC: with secure-sum the coordinator saw the test statistics only summed over the "
               "sites (pooled figures above).</p>" if doc.get("secure_sum") else "")
-    noise = f"<p><small>{html.escape(site_noise_note(doc))}</small></p>" if site_noise_note(doc) else ""
+    noise = _small_note(site_noise_note(doc))
     return (f"{secure}<table><tr><th>site</th><th>test patients</th><th>test class counts ({classes})</th>{head}"
             f"<th>epsilon spent</th></tr>{''.join(rows)}</table>{noise}")
 
@@ -259,10 +264,8 @@ def _roles_and_decisions(doc: dict[str, Any]) -> str:
     notes = "".join(f"<li>The {'GLM' if fit == 'glm' else 'meta-classifier'} did not converge in "
                     f"{doc[fit].get('rounds')} Newton rounds (converged: false).</li>"
                     for fit in ("glm", "meta") if doc.get(fit) and not doc[fit].get("converged", True))
-    if fallback_note(doc):
-        notes += f"<li>{html.escape(fallback_note(doc)[0].upper() + fallback_note(doc)[1:])}</li>"
-    if unresolved_note(doc):
-        notes += f"<li>{html.escape(unresolved_note(doc)[0].upper() + unresolved_note(doc)[1:])}</li>"
+    notes += "".join(f"<li>{html.escape(note[0].upper() + note[1:])}</li>"
+                     for note in (fallback_note(doc), unresolved_note(doc)) if note)
     return f"<ul>{roles}{notes}</ul><p><small>{decisions}</small></p>"
 
 
@@ -294,7 +297,7 @@ def _site_alone_section(doc: dict[str, Any]) -> str:
                 + ", ".join(f"{html.escape(k)} {_fmt(v['auc'])}" for k, v in ho["federated"].items())
                 + "; its own " + ", ".join(f"{html.escape(k)} {_fmt(v['auc'])}" for k, v in ho["own"].items())
                 + " (test AUC).</p>")
-    noise = f"<p><small>{html.escape(site_noise_note(doc))}</small></p>" if site_noise_note(doc) else ""
+    noise = _small_note(site_noise_note(doc))
     return ("<h2>What federation bought</h2><p><small>Test AUC at each site: its own models trained on its data "
             "alone (local models, each at the site's own threshold) against the federated hybrid. "
             f"{html.escape(best_alone_rule(sa))} {missing}".rstrip() + "</small></p>"

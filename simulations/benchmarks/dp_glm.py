@@ -127,8 +127,9 @@ def run(*, sites_dir: Path, glm_epsilons: list[float], moments_epsilons: list[fl
     raws = [shared_raw(s, "train") for s in sites]
     shares = {"whole": 1.0} | ({"distributed": default_threshold(len(sites)) ** -0.5} if distributed else {})
     fit = {"C": base.glm_c, "keep": base.glm_dp_max_features, "n_classes": n_classes}
+    widths = widths or [base.glm_max_features]
     rows, no_noise = [], {}
-    for width in widths or [base.glm_max_features]:
+    for width in widths:
         # The exact pooled scaler: what the shared scaler would be without noise.
         exact = fit_shared_scaler(everyone, max_glm_columns=width)
         no_noise[width] = round(_glm_auc(sites, exact, sigma=0.0, rng=np.random.default_rng(0), **fit), 4)
@@ -150,8 +151,7 @@ def run(*, sites_dir: Path, glm_epsilons: list[float], moments_epsilons: list[fl
                          "auc_exact_scaler_no_noise": no_noise[width]})
     return {"sites_dir": str(sites_dir), "sites": len(sites), "shared_columns": columns.width,
             "train_records": int(sum(int(s.masks["train"].sum()) for s in sites)), "dp_sgd_epsilon": epsilon,
-            "delta": delta, "draws": draws, "auc_exact_scaler_no_noise": no_noise[rows[0]["glm_max_features"]],
-            "rows": rows}
+            "delta": delta, "draws": draws, "auc_exact_scaler_no_noise": no_noise[widths[0]], "rows": rows}
 
 
 def main(argv: list[str] | None = None) -> None:
