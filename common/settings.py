@@ -65,11 +65,12 @@ class RunSettings:
     weight_decay: float = 1e-2
     arch: str = "cnn"
     forest_trees: int = 200
-    moments_epsilon: float = 0.5     # under DP: epsilon of the shared preprocessing's moments
+    moments_epsilon: float = 2.0     # under DP: epsilon of the shared preprocessing's moments
     glm_rounds: int = 8              # federated Newton rounds of the GLM at most (stops when converged); 1 under DP
     glm_epsilon: float = 1.0         # under DP: the epsilon of the GLM's one noised gradient
     glm_c: float = 0.1               # the GLM's inverse L2 penalty (the objective sums over records)
     glm_max_features: int = 256      # the GLM reads at most this many shared columns
+    glm_dp_columns: int = 32         # under DP it reads at most this many: its noised gradient's noise grows with their root
     glm_dp_max_features: int = 16    # under DP the GLM keeps this many columns: the largest of its one noised step
     meta_rounds: int = 3
     meta_epsilon: float = 1.0        # under DP: the meta statistics' epsilon over all meta rounds
@@ -108,7 +109,7 @@ class RunSettings:
             if not getattr(self, name) > 0:
                 raise SettingsError(f"run config {_key(name)} = {getattr(self, name)!r}: must be > 0")
         at_least_one = ("cnn_rounds", "local_epochs", "batch_size", "meta_rounds", "min_sites", "forest_trees",
-                        "glm_rounds", "glm_max_features", "glm_dp_max_features", "explanation_patients", "motif_bins")
+                        "glm_rounds", "glm_max_features", "glm_dp_columns", "glm_dp_max_features", "explanation_patients", "motif_bins")
         for name in at_least_one:
             if getattr(self, name) < 1:
                 raise SettingsError(f"run config {_key(name)} = {getattr(self, name)!r}: must be at least 1")
@@ -134,6 +135,14 @@ class RunSettings:
         if self.max_update_norm < 0:
             raise SettingsError(f"run config max-update-norm = {self.max_update_norm!r}: must be >= 0 "
                                 "(0: derived from the run's settings)")
+
+    @property
+    def glm_width(self) -> int:
+        """The shared columns the federated GLM reads at most (``glm-max-features``; under DP also
+        ``glm-dp-columns``). A utility choice, not a privacy one: each record's gradient is clipped to
+        a norm that grows with the root of the width, so the noise does too (docs/learning.md, "The DP
+        GLM against its budget")."""
+        return min(self.glm_max_features, self.glm_dp_columns) if self.dp else self.glm_max_features
 
     @property
     def releases_site_alone(self) -> bool:

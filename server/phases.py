@@ -262,7 +262,7 @@ def run_moments(grid: Grid, settings: RunSettings, state: RunState, log: RunLog)
         sigma = float(res.replies[node].content.metric_records["metrics"].get("noise-multiplier", 0.0))
         noise_var += (sigma * moments_sensitivity(columns.width)) ** 2
     _require_quorum(state, settings, "moments")
-    scaler = scaler_from_moments(total, columns, rescaled=settings.dp, max_glm_columns=settings.glm_max_features,
+    scaler = scaler_from_moments(total, columns, rescaled=settings.dp, max_glm_columns=settings.glm_width,
                                  noise_sd=math.sqrt(noise_var))
     state.shared = {k: v.tolist() for k, v in scaler.to_arrays().items()}
     record = {"phase": "moments", **res.cost(),
@@ -418,9 +418,9 @@ def _aggregator(settings: RunSettings) -> Any:
 
 def run_glm_rounds(grid: Grid, settings: RunSettings, state: RunState, log: RunLog,
                    weights: dict[str, np.ndarray], checkpoint: Any) -> list[float]:
-    """Federated Newton on the GLM over the shared columns; under DP one step from the sites'
-    noised gradients with a public curvature, of which the ``glm-dp-max-features`` largest
-    columns are kept (:mod:`common.glm`)."""
+    """Federated Newton on the GLM over the shared columns the scaler chose for it; under DP (at
+    most ``glm-dp-columns`` of them) one step from the sites' noised gradients with a public
+    curvature, of which the ``glm-dp-max-features`` largest columns are kept (:mod:`common.glm`)."""
     from common.glm import GLM_FEATURE_BOUND, intercept_only, keep_largest, public_curvature
     from common.meta import NewtonSolver
 

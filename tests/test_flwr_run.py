@@ -214,9 +214,9 @@ def test_flwr_run_from_the_repository_root_completes(flwr_home: Path, three_site
     assert isinstance(auc, float) and math.isfinite(auc) and 0.0 <= auc <= 1.0
     assert set(doc["sites"]) == set(sites)
     assert set(doc["privacy"]) == set(sites)
-    for p in doc["privacy"].values():  # DP-SGD near its target; the ledger adds the meta statistics (epsilon 1)
+    for p in doc["privacy"].values():  # DP-SGD near its target; the ledger adds the other releases, composed
         assert 0.0 < p["run_epsilon"] <= EPSILON + 0.02
-        assert p["run_epsilon"] < p["epsilon"] <= EPSILON + 1.0
+        assert p["run_epsilon"] < p["epsilon"] <= EPSILON + 1.5
     # census, moments, CNN, GLM and meta rounds, the sites' own models alone, validation, explanation, evaluation
     assert doc["run"]["exchanges"] == 2 + ROUNDS + doc["glm"]["rounds"] + doc["meta"]["rounds"] + 4
     assert not doc["missing_sites"]

@@ -191,6 +191,7 @@ def test_the_dp_gradient_is_taken_at_the_intercept_only_model(counts: list[int])
 def test_the_dp_glm_benchmark_replays_the_mechanism(tmp_path) -> None:
     """The benchmark's DP GLM reaches its no-noise fit when the noise vanishes, and a larger
     glm-epsilon is charged as a larger composed run epsilon."""
+    from common.settings import RunSettings
     from simulations.benchmarks.dp_glm import run
     from simulations.site_layout import split_cohort
     from simulations.synthetic import write_synthetic_cohort
@@ -199,7 +200,7 @@ def test_the_dp_glm_benchmark_replays_the_mechanism(tmp_path) -> None:
     split_cohort(spec_path=tmp_path / "cohort" / "spec.toml", sites=2, by="iid", out=tmp_path / "sites", seed=0,
                  vaults=True, show_progress=False)
     result = run(sites_dir=tmp_path / "sites", glm_epsilons=[1.0, 1e6], moments_epsilons=[1e6], epsilon=8.0,
-                 delta=1e-5, draws=1)
+                 delta=1e-5, draws=1, widths=[256])
     weak, exact = result["rows"]
     assert exact["auc_exact_scaler"][0] == pytest.approx(result["auc_exact_scaler_no_noise"], abs=0.01)
     assert result["auc_exact_scaler_no_noise"] > 0.6
@@ -211,6 +212,11 @@ def test_the_dp_glm_benchmark_replays_the_mechanism(tmp_path) -> None:
     for row in widths["rows"]:
         assert row["auc_exact_scaler"][0] == pytest.approx(row["auc_exact_scaler_no_noise"], abs=0.01)
     assert widths["rows"][1]["auc_exact_scaler_no_noise"] == pytest.approx(result["auc_exact_scaler_no_noise"])
+    # Without widths, the run's own width under DP.
+    default = run(sites_dir=tmp_path / "sites", glm_epsilons=[1e6], moments_epsilons=[1e6], epsilon=8.0, delta=1e-5,
+                  draws=1)
+    assert [r["glm_max_features"] for r in default["rows"]] == [RunSettings().glm_width] == \
+        [RunSettings().glm_dp_columns]
 
 
 def test_the_fedavg_gap_benchmark_scores_every_round_of_every_variant(tmp_path) -> None:

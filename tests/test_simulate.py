@@ -35,7 +35,7 @@ def test_simulation_engine_run_completes(tmp_path: Path, capsys: pytest.CaptureF
     assert sum(r.get("phase") == "secure-unmask" for r in doc["rounds"]) == summed
     assert doc["site_alone"] == {} and all("hybrid" not in v for v in doc["sites"].values())
     for p in doc["privacy"].values():  # DP-SGD near its target; the ledger adds the other releases, composed
-        assert 0 < p["run_epsilon"] <= 4.0 + 0.02 and p["run_epsilon"] < p["epsilon"] <= 4.0 + 1.0
+        assert 0 < p["run_epsilon"] <= 4.0 + 0.02 and p["run_epsilon"] < p["epsilon"] <= 4.0 + 1.5
     assert (out / "report.html").exists() and "run directory" in capsys.readouterr().out
     # Nothing keeps running: the private SuperLink was stopped.
     log = (out / ".flower" / "superlink.log").read_text()

@@ -12,7 +12,7 @@ charged to the ledgers: this is for choosing settings.
 
 ``--glm-max-features`` replays each setting at several widths of the GLM (the columns it reads:
 every clinical column, then the most variable of the rest, chosen from the noised moments without
-the label), to price a narrower release.
+the label), to price a narrower release; by default the run's width under DP (``glm-dp-columns``).
 
 ``--distributed`` adds, for every setting, the same draws with distributed noise (what a run with
 ``secure-sum = true`` does): each site adds ``1/sqrt(t)`` of the noise, ``t`` the secure sum's
@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from common.settings import RunSettings
 from simulations.benchmarks import emit
 
 
@@ -115,7 +116,6 @@ def run(*, sites_dir: Path, glm_epsilons: list[float], moments_epsilons: list[fl
     from client.privacy.ledger import gaussian_noise_multiplier
     from common.cohort import concat_cohorts
     from common.secure_sum import default_threshold
-    from common.settings import RunSettings
     from common.tabular import shared_columns
 
     cohorts = _cohorts(sites_dir)
@@ -127,7 +127,7 @@ def run(*, sites_dir: Path, glm_epsilons: list[float], moments_epsilons: list[fl
     raws = [shared_raw(s, "train") for s in sites]
     shares = {"whole": 1.0} | ({"distributed": default_threshold(len(sites)) ** -0.5} if distributed else {})
     fit = {"C": base.glm_c, "keep": base.glm_dp_max_features, "n_classes": n_classes}
-    widths = widths or [base.glm_max_features]
+    widths = widths or [base.glm_width]
     rows, no_noise = [], {}
     for width in widths:
         # The exact pooled scaler: what the shared scaler would be without noise.
@@ -159,9 +159,10 @@ def main(argv: list[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sites_dir", type=Path, help="a site layout with vaults (genofed split ... --vaults)")
     parser.add_argument("--glm-epsilon", type=float, nargs="+", default=[1.0, 2.0, 4.0])
-    parser.add_argument("--moments-epsilon", type=float, nargs="+", default=[0.5])
+    parser.add_argument("--moments-epsilon", type=float, nargs="+", default=[RunSettings().moments_epsilon],
+                        help="epsilons of the moments release to replay (default: the run's moments-epsilon)")
     parser.add_argument("--glm-max-features", type=int, nargs="+",
-                        help="widths of the GLM to replay (default: the run's glm-max-features)")
+                        help="widths of the GLM to replay (default: the run's width under DP, glm-dp-columns)")
     parser.add_argument("--epsilon", type=float, default=8.0, help="DP-SGD epsilon, for the composed run epsilon")
     parser.add_argument("--delta", type=float, default=1e-5)
     parser.add_argument("--draws", type=int, default=5, help="noise draws per setting")
