@@ -70,7 +70,7 @@ class RunSettings:
     glm_epsilon: float = 1.0         # under DP: the epsilon of the GLM's one noised gradient
     glm_c: float = 0.1               # the GLM's inverse L2 penalty (the objective sums over records)
     glm_max_features: int = 256      # the GLM reads at most this many shared columns
-    glm_dp_columns: int = 32         # under DP it reads at most this many: its noised gradient's noise grows with their root
+    glm_dp_columns: int = 32         # under DP it reads at most this many (its noise grows with their root)
     glm_dp_max_features: int = 16    # under DP the GLM keeps this many columns: the largest of its one noised step
     meta_rounds: int = 3
     meta_epsilon: float = 1.0        # under DP: the meta statistics' epsilon over all meta rounds
@@ -109,7 +109,8 @@ class RunSettings:
             if not getattr(self, name) > 0:
                 raise SettingsError(f"run config {_key(name)} = {getattr(self, name)!r}: must be > 0")
         at_least_one = ("cnn_rounds", "local_epochs", "batch_size", "meta_rounds", "min_sites", "forest_trees",
-                        "glm_rounds", "glm_max_features", "glm_dp_columns", "glm_dp_max_features", "explanation_patients", "motif_bins")
+                        "glm_rounds", "glm_max_features", "glm_dp_columns", "glm_dp_max_features",
+                        "explanation_patients", "motif_bins")
         for name in at_least_one:
             if getattr(self, name) < 1:
                 raise SettingsError(f"run config {_key(name)} = {getattr(self, name)!r}: must be at least 1")
