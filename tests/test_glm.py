@@ -244,3 +244,26 @@ def test_the_fedavg_gap_benchmark_scores_every_round_of_every_variant(tmp_path) 
     plain = run(sites_dir=tmp_path / "sites", rounds=2, local_epochs=1, variants=["fedavg"], server_lr=1.0,
                 server_momentum=0.0)
     assert plain["curves"]["fedavg"] == result["curves"]["fedavg"]
+
+
+def test_the_site_glm_stack_benchmark_scores_each_way_of_using_the_site_models(tmp_path) -> None:
+    """Every way of using a site's forest and GLM is scored pooled and per site; a class a site's
+    train split lacks gets a probability floor, not a missing column."""
+    from simulations.benchmarks.site_glm_stack import SCORES, _padded, run
+    from simulations.site_layout import split_cohort
+    from simulations.synthetic import write_synthetic_cohort
+
+    padded = _padded(np.array([[0.25, 0.75]]), np.array([0, 2]), 3)
+    assert padded.shape == (1, 3) and padded[0, 1] < 1e-5 and padded.sum() == pytest.approx(1.0)
+    assert padded[0, 2] / padded[0, 0] == pytest.approx(3.0)
+    write_synthetic_cohort(out=tmp_path / "cohort", patients=300, seed=4)
+    split_cohort(spec_path=tmp_path / "cohort" / "spec.toml", sites=2, by="iid", out=tmp_path / "sites", seed=0,
+                 vaults=True, show_progress=False)
+    result = run(sites_dir=tmp_path / "sites")
+    assert set(result["pooled_test_auc"]) == set(SCORES)
+    assert all(0.0 <= v <= 1.0 for v in result["pooled_test_auc"].values())
+    assert np.shape(result["stack_coef"]) == (1, 2)  # binary: one weight per site-local model
+    for row in result["per_site"]:
+        assert row["best_alone_auc"] == row[row["best_alone"]]
+    assert result["site_mean_test_auc"]["stack"] == pytest.approx(np.mean([r["stack"] for r in result["per_site"]]),
+                                                                  abs=1e-4)

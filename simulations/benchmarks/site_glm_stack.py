@@ -1,0 +1,132 @@
+"""Benchmark: what a site's own GLM would add to the stack beside its own forest.
+
+Under DP at sites of a few hundred records the federated deep model and the DP GLM are near
+chance, so the hybrid falls back to the site forests (docs/learning.md, "Known limits"). A site's
+own GLM, fitted on its train split alone like its forest, needs no DP of its own either (only the
+statistics released about it do). This replays, offline and without noise, the two site-local
+models of every site of a layout and three ways of using them: each alone, their mean log-odds,
+and a stack of the two fitted on the pooled validation split (a logistic regression on their
+log-odds, what a federated meta-classifier over them would reach without noise). Scored by pooled
+test AUC and by the mean over sites of each site's own test AUC (sites whose test split lacks a
+class are left out of that mean), beside each site's better model alone (chosen on its own
+validation split).
+
+The forest and the GLM are fitted as a run fits them (``forest-trees``, ``glm-c``, the site's
+own scaler at ``glm-max-features``). Nothing is charged to the ledgers.
+
+Usage::
+
+    python -m simulations.benchmarks.site_glm_stack SITES_DIR [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from simulations.benchmarks import emit
+
+SCORES = ("forest", "glm", "mean", "stack")
+
+
+def _padded(proba: np.ndarray, classes: np.ndarray, n_classes: int) -> np.ndarray:
+    """Class probabilities over all ``n_classes`` (a site may lack a class in its train split)."""
+    out = np.full((len(proba), n_classes), 1e-6)
+    out[:, np.asarray(classes, dtype=int)] = proba
+    return out / out.sum(axis=1, keepdims=True)
+
+
+def _site_log_odds(site: Any, *, trees: int, glm_c: float, width: int, seed: int) -> dict[str, np.ndarray]:
+    """The site's forest and GLM (fitted on its train split) as stacking inputs on validation and test."""
+    from client.pipeline import (
+        fit_forest,
+        fit_glm,
+        fit_shared_scaler,
+        fit_tabular_preprocessor,
+        forest_matrix,
+        glm_matrix,
+        meta_features,
+    )
+
+    k = site.n_classes
+    pre = fit_tabular_preprocessor(site)
+    forest = fit_forest(site, pre, n_estimators=trees, random_state=seed)
+    scaler = fit_shared_scaler(site, max_glm_columns=width)
+    glm = fit_glm(site, scaler, C=glm_c)
+    glm_classes = np.unique(site.y[site.masks["train"]])
+    out = {}
+    for split in ("validation", "test"):
+        pf = _padded(forest.predict_proba(forest_matrix(site, split, pre)), forest.classes_, k)
+        pg = _padded(glm.predict_proba(glm_matrix(site, split, scaler)), glm_classes, k)
+        out[split] = meta_features(pf, pg)
+    return out
+
+
+def _auc(y: np.ndarray, score: np.ndarray, n_classes: int) -> float:
+    from scipy.special import softmax
+    from sklearn.metrics import roc_auc_score
+
+    if n_classes == 2:
+        return float(roc_auc_score(y, score))
+    return float(roc_auc_score(y, softmax(score, axis=1), multi_class="ovr", labels=np.arange(n_classes)))
+
+
+def _scores(x: np.ndarray, stack: Any, k: int) -> dict[str, np.ndarray]:
+    """Each way of using the two models, as one score (binary) or per-class log-scores."""
+    w = 1 if k == 2 else k
+    forest, glm = x[:, :w], x[:, w:]
+    scores = {"forest": forest, "glm": glm, "mean": (forest + glm) / 2,
+              "stack": stack.decision_function(x).reshape(len(x), -1)}
+    return {name: s[:, 0] if k == 2 else s for name, s in scores.items()}
+
+
+def run(*, sites_dir: Path, seed: int = 0) -> dict[str, Any]:
+    from sklearn.linear_model import LogisticRegression
+
+    from client.pipeline import SiteData
+    from common.settings import RunSettings
+    from simulations.benchmarks.dp_glm import _cohorts
+
+    settings = RunSettings()
+    sites = [SiteData.from_cohort(c) for c in _cohorts(sites_dir)]
+    k = sites[0].n_classes
+    x = [_site_log_odds(s, trees=settings.forest_trees, glm_c=settings.glm_c, width=settings.glm_max_features,
+                        seed=seed) for s in sites]
+    y = {split: [s.y[s.masks[split]] for s in sites] for split in ("validation", "test")}
+    stack = LogisticRegression(C=1.0, max_iter=1000).fit(np.vstack([v["validation"] for v in x]),
+                                                          np.concatenate(y["validation"]))
+    pooled = _scores(np.vstack([v["test"] for v in x]), stack, k)
+    y_test = np.concatenate(y["test"])
+    per_site: list[dict[str, Any]] = []
+    for i, site in enumerate(sites):
+        if len(np.unique(y["test"][i])) < k or len(np.unique(y["validation"][i])) < k:
+            continue
+        test = _scores(x[i]["test"], stack, k)
+        val = _scores(x[i]["validation"], stack, k)
+        best = max(("forest", "glm"), key=lambda m: _auc(y["validation"][i], val[m], k))
+        aucs = {m: round(_auc(y["test"][i], test[m], k), 4) for m in SCORES}
+        per_site.append({"site": i + 1, "test_records": len(y["test"][i]), **aucs,
+                         "best_alone": best, "best_alone_auc": aucs[best]})
+    return {"sites_dir": str(sites_dir), "classes": k, "forest_trees": settings.forest_trees,
+            "glm_c": settings.glm_c, "stack_coef": np.round(stack.coef_, 3).tolist(),
+            "pooled_test_auc": {m: round(_auc(y_test, s, k), 4) for m, s in pooled.items()},
+            "site_mean_test_auc": {m: round(float(np.mean([r[m] for r in per_site])), 4)
+                                   for m in (*SCORES, "best_alone_auc")} if per_site else {},
+            "per_site": per_site}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m simulations.benchmarks.site_glm_stack", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sites_dir", type=Path, help="a site layout with vaults (genofed split ... --vaults)")
+    parser.add_argument("--seed", type=int, default=0, help="the forests' random state")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    emit(run(sites_dir=args.sites_dir, seed=args.seed), args.json)
+
+
+if __name__ == "__main__":
+    main()
