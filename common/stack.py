@@ -1,25 +1,40 @@
 """The stack's model names, which both sides and the report agree on.
 
 ``MODEL_NAMES`` are the rows of ``metrics.json`` ``models`` (the contract's keys: ``logreg`` is
-the federated GLM); ``BASE_MODELS`` are the meta-classifier's inputs, in its feature order;
-``ALONE_MODELS`` are a site's own deep model and GLM trained on its data alone (its forest is
-already its own), whose statistics a site releases beside the federated models' when the run
-asks for ``site-alone``. ``REDUCED_STACKS`` are the fitted stack with one base model's weights set
-to zero, released on the validation split only, so that the coordinator can choose the stack
-without a model that only adds noise (:func:`server.phases._stacking_fallback`).
+the federated GLM, ``site-logreg`` each site's own GLM); ``BASE_MODELS`` are the
+meta-classifier's inputs, in its feature order; ``LOCAL_MODELS`` are the base models each site
+fits on its own train split and never sends (fitted without DP, like a hospital alone; only
+statistics about them are released): what ``stack-forest = false`` keeps out of the stack.
+``ALONE_MODELS`` are a site's own deep model trained on its data alone (its forest and GLM are
+already its own), whose statistics a site releases beside the federated models' when the run asks
+for ``site-alone``. ``REDUCED_STACKS`` are the fitted stack with one base model's weights set to
+zero, released on the validation split only, so that the coordinator can choose the stack without
+a model that only adds noise (:func:`server.phases._stacking_fallback`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-MODEL_NAMES = ("hybrid", "cnn", "forest", "logreg")
-BASE_MODELS = ("cnn", "forest", "logreg")
-ALONE_MODELS = ("alone-cnn", "alone-logreg")
-SITE_ALONE_ROWS = {"cnn": "alone-cnn", "forest": "forest", "logreg": "alone-logreg"}
+MODEL_NAMES = ("hybrid", "cnn", "forest", "logreg", "site-logreg")
+BASE_MODELS = ("cnn", "forest", "logreg", "site-logreg")
+LOCAL_MODELS = ("forest", "site-logreg")
+ALONE_MODELS = ("alone-cnn",)
+SITE_ALONE_ROWS = {"cnn": "alone-cnn", "forest": "forest", "logreg": "site-logreg"}
 """A site alone: its deep model, forest and GLM, by the released model that holds each."""
 REDUCED_STACKS = {f"hybrid-without-{m}": m for m in BASE_MODELS}
 """The stack without one base model, by the base model it leaves out."""
+
+
+def stacked_models(*, stack_local: bool) -> tuple[str, ...]:
+    """The base models the hybrid may read: all, or (``stack-forest = false``) all but the
+    site-local ones, which are fitted without DP."""
+    return tuple(m for m in BASE_MODELS if stack_local or m not in LOCAL_MODELS)
+
+
+def local_indices(*, stack_local: bool) -> tuple[int, ...]:
+    """Positions in :data:`BASE_MODELS` of the models left out of the stack (none, or the local ones)."""
+    return () if stack_local else tuple(BASE_MODELS.index(m) for m in LOCAL_MODELS)
 
 
 def released_models(*, site_alone: bool, split: str = "test") -> tuple[str, ...]:

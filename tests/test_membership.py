@@ -114,7 +114,7 @@ def campaign(layout: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) 
             null_se = {k: mb.auc_standard_error(v, *null_sizes) for k, v in null.items()}
             results[name] = {"auc": auc, "se": se, "null": null, "null_se": null_se,
                              "privacy": doc.get("privacy", {}), "sizes": sizes,
-                             "forest_weight": [mb.hybrid_forest_weight(t) for t in targets],
+                             "forest_weight": [mb.hybrid_local_weight(t) for t in targets],
                              "test_auc": {m: doc["models"][m]["auc"] for m in MODELS},
                              "fallback": (doc.get("meta") or {}).get("fallback", {}).get("model")}
     _print_table(results)
