@@ -730,7 +730,7 @@ def _probabilities(vault: Any, data: Any, cnn_weights: dict[str, np.ndarray], sh
     if split == "validation":
         for name, left_out in REDUCED_STACKS.items():
             reduced = without_model(coef, n_models=len(BASE_MODELS), n_classes=max(k, 2),
-                                    index=BASE_MODELS.index(left_out))
+                                    index=[BASE_MODELS.index(m) for m in left_out])
             proba[name] = hybrid_probabilities(base, reduced, n_classes=k)
     return proba
 

@@ -785,7 +785,7 @@ def _stacking_fallback(state: RunState, pooled: dict[str, Any], n_classes: int, 
     k = max(n_classes, 2)
     if auc[stack] > auc[best] + margin:
         coef = without_model(np.asarray(state.meta_coef), n_models=len(BASE_MODELS), n_classes=k,
-                             index=BASE_MODELS.index(REDUCED_STACKS[stack]))
+                             index=[BASE_MODELS.index(m) for m in REDUCED_STACKS[stack]])
         chosen = stack
     else:
         coef = selection_coef(n_models=len(BASE_MODELS), n_classes=k, index=BASE_MODELS.index(best))

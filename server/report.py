@@ -25,7 +25,7 @@ from common.metrics import (
     metrics_from_stats,
 )
 from common.settings import RunSettings
-from common.stack import REDUCED_STACKS, fallback_words
+from common.stack import REDUCED_STACKS, fallback_words, left_out_words
 from server.explanation_doc import explanation_markdown, read_explanation
 from server.phases import MODELS, RunState
 
@@ -212,8 +212,10 @@ def _model_roles(state: RunState, settings: RunSettings) -> dict[str, str]:
         roles["hybrid"] = (f"federated stacking meta-classifier over {over} (stack-forest = false: the site's own "
                            "forest and GLM, fitted without DP, are not stacked)")
     elif chosen in REDUCED_STACKS:
-        roles["hybrid"] = (f"federated stacking meta-classifier over {over} but the {REDUCED_STACKS[chosen]} (its "
-                           "weight set to zero: the stack without it won on validation"
+        one = len(REDUCED_STACKS[chosen]) == 1
+        roles["hybrid"] = (f"federated stacking meta-classifier over {over} but the {left_out_words(chosen)} ("
+                           + ("its weight" if one else "their weights") + " set to zero: the stack without "
+                           + ("it" if one else "them") + " won on validation"
                            + ("" if settings.stack_forest else "; stack-forest = false") + ")")
     elif chosen:
         roles["hybrid"] = f"the {chosen} below (stacking fallback: no stack beat it on validation)"

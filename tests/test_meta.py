@@ -215,6 +215,21 @@ def test_the_stack_without_a_noise_model_is_chosen_when_it_beats_the_rest() -> N
         fallback_note({"meta": {"fallback": fb}})
     state.meta_fallback = fb
     assert _model_roles(state, RunSettings())["hybrid"].startswith(f"the {fb['model']} below (stacking fallback")
+    # Both shared models noise, the site's own two good: the stack of the site models wins.
+    c = (y - 0.5) + rng.normal(0, 0.9, 600)
+    pooled = {"hybrid": stats(b + c + 2 * noise), "cnn": stats(noise), "forest": stats(b), "logreg": stats(noise),
+              "site-logreg": stats(c), "hybrid-without-cnn": stats(b + c + noise),
+              "hybrid-without-forest": stats(c + 2 * noise), "hybrid-without-logreg": stats(b + c + noise),
+              "hybrid-without-site-logreg": stats(b + 2 * noise), "hybrid-without-cnn-logreg": stats(b + c)}
+    state = RunState(run_id="r", meta_coef=[0.25, 0.25, 0.25, 0.25, 0.0])
+    fb = _stacking_fallback(state, pooled, 2, margin_se=0.0)
+    assert fb["model"] == "hybrid-without-cnn-logreg" and state.meta_coef == [0.0, 0.25, 0.0, 0.25, 0.0]
+    note = fallback_note({"meta": {"fallback": fb}})
+    assert "the stack without the cnn and the logreg had a higher validation AUC" in note
+    assert "with the weights of the cnn and the logreg set to zero" in note
+    state.meta_fallback = fb
+    assert "but the cnn and the logreg (their weights set to zero: the stack without them won" in \
+        _model_roles(state, RunSettings())["hybrid"]
 
 
 def test_the_stack_falls_back_to_a_better_base_model_on_validation() -> None:
