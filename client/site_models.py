@@ -51,8 +51,8 @@ class SiteModels:
     classes : class names, in the cohort's order.
     thresholds : operating threshold per model (probability of class 1; binary problems only).
     run_id : the run the deep model, scaler and coefficients come from.
-    forest_run_id : the run the site's own models (forest and GLM) were fitted in (the same run, unless a later run stopped
-        after fitting its forest and before its evaluation).
+    forest_run_id : the run the site's own models (forest and GLM) were fitted in (the same run,
+        unless a later run stopped after fitting them and before its evaluation).
     """
 
     cnn: GenomicNet
@@ -78,8 +78,9 @@ class SiteModels:
         out = []
         if self.forest_run_id and self.run_id and self.forest_run_id != self.run_id:
             out.append(f"the site's own forest and GLM were fitted in run {self.forest_run_id}, the other final "
-                       f"models come from run {self.run_id} (run {self.forest_run_id} stopped before its evaluation): the hybrid's "
-                       "weights were fitted with other site models; finish a run to make them consistent")
+                       f"models come from run {self.run_id} (run {self.forest_run_id} stopped before its "
+                       "evaluation): the hybrid's weights were fitted with other site models; finish a run to make "
+                       "them consistent")
         return out
 
 
