@@ -47,8 +47,8 @@ def _site_log_odds(site: Any, *, trees: int, glm_c: float, width: int, seed: int
         fit_shared_scaler,
         fit_tabular_preprocessor,
         forest_matrix,
-        glm_matrix,
         meta_features,
+        site_glm_proba,
     )
 
     k = site.n_classes
@@ -60,7 +60,7 @@ def _site_log_odds(site: Any, *, trees: int, glm_c: float, width: int, seed: int
     out = {}
     for split in ("validation", "test"):
         pf = _padded(forest.predict_proba(forest_matrix(site, split, pre)), forest.classes_, k)
-        pg = _padded(glm.predict_proba(glm_matrix(site, split, scaler)), glm_classes, k)
+        pg = site_glm_proba(glm, scaler, site, split, classes=glm_classes)
         out[split] = meta_features(pf, pg)
     return out
 
