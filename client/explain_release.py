@@ -134,10 +134,10 @@ def _prefixed(model: str, sums: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def _forest_sums(vault: Any, data: Any, layout: Any, clip: float) -> dict[str, np.ndarray]:
     from client.explain import attribution_sums, forest_attributions
-    from client.model_store import load_forest
+    from client.model_store import load_local_models
     from client.pipeline import forest_matrix
 
-    stored = load_forest(vault)
+    stored = load_local_models(vault)
     x = forest_matrix(data, "explain", stored["preprocessor"])
     return attribution_sums(layout.group(forest_attributions(stored["forest"], x)), clip=clip, normalize=True)
 

@@ -26,7 +26,7 @@ import numpy as np
 from client.privacy.egress import EgressContract, contract_for
 from client.site import SiteRef
 from common.settings import RoundFacts, RunSettings
-from common.stack import BASE_MODELS, MODEL_NAMES, REDUCED_STACKS, released_models
+from common.stack import BASE_MODELS, MODEL_NAMES, REDUCED_STACKS, local_indices, released_models
 
 log = logging.getLogger("genofed.client")
 
@@ -404,36 +404,44 @@ def _newton_records(vault: Any, privacy: Any, settings: RunSettings, facts: Roun
 
 def _base_probabilities(vault: Any, data: Any, cnn_weights: dict, shared: dict[str, np.ndarray],
                         settings: RunSettings, facts: RoundFacts, privacy: Any, split: str) -> dict[str, np.ndarray]:
-    """The base models' class probabilities on one split, fitting the site's forest once per run."""
+    """The base models' class probabilities on one split, fitting the site's own models (forest
+    and GLM) once per run."""
     import torch
 
-    from client.model_store import load_forest, save_forest
-    from client.pipeline import (
-        deep_proba,
-        fit_forest,
-        fit_tabular_preprocessor,
-        forest_matrix,
-        glm_matrix,
-    )
+    from client.pipeline import deep_proba, forest_matrix, glm_matrix, site_glm_proba
     from common.glm import FederatedGLM
     from common.models import build_model
 
-    stored = load_forest(vault)
-    if stored is None or stored.get("run_id") != facts.run_id:
-        pre = fit_tabular_preprocessor(data)
-        forest = fit_forest(data, pre, n_estimators=settings.forest_trees,
-                            random_state=privacy.seed(purpose="forest") % (2**31))
-        save_forest(vault, forest, pre, run_id=facts.run_id)
-    else:
-        forest, pre = stored["forest"], stored["preprocessor"]
+    local = _local_models(vault, data, settings, facts, privacy)
     scaler = _scaler(shared)
     model = build_model(_model_config(facts))
     model.load_state_dict({k: torch.as_tensor(v) for k, v in cnn_weights.items()})
     x_glm = glm_matrix(data, split, scaler)
     glm = FederatedGLM().set_coef(np.asarray(facts.glm_coef, dtype=np.float64), n_features=x_glm.shape[1])
     return {"cnn": deep_proba(model, data, split, scaler),
-            "forest": forest.predict_proba(forest_matrix(data, split, pre)),
-            "logreg": glm.predict_proba(x_glm)}
+            "forest": local["forest"].predict_proba(forest_matrix(data, split, local["preprocessor"])),
+            "logreg": glm.predict_proba(x_glm),
+            "site-logreg": site_glm_proba(local["site_glm"], local["site_scaler"], data, split,
+                                          classes=local["site_glm_classes"])}
+
+
+def _local_models(vault: Any, data: Any, settings: RunSettings, facts: RoundFacts, privacy: Any) -> dict[str, Any]:
+    """The site's forest and its own GLM (with its own scaler), fitted on its train split once per
+    run and kept in its vault: like a hospital alone, without DP; they never leave the site."""
+    from client.model_store import load_local_models, save_local_models
+    from client.pipeline import fit_forest, fit_glm, fit_shared_scaler, fit_tabular_preprocessor
+
+    stored = load_local_models(vault)
+    if stored is not None and stored.get("run_id") == facts.run_id and "site_glm" in stored:
+        return stored
+    pre = fit_tabular_preprocessor(data)
+    forest = fit_forest(data, pre, n_estimators=settings.forest_trees,
+                        random_state=privacy.seed(purpose="forest") % (2**31))
+    scaler = fit_shared_scaler(data, max_glm_columns=settings.glm_max_features)
+    local = {"forest": forest, "preprocessor": pre, "site_glm": fit_glm(data, scaler, C=settings.glm_c),
+             "site_scaler": scaler, "site_glm_classes": np.unique(data.y[data.masks["train"]]).tolist()}
+    save_local_models(vault, run_id=facts.run_id, **local)
+    return {**local, "run_id": facts.run_id}
 
 
 def meta_dim(n_classes: int) -> int:
@@ -477,8 +485,9 @@ def meta_round(site: SiteRef, cnn_weights: dict[str, np.ndarray], shared: dict[s
         data = SiteData.from_cohort(cohort)
         proba = _base_probabilities(vault, data, cnn_weights, shared, settings, facts, privacy, "validation")
         x = meta_features(*(proba[m] for m in BASE_MODELS))
-        if not settings.stack_forest:  # nothing the forest (fitted without DP) says enters the meta statistics
-            x = without_model_features(x, n_models=len(BASE_MODELS), n_classes=k, index=BASE_MODELS.index("forest"))
+        if not settings.stack_forest:  # nothing its own models (fitted without DP) say enters the meta statistics
+            x = without_model_features(x, n_models=len(BASE_MODELS), n_classes=k,
+                                       index=local_indices(stack_local=False))
         return x, data.y[data.masks["validation"]]
 
     def mechanism(coef: np.ndarray, x: np.ndarray, y: np.ndarray, noise: float, rng: Any) -> dict[str, np.ndarray]:
@@ -641,7 +650,7 @@ def _discordant_counts(y: np.ndarray, proba: dict[str, np.ndarray], facts: Round
 
 
 def train_alone(site: SiteRef, settings: RunSettings, facts: RoundFacts) -> HandlerReply:
-    """Train the site's own deep model and GLM on its data alone, once per run, and store them.
+    """Train the site's own deep model on its data alone, once per run, and store it.
 
     Its own exchange (``train.alone``), so that the longest local work of a run (the federation's
     total epochs of deep-model training) has a timeout of its own and never costs the site its
@@ -662,7 +671,8 @@ def train_alone(site: SiteRef, settings: RunSettings, facts: RoundFacts) -> Hand
 
 def _train_alone_models(data: Any, settings: RunSettings, facts: RoundFacts, privacy: Any,
                         vault: Any) -> dict[str, Any]:
-    """The site's own scaler, GLM and deep model, trained on its data alone.
+    """The site's own scaler and deep model, trained on its data alone (its own GLM and forest
+    are base models of the stack, fitted once per run: :func:`_local_models`).
 
     They never leave the site and need no DP of their own (only their released statistics do):
     a hospital alone would train without noise, which is the comparison a consortium must win.
@@ -673,10 +683,9 @@ def _train_alone_models(data: Any, settings: RunSettings, facts: RoundFacts, pri
 
     from client.dp_training import TrainConfig
     from client.model_store import load_start_weights
-    from client.pipeline import fit_glm, fit_shared_scaler, train_deep
+    from client.pipeline import fit_shared_scaler, train_deep
 
     scaler = fit_shared_scaler(data, max_glm_columns=settings.glm_max_features)
-    glm = fit_glm(data, scaler, C=settings.glm_c)
     epochs = settings.cnn_rounds * settings.local_epochs
     train_cfg = TrainConfig(epochs=epochs, batch_size=settings.batch_size, lr=settings.lr,
                             weight_decay=settings.weight_decay, patience=max(3, epochs // 4),
@@ -684,16 +693,16 @@ def _train_alone_models(data: Any, settings: RunSettings, facts: RoundFacts, pri
     start = load_start_weights(vault, run_id=facts.run_id)  # a warm start's public weights, if any
     initial = {k: torch.as_tensor(v) for k, v in start.items()} if start is not None else None
     model, _ = train_deep(data, cfg=_model_config(facts), train=train_cfg, dp=None, scaler=scaler, initial=initial)
-    return {"scaler": scaler, "glm": glm, "cnn": {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}}
+    return {"scaler": scaler, "cnn": {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}}
 
 
 def _alone_probabilities(vault: Any, data: Any, facts: RoundFacts, split: str) -> dict[str, np.ndarray]:
-    """The site's own deep model and GLM (stored by :func:`train_alone`) on one split; none when
-    the site did not train them in this run (its site-alone rows are then left out)."""
+    """The site's own deep model (stored by :func:`train_alone`) on one split; none when the site
+    did not train it in this run (its site-alone rows are then left out)."""
     import torch
 
     from client.model_store import load_alone_models
-    from client.pipeline import deep_proba, glm_matrix
+    from client.pipeline import deep_proba
     from common.models import build_model
 
     stored = load_alone_models(vault, run_id=facts.run_id)
@@ -703,8 +712,7 @@ def _alone_probabilities(vault: Any, data: Any, facts: RoundFacts, split: str) -
         return {}
     model = build_model(_model_config(facts))
     model.load_state_dict({k: torch.as_tensor(v) for k, v in stored["cnn"].items()})
-    return {"alone-cnn": deep_proba(model, data, split, stored["scaler"]),
-            "alone-logreg": stored["glm"].predict_proba(glm_matrix(data, split, stored["scaler"]))}
+    return {"alone-cnn": deep_proba(model, data, split, stored["scaler"])}
 
 
 def _probabilities(vault: Any, data: Any, cnn_weights: dict[str, np.ndarray], shared: dict[str, np.ndarray],
@@ -722,7 +730,7 @@ def _probabilities(vault: Any, data: Any, cnn_weights: dict[str, np.ndarray], sh
     if split == "validation":
         for name, left_out in REDUCED_STACKS.items():
             reduced = without_model(coef, n_models=len(BASE_MODELS), n_classes=max(k, 2),
-                                    index=BASE_MODELS.index(left_out))
+                                    index=[BASE_MODELS.index(m) for m in left_out])
             proba[name] = hybrid_probabilities(base, reduced, n_classes=k)
     return proba
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from client.vault import Vault
 
-FOREST_ROLE = "model/forest"
+LOCAL_MODELS_ROLE = "model/local"
 CNN_ROLE = "model/cnn"
 SHARED_ROLE = "model/shared-scaler"
 META_ROLE = "model/meta"
@@ -59,14 +59,16 @@ def arrays_from_bytes(blob: bytes) -> tuple[dict[str, np.ndarray], dict[str, Any
     return arrays, meta
 
 
-def save_forest(vault: Vault, forest: Any, preprocessor: Any, *, run_id: str) -> None:
-    vault.update({FOREST_ROLE: pickle.dumps({"forest": forest, "preprocessor": preprocessor, "run_id": run_id})})
+def save_local_models(vault: Vault, *, run_id: str, **models: Any) -> None:
+    """The site's own models of one run, fitted on its train split (the forest with its
+    preprocessor, the site's GLM with its scaler): they never leave the site."""
+    vault.update({LOCAL_MODELS_ROLE: pickle.dumps({**models, "run_id": run_id})})
 
 
-def load_forest(vault: Vault) -> dict[str, Any] | None:
-    if FOREST_ROLE not in vault.roles:
+def load_local_models(vault: Vault) -> dict[str, Any] | None:
+    if LOCAL_MODELS_ROLE not in vault.roles:
         return None
-    return pickle.loads(vault.read(FOREST_ROLE))  # noqa: S301 - authenticated blob written by this site
+    return pickle.loads(vault.read(LOCAL_MODELS_ROLE))  # noqa: S301 - authenticated blob written by this site
 
 
 def save_alone_models(vault: Vault, models: dict[str, Any], *, run_id: str) -> None:

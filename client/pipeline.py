@@ -8,6 +8,7 @@ the sites, which is what makes it the reference for the federation.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -148,6 +149,19 @@ def fit_glm(data: SiteData, scaler: SharedScaler, *, C: float) -> FederatedGLM:
     from common.glm import FederatedGLM
 
     return FederatedGLM(C=C).fit(glm_matrix(data, "train", scaler), data.y[data.masks["train"]])
+
+
+def site_glm_proba(glm: FederatedGLM, scaler: SharedScaler, data: SiteData, split: str, *,
+                   classes: Sequence[int]) -> np.ndarray:
+    """A site's own GLM (fitted on its train split with its own scaler) on one split, over every
+    class of the cohort: a class its train split lacked gets a floor, not a missing column."""
+    proba = glm.predict_proba(glm_matrix(data, split, scaler))
+    seen = np.asarray(classes, dtype=int)
+    if len(seen) == data.n_classes:
+        return proba
+    out = np.full((len(proba), data.n_classes), 1e-6)
+    out[:, seen] = proba
+    return out / out.sum(axis=1, keepdims=True)
 
 
 def deep_data(data: SiteData, split: str, cfg: DeepModelConfig, scaler: SharedScaler | None) -> DeepData:

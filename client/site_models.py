@@ -3,8 +3,8 @@
 A run's evaluation exchange hands the site its final models (``client.handlers._store_final_models``,
 roles in :mod:`client.model_store`): the global deep model (``model/cnn``), the shared scaler
 (``model/shared-scaler``), the GLM's and the meta-classifier's coefficients with the operating
-thresholds (``model/meta``), and the site's own forest (``model/forest``, fitted in the run's
-first meta round). :func:`load_site_models` reads them all; :func:`base_probabilities` and
+thresholds (``model/meta``), and the site's own forest and GLM (``model/local``, fitted in the
+run's first meta round). :func:`load_site_models` reads them all; :func:`base_probabilities` and
 :func:`model_probabilities` compute the models' class probabilities exactly as the site's
 handlers do during a run (``_base_probabilities`` and ``_probabilities``), so a prediction made
 later on site is the one the run's statistics describe.
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from client.pipeline import SiteData
     from client.preprocess import TabularPreprocessor
     from client.vault import Vault
+    from common.glm import FederatedGLM
     from common.models import GenomicNet
     from common.tabular import SharedScaler
 
@@ -43,19 +44,24 @@ class SiteModels:
     cnn : the global deep model (eval mode).
     scaler : the shared scaler (the GLM's inputs and the deep model's dense branch).
     forest, preprocessor : the site's forest and its tabular preprocessing (None without tabular data).
+    site_glm, site_scaler, site_glm_classes : the site's own GLM, the scaler it was fitted with (the
+        site's own moments) and the classes its train split held.
     glm_coef : the federated GLM's flat coefficients (per output: weights, then the intercept).
     meta_coef : the meta-classifier's flat coefficients over :data:`common.stack.BASE_MODELS`' log-odds.
     classes : class names, in the cohort's order.
     thresholds : operating threshold per model (probability of class 1; binary problems only).
     run_id : the run the deep model, scaler and coefficients come from.
-    forest_run_id : the run the forest was fitted in (the same run, unless a later run stopped
-        after fitting its forest and before its evaluation).
+    forest_run_id : the run the site's own models (forest and GLM) were fitted in (the same run,
+        unless a later run stopped after fitting them and before its evaluation).
     """
 
     cnn: GenomicNet
     scaler: SharedScaler
     forest: SiteForest
     preprocessor: TabularPreprocessor | None
+    site_glm: FederatedGLM
+    site_scaler: SharedScaler
+    site_glm_classes: tuple[int, ...]
     glm_coef: np.ndarray
     meta_coef: np.ndarray
     classes: tuple[str, ...]
@@ -71,9 +77,10 @@ class SiteModels:
         """What a reader of these models' predictions should know (empty when all is consistent)."""
         out = []
         if self.forest_run_id and self.run_id and self.forest_run_id != self.run_id:
-            out.append(f"the site forest was fitted in run {self.forest_run_id}, the other final models come from "
-                       f"run {self.run_id} (run {self.forest_run_id} stopped before its evaluation): the hybrid's "
-                       "weights were fitted with another forest; finish a run to make them consistent")
+            out.append(f"the site's own forest and GLM were fitted in run {self.forest_run_id}, the other final "
+                       f"models come from run {self.run_id} (run {self.forest_run_id} stopped before its "
+                       "evaluation): the hybrid's weights were fitted with other site models; finish a run to make "
+                       "them consistent")
         return out
 
 
@@ -87,15 +94,22 @@ def load_site_models(vault: Vault) -> SiteModels:
     """
     import torch
 
-    from client.model_store import CNN_ROLE, META_ROLE, SHARED_ROLE, arrays_from_bytes, load_forest
+    from client.model_store import (
+        CNN_ROLE,
+        LOCAL_MODELS_ROLE,
+        META_ROLE,
+        SHARED_ROLE,
+        arrays_from_bytes,
+        load_local_models,
+    )
     from common.models import DeepModelConfig, build_model
     from common.tabular import SharedScaler
 
     roles = set(vault.roles)
     missing = [r for r in (CNN_ROLE, SHARED_ROLE, META_ROLE) if r not in roles]
-    stored = load_forest(vault)
-    if stored is None:
-        missing.append("model/forest")
+    stored = load_local_models(vault)
+    if stored is None or "site_glm" not in stored:
+        missing.append(LOCAL_MODELS_ROLE)
     if missing:
         raise FinalModelsMissing(
             f"{vault.path}: no final models in this vault (missing: {', '.join(missing)}); a federated run hands "
@@ -111,7 +125,8 @@ def load_site_models(vault: Vault) -> SiteModels:
                                  f"{meta.get('base_models')}, this genofed stacks {list(BASE_MODELS)}; "
                                  "run a federation with this version to get matching final models")
     return SiteModels(cnn=model, scaler=SharedScaler.from_arrays(arrays_from_bytes(vault.read(SHARED_ROLE))[0]),
-                      forest=stored["forest"], preprocessor=stored["preprocessor"],
+                      forest=stored["forest"], preprocessor=stored["preprocessor"], site_glm=stored["site_glm"],
+                      site_scaler=stored["site_scaler"], site_glm_classes=tuple(stored["site_glm_classes"]),
                       glm_coef=np.asarray(meta["glm_coef"], dtype=np.float64),
                       meta_coef=np.asarray(meta["coef"], dtype=np.float64), classes=tuple(meta["classes"]),
                       thresholds={m: float(t) for m, t in meta.get("thresholds", {}).items() if m in MODEL_NAMES},
@@ -128,12 +143,14 @@ def glm_model(models: SiteModels, *, n_features: int) -> Any:
 def base_probabilities(models: SiteModels, data: SiteData, split: str) -> dict[str, np.ndarray]:
     """The base models' class probabilities on one split of ``data``, as the handlers compute them
     (``client.handlers._base_probabilities`` with the forest already fitted)."""
-    from client.pipeline import deep_proba, forest_matrix, glm_matrix
+    from client.pipeline import deep_proba, forest_matrix, glm_matrix, site_glm_proba
 
     x_glm = glm_matrix(data, split, models.scaler)
     return {"cnn": deep_proba(models.cnn, data, split, models.scaler),
             "forest": models.forest.predict_proba(forest_matrix(data, split, models.preprocessor)),
-            "logreg": glm_model(models, n_features=x_glm.shape[1]).predict_proba(x_glm)}
+            "logreg": glm_model(models, n_features=x_glm.shape[1]).predict_proba(x_glm),
+            "site-logreg": site_glm_proba(models.site_glm, models.site_scaler, data, split,
+                                          classes=models.site_glm_classes)}
 
 
 def hybrid_probabilities(base: dict[str, np.ndarray], meta_coef: np.ndarray, *, n_classes: int) -> np.ndarray:

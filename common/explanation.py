@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from common.stack import BASE_MODELS
+
 BASES = "ACGT"
 RESOLVED_KINDS = (("variants", "sites", "variant"), ("omics", "features", "omics"), ("events", "features", "events"))
 """Feature lists a site may resolve from its own files: named only by position outside the site."""
@@ -200,7 +202,7 @@ def top_motifs(sums: np.ndarray, layout: MotifLayout, *, n_patients: int, top: i
 # ---------------------------------------------------------------------------------------------
 # The explanation release: what a site sends, and the global explanation read from the sums
 
-BASE_SHARE_MODELS = ("cnn", "forest", "logreg")
+BASE_SHARE_MODELS = BASE_MODELS
 """The base models whose share of the meta-classifier's evidence a site sums (common.stack order)."""
 
 FORMAT = "genofed-explanation"

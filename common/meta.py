@@ -284,16 +284,22 @@ def selection_coef(*, n_models: int, n_classes: int, index: int) -> np.ndarray:
     return coef.ravel()
 
 
-def without_model(coef: np.ndarray, *, n_models: int, n_classes: int, index: int) -> np.ndarray:
-    """``coef`` with every weight on model ``index``'s features set to zero (the stack without it).
+def without_model(coef: np.ndarray, *, n_models: int, n_classes: int, index: int | Sequence[int]) -> np.ndarray:
+    """``coef`` with every weight on model ``index``'s features set to zero (the stack without it;
+    several models when ``index`` is a sequence).
 
     The intercepts are left as fitted: a reduced stack is chosen and thresholded on its own
     validation statistics, which its ranking alone decides.
     """
     k = 1 if n_classes == 2 else n_classes
     rows = np.asarray(coef, dtype=np.float64).reshape(k, n_models * k + 1).copy()
-    rows[:, index * k:(index + 1) * k] = 0.0
+    for i in _indices(index):
+        rows[:, i * k:(i + 1) * k] = 0.0
     return rows.ravel()
+
+
+def _indices(index: int | Sequence[int]) -> tuple[int, ...]:
+    return (int(index),) if isinstance(index, (int, np.integer)) else tuple(int(i) for i in index)
 
 
 def positive_evidence(*, n_models: int, n_classes: int) -> np.ndarray:
@@ -342,17 +348,19 @@ def averaging_prior(*, n_models: int, n_classes: int, left_out: Sequence[int] = 
     return coef.ravel()
 
 
-def without_model_features(x: np.ndarray, *, n_models: int, n_classes: int, index: int) -> np.ndarray:
-    """Stacking inputs ``x`` with model ``index``'s columns set to zero (what the stack without
-    it reads: nothing of that model enters its statistics)."""
+def without_model_features(x: np.ndarray, *, n_models: int, n_classes: int,
+                           index: int | Sequence[int]) -> np.ndarray:
+    """Stacking inputs ``x`` with model ``index``'s columns (or several models') set to zero (what
+    the stack without it reads: nothing of that model enters its statistics)."""
     k = 1 if n_classes == 2 else n_classes
     out = np.array(x, dtype=np.float64, copy=True)
-    out[:, index * k:(index + 1) * k] = 0.0
+    for i in _indices(index):
+        out[:, i * k:(i + 1) * k] = 0.0
     return out
 
 
-def model_mask(*, n_models: int, n_classes: int, index: int) -> np.ndarray:
-    """Mask of the flat coefficients that weigh model ``index``'s features (the ones
+def model_mask(*, n_models: int, n_classes: int, index: int | Sequence[int]) -> np.ndarray:
+    """Mask of the flat coefficients that weigh model ``index``'s features, or several models' (the ones
     :func:`without_model` zeroes)."""
     ones = np.ones(n_params(n_models * (1 if n_classes == 2 else n_classes), n_classes))
     return without_model(ones, n_models=n_models, n_classes=n_classes, index=index) == 0.0

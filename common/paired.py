@@ -13,12 +13,14 @@ from typing import Any
 
 import numpy as np
 
-PAIRED_WEIGHT = 0.5
-"""The discordant counts' weight in a noised test-statistics release: with three pairs the
-histograms' noise grows by sqrt(1 + 3 x 0.25 / 4) = 1.09 times (binary, four models) instead of
-1.32 at weight 1, and the counts carry twice the histograms' noise (McNemar is then approximate)."""
+from common.stack import BASE_MODELS
 
-PAIRED_WITH = ("cnn", "forest", "logreg")
+PAIRED_WEIGHT = 0.5
+"""The discordant counts' weight in a noised test-statistics release: with four pairs the
+histograms' noise grows by sqrt(1 + 4 x 0.25 / 5) = 1.10 times (binary, five models) instead of
+1.34 at weight 1, and the counts carry twice the histograms' noise (McNemar is then approximate)."""
+
+PAIRED_WITH = BASE_MODELS
 """The hybrid is compared, patient by patient, with each base model."""
 
 

@@ -77,7 +77,8 @@ class RunSettings:
     meta_c: float = 1.0
     meta_tol: float = 1e-10
     meta_positive: bool = True       # non-negative stacking: no model's weight on its own evidence goes below 0
-    stack_forest: bool = True        # the hybrid stacks the site forest (fitted without DP); false: the deep model and GLM only
+    stack_forest: bool = True        # the hybrid stacks the site's own forest and GLM (fitted without DP); false: not
+    #                                  them, only the deep model and the federated GLM
     meta_fallback_margin: float = 0.0  # the stack is kept only if its validation AUC beats its best base model's by more than this many standard errors
     test_statistics: str = "noised"  # none | noised | exact: how sites release test statistics
     test_epsilon: float = 1.0        # epsilon of the one test-statistics release (noised), and of the validation one

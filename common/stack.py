@@ -1,25 +1,50 @@
 """The stack's model names, which both sides and the report agree on.
 
 ``MODEL_NAMES`` are the rows of ``metrics.json`` ``models`` (the contract's keys: ``logreg`` is
-the federated GLM); ``BASE_MODELS`` are the meta-classifier's inputs, in its feature order;
-``ALONE_MODELS`` are a site's own deep model and GLM trained on its data alone (its forest is
-already its own), whose statistics a site releases beside the federated models' when the run
-asks for ``site-alone``. ``REDUCED_STACKS`` are the fitted stack with one base model's weights set
-to zero, released on the validation split only, so that the coordinator can choose the stack
-without a model that only adds noise (:func:`server.phases._stacking_fallback`).
+the federated GLM, ``site-logreg`` each site's own GLM); ``BASE_MODELS`` are the
+meta-classifier's inputs, in its feature order; ``LOCAL_MODELS`` are the base models each site
+fits on its own train split and never sends (fitted without DP, like a hospital alone; only
+statistics about them are released): what ``stack-forest = false`` keeps out of the stack.
+``ALONE_MODELS`` are a site's own deep model trained on its data alone (its forest and GLM are
+already its own), whose statistics a site releases beside the federated models' when the run asks
+for ``site-alone``. ``REDUCED_STACKS`` are the fitted stack with some base models' weights set to
+zero (each model in turn, and both shared models at once), released on the validation split only,
+so that the coordinator can choose the stack without models that only add noise
+(:func:`server.phases._stacking_fallback`).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-MODEL_NAMES = ("hybrid", "cnn", "forest", "logreg")
-BASE_MODELS = ("cnn", "forest", "logreg")
-ALONE_MODELS = ("alone-cnn", "alone-logreg")
-SITE_ALONE_ROWS = {"cnn": "alone-cnn", "forest": "forest", "logreg": "alone-logreg"}
+MODEL_NAMES = ("hybrid", "cnn", "forest", "logreg", "site-logreg")
+BASE_MODELS = ("cnn", "forest", "logreg", "site-logreg")
+LOCAL_MODELS = ("forest", "site-logreg")
+ALONE_MODELS = ("alone-cnn",)
+SITE_ALONE_ROWS = {"cnn": "alone-cnn", "forest": "forest", "logreg": "site-logreg"}
 """A site alone: its deep model, forest and GLM, by the released model that holds each."""
-REDUCED_STACKS = {f"hybrid-without-{m}": m for m in BASE_MODELS}
-"""The stack without one base model, by the base model it leaves out."""
+SHARED_MODELS = ("cnn", "logreg")
+"""The base models trained by the federation (under DP, the DP-trained ones)."""
+REDUCED_STACKS = {**{f"hybrid-without-{m}": (m,) for m in BASE_MODELS}, "hybrid-without-cnn-logreg": SHARED_MODELS}
+"""The stack without some base models, by the models it leaves out: each in turn, and both shared
+ones (the site's own models weighted by the federation: under DP at small sites the DP-trained
+models can be noise that no single leave-out removes; docs/learning.md)."""
+
+
+def left_out_words(stack: str) -> str:
+    """The models a reduced stack leaves out, for a sentence ("logreg", "cnn and the logreg")."""
+    return " and the ".join(REDUCED_STACKS[stack])
+
+
+def stacked_models(*, stack_local: bool) -> tuple[str, ...]:
+    """The base models the hybrid may read: all, or (``stack-forest = false``) all but the
+    site-local ones, which are fitted without DP."""
+    return tuple(m for m in BASE_MODELS if stack_local or m not in LOCAL_MODELS)
+
+
+def local_indices(*, stack_local: bool) -> tuple[int, ...]:
+    """Positions in :data:`BASE_MODELS` of the models left out of the stack (none, or the local ones)."""
+    return () if stack_local else tuple(BASE_MODELS.index(m) for m in LOCAL_MODELS)
 
 
 def released_models(*, site_alone: bool, split: str = "test") -> tuple[str, ...]:
@@ -39,17 +64,18 @@ def fallback_words(fb: dict[str, Any]) -> str:
         return ""
     auc = fb["validation_auc"]
     if model in REDUCED_STACKS:
-        left_out = REDUCED_STACKS[model]
+        left_out = left_out_words(model)
+        weight = f"the {left_out}'s weight" if len(REDUCED_STACKS[model]) == 1 else f"the weights of the {left_out}"
         return (f"the stack without the {left_out} had a higher validation AUC ({auc[model]:.3f}) than the full "
                 f"stack ({auc['hybrid']:.3f}) and every base model (best: the {fb['best_base']}, "
-                f"{auc[fb['best_base']]:.3f}), so the hybrid is the meta-classifier with the {left_out}'s weight set "
+                f"{auc[fb['best_base']]:.3f}), so the hybrid is the meta-classifier with {weight} set "
                 "to zero (decided on the sites' summed validation statistics).")
     se = fb.get("margin_se", 1.0)
     what = "its standard error" if se == 1.0 else f"{se:g} standard errors of it"
     margin = f" by more than {what} ({fb['margin']:.3f})" if fb.get("margin") else ""
     stack = fb.get("best_stack", "hybrid")
     which = f"the meta-classifier's validation AUC ({auc[stack]:.3f})" if stack == "hybrid" else \
-        f"the best stack, the one without the {REDUCED_STACKS[stack]}, reached a validation AUC of {auc[stack]:.3f} and"
+        f"the best stack, the one without the {left_out_words(stack)}, reached a validation AUC of {auc[stack]:.3f} and"
     return (f"{which} did not beat the {model}'s "
             f"({auc[model]:.3f}){margin}, so the hybrid is the {model} (stacking fallback, decided on "
             "the sites' summed validation statistics).")

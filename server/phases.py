@@ -31,7 +31,15 @@ from common.spec import diff_schemas
 from server.exchange import TooFewSitesError, exchange, wait_for_nodes
 from server.runlog import RunLog
 
-from common.stack import ALONE_MODELS, BASE_MODELS, REDUCED_STACKS, SITE_ALONE_ROWS, fallback_words
+from common.stack import (
+    ALONE_MODELS,
+    BASE_MODELS,
+    REDUCED_STACKS,
+    SITE_ALONE_ROWS,
+    fallback_words,
+    local_indices,
+    stacked_models,
+)
 from common.stack import MODEL_NAMES as MODELS
 
 
@@ -465,8 +473,8 @@ def run_meta_rounds(grid: Grid, settings: RunSettings, state: RunState, log: Run
     k = len(state.schema["label"]["classes"])
     n_models = len(BASE_MODELS)
     positive = positive_evidence(n_models=n_models, n_classes=max(k, 2)) if settings.meta_positive else None
-    left_out = () if settings.stack_forest else (BASE_MODELS.index("forest"),)
-    fixed = model_mask(n_models=n_models, n_classes=max(k, 2), index=left_out[0]) if left_out else None
+    left_out = local_indices(stack_local=settings.stack_forest)
+    fixed = model_mask(n_models=n_models, n_classes=max(k, 2), index=left_out) if left_out else None
     solver = NewtonSolver(n_features=n_models * (1 if k == 2 else k), n_classes=max(k, 2), penalty="l2",
                           C=settings.meta_c, tol=settings.meta_tol, positive=positive, fixed=fixed)
     if state.meta_solver:
@@ -667,7 +675,7 @@ def run_thresholds(grid: Grid, settings: RunSettings, state: RunState, log: RunL
                              "epsilon": {s: v["epsilon"] for s, v in per_site.items() if v["epsilon"] > 0}})
     chosen = _binary_thresholds(settings, state, pooled, per_site) if k == 2 else {}
     state.meta_fallback = _stacking_fallback(state, pooled, k, margin_se=settings.meta_fallback_margin,
-                                             candidates=stacked_models(settings))
+                                             candidates=stacked_models(stack_local=settings.stack_forest))
     if state.meta_fallback.get("model"):
         fb = state.meta_fallback
         if chosen:
@@ -735,12 +743,6 @@ def run_evaluation(grid: Grid, settings: RunSettings, state: RunState, log: RunL
     return {"pooled": pooled, "sites": per_site, "paired": paired_tests(paired)}
 
 
-def stacked_models(settings: RunSettings) -> tuple[str, ...]:
-    """The base models the hybrid may read (and fall back to): all, or all but the site forest
-    (``stack-forest = false``: it is fitted without DP)."""
-    return tuple(m for m in BASE_MODELS if settings.stack_forest or m != "forest")
-
-
 def _stacking_fallback(state: RunState, pooled: dict[str, Any], n_classes: int, *,
                        margin_se: float, candidates: tuple[str, ...] = BASE_MODELS) -> dict[str, Any]:
     """The stack the hybrid becomes, chosen on the sites' summed validation statistics; returns
@@ -783,7 +785,7 @@ def _stacking_fallback(state: RunState, pooled: dict[str, Any], n_classes: int, 
     k = max(n_classes, 2)
     if auc[stack] > auc[best] + margin:
         coef = without_model(np.asarray(state.meta_coef), n_models=len(BASE_MODELS), n_classes=k,
-                             index=BASE_MODELS.index(REDUCED_STACKS[stack]))
+                             index=[BASE_MODELS.index(m) for m in REDUCED_STACKS[stack]])
         chosen = stack
     else:
         coef = selection_coef(n_models=len(BASE_MODELS), n_classes=k, index=BASE_MODELS.index(best))

@@ -25,15 +25,17 @@ from common.metrics import (
     metrics_from_stats,
 )
 from common.settings import RunSettings
-from common.stack import REDUCED_STACKS, fallback_words
+from common.stack import REDUCED_STACKS, fallback_words, left_out_words
 from server.explanation_doc import explanation_markdown, read_explanation
 from server.phases import MODELS, RunState
 
 MODEL_ROLES = {
-    "hybrid": "federated stacking meta-classifier over the three base models below",
+    "hybrid": "federated stacking meta-classifier over the four base models below",
     "cnn": "federated deep model (FedAvg of the sites' DP-SGD updates)",
     "forest": "each site's own random forest (local: it never leaves its site), evaluated at its site",
     "logreg": "federated GLM: penalized logistic regression on the shared tabular features (glm-* settings)",
+    "site-logreg": "each site's own GLM, fitted on its train split alone (local: it never leaves its site), "
+                   "evaluated at its site",
 }
 """What each row of ``models`` is: rows that are local models are labelled as such."""
 
@@ -205,13 +207,15 @@ def _model_roles(state: RunState, settings: RunSettings) -> dict[str, str]:
         roles["cnn"] = ("federated deep model: a dense network on the shared tabular features (the cohort has no "
                         f"sequence tracks), FedAvg of the sites' {updates}")
     chosen = state.meta_fallback.get("model")
-    over = "the base models below" if settings.stack_forest else "the deep model and the GLM"
+    over = "the base models below" if settings.stack_forest else "the deep model and the federated GLM"
     if not settings.stack_forest and not chosen:
-        roles["hybrid"] = (f"federated stacking meta-classifier over {over} (stack-forest = false: the site forest, "
-                           "fitted without DP, is not stacked)")
+        roles["hybrid"] = (f"federated stacking meta-classifier over {over} (stack-forest = false: the site's own "
+                           "forest and GLM, fitted without DP, are not stacked)")
     elif chosen in REDUCED_STACKS:
-        roles["hybrid"] = (f"federated stacking meta-classifier over {over} but the {REDUCED_STACKS[chosen]} (its "
-                           "weight set to zero: the stack without it won on validation"
+        one = len(REDUCED_STACKS[chosen]) == 1
+        roles["hybrid"] = (f"federated stacking meta-classifier over {over} but the {left_out_words(chosen)} ("
+                           + ("its weight" if one else "their weights") + " set to zero: the stack without "
+                           + ("it" if one else "them") + " won on validation"
                            + ("" if settings.stack_forest else "; stack-forest = false") + ")")
     elif chosen:
         roles["hybrid"] = f"the {chosen} below (stacking fallback: no stack beat it on validation)"
@@ -277,12 +281,12 @@ def _dp_note(settings: RunSettings) -> str:
             "split and class), the number of examples sent with each update, "
             + ("the validation and test statistics (released exact, by the sites' policies), "
                if settings.test_statistics == "exact" else "") +
-            ("the site forests' fit and their kNN imputation from each site's own data (both stay on site but "
-               "shape what the meta-classifier statistics and test statistics release, and the hybrid stacks the "
-               "forest: its predictions at a site tell training patients from others, stack-forest = false keeps "
-               "the hybrid to the DP-trained models), " if settings.stack_forest else
-               "the site forests' fit and their kNN imputation from each site's own data (the hybrid does not read "
-               "the forest, stack-forest = false, but the forest's own row and test statistics do), ") +
+            ("the fit of each site's own forest and GLM and the forest's kNN imputation from the site's own data "
+               "(they stay on site but shape what the meta-classifier statistics and test statistics release, and "
+               "the hybrid stacks them: its predictions at a site tell training patients from others, "
+               "stack-forest = false keeps the hybrid to the DP-trained models), " if settings.stack_forest else
+               "the fit of each site's own forest and GLM and the forest's kNN imputation from the site's own data "
+               "(the hybrid does not read them, stack-forest = false, but their own rows and test statistics do), ") +
             "early stopping, and the random number generator, which "
             "is not cryptographically secure here (it is seeded from each site's vault key and ledger, never from "
             "the run config). See docs/privacy.md.")

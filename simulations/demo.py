@@ -75,7 +75,7 @@ def comparison_text(metrics: dict[str, Any]) -> str:
              "on validation):"]
     for name, m in models.items():
         role = metrics.get("model_roles", {}).get(name, "")
-        lines.append(f"  {name:8s} {m['auc']:.3f}  (recall {m['recall']:.3f}, specificity {m['specificity']:.3f})"
+        lines.append(f"  {name:11s} {m['auc']:.3f}  (recall {m['recall']:.3f}, specificity {m['specificity']:.3f})"
                      f"  {role}")
     best_base = max((n for n in models if n != "hybrid"), key=lambda n: models[n]["auc"])
     lines.append(f"  hybrid - best base model ({best_base}): {models['hybrid']['auc'] - models[best_base]['auc']:+.3f}")

@@ -40,6 +40,7 @@ from client.pipeline import (
     forest_matrix,
     glm_matrix,
     meta_features,
+    site_glm_proba,
     train_deep,
 )
 from common.cohort import Cohort
@@ -60,6 +61,8 @@ from common.progress import progress_bar
 
 MODELS = ("hybrid", "cnn", "forest", "logreg")
 BASE_MODELS = ("cnn", "forest", "logreg")
+SITE_MODELS = ("forest", "site-logreg")
+"""The models each site fits alone in the reference with site models (a federation's stack has both)."""
 
 
 @dataclass(frozen=True)
@@ -105,8 +108,8 @@ def evaluate_split(data: SiteData, settings: EvaluateSettings, *, label: str = "
     """Train every model on the stored train/validation split; test probabilities and privacy facts.
 
     With ``site_index`` (each patient's site, for pooled sites), also the reference that the
-    federation can reach when forests never leave their sites: the deep model and GLM pooled,
-    each site's forest trained on its own train split, the meta-classifier over those.
+    federation can reach when a site's own models never leave it: the deep model and GLM pooled,
+    each site's forest and GLM trained on its own train split, the meta-classifier over the four.
     """
     n_train = int(data.masks["train"].sum())
     delta = settings.delta_for(n_train)
@@ -141,11 +144,12 @@ def evaluate_split(data: SiteData, settings: EvaluateSettings, *, label: str = "
     test, thresholds, meta = _stack(proba, val_y, data.n_classes, settings)
     site_forests = None
     if site_index is not None:
-        local = {s: {**proba[s], "forest": _site_forest_proba(data, site_index, s, settings)}
-                 for s in ("validation", "test")}
-        sf_test, sf_thresholds, _ = _stack(local, val_y, data.n_classes, settings)
-        site_forests = {"test_proba": {m: sf_test[m] for m in ("hybrid", "forest")},
-                        "thresholds": {m: sf_thresholds[m] for m in ("hybrid", "forest") if m in sf_thresholds}}
+        local = {s: {**proba[s], **_site_models_proba(data, site_index, s, settings)} for s in ("validation", "test")}
+        base = (*BASE_MODELS, "site-logreg")
+        sf_test, sf_thresholds, _ = _stack(local, val_y, data.n_classes, settings, base=base)
+        rows = ("hybrid", *SITE_MODELS)
+        site_forests = {"test_proba": {m: sf_test[m] for m in rows},
+                        "thresholds": {m: sf_thresholds[m] for m in rows if m in sf_thresholds}}
     privacy = {"dp": dp is not None}
     if dp is not None:
         privacy.update(epsilon=result.epsilon, delta=delta, accountant=dp.accountant,
@@ -158,36 +162,45 @@ def evaluate_split(data: SiteData, settings: EvaluateSettings, *, label: str = "
             "meta": {"coef": meta.coef_.tolist(), "intercept": meta.intercept_.tolist()}}
 
 
-def _stack(proba: dict[str, dict[str, np.ndarray]], val_y: np.ndarray, n_classes: int,
-           settings: EvaluateSettings) -> tuple[dict[str, np.ndarray], dict[str, Threshold], StackingMetaClassifier]:
-    """The meta-classifier fitted on the validation split; test probabilities of every model and
-    (binary problems) each model's threshold chosen on the validation split."""
+def _stack(proba: dict[str, dict[str, np.ndarray]], val_y: np.ndarray, n_classes: int, settings: EvaluateSettings,
+           *, base: tuple[str, ...] = BASE_MODELS
+           ) -> tuple[dict[str, np.ndarray], dict[str, Threshold], StackingMetaClassifier]:
+    """The meta-classifier over ``base`` fitted on the validation split; test probabilities of every
+    model and (binary problems) each model's threshold chosen on the validation split."""
     meta = StackingMetaClassifier(penalty="l2", C=settings.meta_C, positive=settings.meta_positive).fit(
-        meta_features(*(proba["validation"][m] for m in BASE_MODELS)), val_y)
+        meta_features(*(proba["validation"][m] for m in base)), val_y)
     test = dict(proba["test"])
-    test["hybrid"] = meta.predict_proba(meta_features(*(test[m] for m in BASE_MODELS)))
+    test["hybrid"] = meta.predict_proba(meta_features(*(test[m] for m in base)))
     validation = dict(proba["validation"])
-    validation["hybrid"] = meta.predict_proba(meta_features(*(validation[m] for m in BASE_MODELS)))
+    validation["hybrid"] = meta.predict_proba(meta_features(*(validation[m] for m in base)))
     thresholds = {}
     if n_classes == 2:  # decisions at thresholds chosen on validation; multi-class keeps argmax
-        thresholds = {name: choose_threshold(compute_stats(val_y, validation[name], n_classes=2)) for name in MODELS}
+        thresholds = {name: choose_threshold(compute_stats(val_y, validation[name], n_classes=2))
+                      for name in ("hybrid", *base)}
     return test, thresholds, meta
 
 
-def _site_forest_proba(data: SiteData, site_index: np.ndarray, split: str, settings: EvaluateSettings) -> np.ndarray:
-    """Each site's own forest (fitted on its own train split) on its patients of ``split``, in pooled order."""
-    out = np.zeros((int(data.masks[split].sum()), data.n_classes))
+def _site_models_proba(data: SiteData, site_index: np.ndarray, split: str,
+                       settings: EvaluateSettings) -> dict[str, np.ndarray]:
+    """Each site's own forest and GLM (fitted on its own train split, the GLM with the site's own
+    scaler, as a federated site fits them) on its patients of ``split``, in pooled order."""
+    out = {m: np.zeros((int(data.masks[split].sum()), data.n_classes)) for m in SITE_MODELS}
     rows = np.flatnonzero(data.masks[split])
     for s in np.unique(site_index):
         mine = site_index == s
         site = replace(data, masks={k: m & mine for k, m in data.masks.items()})
+        here = np.isin(rows, np.flatnonzero(site.masks[split]))
         pre = fit_tabular_preprocessor(site)
         forest = fit_forest(site, pre, n_estimators=settings.forest_trees, random_state=settings.seed)
         # A site may lack a class in its train split: its forest then has fewer columns.
         columns = np.searchsorted(np.arange(data.n_classes), forest.classes_)
         block = np.zeros((int(site.masks[split].sum()), data.n_classes))
         block[:, columns] = forest.predict_proba(forest_matrix(site, split, pre))
-        out[np.isin(rows, np.flatnonzero(site.masks[split]))] = block
+        out["forest"][here] = block
+        scaler = fit_shared_scaler(site, max_glm_columns=settings.glm_max_features)
+        glm = fit_glm(site, scaler, C=settings.glm_C)
+        out["site-logreg"][here] = site_glm_proba(glm, scaler, site, split,
+                                                  classes=np.unique(site.y[site.masks["train"]]))
     return out
 
 
@@ -314,7 +327,8 @@ def _write_report_html(out: Path, main: dict[str, Any], k: int) -> None:
 
 
 def _site_forest_reference(main: dict[str, Any], k: int, settings: EvaluateSettings) -> dict[str, Any] | None:
-    """Pooled deep model and GLM with each site's own forest: what federation can reach (forests stay home)."""
+    """Pooled deep model and GLM with each site's own forest and GLM: what federation can reach
+    (a site's own models stay home)."""
     sf = main.get("site_forests")
     if sf is None:
         return None
@@ -351,8 +365,8 @@ def render_table(report: dict[str, Any]) -> str:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     ref = report.get("reference_site_forests")
     if ref:
-        lines += ["", "Reference with each site's own forest (the deep model and GLM pooled; forests never leave their "
-                  "sites, as in the federation):"]
+        lines += ["", "Reference with each site's own forest and GLM (the deep model and GLM pooled; a site's own "
+                  "models never leave it, as in the federation):"]
         for name, m in ref.items():
             lines.append(f"- {name}: " + ", ".join(f"{k} {_fmt(m[k])}" for k in METRIC_NAMES))
     th = report.get("thresholds", {})

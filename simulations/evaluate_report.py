@@ -97,9 +97,9 @@ def _metrics_section(doc: dict[str, Any]) -> str:
     from server.report_html import _metrics_table
 
     ref = doc.get("reference_site_forests")
-    reference = ("<h3>With each site's own forest</h3><p><small>The deep model and GLM pooled, each site's forest "
-                 "trained on its own train split and scoring its own patients, the meta-classifier over those: what "
-                 "a federation can reach when forests never leave their sites.</small></p>"
+    reference = ("<h3>With each site's own forest and GLM</h3><p><small>The deep model and GLM pooled, each site's "
+                 "forest and GLM trained on its own train split and scoring its own patients, the meta-classifier "
+                 "over the four: what a federation can reach when a site's own models never leave it.</small></p>"
                  + _metrics_table({"models": ref}) if ref else "")
     return (f"<h2>Test metrics (bootstrap 95% intervals)</h2>{_metrics_table(doc)}"
             f"<p><small>{_decisions(doc)}</small></p>{reference}")

@@ -185,14 +185,14 @@ def auc_standard_error(auc: float, n_members: int, n_nonmembers: int) -> float:
     return float(np.sqrt(max(var, 0.0)))
 
 
-def hybrid_forest_weight(site_dir: str | Path) -> float:
-    """The largest absolute weight the site's hybrid (meta-classifier) puts on its forest's evidence.
+def hybrid_local_weight(site_dir: str | Path) -> float:
+    """The largest absolute weight the site's hybrid (meta-classifier) puts on its own models' evidence.
 
-    0 when the run's stacking fell back to a model without the forest. The forest is fitted on the
-    site's training split without DP (docs/privacy.md, "What the guarantee does not cover"), so a
-    hybrid with a non-zero forest weight carries no DP guarantee for the training patients.
+    0 when the run's stacking fell back to a model without them. The site's forest and GLM are
+    fitted on its training split without DP (docs/privacy.md, "What the guarantee does not cover"),
+    so a hybrid with a non-zero weight on either carries no DP guarantee for the training patients.
     """
-    from common.stack import BASE_MODELS
+    from common.stack import BASE_MODELS, LOCAL_MODELS
 
     models = load_site(site_dir).models
     k = models.n_classes
@@ -200,5 +200,5 @@ def hybrid_forest_weight(site_dir: str | Path) -> float:
     coef = np.asarray(models.meta_coef, dtype=np.float64)
     per_output = coef.reshape(-1, width + 1)[:, :width]  # per output: weights, then the intercept
     block = 1 if k == 2 else k
-    i = BASE_MODELS.index("forest")
-    return float(np.abs(per_output[:, i * block:(i + 1) * block]).max())
+    return max(float(np.abs(per_output[:, i * block:(i + 1) * block]).max())
+               for i in (BASE_MODELS.index(m) for m in LOCAL_MODELS))

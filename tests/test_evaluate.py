@@ -120,10 +120,18 @@ def test_pooled_sites_also_give_the_site_forest_reference(small_spec: Path, tmp_
     """Pooled from several sites, the forest of the reference is each site's own, evaluated on its patients."""
     import numpy as np
 
-    from client.pipeline import SiteData, fit_forest, fit_tabular_preprocessor, forest_matrix
+    from client.pipeline import (
+        SiteData,
+        fit_forest,
+        fit_glm,
+        fit_shared_scaler,
+        fit_tabular_preprocessor,
+        forest_matrix,
+        glm_matrix,
+    )
     from common.cohort import concat_cohorts
     from common.metrics import compute_metrics
-    from simulations.evaluate import _site_forest_proba
+    from simulations.evaluate import _site_models_proba
 
     from client.cohort_store import load_cohort
     from client.vault import KeySource
@@ -139,15 +147,19 @@ def test_pooled_sites_also_give_the_site_forest_reference(small_spec: Path, tmp_
     settings = EvaluateSettings(epsilon=None, **FAST)
     report = run_evaluate(pooled, settings, tmp_path / "out", source="test")
     ref = report["reference_site_forests"]
-    assert set(ref) == {"hybrid", "forest"}
-    # The reference forest's test AUC is that of the two sites' own forests on their own test patients.
+    assert set(ref) == {"hybrid", "forest", "site-logreg"}
+    # The reference's forest and GLM test AUCs are those of the two sites' own models on their own test patients.
     data = SiteData.from_cohort(pooled)
     site_index = np.repeat([0, 1], sizes)
-    proba = _site_forest_proba(data, site_index, "test", settings)
+    proba = _site_models_proba(data, site_index, "test", settings)
     first = SiteData.from_cohort(halves[0])
+    n_first = int(first.masks["test"].sum())
     pre = fit_tabular_preprocessor(first)
     own = fit_forest(first, pre, n_estimators=settings.forest_trees, random_state=settings.seed)
-    np.testing.assert_allclose(proba[: int(first.masks["test"].sum())],
-                               own.predict_proba(forest_matrix(first, "test", pre)))
-    assert ref["forest"]["auc"] == compute_metrics(data.y[data.masks["test"]], proba, n_classes=2)["auc"]
-    assert "Reference with each site's own forest" in (tmp_path / "out" / "metrics.md").read_text()
+    np.testing.assert_allclose(proba["forest"][:n_first], own.predict_proba(forest_matrix(first, "test", pre)))
+    scaler = fit_shared_scaler(first, max_glm_columns=settings.glm_max_features)
+    glm = fit_glm(first, scaler, C=settings.glm_C)
+    np.testing.assert_allclose(proba["site-logreg"][:n_first], glm.predict_proba(glm_matrix(first, "test", scaler)))
+    for name in ("forest", "site-logreg"):
+        assert ref[name]["auc"] == compute_metrics(data.y[data.masks["test"]], proba[name], n_classes=2)["auc"]
+    assert "Reference with each site's own forest and GLM" in (tmp_path / "out" / "metrics.md").read_text()

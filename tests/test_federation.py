@@ -20,7 +20,7 @@ import torch
 
 from client.client_app import app as client_app
 from client.cohort_store import load_cohort
-from client.model_store import CNN_ROLE, SHARED_ROLE, arrays_from_bytes, load_forest
+from client.model_store import CNN_ROLE, SHARED_ROLE, arrays_from_bytes, load_local_models
 from client.pipeline import (
     SiteData,
     deep_proba,
@@ -92,7 +92,7 @@ def test_run_writes_metrics_with_one_exchange_per_round(sites: Path, tmp_path: P
     assert set(doc["thresholds"]) == set(doc["models"]) and "Youden" in doc["thresholds"]["hybrid"]["rule"]
     assert doc["glm"]["converged"] and doc["glm"]["rounds"] <= 8
     on_disk = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert set(on_disk["models"]) == {"hybrid", "cnn", "forest", "logreg"}
+    assert set(on_disk["models"]) == {"hybrid", "cnn", "forest", "logreg", "site-logreg"}
     for m in on_disk["models"].values():
         assert all(0.0 <= m[k] <= 1.0 for k in ("auc", "accuracy", "precision", "recall", "specificity", "f1", "auprc"))
         assert set(m["ci"]) >= {"auc", "f1"}
@@ -110,7 +110,7 @@ def test_run_writes_metrics_with_one_exchange_per_round(sites: Path, tmp_path: P
 
 def _union_predictions(sites: Path, meta_coef: list[float], split: str) -> tuple[np.ndarray, dict, np.ndarray]:
     """Per-patient predictions a site could compute locally, pooled here only for the test's check."""
-    ys, probas, xs = [], {"cnn": [], "forest": [], "logreg": [], "hybrid": []}, []
+    ys, probas, xs = [], {"cnn": [], "forest": [], "logreg": [], "site-logreg": [], "hybrid": []}, []
     for _, vault in _site_vaults(sites):
         data = SiteData.from_cohort(load_cohort(vault))
         arrays, meta = arrays_from_bytes(vault.read(CNN_ROLE))
@@ -118,16 +118,17 @@ def _union_predictions(sites: Path, meta_coef: list[float], split: str) -> tuple
         glm_coef = json.loads(vault.read("model/meta"))["glm_coef"]
         model = build_model(DeepModelConfig.from_dict(meta["config"]))
         model.load_state_dict({k: torch.as_tensor(v) for k, v in arrays.items()})
-        stored = load_forest(vault)
+        stored = load_local_models(vault)
         cnn = deep_proba(model, data, split, scaler)
         forest = stored["forest"].predict_proba(forest_matrix(data, split, stored["preprocessor"]))
         x_glm = glm_matrix(data, split, scaler)
         logreg = FederatedGLM().set_coef(np.asarray(glm_coef), n_features=x_glm.shape[1]).predict_proba(x_glm)
-        x = meta_features(cnn, forest, logreg)
+        own = stored["site_glm"].predict_proba(glm_matrix(data, split, stored["site_scaler"]))
+        x = meta_features(cnn, forest, logreg, own)
         hybrid = StackingMetaClassifier().set_coef(np.asarray(meta_coef), n_features=x.shape[1]).predict_proba(x)
         ys.append(data.y[data.masks[split]])
         xs.append(x)
-        for name, p in (("cnn", cnn), ("forest", forest), ("logreg", logreg), ("hybrid", hybrid)):
+        for name, p in (("cnn", cnn), ("forest", forest), ("logreg", logreg), ("site-logreg", own), ("hybrid", hybrid)):
             probas[name].append(p)
     return np.concatenate(ys), {k: np.concatenate(v) for k, v in probas.items()}, np.concatenate(xs)
 
@@ -140,7 +141,7 @@ def test_meta_matches_pooled_fit_and_pooled_metrics_match_the_union(sites: Path,
     pooled = StackingMetaClassifier(penalty="l2", C=1.0).fit(x_val, y_val)
     np.testing.assert_allclose(np.asarray(fitted), flat_coef(pooled), atol=1e-4)
     y_test, proba, _ = _union_predictions(sites, coef, "test")
-    for name in ("cnn", "forest", "logreg", "hybrid"):
+    for name in ("cnn", "forest", "logreg", "site-logreg", "hybrid"):
         # The sites released their statistics over TEST_BINS bins: the union with the same bins.
         # (released form: a binary decision is p1 >= 0.5, so the forest's 0.5 ties count as positive)
         union_stats = compute_stats(y_test, proba[name], n_classes=2, n_bins=TEST_BINS)
@@ -155,7 +156,7 @@ def test_meta_matches_pooled_fit_and_pooled_metrics_match_the_union(sites: Path,
 
     th = {m: t["probability"] for m, t in doc["thresholds"].items()}
     hybrid = predictions(proba["hybrid"], threshold=th["hybrid"])
-    for other in ("cnn", "forest", "logreg"):
+    for other in ("cnn", "forest", "logreg", "site-logreg"):
         union = mcnemar(discordant_counts(y_test, hybrid, predictions(proba[other], threshold=th[other])))
         assert doc["paired_tests"]["pairs"][f"hybrid-vs-{other}"] == union
     assert "McNemar" in (tmp_path / "run" / "report.html").read_text()
@@ -463,7 +464,7 @@ def test_a_held_out_site_only_evaluates(sites: Path, tmp_path: Path) -> None:
                                                                                     "validation"))
     assert set(doc["sites"]) == {"site-1", "site-2"}  # pooled and per-site metrics: the training sites
     held = doc["held_out"]
-    assert held["site"] == "site-3" and set(held["federated"]) == {"hybrid", "cnn", "forest", "logreg"}
+    assert held["site"] == "site-3" and set(held["federated"]) == {"hybrid", "cnn", "forest", "logreg", "site-logreg"}
     assert set(held["own"]) == {"cnn", "forest", "logreg"} and sum(held["class_counts"]) > 0
     vault = dict(_site_vaults(sites))["site-3"]
     # It trains its own models alone (only a count leaves) for the comparison, then evaluates.

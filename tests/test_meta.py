@@ -195,25 +195,41 @@ def test_the_stack_without_a_noise_model_is_chosen_when_it_beats_the_rest() -> N
         return compute_stats(y, np.column_stack([1 - p, p]), n_classes=2, n_bins=32)
 
     pooled = {"hybrid": stats(a + b + noise), "cnn": stats(a), "forest": stats(b), "logreg": stats(noise),
-              "hybrid-without-cnn": stats(b + noise), "hybrid-without-forest": stats(a + noise),
-              "hybrid-without-logreg": stats(a + b)}
-    state = RunState(run_id="r", meta_coef=[0.4, 0.3, 0.2, -0.1])
+              "site-logreg": stats(noise), "hybrid-without-cnn": stats(b + noise),
+              "hybrid-without-forest": stats(a + noise), "hybrid-without-logreg": stats(a + b),
+              "hybrid-without-site-logreg": stats(a + b + noise)}
+    state = RunState(run_id="r", meta_coef=[0.4, 0.3, 0.2, 0.0, -0.1])
     fb = _stacking_fallback(state, pooled, 2, margin_se=0.0)
     auc = fb["validation_auc"]
     assert fb["model"] == "hybrid-without-logreg" == fb["best_stack"]
     assert auc["hybrid-without-logreg"] > max(auc["cnn"], auc["forest"], auc["hybrid"])
-    assert state.meta_coef == [0.4, 0.3, 0.0, -0.1] and fb["fitted_coef"] == [0.4, 0.3, 0.2, -0.1]
+    assert state.meta_coef == [0.4, 0.3, 0.0, 0.0, -0.1] and fb["fitted_coef"] == [0.4, 0.3, 0.2, 0.0, -0.1]
     assert "the stack without the logreg had a higher validation AUC" in fallback_note({"meta": {"fallback": fb}})
     state.meta_fallback = fb
     assert "but the logreg (its weight set to zero" in _model_roles(state, RunSettings())["hybrid"]
     # A margin the reduced stack does not clear sends the hybrid to the best base model instead.
-    state = RunState(run_id="r", meta_coef=[0.4, 0.3, 0.2, -0.1])
+    state = RunState(run_id="r", meta_coef=[0.4, 0.3, 0.2, 0.0, -0.1])
     fb = _stacking_fallback(state, pooled, 2, margin_se=50.0)
     assert fb["model"] in ("cnn", "forest") and state.meta_coef[2] == 0.0
     assert "the best stack, the one without the logreg, reached a validation AUC of" in \
         fallback_note({"meta": {"fallback": fb}})
     state.meta_fallback = fb
     assert _model_roles(state, RunSettings())["hybrid"].startswith(f"the {fb['model']} below (stacking fallback")
+    # Both shared models noise, the site's own two good: the stack of the site models wins.
+    c = (y - 0.5) + rng.normal(0, 0.9, 600)
+    pooled = {"hybrid": stats(b + c + 2 * noise), "cnn": stats(noise), "forest": stats(b), "logreg": stats(noise),
+              "site-logreg": stats(c), "hybrid-without-cnn": stats(b + c + noise),
+              "hybrid-without-forest": stats(c + 2 * noise), "hybrid-without-logreg": stats(b + c + noise),
+              "hybrid-without-site-logreg": stats(b + 2 * noise), "hybrid-without-cnn-logreg": stats(b + c)}
+    state = RunState(run_id="r", meta_coef=[0.25, 0.25, 0.25, 0.25, 0.0])
+    fb = _stacking_fallback(state, pooled, 2, margin_se=0.0)
+    assert fb["model"] == "hybrid-without-cnn-logreg" and state.meta_coef == [0.0, 0.25, 0.0, 0.25, 0.0]
+    note = fallback_note({"meta": {"fallback": fb}})
+    assert "the stack without the cnn and the logreg had a higher validation AUC" in note
+    assert "with the weights of the cnn and the logreg set to zero" in note
+    state.meta_fallback = fb
+    assert "but the cnn and the logreg (their weights set to zero: the stack without them won" in \
+        _model_roles(state, RunSettings())["hybrid"]
 
 
 def test_the_stack_falls_back_to_a_better_base_model_on_validation() -> None:
@@ -231,24 +247,24 @@ def test_the_stack_falls_back_to_a_better_base_model_on_validation() -> None:
 
     better = np.clip(good + 0.15 * (y - 0.5), 0.01, 0.99)
     pooled = {"hybrid": stats(0.5 * good + 0.5 * noise), "cnn": stats(noise), "forest": stats(good),
-              "logreg": stats(rng.uniform(0.01, 0.99, 400))}
-    state = RunState(run_id="r", meta_coef=[0.3, 0.3, 0.3, 0.0])
+              "logreg": stats(rng.uniform(0.01, 0.99, 400)), "site-logreg": stats(rng.uniform(0.01, 0.99, 400))}
+    state = RunState(run_id="r", meta_coef=[0.3, 0.3, 0.3, 0.3, 0.0])
     fb = _stacking_fallback(state, pooled, 2, margin_se=1.0)
     assert fb["model"] == "forest" and fb["validation_auc"]["hybrid"] < fb["validation_auc"]["forest"]
-    assert state.meta_coef == [0.0, 1.0, 0.0, 0.0] and BASE_MODELS.index("forest") == 1
+    assert state.meta_coef == [0.0, 1.0, 0.0, 0.0, 0.0] and BASE_MODELS.index("forest") == 1
     # As good as the best base model is not enough: the stack must beat it by a standard error ...
     pooled["hybrid"] = stats(good)
-    state = RunState(run_id="r", meta_coef=[0.3, 0.3, 0.3, 0.0])
+    state = RunState(run_id="r", meta_coef=[0.3, 0.3, 0.3, 0.3, 0.0])
     assert _stacking_fallback(state, pooled, 2, margin_se=1.0)["model"] == "forest" and state.meta_coef[1] == 1.0
     # ... and a stack that does keeps its fit.
     pooled["hybrid"] = stats(better)
-    state = RunState(run_id="r", meta_coef=[0.3, 0.3, 0.3, 0.0])
+    state = RunState(run_id="r", meta_coef=[0.3, 0.3, 0.3, 0.3, 0.0])
     fb = _stacking_fallback(state, pooled, 2, margin_se=1.0)
     assert fb["model"] == "" and fb["validation_auc"]["hybrid"] > fb["validation_auc"]["forest"] + fb["margin"] > 0
-    assert state.meta_coef == [0.3, 0.3, 0.3, 0.0]
-    # With stack-forest = false the forest is no candidate: the stack beats the rest and keeps its fit.
+    assert state.meta_coef == [0.3, 0.3, 0.3, 0.3, 0.0]
+    # With stack-forest = false the site's own models are no candidates: the stack beats the rest and keeps its fit.
     pooled["hybrid"] = stats(0.5 * good + 0.5 * noise)
-    state = RunState(run_id="r", meta_coef=[0.3, 0.0, 0.3, 0.0])
+    state = RunState(run_id="r", meta_coef=[0.3, 0.0, 0.3, 0.0, 0.0])
     fb = _stacking_fallback(state, pooled, 2, margin_se=1.0, candidates=("cnn", "logreg"))
     assert fb["best_base"] in ("cnn", "logreg") and fb["model"] != "forest"
 
@@ -269,17 +285,17 @@ def test_a_multiclass_stack_falls_back_on_its_macro_auc() -> None:
         return e / e.sum(axis=1, keepdims=True)
 
     pooled = {name: compute_stats(y, proba(s), n_classes=3, n_bins=32)
-              for name, s in (("hybrid", 0.8), ("cnn", 0.2), ("forest", 2.0), ("logreg", 1.0))}
+              for name, s in (("hybrid", 0.8), ("cnn", 0.2), ("forest", 2.0), ("logreg", 1.0), ("site-logreg", 0.5))}
     se = auc_standard_error(pooled["forest"])
     assert 0.005 < se < 0.05
-    state = RunState(run_id="r", meta_coef=[0.1] * 30)
+    state = RunState(run_id="r", meta_coef=[0.1] * 39)
     fb = _stacking_fallback(state, pooled, 3, margin_se=1.0)
     assert fb["model"] == "forest" and fb["margin"] == se
     assert fb["validation_auc"]["forest"] == metrics_from_stats(pooled["forest"])["auc"]
-    np.testing.assert_array_equal(state.meta_coef, selection_coef(n_models=3, n_classes=3, index=1))
+    np.testing.assert_array_equal(state.meta_coef, selection_coef(n_models=4, n_classes=3, index=1))
     pooled["hybrid"] = compute_stats(y, proba(4.0), n_classes=3, n_bins=32)
-    state = RunState(run_id="r", meta_coef=[0.1] * 30)
-    assert _stacking_fallback(state, pooled, 3, margin_se=1.0)["model"] == "" and state.meta_coef == [0.1] * 30
+    state = RunState(run_id="r", meta_coef=[0.1] * 39)
+    assert _stacking_fallback(state, pooled, 3, margin_se=1.0)["model"] == "" and state.meta_coef == [0.1] * 39
 
 
 def test_the_multiclass_auc_standard_error_bounds_the_bootstrap() -> None:
@@ -314,11 +330,11 @@ def test_the_fallback_margin_is_counted_in_standard_errors() -> None:
         return compute_stats(y, np.column_stack([1 - p, p]), n_classes=2, n_bins=32)
 
     pooled = {"hybrid": stats(np.clip(good + 0.04 * (y - 0.5), 0.01, 0.99)), "cnn": stats(rng.uniform(size=400)),
-              "forest": stats(good), "logreg": stats(rng.uniform(size=400))}
+              "forest": stats(good), "logreg": stats(rng.uniform(size=400)), "site-logreg": stats(rng.uniform(size=400))}
     se = auc_standard_error(pooled["forest"])
     decided = {}
     for margin_se in (0.0, 0.5, 1.0, 2.0):
-        fb = _stacking_fallback(RunState(run_id="r", meta_coef=[0.3] * 4), pooled, 2, margin_se=margin_se)
+        fb = _stacking_fallback(RunState(run_id="r", meta_coef=[0.3] * 5), pooled, 2, margin_se=margin_se)
         assert fb["margin"] == pytest.approx(margin_se * se) and fb["margin_se"] == margin_se
         assert fb["standard_error"] == se
         lead = fb["validation_auc"]["hybrid"] - fb["validation_auc"]["forest"]
@@ -413,3 +429,26 @@ def test_a_fixed_model_keeps_exactly_zero_weight_and_the_rest_is_the_fit_without
     pooled = StackingMetaClassifier(penalty="l2", C=0.5, positive=False).fit(x3[:, keep], y)
     got = StackingMetaClassifier().set_coef(solver.result(), n_features=x3.shape[1]).coef_
     np.testing.assert_allclose(np.delete(got, np.r_[cols:2 * cols], axis=-1), pooled.coef_, atol=1e-3)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_leaving_out_several_models_is_leaving_out_each(k: int) -> None:
+    """stack-forest = false leaves out both site-local models: a sequence of indices zeroes exactly
+    the union of what each index alone zeroes (weights, features, mask)."""
+    from common.meta import model_mask, n_params, without_model, without_model_features
+    from common.stack import BASE_MODELS, LOCAL_MODELS, local_indices
+
+    n = len(BASE_MODELS)
+    both = local_indices(stack_local=False)
+    assert [BASE_MODELS[i] for i in both] == list(LOCAL_MODELS) and local_indices(stack_local=True) == ()
+    rng = np.random.default_rng(3)
+    coef = rng.normal(size=n_params(n * (1 if k == 2 else k), k))
+    x = rng.normal(size=(7, n * (1 if k == 2 else k)))
+    one_by_one, features = coef, x
+    for i in both:
+        one_by_one = without_model(one_by_one, n_models=n, n_classes=k, index=i)
+        features = without_model_features(features, n_models=n, n_classes=k, index=i)
+    np.testing.assert_array_equal(without_model(coef, n_models=n, n_classes=k, index=both), one_by_one)
+    np.testing.assert_array_equal(without_model_features(x, n_models=n, n_classes=k, index=both), features)
+    mask = model_mask(n_models=n, n_classes=k, index=both)
+    assert np.array_equal(mask, (one_by_one == 0.0) & (coef != 0.0)) and 0 < mask.sum() < len(coef)

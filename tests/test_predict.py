@@ -91,7 +91,7 @@ def test_one_patient_gets_what_the_runs_split_wide_computation_gets(sites: Path,
     """The stored models read back independently, as the handlers use them on a whole split."""
     import torch
 
-    from client.model_store import CNN_ROLE, META_ROLE, SHARED_ROLE, arrays_from_bytes, load_forest
+    from client.model_store import CNN_ROLE, META_ROLE, SHARED_ROLE, arrays_from_bytes, load_local_models
     from client.pipeline import deep_proba, forest_matrix, glm_matrix, meta_features
     from common.glm import FederatedGLM
     from common.meta import StackingMetaClassifier
@@ -104,13 +104,14 @@ def test_one_patient_gets_what_the_runs_split_wide_computation_gets(sites: Path,
     model.load_state_dict({k: torch.as_tensor(v) for k, v in weights.items()})
     scaler = SharedScaler.from_arrays(arrays_from_bytes(vault.read(SHARED_ROLE))[0])
     coef = json.loads(vault.read(META_ROLE))
-    stored = load_forest(vault)
+    stored = load_local_models(vault)
     x_glm = glm_matrix(data, "test", scaler)
     glm = FederatedGLM().set_coef(np.asarray(coef["glm_coef"]), n_features=x_glm.shape[1])
     whole = {"cnn": deep_proba(model, data, "test", scaler),
              "forest": stored["forest"].predict_proba(forest_matrix(data, "test", stored["preprocessor"])),
-             "logreg": glm.predict_proba(x_glm)}
-    x = meta_features(whole["cnn"], whole["forest"], whole["logreg"])
+             "logreg": glm.predict_proba(x_glm),
+             "site-logreg": stored["site_glm"].predict_proba(glm_matrix(data, "test", stored["site_scaler"]))}
+    x = meta_features(whole["cnn"], whole["forest"], whole["logreg"], whole["site-logreg"])
     meta = StackingMetaClassifier().set_coef(np.asarray(coef["coef"]), n_features=x.shape[1])
     whole["hybrid"] = meta.predict_proba(x)
     for j, i in enumerate(np.flatnonzero(data.masks["test"])[:6]):

@@ -22,7 +22,7 @@ from common.settings import RunSettings
 from server.checkpoint import load_latest
 from server.phases import CensusError
 from server.server_app import run_federation
-from simulations.membership import hybrid_forest_weight
+from simulations.membership import hybrid_local_weight
 from tests.local_grid import LocalGrid, node_configs, reference_layout
 
 FAST = dict(cnn_rounds=2, local_epochs=1, forest_trees=20, wait_timeout=2.0, round_timeout=60.0,
@@ -49,23 +49,24 @@ def _site_dirs(sites: Path) -> list[Path]:
     return [p for p in sorted(sites.iterdir()) if (p / "vault").is_dir()]
 
 
-def test_under_dp_the_hybrid_keeps_a_zero_forest_weight(sites: Path, tmp_path: Path) -> None:
+def test_under_dp_the_hybrid_keeps_a_zero_weight_on_the_site_models(sites: Path, tmp_path: Path) -> None:
     doc = _run(sites, tmp_path / "run", dp=True, epsilon=4.0, stack_forest=False)
     state = load_latest(tmp_path / "run").state
-    forest = np.asarray(state["meta_coef"])[1]  # binary: [cnn, forest, logreg, intercept]
-    assert forest == 0.0 and doc["meta"]["fallback"].get("model") != "forest", state["meta_coef"]
-    assert all(hybrid_forest_weight(s) == 0.0 for s in _site_dirs(sites))
+    local = np.asarray(state["meta_coef"])[[1, 3]]  # binary: [cnn, forest, logreg, site-logreg, intercept]
+    assert np.all(local == 0.0) and doc["meta"]["fallback"].get("model") not in ("forest", "site-logreg"), \
+        state["meta_coef"]
+    assert all(hybrid_local_weight(s) == 0.0 for s in _site_dirs(sites))
     assert doc["meta"]["stack_forest"] is False
     assert "stack-forest = false" in doc["model_roles"]["hybrid"] or doc["meta"]["fallback"]["model"] in ("cnn", "logreg")
-    assert "the hybrid does not read the forest, stack-forest = false" in doc["privacy_note"]
+    assert "the hybrid does not read them, stack-forest = false" in doc["privacy_note"]
     fitted = doc["meta"]["fallback"].get("fitted_coef", state["meta_coef"])
-    assert fitted[1] == 0.0, fitted  # what the noised rounds fitted, before any fallback
+    assert fitted[1] == fitted[3] == 0.0, fitted  # what the noised rounds fitted, before any fallback
 
 
-def test_the_default_hybrid_says_its_forest_is_outside_the_guarantee(sites: Path, tmp_path: Path) -> None:
+def test_the_default_hybrid_says_its_site_models_are_outside_the_guarantee(sites: Path, tmp_path: Path) -> None:
     doc = _run(sites, tmp_path / "run", dp=True, epsilon=4.0)
     assert doc["meta"]["stack_forest"] is True
-    assert "the hybrid stacks the forest: its predictions at a site tell training patients from others" \
+    assert "the hybrid stacks them: its predictions at a site tell training patients from others" \
         in doc["privacy_note"]
 
 
@@ -73,8 +74,8 @@ def test_a_site_policy_can_keep_its_forest_out_of_the_hybrid(sites: Path, tmp_pa
     for p in _site_dirs(sites):
         set_policy(Vault.open(p / "vault", KeySource.from_key_file(p / "key")), site=p.name, n_records=100,
                    stack_forest=False)
-    with pytest.raises(CensusError, match="its policy keeps its forest .* out of the hybrid and the run asks for "
-                                          "stack-forest = true"):
+    with pytest.raises(CensusError, match="its policy keeps its own forest and GLM .* out of the hybrid and the run "
+                                          "asks for stack-forest = true"):
         _run(sites, tmp_path / "refused", dp=True, epsilon=4.0)
     doc = _run(sites, tmp_path / "run", dp=True, epsilon=4.0, stack_forest=False)
     assert doc["models"]["hybrid"]["auc"] >= 0.0

@@ -80,9 +80,9 @@ class SitePolicy:
         carries the calibrated noise while at least the threshold of sites contribute; against
         sites that pool their own noise with the coordinator's view, less: docs/security.md);
         ``False`` adds the whole noise whatever the run asks.
-    stack_forest : allow runs whose hybrid stacks the site's forest (fitted without DP, so the
-        hybrid's predictions at the site are then outside the guarantee); ``False`` refuses any run
-        with ``stack-forest = true``.
+    stack_forest : allow runs whose hybrid stacks the site's own models, its forest and its GLM
+        (fitted without DP, so the hybrid's predictions at the site are then outside the
+        guarantee); ``False`` refuses any run with ``stack-forest = true``.
     """
 
     require_dp: bool = True
@@ -158,9 +158,9 @@ def check_request(policy: SitePolicy, settings: RunSettings) -> list[str]:
                        "secure-sum = true, or its privacy officer may allow it with "
                        "`genofed ledger policy --require-secure-sum no`)")
     if not policy.stack_forest and settings.stack_forest:
-        reasons.append("its policy keeps its forest (fitted without DP) out of the hybrid and the run asks for "
-                       "stack-forest = true (run with stack-forest = false, or its privacy officer may allow it with "
-                       "`genofed ledger policy --stack-forest yes`)")
+        reasons.append("its policy keeps its own forest and GLM (fitted without DP) out of the hybrid and the run "
+                       "asks for stack-forest = true (run with stack-forest = false, or its privacy officer may allow "
+                       "it with `genofed ledger policy --stack-forest yes`)")
     reasons += _check_test_statistics(policy, settings)
     return reasons
 

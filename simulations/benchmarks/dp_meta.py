@@ -1,7 +1,8 @@
 """Benchmark: the federated meta-classifier under DP, against its non-private pooled fit.
 
 Reads a site layout after a federated run (each vault holds the run's final deep model, shared
-scaler, GLM and forest), computes every site's stacking features (the three base models' log-odds)
+scaler, GLM, and its own forest and GLM), computes every site's stacking features (the base models'
+log-odds, :data:`common.stack.BASE_MODELS`)
 on its validation and test splits, and fits the meta-classifier: pooled without noise (the
 reference), and as the federation does under DP (Newton steps on Gaussian-noised statistics,
 eigenvalues floored at the noise level) from zero and from the public averaging prior, for each
@@ -28,18 +29,13 @@ from simulations.benchmarks import emit
 
 
 def _site_features(sites_dir: Path) -> list[dict[str, tuple[np.ndarray, np.ndarray]]]:
-    import json
-
-    import torch
-
     from client.cohort_store import load_cohort
-    from client.model_store import CNN_ROLE, META_ROLE, SHARED_ROLE, arrays_from_bytes, load_forest
-    from client.pipeline import SiteData, deep_proba, forest_matrix, glm_matrix, meta_features
+    from client.model_store import CNN_ROLE
+    from client.pipeline import SiteData, meta_features
     from client.site import site_dirs
+    from client.site_models import base_probabilities, load_site_models
     from client.vault import KeySource, Vault
-    from common.glm import FederatedGLM
-    from common.models import DeepModelConfig, build_model
-    from common.tabular import SharedScaler
+    from common.stack import BASE_MODELS
 
     out = []
     for d in site_dirs(sites_dir):
@@ -47,21 +43,11 @@ def _site_features(sites_dir: Path) -> list[dict[str, tuple[np.ndarray, np.ndarr
         if CNN_ROLE not in vault.roles:
             raise SystemExit(f"{d}: no final models in the vault; run a federation on {sites_dir} first")
         data = SiteData.from_cohort(load_cohort(vault))
-        arrays, meta = arrays_from_bytes(vault.read(CNN_ROLE))
-        model = build_model(DeepModelConfig.from_dict(meta["config"]))
-        model.load_state_dict({k: torch.as_tensor(a) for k, a in arrays.items()})
-        scaler = SharedScaler.from_arrays(arrays_from_bytes(vault.read(SHARED_ROLE))[0])
-        glm_coef = np.asarray(json.loads(vault.read(META_ROLE))["glm_coef"], dtype=np.float64)
-        stored = load_forest(vault)
+        models = load_site_models(vault)
         feats = {}
         for split in ("validation", "test"):
-            x_glm = glm_matrix(data, split, scaler)
-            glm = FederatedGLM().set_coef(glm_coef, n_features=x_glm.shape[1])
-            feats[split] = (meta_features(deep_proba(model, data, split, scaler),
-                                          stored["forest"].predict_proba(forest_matrix(data, split,
-                                                                                       stored["preprocessor"])),
-                                          glm.predict_proba(x_glm)),
-                            data.y[data.masks[split]])
+            proba = base_probabilities(models, data, split)
+            feats[split] = (meta_features(*(proba[m] for m in BASE_MODELS)), data.y[data.masks[split]])
         out.append(feats)
     return out
 
@@ -101,6 +87,7 @@ def run(*, sites_dir: Path, meta_epsilon: float, delta: float, rounds: list[int]
         draws: int) -> dict[str, Any]:
     from client.privacy.mechanisms import meta_noise_multiplier
     from common.meta import StackingMetaClassifier, averaging_prior, flat_coef, n_params, selection_coef
+    from common.stack import BASE_MODELS
 
     sites = _site_features(sites_dir)
     n_classes = max(2, int(max(s["validation"][1].max() for s in sites)) + 1)
@@ -116,7 +103,7 @@ def run(*, sites_dir: Path, meta_epsilon: float, delta: float, rounds: list[int]
         return {split: round(_auc(sites, coef, n_features, n_classes, split), 4) for split in ("validation", "test")}
 
     base = {name: score(selection_coef(n_models=n_models, n_classes=n_classes, index=i))
-            for i, name in enumerate(("cnn", "forest", "logreg")[:n_models])}
+            for i, name in enumerate(BASE_MODELS[:n_models])}
     rows = []
     for bound in bounds:
         for r in rounds:

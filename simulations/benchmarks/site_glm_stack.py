@@ -1,9 +1,9 @@
-"""Benchmark: what a site's own GLM would add to the stack beside its own forest.
+"""Benchmark: what a site's own GLM adds to the stack beside its own forest.
 
 Under DP at sites of a few hundred records the federated deep model and the DP GLM are near
-chance, so the hybrid falls back to the site forests (docs/learning.md, "Known limits"). A site's
-own GLM, fitted on its train split alone like its forest, needs no DP of its own either (only the
-statistics released about it do). This replays, offline and without noise, the two site-local
+chance, so the hybrid fell back to the site forests (docs/learning.md, "Known limits"); a site's
+own GLM (the base model ``site-logreg``), fitted on its train split alone like its forest, needs no
+DP of its own either (only the statistics released about it do). This replays, offline and without noise, the two site-local
 models of every site of a layout and three ways of using them: each alone, their mean log-odds,
 and a stack of the two fitted on the pooled validation split (a logistic regression on their
 log-odds, what a federated meta-classifier over them would reach without noise). Scored by pooled
@@ -47,8 +47,8 @@ def _site_log_odds(site: Any, *, trees: int, glm_c: float, width: int, seed: int
         fit_shared_scaler,
         fit_tabular_preprocessor,
         forest_matrix,
-        glm_matrix,
         meta_features,
+        site_glm_proba,
     )
 
     k = site.n_classes
@@ -60,7 +60,7 @@ def _site_log_odds(site: Any, *, trees: int, glm_c: float, width: int, seed: int
     out = {}
     for split in ("validation", "test"):
         pf = _padded(forest.predict_proba(forest_matrix(site, split, pre)), forest.classes_, k)
-        pg = _padded(glm.predict_proba(glm_matrix(site, split, scaler)), glm_classes, k)
+        pg = site_glm_proba(glm, scaler, site, split, classes=glm_classes)
         out[split] = meta_features(pf, pg)
     return out
 
