@@ -151,17 +151,22 @@ def fit_glm(data: SiteData, scaler: SharedScaler, *, C: float) -> FederatedGLM:
     return FederatedGLM(C=C).fit(glm_matrix(data, "train", scaler), data.y[data.masks["train"]])
 
 
+def over_all_classes(proba: np.ndarray, classes: Sequence[int], n_classes: int, *, floor: float = 1e-6) -> np.ndarray:
+    """Probabilities over the ``classes`` a site-local model saw, spread over all ``n_classes``: a
+    class its train split lacked gets ``floor`` (then renormalized), not a missing column."""
+    seen = np.asarray(classes, dtype=int)
+    if len(seen) == n_classes:
+        return proba
+    out = np.full((len(proba), n_classes), floor)
+    out[:, seen] = proba
+    return out / out.sum(axis=1, keepdims=True)
+
+
 def site_glm_proba(glm: FederatedGLM, scaler: SharedScaler, data: SiteData, split: str, *,
                    classes: Sequence[int]) -> np.ndarray:
     """A site's own GLM (fitted on its train split with its own scaler) on one split, over every
-    class of the cohort: a class its train split lacked gets a floor, not a missing column."""
-    proba = glm.predict_proba(glm_matrix(data, split, scaler))
-    seen = np.asarray(classes, dtype=int)
-    if len(seen) == data.n_classes:
-        return proba
-    out = np.full((len(proba), data.n_classes), 1e-6)
-    out[:, seen] = proba
-    return out / out.sum(axis=1, keepdims=True)
+    class of the cohort (:func:`over_all_classes`)."""
+    return over_all_classes(glm.predict_proba(glm_matrix(data, split, scaler)), classes, data.n_classes)
 
 
 def deep_data(data: SiteData, split: str, cfg: DeepModelConfig, scaler: SharedScaler | None) -> DeepData:

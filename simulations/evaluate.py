@@ -144,7 +144,8 @@ def evaluate_split(data: SiteData, settings: EvaluateSettings, *, label: str = "
     test, thresholds, meta = _stack(proba, val_y, data.n_classes, settings)
     site_forests = None
     if site_index is not None:
-        local = {s: {**proba[s], **_site_models_proba(data, site_index, s, settings)} for s in ("validation", "test")}
+        own = _site_models_proba(data, site_index, settings)
+        local = {s: {**proba[s], **own[s]} for s in ("validation", "test")}
         base = (*BASE_MODELS, "site-logreg")
         sf_test, sf_thresholds, _ = _stack(local, val_y, data.n_classes, settings, base=base)
         rows = ("hybrid", *SITE_MODELS)
@@ -180,27 +181,28 @@ def _stack(proba: dict[str, dict[str, np.ndarray]], val_y: np.ndarray, n_classes
     return test, thresholds, meta
 
 
-def _site_models_proba(data: SiteData, site_index: np.ndarray, split: str,
-                       settings: EvaluateSettings) -> dict[str, np.ndarray]:
-    """Each site's own forest and GLM (fitted on its own train split, the GLM with the site's own
-    scaler, as a federated site fits them) on its patients of ``split``, in pooled order."""
-    out = {m: np.zeros((int(data.masks[split].sum()), data.n_classes)) for m in SITE_MODELS}
-    rows = np.flatnonzero(data.masks[split])
-    for s in np.unique(site_index):
-        mine = site_index == s
+def _site_models_proba(data: SiteData, site_index: np.ndarray,
+                       settings: EvaluateSettings) -> dict[str, dict[str, np.ndarray]]:
+    """Each site's own forest and GLM (fitted once on its own train split, the GLM with the site's
+    own scaler, as a federated site fits them) on its patients of the validation and test splits,
+    in pooled order: ``{split: {model: probabilities}}``."""
+    splits = ("validation", "test")
+    out = {s: {m: np.zeros((int(data.masks[s].sum()), data.n_classes)) for m in SITE_MODELS} for s in splits}
+    for i in np.unique(site_index):
+        mine = site_index == i
         site = replace(data, masks={k: m & mine for k, m in data.masks.items()})
-        here = np.isin(rows, np.flatnonzero(site.masks[split]))
         pre = fit_tabular_preprocessor(site)
         forest = fit_forest(site, pre, n_estimators=settings.forest_trees, random_state=settings.seed)
-        # A site may lack a class in its train split: its forest then has fewer columns.
-        columns = np.searchsorted(np.arange(data.n_classes), forest.classes_)
-        block = np.zeros((int(site.masks[split].sum()), data.n_classes))
-        block[:, columns] = forest.predict_proba(forest_matrix(site, split, pre))
-        out["forest"][here] = block
         scaler = fit_shared_scaler(site, max_glm_columns=settings.glm_max_features)
         glm = fit_glm(site, scaler, C=settings.glm_C)
-        out["site-logreg"][here] = site_glm_proba(glm, scaler, site, split,
-                                                  classes=np.unique(site.y[site.masks["train"]]))
+        for s in splits:
+            here = np.isin(np.flatnonzero(data.masks[s]), np.flatnonzero(site.masks[s]))
+            # A site may lack a class in its train split: its forest then has fewer columns.
+            block = np.zeros((int(here.sum()), data.n_classes))
+            block[:, np.asarray(forest.classes_, dtype=int)] = forest.predict_proba(forest_matrix(site, s, pre))
+            out[s]["forest"][here] = block
+            out[s]["site-logreg"][here] = site_glm_proba(glm, scaler, site, s,
+                                                         classes=np.unique(site.y[site.masks["train"]]))
     return out
 
 

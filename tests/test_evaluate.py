@@ -151,7 +151,7 @@ def test_pooled_sites_also_give_the_site_forest_reference(small_spec: Path, tmp_
     # The reference's forest and GLM test AUCs are those of the two sites' own models on their own test patients.
     data = SiteData.from_cohort(pooled)
     site_index = np.repeat([0, 1], sizes)
-    proba = _site_models_proba(data, site_index, "test", settings)
+    proba = _site_models_proba(data, site_index, settings)["test"]
     first = SiteData.from_cohort(halves[0])
     n_first = int(first.masks["test"].sum())
     pre = fit_tabular_preprocessor(first)

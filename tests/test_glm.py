@@ -249,11 +249,12 @@ def test_the_fedavg_gap_benchmark_scores_every_round_of_every_variant(tmp_path) 
 def test_the_site_glm_stack_benchmark_scores_each_way_of_using_the_site_models(tmp_path) -> None:
     """Every way of using a site's forest and GLM is scored pooled and per site; a class a site's
     train split lacks gets a probability floor, not a missing column."""
-    from simulations.benchmarks.site_glm_stack import SCORES, _padded, run
+    from client.pipeline import over_all_classes
+    from simulations.benchmarks.site_glm_stack import SCORES, run
     from simulations.site_layout import split_cohort
     from simulations.synthetic import write_synthetic_cohort
 
-    padded = _padded(np.array([[0.25, 0.75]]), np.array([0, 2]), 3)
+    padded = over_all_classes(np.array([[0.25, 0.75]]), np.array([0, 2]), 3)
     assert padded.shape == (1, 3) and padded[0, 1] < 1e-5 and padded.sum() == pytest.approx(1.0)
     assert padded[0, 2] / padded[0, 0] == pytest.approx(3.0)
     write_synthetic_cohort(out=tmp_path / "cohort", patients=300, seed=4)

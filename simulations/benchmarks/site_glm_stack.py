@@ -32,13 +32,6 @@ from simulations.benchmarks import emit
 SCORES = ("forest", "glm", "mean", "stack")
 
 
-def _padded(proba: np.ndarray, classes: np.ndarray, n_classes: int) -> np.ndarray:
-    """Class probabilities over all ``n_classes`` (a site may lack a class in its train split)."""
-    out = np.full((len(proba), n_classes), 1e-6)
-    out[:, np.asarray(classes, dtype=int)] = proba
-    return out / out.sum(axis=1, keepdims=True)
-
-
 def _site_log_odds(site: Any, *, trees: int, glm_c: float, width: int, seed: int) -> dict[str, np.ndarray]:
     """The site's forest and GLM (fitted on its train split) as stacking inputs on validation and test."""
     from client.pipeline import (
@@ -48,6 +41,7 @@ def _site_log_odds(site: Any, *, trees: int, glm_c: float, width: int, seed: int
         fit_tabular_preprocessor,
         forest_matrix,
         meta_features,
+        over_all_classes,
         site_glm_proba,
     )
 
@@ -59,7 +53,7 @@ def _site_log_odds(site: Any, *, trees: int, glm_c: float, width: int, seed: int
     glm_classes = np.unique(site.y[site.masks["train"]])
     out = {}
     for split in ("validation", "test"):
-        pf = _padded(forest.predict_proba(forest_matrix(site, split, pre)), forest.classes_, k)
+        pf = over_all_classes(forest.predict_proba(forest_matrix(site, split, pre)), forest.classes_, k)
         pg = site_glm_proba(glm, scaler, site, split, classes=glm_classes)
         out[split] = meta_features(pf, pg)
     return out
