@@ -26,7 +26,7 @@ import numpy as np
 from client.privacy.egress import EgressContract, contract_for
 from client.site import SiteRef
 from common.settings import RoundFacts, RunSettings
-from common.stack import BASE_MODELS, MODEL_NAMES, REDUCED_STACKS, local_indices, released_models
+from common.stack import BASE_MODELS, MODEL_NAMES, local_indices, reduced_stacks, released_models
 
 log = logging.getLogger("genofed.client")
 
@@ -553,7 +553,8 @@ def _statistics_reply(site: SiteRef, cnn_weights: dict[str, np.ndarray], shared:
     contract = contract_for(message_type, dp=settings.dp, n_classes=k,
                             stats_shapes=stats_shapes(k, test_statistics=settings.test_statistics,
                                                       models=released_models(site_alone=settings.releases_site_alone,
-                                                                             split=split),
+                                                                             split=split,
+                                                                             stack_local=settings.stack_forest),
                                                       paired=split == "test" and settings.paired_tests),
                             stats_dtype="f" if facts.secure else "i")
     role = run_role(facts.run_id, "evaluate-release" if split == "test" else "validation-release")
@@ -589,7 +590,8 @@ def _released_statistics(vault: Any, cohort: Any, cnn_weights: dict[str, np.ndar
     proba = _probabilities(vault, data, cnn_weights, shared, settings, facts, privacy, cohort, split)
     if settings.releases_site_alone:
         proba |= _alone_probabilities(vault, data, facts, split)
-    models = tuple(m for m in released_models(site_alone=settings.releases_site_alone, split=split) if m in proba)
+    models = tuple(m for m in released_models(site_alone=settings.releases_site_alone, split=split,
+                                              stack_local=settings.stack_forest) if m in proba)
     arrays = {f"{name}.{key}": value for name in models
               for key, value in released_arrays(compute_stats(y, proba[name], n_classes=k, n_bins=TEST_BINS)).items()}
     paired = _discordant_counts(y, proba, facts) if split == "test" and settings.paired_tests else {}
@@ -728,7 +730,7 @@ def _probabilities(vault: Any, data: Any, cnn_weights: dict[str, np.ndarray], sh
     coef = np.asarray(facts.coef, dtype=np.float64)
     proba = {**base, "hybrid": hybrid_probabilities(base, coef, n_classes=k)}
     if split == "validation":
-        for name, left_out in REDUCED_STACKS.items():
+        for name, left_out in reduced_stacks(stack_local=settings.stack_forest).items():
             reduced = without_model(coef, n_models=len(BASE_MODELS), n_classes=max(k, 2),
                                     index=[BASE_MODELS.index(m) for m in left_out])
             proba[name] = hybrid_probabilities(base, reduced, n_classes=k)

@@ -10,7 +10,7 @@ already its own), whose statistics a site releases beside the federated models' 
 for ``site-alone``. ``REDUCED_STACKS`` are the fitted stack with some base models' weights set to
 zero (each model in turn, and both shared models at once), released on the validation split only,
 so that the coordinator can choose the stack without models that only add noise
-(:func:`server.phases._stacking_fallback`).
+(:func:`server.phases._stacking_fallback`); :func:`reduced_stacks` says which of them a run releases.
 """
 
 from __future__ import annotations
@@ -47,9 +47,18 @@ def local_indices(*, stack_local: bool) -> tuple[int, ...]:
     return () if stack_local else tuple(BASE_MODELS.index(m) for m in LOCAL_MODELS)
 
 
-def released_models(*, site_alone: bool, split: str = "test") -> tuple[str, ...]:
+def reduced_stacks(*, stack_local: bool = True) -> dict[str, tuple[str, ...]]:
+    """The reduced stacks worth releasing: those that leave out at least one model the hybrid
+    reads and keep at least one. With ``stack-forest = false`` the others are the fitted stack
+    itself or a stack of nothing, whose statistics would only add noise to the release."""
+    stacked = stacked_models(stack_local=stack_local)
+    return {name: out for name, out in REDUCED_STACKS.items()
+            if any(m in stacked for m in out) and any(m not in out for m in stacked)}
+
+
+def released_models(*, site_alone: bool, split: str = "test", stack_local: bool = True) -> tuple[str, ...]:
     """The models whose statistics a site releases on ``split`` ("validation" or "test")."""
-    reduced = tuple(REDUCED_STACKS) if split == "validation" else ()
+    reduced = tuple(reduced_stacks(stack_local=stack_local)) if split == "validation" else ()
     return MODEL_NAMES + reduced + (ALONE_MODELS if site_alone else ())
 
 

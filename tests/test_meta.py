@@ -452,3 +452,23 @@ def test_leaving_out_several_models_is_leaving_out_each(k: int) -> None:
     np.testing.assert_array_equal(without_model_features(x, n_models=n, n_classes=k, index=both), features)
     mask = model_mask(n_models=n, n_classes=k, index=both)
     assert np.array_equal(mask, (one_by_one == 0.0) & (coef != 0.0)) and 0 < mask.sum() < len(coef)
+
+
+@pytest.mark.parametrize("stack_local", [True, False])
+def test_a_run_releases_only_the_reduced_stacks_that_differ_from_the_hybrid_and_keep_a_model(stack_local: bool) -> None:
+    """A reduced stack equal to the fitted stack (it leaves out only models the hybrid does not read)
+    or with every weight at zero would add noise to the validation release and tell nothing."""
+    from common.meta import n_params, without_model
+    from common.stack import BASE_MODELS, REDUCED_STACKS, local_indices, reduced_stacks, released_models
+
+    n, k = len(BASE_MODELS), 2
+    coef = without_model(np.random.default_rng(5).normal(size=n_params(n, k)), n_models=n, n_classes=k,
+                         index=local_indices(stack_local=stack_local))
+    kept = reduced_stacks(stack_local=stack_local)
+    for name, left_out in REDUCED_STACKS.items():
+        reduced = without_model(coef, n_models=n, n_classes=k, index=[BASE_MODELS.index(m) for m in left_out])
+        informative = not np.array_equal(reduced, coef) and np.any(reduced[:n] != 0.0)
+        assert (name in kept) == informative, name
+    assert len(kept) == (5 if stack_local else 2)
+    validation = released_models(site_alone=False, split="validation", stack_local=stack_local)
+    assert set(validation) - set(released_models(site_alone=False)) == set(kept)

@@ -61,6 +61,10 @@ def test_under_dp_the_hybrid_keeps_a_zero_weight_on_the_site_models(sites: Path,
     assert "the hybrid does not read them, stack-forest = false" in doc["privacy_note"]
     fitted = doc["meta"]["fallback"].get("fitted_coef", state["meta_coef"])
     assert fitted[1] == fitted[3] == 0.0, fitted  # what the noised rounds fitted, before any fallback
+    # The reduced stacks that equal the hybrid (without a site model) or keep nothing (without both
+    # shared ones) are not released: they would only add noise to the validation statistics.
+    stacks = set(doc["meta"]["fallback"]["validation_auc"]) - {"hybrid", "cnn", "forest", "logreg", "site-logreg"}
+    assert stacks == {"hybrid-without-cnn", "hybrid-without-logreg"}, stacks
 
 
 def test_the_default_hybrid_says_its_site_models_are_outside_the_guarantee(sites: Path, tmp_path: Path) -> None:
