@@ -88,6 +88,26 @@ def linear_attributions(coef: np.ndarray, x: np.ndarray, *, n_classes: int) -> n
     return x[:, None, :] * rows[None, :, :-1]
 
 
+def site_glm_rows(glm: object, *, classes: Sequence[int], n_classes: int) -> np.ndarray:
+    """A site's own GLM as flat coefficients over every explained output (the layout of
+    :func:`linear_attributions`: per output, weights then the intercept).
+
+    The site's train split may lack classes of a multi-class cohort: an output the GLM has no score
+    for gets zero weights (no attribution); with two classes seen its one row is the second seen
+    class's score against the first's.
+    """
+    coef = np.column_stack([np.atleast_2d(glm.coef_), np.atleast_1d(glm.intercept_)])
+    if n_classes <= 2:
+        return coef[:1].ravel()
+    rows = np.zeros((n_classes, coef.shape[1]))
+    seen = np.asarray(classes, dtype=int)
+    if len(coef) == 1:
+        rows[seen[-1]] = coef[0]
+    else:
+        rows[seen] = coef
+    return rows.ravel()
+
+
 def deep_attributions(model: object, inputs: Sequence[np.ndarray], *, steps: int = 64,
                       batch_size: int = 16) -> list[np.ndarray]:
     """Integrated gradients of the deep model from an all-zero baseline, one array per input.

@@ -5,6 +5,7 @@ once per run, clipped sums of its patients' attributions (:mod:`client.explain`)
 
 - ``forest.*``: the site forest's TreeSHAP (probability scale), per explanation feature;
 - ``logreg.*``: the federated GLM's exact linear attributions (log-odds), per feature;
+- ``site-logreg.*``: the site's own GLM's exact linear attributions (log-odds, its own scaler), per feature;
 - ``profile.<track>.*``: the deep model's integrated gradients per track position;
 - ``motifs.dna``: those attributions summed per (k-mer, position bin) of the DNA track;
 - ``shares``: each base model's absolute contribution to the meta-classifier's log-odds.
@@ -123,6 +124,7 @@ def _attribution_sums(vault: Any, cohort: Any, data: Any, cnn_weights: dict[str,
     sums = {}
     sums |= _prefixed("forest", _forest_sums(vault, data, layout, clip))
     sums |= _prefixed("logreg", _glm_sums(data, shared, facts, layout, cohort, clip))
+    sums |= _prefixed("site-logreg", _site_glm_sums(vault, data, layout, cohort, clip))
     sums |= _deep_sums(cohort, data, cnn_weights, shared, facts, motifs, clip)
     sums["shares"] = _share_sums(proba, facts, _n_classes(cohort), clip)
     return sums
@@ -144,13 +146,27 @@ def _forest_sums(vault: Any, data: Any, layout: Any, clip: float) -> dict[str, n
 
 def _glm_sums(data: Any, shared: dict[str, np.ndarray], facts: RoundFacts, layout: Any, cohort: Any,
               clip: float) -> dict[str, np.ndarray]:
-    """The GLM's attributions on its columns, placed among all shared columns, per feature."""
+    """The federated GLM's attributions per feature."""
+    return _linear_sums(np.asarray(facts.glm_coef, dtype=np.float64), _scaler(shared), data, layout, cohort, clip)
+
+
+def _site_glm_sums(vault: Any, data: Any, layout: Any, cohort: Any, clip: float) -> dict[str, np.ndarray]:
+    """The site's own GLM's attributions per feature (on its own scaler's columns)."""
+    from client.explain import site_glm_rows
+    from client.model_store import load_local_models
+
+    stored = load_local_models(vault)
+    coef = site_glm_rows(stored["site_glm"], classes=stored["site_glm_classes"], n_classes=_n_classes(cohort))
+    return _linear_sums(coef, stored["site_scaler"], data, layout, cohort, clip)
+
+
+def _linear_sums(coef: np.ndarray, scaler: Any, data: Any, layout: Any, cohort: Any,
+                 clip: float) -> dict[str, np.ndarray]:
+    """A GLM's attributions on its columns, placed among all shared columns, per feature."""
     from client.explain import attribution_sums, linear_attributions
     from client.pipeline import glm_matrix
 
-    scaler = _scaler(shared)
-    x = glm_matrix(data, "explain", scaler)
-    phi = linear_attributions(np.asarray(facts.glm_coef, dtype=np.float64), x, n_classes=_n_classes(cohort))
+    phi = linear_attributions(coef, glm_matrix(data, "explain", scaler), n_classes=_n_classes(cohort))
     full = np.zeros((*phi.shape[:2], len(layout.column_feature)))
     full[:, :, scaler.glm_columns] = phi
     return attribution_sums(layout.group(full), clip=clip, normalize=True)

@@ -8,11 +8,12 @@ For one patient (of the vault's cohort, or a new one imported in memory from fil
 formats) it gives
 
 - each final model's class probabilities (global deep model ``cnn``, the site's ``forest``, the
-  federated GLM ``logreg``, the meta-classifier ``hybrid``) and the class each predicts at the run's
+  federated GLM ``logreg``, the site's own GLM ``site-logreg``, the meta-classifier ``hybrid``) and the class each predicts at the run's
   operating threshold (binary) or by argmax (multi-class);
 - the patient's own top contributing features: the forest's TreeSHAP values (probability scale;
   they add up with the forest's expected value to its probability, checked to :data:`SHAP_TOLERANCE`),
-  the GLM's exact linear attributions (log-odds relative to the federation's mean), and the deep
+  the federated GLM's exact linear attributions (log-odds relative to the federation's mean), the
+  site GLM's (relative to the site's own train mean), and the deep
   model's integrated gradients per sequence position;
 - optionally LIME (:func:`lime_tabular`, Ribeiro et al. 2016) for the forest as a second opinion,
   and where it agrees with SHAP;
@@ -264,13 +265,13 @@ def _predict(predictor: Predictor, *, index: int, data: SiteData | None, lime: b
     values = feature_values(predictor.layout, shared_raw(one, "predict")[0], schema=predictor.cohort.schema)
     x_forest = forest_matrix(one, "predict", models.preprocessor)
     forest = _forest_part(predictor, x_forest, proba["forest"], out_index=out_index, top=top, values=values)
-    x_glm = glm_matrix(one, "predict", models.scaler)
-    glm = _glm_part(predictor, x_glm, proba["logreg"], out_index=out_index, top=top, values=values)
+    glms = {m: _glm_part(predictor, glm_matrix(one, "predict", glm_scaler(models, m)), proba[m], model=m,
+                         out_index=out_index, top=top, values=values) for m in GLM_MODELS}
     result: dict[str, Any] = {
         "classes": list(classes), "explained_output": output,
         "models": {m: _model_row(proba[m], classes=classes, threshold=models.thresholds.get(m)) for m in MODEL_NAMES},
         "attributions": {"forest": forest,
-                         "logreg": glm,
+                         **glms,
                          "cnn": _deep_part(predictor, one, out_index=out_index, top=top, values=values)},
     }
     if lime:
@@ -348,28 +349,50 @@ def _forest_part(predictor: Predictor, x: np.ndarray, proba: np.ndarray, *, out_
             "_norm": float(np.linalg.norm(phi_all))}
 
 
-def glm_contributions(predictor: Predictor, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The GLM's exact attributions of records ``x`` (its inputs, shared-scaled) grouped by
-    explanation feature, ``(n, outputs, features)`` (zero for shared columns the GLM does not read),
-    and its intercept per output: together they add up to its log-odds (binary) or class scores."""
+GLM_MODELS = ("logreg", "site-logreg")
+"""The linear models explained per patient: the federated GLM and the site's own."""
+
+GLM_ORIGIN = {"logreg": "shared-scaled inputs (zero = the federation's mean)",
+              "site-logreg": "inputs scaled with the site's own scaler (zero = this site's train mean)"}
+
+
+def glm_scaler(models: SiteModels, model: str) -> Any:
+    """The scaler a GLM reads its inputs with: the shared one (``logreg``) or the site's own (``site-logreg``)."""
+    return models.scaler if model == "logreg" else models.site_scaler
+
+
+def _glm_coef(models: SiteModels, model: str) -> np.ndarray:
+    from client.explain import site_glm_rows
+
+    if model == "logreg":
+        return models.glm_coef
+    return site_glm_rows(models.site_glm, classes=models.site_glm_classes, n_classes=models.n_classes)
+
+
+def glm_contributions(predictor: Predictor, x: np.ndarray, *, model: str = "logreg") -> tuple[np.ndarray, np.ndarray]:
+    """A GLM's exact attributions of records ``x`` (its inputs, scaled with :func:`glm_scaler`)
+    grouped by explanation feature, ``(n, outputs, features)`` (zero for shared columns the GLM does
+    not read), and its intercept per output: together they add up to its log-odds (binary) or class
+    scores. ``model``: the federated GLM (``logreg``) or the site's own (``site-logreg``)."""
     from client.explain import linear_attributions
 
     models = predictor.models
     k = models.n_classes
-    columns = linear_attributions(models.glm_coef, x, n_classes=k)  # over the GLM's own columns
+    coef = _glm_coef(models, model)
+    columns = linear_attributions(coef, x, n_classes=k)  # over the GLM's own columns
     full = np.zeros((*columns.shape[:2], len(predictor.layout.column_feature)))
-    full[:, :, models.scaler.glm_columns] = columns
-    rows = models.glm_coef.reshape(1 if k <= 2 else k, x.shape[1] + 1)
+    full[:, :, glm_scaler(models, model).glm_columns] = columns
+    rows = coef.reshape(1 if k <= 2 else k, x.shape[1] + 1)
     return predictor.layout.group(full), rows[:, -1].copy()
 
 
-def _glm_part(predictor: Predictor, x: np.ndarray, proba: np.ndarray, *, out_index: int, top: int,
+def _glm_part(predictor: Predictor, x: np.ndarray, proba: np.ndarray, *, model: str, out_index: int, top: int,
               values: list[Any]) -> dict[str, Any]:
-    phi_all, intercepts = glm_contributions(predictor, x)
+    phi_all, intercepts = glm_contributions(predictor, x, model=model)
     phi, intercept = phi_all[0, out_index], float(intercepts[out_index])
     binary = predictor.models.n_classes == 2
     part = {"scale": "log-odds" if binary else "class score (softmax logit)",
-            "method": "exact linear attributions on shared-scaled inputs (zero = the federation's mean)",
+            "method": f"exact linear attributions on {GLM_ORIGIN[model]}",
             "intercept": intercept, "score": float(phi.sum()) + intercept,
             "top": _top(phi, predictor.layout.names, values, top=top), "_phi": phi,
             "_norm": float(np.linalg.norm(phi_all[0]))}
@@ -515,7 +538,7 @@ def global_standing(predictor: Predictor, result: dict[str, Any], *, values: lis
     out: dict[str, Any] = {"run_id": exp.get("run_id"), "noised": bool(exp.get("noised")),
                            "epsilon": exp.get("epsilon"), "patients": exp.get("patients"),
                            "scaled_to_unit_norm": unit, "models": {}}
-    for model in ("forest", "logreg"):
+    for model in ("forest", *GLM_MODELS):
         entries = ((exp.get("models") or {}).get(model) or {}).get("features")
         if entries:
             out["models"][model] = _model_standing(predictor, result["attributions"][model], entries, model=model,

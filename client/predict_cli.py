@@ -21,11 +21,12 @@ _FORMATTER = argparse.RawDescriptionHelpFormatter
 
 PREDICT_DESCRIPTION = """\
 Decision support for one patient, on the hospital's own machine: the final models a federated run
-left in the site's vault (the global deep model "cnn", the site's "forest", the federated GLM "logreg"
-and the meta-classifier "hybrid") give their class probabilities and the class each predicts at the
-run's operating threshold (binary problems; argmax for several classes), and the patient's own
-explanations: the forest's top features (TreeSHAP: contributions plus the expected value add up to
-the forest's probability), the GLM's (exact linear attributions, log-odds) and the deep model's top
+left in the site's vault (the global deep model "cnn", the site's "forest", the federated GLM "logreg",
+the site's own GLM "site-logreg" and the meta-classifier "hybrid") give their class probabilities and
+the class each predicts at the run's operating threshold (binary problems; argmax for several
+classes), and the patient's own explanations: the forest's top features (TreeSHAP: contributions plus
+the expected value add up to the forest's probability), each GLM's (exact linear attributions,
+log-odds) and the deep model's top
 sequence positions (integrated gradients). --lime adds LIME as a second opinion on the forest and says
 where SHAP and LIME agree. When the vault holds the run's global explanation, the patient is placed
 against it: for the run's top features, the patient's value and contribution beside the global mean.
@@ -212,7 +213,7 @@ def _print_models(console: Any, doc: dict[str, Any]) -> None:
              f"{row['threshold']:.3f}" if row["threshold"] is not None else "argmax", row["predicted"]]
             for m, row in doc["models"].items()]
     rule = f"threshold on P({classes[-1]})" if len(classes) == 2 else "rule"
-    _table(console, "predictions (hybrid: the meta-classifier over the other three)",
+    _table(console, "predictions (hybrid: the meta-classifier over the other four)",
            ["model", *(f"P({c})" for c in classes), rule, "predicted"], rows)
 
 
@@ -225,13 +226,16 @@ FEATURE_COLUMNS = ["feature", "patient's value", "contribution"]
 
 def _print_attributions(console: Any, doc: dict[str, Any]) -> None:
     out = doc["explained_output"]
-    f, g, d = (doc["attributions"][m] for m in ("forest", "logreg", "cnn"))
+    f, d = (doc["attributions"][m] for m in ("forest", "cnn"))
     c = f["sum_check"]
     _table(console, f"forest: top features, TreeSHAP on P({out}) (expected value {c['expected_value']:.3f} "
            f"+ contributions {c['contributions']:+.3f} = {c['model_output']:.3f})", FEATURE_COLUMNS,
            _feature_rows(f["top"]))
-    _table(console, f"GLM: top features, {g['scale']} of {out} (intercept {g['intercept']:+.3f} + contributions "
-           f"{g['score'] - g['intercept']:+.3f} = {g['score']:+.3f})", FEATURE_COLUMNS, _feature_rows(g["top"]))
+    for model, name in (("logreg", "federated GLM"), ("site-logreg", "site GLM")):
+        if g := doc["attributions"].get(model):
+            _table(console, f"{name}: top features, {g['scale']} of {out} (intercept {g['intercept']:+.3f} + "
+                   f"contributions {g['score'] - g['intercept']:+.3f} = {g['score']:+.3f})", FEATURE_COLUMNS,
+                   _feature_rows(g["top"]))
     for track, rows in d["tracks"].items():
         what = "base" if track == "dna" else "variant"
         _table(console, f"deep model: top positions of track {track}, {d['method']}, {d['scale']} of {out}",

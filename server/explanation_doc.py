@@ -113,7 +113,7 @@ def _markdown_lines(expl: dict[str, Any]) -> list[str]:
     lines = ["", f"Explanation (global, from {expl.get('patients', '?')} patients; per-patient explanations never "
              f"left the sites, which released only {how}):", ""]
     for out, es in features_by_output(expl.get("features") or [], TOP_FEATURES_MD).items():
-        lines.append(f"- Top features for {out} (the hybrid's consensus of the forest's TreeSHAP and the GLM's "
+        lines.append(f"- Top features for {out} (the hybrid's consensus of the forest's TreeSHAP and the GLMs' "
                      "attributions, mean share per patient; + raises, - lowers the risk): " + ", ".join(f"{e['feature']} {sign_word(e.get('mean'))} {float(e['importance']):.3g}"
                                            for e in es))
     for out, ms in motifs_by_output(expl.get("motifs") or []).items():

@@ -1,7 +1,7 @@
 """The "Explanation" section of ``report.html``: the run's global explanation, drawn.
 
 Read from ``RUNDIR/explanation.json`` (:mod:`server.explanation_doc`): the forest's global SHAP
-ranking (and the GLM's), the deep model's attribution profiles along each sequence track, sequence
+ranking (and the two GLMs'), the deep model's attribution profiles along each sequence track, sequence
 logos of its top motifs, the meta-classifier's share per base model, and what the numbers do and do
 not reveal. Figures are inline PNGs drawn with :mod:`server.report_html`'s helpers, as the rest of
 the page. A broken file never breaks the page: the section then says in one line why it is missing.
@@ -150,9 +150,10 @@ def _features_part(expl: dict[str, Any]) -> str:
         return ""
     noise = " The numbers are noised sums, so a small bar may be noise." if expl.get("noised", True) else ""
     return ("<h3>Which features move the risk</h3>" + "".join(imgs)
-            + f"<p><small>Top {TOP_FEATURES} features per explained output. The global ranking weighs the forest's "
-            "and the GLM's importances (each as a fraction of its own total) by the meta-classifier's reliance on each "
-            "model; the smaller charts are each model's own (the forest's TreeSHAP, the GLM's exact attributions). "
+            + f"<p><small>Top {TOP_FEATURES} features per explained output. The global ranking weighs the forest's, "
+            "the federated GLM's and the sites' own GLMs' importances (each as a fraction of its own total) by the "
+            "meta-classifier's reliance on each model; the smaller charts are each model's own (the forest's TreeSHAP, "
+            "the GLMs' exact attributions; a site's own GLM is explained relative to its own patients' mean). "
             "Bar length: mean |attribution| per patient, each patient's attributions scaled to unit length (so a "
             "fraction of that patient's explanation); colour: the sign of the mean attribution, red where it raises "
             f"the predicted risk of the output on average, blue where it lowers it.{noise}</small></p>")

@@ -70,6 +70,32 @@ def test_linear_attributions_add_up_to_the_log_odds(k: int) -> None:
     np.testing.assert_allclose(phi.sum(axis=2) + rows[:, -1], model.decision_function(x).reshape(60, -1), atol=1e-9)
 
 
+@pytest.mark.parametrize(("k", "seen"), [(2, (0, 1)), (4, (0, 1, 3)), (4, (1, 3))])
+def test_a_site_glms_attributions_add_up_to_its_scores_and_are_zero_for_classes_it_never_saw(
+        k: int, seen: tuple[int, ...]) -> None:
+    """A site's own GLM (site-logreg) may be fitted on a train split that lacks classes of the cohort."""
+    from client.explain import site_glm_rows
+    from common.glm import FederatedGLM
+
+    rng = np.random.default_rng(len(seen))
+    x = rng.normal(size=(80, 5))
+    y = np.asarray(seen)[rng.integers(0, len(seen), size=80)]
+    glm = FederatedGLM(C=1.0).fit(x, y)
+    coef = site_glm_rows(glm, classes=np.unique(y), n_classes=k)
+    phi = linear_attributions(coef, x, n_classes=k)
+    rows = coef.reshape(1 if k == 2 else k, 6)
+    score = phi.sum(axis=2) + rows[:, -1]
+    own = glm.decision_function(x).reshape(80, -1)
+    if k == 2:
+        np.testing.assert_allclose(score, own, atol=1e-9)
+    elif len(seen) == 2:  # one row: the second seen class's score against the first's
+        np.testing.assert_allclose(score[:, seen[1]] - score[:, seen[0]], own[:, 0], atol=1e-9)
+    else:
+        np.testing.assert_allclose(score[:, list(seen)], own, atol=1e-9)
+    unseen = [c for c in range(k) if c not in seen] if k > 2 else []
+    assert np.all(phi[:, unseen] == 0.0)
+
+
 @settings(max_examples=60, deadline=None)
 @given(phi=np_arrays(np.float64, (5, 2, 4), elements=st.floats(-50, 50)),
        extra=np_arrays(np.float64, (1, 2, 4), elements=st.floats(-50, 50)),

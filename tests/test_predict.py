@@ -141,18 +141,24 @@ def test_forest_shap_adds_up_to_the_forests_probability(predictor) -> None:
         np.testing.assert_allclose(phi, predictor.layout.group(forest_attributions(forest, x)), atol=1e-12)
 
 
-def test_glm_attributions_add_up_to_its_log_odds_minus_the_intercept(predictor) -> None:
+@pytest.mark.parametrize("model", ["logreg", "site-logreg"])
+def test_glm_attributions_add_up_to_its_log_odds_minus_the_intercept(predictor, model: str) -> None:
     from client.pipeline import glm_matrix
+    from client.predict import glm_scaler
     from client.site_models import glm_model
 
+    models = predictor.models
     for i in range(0, predictor.cohort.n, 13):
-        x = glm_matrix(one_patient(predictor.data, i), "predict", predictor.models.scaler)
-        phi, intercept = glm_contributions(predictor, x)
-        p = glm_model(predictor.models, n_features=x.shape[1]).predict_proba(x)[0]
+        x = glm_matrix(one_patient(predictor.data, i), "predict", glm_scaler(models, model))
+        phi, intercept = glm_contributions(predictor, x, model=model)
+        glm = glm_model(models, n_features=x.shape[1]) if model == "logreg" else models.site_glm
+        p = glm.predict_proba(x)[0]
         assert phi.shape == (1, 1, len(predictor.layout.names))
         assert phi.sum() == pytest.approx(np.log(p[1] / p[0]) - intercept[0], abs=1e-9)
-        part = predict_patient(predictor, index=i)["attributions"]["logreg"]
+        part = predict_patient(predictor, index=i)["attributions"][model]
         assert part["sum_check"]["error"] < 1e-9 and part["scale"] == "log-odds"
+    # The site's GLM reads the columns its own scaler chose, placed among the shared ones.
+    assert np.count_nonzero(phi) <= len(glm_scaler(models, model).glm_columns)
 
 
 def test_deep_model_positions_name_the_patients_base(predictor) -> None:
@@ -235,13 +241,13 @@ def test_json_names_every_model_and_explanation(sites: Path, capsys: pytest.Capt
     assert main(_cli(site, "--patient", pid, "--json")) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["patient"] == pid and doc["split"] in ("train", "validation", "test") and doc["input"] is None
-    assert set(doc["models"]) == set(MODEL_NAMES) and set(doc["attributions"]) == {"forest", "logreg", "cnn"}
+    assert set(doc["models"]) == set(MODEL_NAMES) and set(doc["attributions"]) == {"forest", "logreg", "site-logreg", "cnn"}
     assert len(doc["attributions"]["forest"]["top"]) == 5 and doc["attributions"]["cnn"]["tracks"]["dna"]
     assert "nothing was sent" in doc["privacy"] and "lime" not in doc
     from client.model_store import EXPLANATION_ROLE
 
     if EXPLANATION_ROLE in _vault(site).roles:  # the run's own global explanation, as the coordinator sent it
-        assert set(doc["global"]["models"]) == {"forest", "logreg"}
+        assert set(doc["global"]["models"]) == {"forest", "logreg", "site-logreg"}
         assert doc["global"]["positions"]["dna"][0]["global_importance"] > 0
     else:
         assert doc["global"] is None and any("no global explanation" in n for n in doc["notes"])
