@@ -8,8 +8,8 @@ For one patient (of the vault's cohort, or a new one imported in memory from fil
 formats) it gives
 
 - each final model's class probabilities (global deep model ``cnn``, the site's ``forest``, the
-  federated GLM ``logreg``, the site's own GLM ``site-logreg``, the meta-classifier ``hybrid``) and the class each predicts at the run's
-  operating threshold (binary) or by argmax (multi-class);
+  federated GLM ``logreg``, the site's own GLM ``site-logreg``, the meta-classifier ``hybrid``) and
+  the class each predicts at the run's operating threshold (binary) or by argmax (multi-class);
 - the patient's own top contributing features: the forest's TreeSHAP values (probability scale;
   they add up with the forest's expected value to its probability, checked to :data:`SHAP_TOLERANCE`),
   the federated GLM's exact linear attributions (log-odds relative to the federation's mean), the
