@@ -6,10 +6,11 @@ validation and test splits feed the stacking meta-classifier and the evaluation 
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.model_selection import GridSearchCV, StratifiedKFold
 
@@ -46,14 +47,19 @@ class SiteForest(ClassifierMixin, BaseEstimator):
         folds = min(self.cv, int(np.bincount(np.searchsorted(self.classes_, y)).min()))
         if folds >= 2 and any(len(v) > 1 for v in grid.values()):
             scoring = "roc_auc" if len(self.classes_) == 2 else "roc_auc_ovr"
-            search = GridSearchCV(base, grid, scoring=scoring, refit=True, n_jobs=self.n_jobs,
+            search = GridSearchCV(base, grid, scoring=scoring, refit=False, n_jobs=self.n_jobs,
                                   cv=StratifiedKFold(folds, shuffle=True, random_state=self.random_state))
             search.fit(X, y)
-            self.forest_, self.best_params_, self.cv_score_ = search.best_estimator_, search.best_params_, search.best_score_
+            self.best_params_, self.cv_score_ = search.best_params_, search.best_score_
         else:
             # Too few samples per class for CV: the first grid point, fitted directly.
-            params = {k: v[0] for k, v in grid.items()}
-            self.forest_, self.best_params_, self.cv_score_ = base.set_params(**params).fit(X, y), params, float("nan")
+            self.best_params_, self.cv_score_ = {k: v[0] for k, v in grid.items()}, float("nan")
+        # The refit keeps its out-of-bag votes (the same trees as without them): the stack's
+        # calibration reads them (client/calibration.py).
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "some inputs do not have OOB scores": their rows stay zero
+            self.forest_ = clone(base).set_params(**self.best_params_, oob_score=True).fit(X, y)
+        self.oob_proba_ = self.forest_.oob_decision_function_
         self.n_features_in_ = X.shape[1]
         return self
 

@@ -53,6 +53,8 @@ class SiteModels:
     run_id : the run the deep model, scaler and coefficients come from.
     forest_run_id : the run the site's own models (forest and GLM) were fitted in (the same run,
         unless a later run stopped after fitting them and before its evaluation).
+    stacking_scales : the factor on each base model's stacking inputs (:mod:`client.calibration`;
+        None: 1 for every model).
     """
 
     cnn: GenomicNet
@@ -68,6 +70,7 @@ class SiteModels:
     thresholds: dict[str, float] = field(default_factory=dict)
     run_id: str = ""
     forest_run_id: str = ""
+    stacking_scales: tuple[float, ...] | None = None
 
     @property
     def n_classes(self) -> int:
@@ -102,6 +105,7 @@ def load_site_models(vault: Vault) -> SiteModels:
         arrays_from_bytes,
         load_local_models,
     )
+    from client.calibration import stacking_scales
     from common.models import DeepModelConfig, build_model
     from common.tabular import SharedScaler
 
@@ -130,7 +134,8 @@ def load_site_models(vault: Vault) -> SiteModels:
                       glm_coef=np.asarray(meta["glm_coef"], dtype=np.float64),
                       meta_coef=np.asarray(meta["coef"], dtype=np.float64), classes=tuple(meta["classes"]),
                       thresholds={m: float(t) for m, t in meta.get("thresholds", {}).items() if m in MODEL_NAMES},
-                      run_id=str(meta.get("run_id", "")), forest_run_id=str(stored.get("run_id", "")))
+                      run_id=str(meta.get("run_id", "")), forest_run_id=str(stored.get("run_id", "")),
+                      stacking_scales=stacking_scales(stored.get("stacking_scales")))
 
 
 def glm_model(models: SiteModels, *, n_features: int) -> Any:
@@ -153,13 +158,15 @@ def base_probabilities(models: SiteModels, data: SiteData, split: str) -> dict[s
                                           classes=models.site_glm_classes)}
 
 
-def hybrid_probabilities(base: dict[str, np.ndarray], meta_coef: np.ndarray, *, n_classes: int) -> np.ndarray:
-    """The meta-classifier's class probabilities over the base models' (``client.handlers._probabilities``)."""
+def hybrid_probabilities(base: dict[str, np.ndarray], meta_coef: np.ndarray, *, n_classes: int,
+                         scales: tuple[float, ...] | None = None) -> np.ndarray:
+    """The meta-classifier's class probabilities over the base models' (``client.handlers._probabilities``),
+    each model's stacking inputs times its ``scales`` entry (:mod:`client.calibration`)."""
     from client.pipeline import meta_features
     from common.meta import StackingMetaClassifier
 
     n_features = len(BASE_MODELS) * (1 if n_classes == 2 else n_classes)
-    x = meta_features(*(base[m] for m in BASE_MODELS))
+    x = meta_features(*(base[m] for m in BASE_MODELS), scales=scales)
     return StackingMetaClassifier().set_coef(np.asarray(meta_coef, dtype=np.float64),
                                              n_features=n_features).predict_proba(x)
 
@@ -167,7 +174,8 @@ def hybrid_probabilities(base: dict[str, np.ndarray], meta_coef: np.ndarray, *, 
 def model_probabilities(models: SiteModels, data: SiteData, split: str) -> dict[str, np.ndarray]:
     """Every final model's class probabilities on one split: the base models and the hybrid."""
     proba = base_probabilities(models, data, split)
-    proba["hybrid"] = hybrid_probabilities(proba, models.meta_coef, n_classes=models.n_classes)
+    proba["hybrid"] = hybrid_probabilities(proba, models.meta_coef, n_classes=models.n_classes,
+                                           scales=models.stacking_scales)
     return proba
 
 

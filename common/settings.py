@@ -79,6 +79,7 @@ class RunSettings:
     meta_positive: bool = True       # non-negative stacking: no model's weight on its own evidence goes below 0
     stack_forest: bool = True        # the hybrid stacks the site's own forest and GLM (fitted without DP); false: not
     #                                  them, only the deep model and the federated GLM
+    calibrate_site_models: bool = True  # the site models' stacking inputs scaled by Platt's slope out of fold (client/calibration.py)
     meta_fallback_margin: float = 0.0  # the stack is kept only if its validation AUC beats its best base model's by more than this many standard errors
     test_statistics: str = "noised"  # none | noised | exact: how sites release test statistics
     test_epsilon: float = 1.0        # epsilon of the one test-statistics release (noised), and of the validation one

@@ -111,7 +111,11 @@ def test_one_patient_gets_what_the_runs_split_wide_computation_gets(sites: Path,
              "forest": stored["forest"].predict_proba(forest_matrix(data, "test", stored["preprocessor"])),
              "logreg": glm.predict_proba(x_glm),
              "site-logreg": stored["site_glm"].predict_proba(glm_matrix(data, "test", stored["site_scaler"]))}
-    x = meta_features(whole["cnn"], whole["forest"], whole["logreg"], whole["site-logreg"])
+    # Each site model's stacking inputs carry the slope the site fitted out of fold (client/calibration.py).
+    scales = stored["stacking_scales"]
+    assert set(scales) == {"forest", "site-logreg"} and all(s >= 0 for s in scales.values())
+    x = meta_features(whole["cnn"], whole["forest"], whole["logreg"], whole["site-logreg"],
+                      scales=(1.0, scales["forest"], 1.0, scales["site-logreg"]))
     meta = StackingMetaClassifier().set_coef(np.asarray(coef["coef"]), n_features=x.shape[1])
     whole["hybrid"] = meta.predict_proba(x)
     for j, i in enumerate(np.flatnonzero(data.masks["test"])[:6]):

@@ -47,7 +47,8 @@ def _site_features(sites_dir: Path) -> list[dict[str, tuple[np.ndarray, np.ndarr
         feats = {}
         for split in ("validation", "test"):
             proba = base_probabilities(models, data, split)
-            feats[split] = (meta_features(*(proba[m] for m in BASE_MODELS)), data.y[data.masks[split]])
+            feats[split] = (meta_features(*(proba[m] for m in BASE_MODELS), scales=models.stacking_scales),
+                            data.y[data.masks[split]])
         out.append(feats)
     return out
 
