@@ -33,7 +33,7 @@ from client.handlers import (
     _noise_share,
     _privacy,
     _scaler,
-    _stacking_scales,
+    _calibration,
 )
 from client.site import SiteRef
 from common.settings import RoundFacts, RunSettings
@@ -127,7 +127,7 @@ def _attribution_sums(vault: Any, cohort: Any, data: Any, cnn_weights: dict[str,
     sums |= _prefixed("logreg", _glm_sums(data, shared, facts, layout, cohort, clip))
     sums |= _prefixed("site-logreg", _site_glm_sums(vault, data, layout, cohort, clip))
     sums |= _deep_sums(cohort, data, cnn_weights, shared, facts, motifs, clip)
-    sums["shares"] = _share_sums(proba, facts, _n_classes(cohort), clip, scales=_stacking_scales(vault))
+    sums["shares"] = _share_sums(proba, facts, _n_classes(cohort), clip, calibration=_calibration(vault))
     return sums
 
 
@@ -199,13 +199,15 @@ def _deep_sums(cohort: Any, data: Any, cnn_weights: dict[str, np.ndarray], share
 
 
 def _share_sums(proba: dict[str, np.ndarray], facts: RoundFacts, n_classes: int, clip: float, *,
-                scales: tuple[float, ...]) -> np.ndarray:
+                calibration: dict[str, Any]) -> np.ndarray:
     """Per base model, the clipped sum of its absolute contribution to the meta-classifier's log-odds."""
+    from client.calibration import stacking_probabilities
     from client.explain import clip_patients, linear_attributions
     from client.pipeline import meta_features
     from common.explanation import BASE_SHARE_MODELS
 
-    x = meta_features(*(proba[m] for m in BASE_SHARE_MODELS), scales=scales)
+    read = stacking_probabilities(proba, calibration)
+    x = meta_features(*(read[m] for m in BASE_SHARE_MODELS))
     phi = np.abs(linear_attributions(np.asarray(facts.coef, dtype=np.float64), x, n_classes=n_classes))
     per_model = phi.sum(axis=1).reshape(len(x), len(BASE_SHARE_MODELS), -1).sum(axis=2)  # (n, models)
     return clip_patients(per_model, clip=clip, normalize=True).sum(axis=0)

@@ -440,30 +440,30 @@ def _local_models(vault: Any, data: Any, settings: RunSettings, facts: RoundFact
     scaler = fit_shared_scaler(data, max_glm_columns=settings.glm_max_features)
     local = {"forest": forest, "preprocessor": pre, "site_glm": fit_glm(data, scaler, C=settings.glm_c),
              "site_scaler": scaler, "site_glm_classes": np.unique(data.y[data.masks["train"]]).tolist(),
-             "stacking_scales": _site_model_scales(data, forest, scaler, settings, seed=seed)}
+             "calibration": _site_model_maps(data, forest, scaler, settings, seed=seed)}
     save_local_models(vault, run_id=facts.run_id, **local)
     return {**local, "run_id": facts.run_id}
 
 
-def _site_model_scales(data: Any, forest: Any, scaler: Any, settings: RunSettings, *, seed: int) -> dict[str, float]:
-    """The site models' stacking scales (:mod:`client.calibration`), or none with ``calibrate-site-models = false``."""
-    from client.calibration import FOLDS, site_model_scales
+def _site_model_maps(data: Any, forest: Any, scaler: Any, settings: RunSettings, *, seed: int) -> dict[str, Any]:
+    """The site models' Platt maps for the stack (:mod:`client.calibration`), or none with
+    ``calibrate-site-models = false``."""
+    from client.calibration import FOLDS, site_model_maps
     from client.pipeline import glm_matrix
     from common.glm import FederatedGLM
 
     if not settings.calibrate_site_models:
         return {}
-    return site_model_scales(forest=forest, glm_fit=lambda x, y: FederatedGLM(C=settings.glm_c).fit(x, y),
-                             x_glm=glm_matrix(data, "train", scaler), y=data.y[data.masks["train"]],
-                             folds=FOLDS, seed=seed)
+    return site_model_maps(forest=forest, glm_fit=lambda x, y: FederatedGLM(C=settings.glm_c).fit(x, y),
+                           x_glm=glm_matrix(data, "train", scaler), y=data.y[data.masks["train"]],
+                           n_classes=data.n_classes, folds=FOLDS, seed=seed)
 
 
-def _stacking_scales(vault: Any) -> tuple[float, ...]:
-    """The factors on every base model's stacking inputs this run (after the site's models were fitted)."""
-    from client.calibration import stacking_scales
+def _calibration(vault: Any) -> dict[str, Any]:
+    """This run's Platt maps of the site's own models (after they were fitted; empty without)."""
     from client.model_store import load_local_models
 
-    return stacking_scales((load_local_models(vault) or {}).get("stacking_scales"))
+    return (load_local_models(vault) or {}).get("calibration") or {}
 
 
 def meta_dim(n_classes: int) -> int:
@@ -491,6 +491,7 @@ def meta_round(site: SiteRef, cnn_weights: dict[str, np.ndarray], shared: dict[s
     client.privacy.ledger.PrivacyBudgetExceeded
         Before any work, when this round's release would exceed the site's budget.
     """
+    from client.calibration import stacking_probabilities
     from client.pipeline import meta_features
     from client.privacy.mechanisms import private_newton_terms
     from common.meta import META_FEATURE_BOUND, StackingMetaClassifier, without_model_features
@@ -506,7 +507,8 @@ def meta_round(site: SiteRef, cnn_weights: dict[str, np.ndarray], shared: dict[s
 
         data = SiteData.from_cohort(cohort)
         proba = _base_probabilities(vault, data, cnn_weights, shared, settings, facts, privacy, "validation")
-        x = meta_features(*(proba[m] for m in BASE_MODELS), scales=_stacking_scales(vault))
+        proba = stacking_probabilities(proba, _calibration(vault))
+        x = meta_features(*(proba[m] for m in BASE_MODELS))
         if not settings.stack_forest:  # nothing its own models (fitted without DP) say enters the meta statistics
             x = without_model_features(x, n_models=len(BASE_MODELS), n_classes=k,
                                        index=local_indices(stack_local=False))
@@ -750,13 +752,13 @@ def _probabilities(vault: Any, data: Any, cnn_weights: dict[str, np.ndarray], sh
     base = _base_probabilities(vault, data, cnn_weights, shared, settings, facts, privacy, split)
     k = len(cohort.classes)
     coef = np.asarray(facts.coef, dtype=np.float64)
-    scales = _stacking_scales(vault)
-    proba = {**base, "hybrid": hybrid_probabilities(base, coef, n_classes=k, scales=scales)}
+    calibration = _calibration(vault)
+    proba = {**base, "hybrid": hybrid_probabilities(base, coef, n_classes=k, calibration=calibration)}
     if split == "validation":
         for name, left_out in reduced_stacks(stack_local=settings.stack_forest).items():
             reduced = without_model(coef, n_models=len(BASE_MODELS), n_classes=max(k, 2),
                                     index=[BASE_MODELS.index(m) for m in left_out])
-            proba[name] = hybrid_probabilities(base, reduced, n_classes=k, scales=scales)
+            proba[name] = hybrid_probabilities(base, reduced, n_classes=k, calibration=calibration)
     return proba
 
 

@@ -249,19 +249,17 @@ def fit_forest(data: SiteData, pre: TabularPreprocessor | None, *, embedding: Ge
     return SiteForest(**kw).fit(x, data.y[data.masks["train"]])
 
 
-def meta_features(*probas: np.ndarray, scales: Sequence[float] | None = None) -> np.ndarray:
-    """Stacking inputs from base-model class probabilities: log-odds (binary) or log-probabilities,
-    each model's times its ``scales`` entry (default 1; :mod:`client.calibration`).
+def meta_features(*probas: np.ndarray) -> np.ndarray:
+    """Stacking inputs from base-model class probabilities: log-odds (binary) or log-probabilities.
 
     Working on the logit scale makes the meta-classifier a proper combination of evidence
     (a weighted sum of log-odds) rather than of probabilities. Values are clipped to
-    ``[-META_FEATURE_BOUND, META_FEATURE_BOUND]`` after scaling: the bound the DP Newton terms rely on.
+    ``[-META_FEATURE_BOUND, META_FEATURE_BOUND]``.
     """
     cols = []
-    for i, p in enumerate(probas):
+    for p in probas:
         p = np.clip(p, 1e-12, 1.0)
-        scale = 1.0 if scales is None else float(scales[i])
-        cols.append(scale * (np.log(p[:, 1:2] / p[:, 0:1]) if p.shape[1] == 2 else np.log(p)))
+        cols.append(np.log(p[:, 1:2] / p[:, 0:1]) if p.shape[1] == 2 else np.log(p))
     return np.clip(np.hstack(cols), -META_FEATURE_BOUND, META_FEATURE_BOUND)
 
 

@@ -53,8 +53,8 @@ class SiteModels:
     run_id : the run the deep model, scaler and coefficients come from.
     forest_run_id : the run the site's own models (forest and GLM) were fitted in (the same run,
         unless a later run stopped after fitting them and before its evaluation).
-    stacking_scales : the factor on each base model's stacking inputs (:mod:`client.calibration`;
-        None: 1 for every model).
+    calibration : the Platt maps the stack reads the site's own models through (:mod:`client.calibration`;
+        empty: none).
     """
 
     cnn: GenomicNet
@@ -70,7 +70,7 @@ class SiteModels:
     thresholds: dict[str, float] = field(default_factory=dict)
     run_id: str = ""
     forest_run_id: str = ""
-    stacking_scales: tuple[float, ...] | None = None
+    calibration: dict[str, Any] = field(default_factory=dict)
 
     @property
     def n_classes(self) -> int:
@@ -105,7 +105,6 @@ def load_site_models(vault: Vault) -> SiteModels:
         arrays_from_bytes,
         load_local_models,
     )
-    from client.calibration import stacking_scales
     from common.models import DeepModelConfig, build_model
     from common.tabular import SharedScaler
 
@@ -135,7 +134,7 @@ def load_site_models(vault: Vault) -> SiteModels:
                       meta_coef=np.asarray(meta["coef"], dtype=np.float64), classes=tuple(meta["classes"]),
                       thresholds={m: float(t) for m, t in meta.get("thresholds", {}).items() if m in MODEL_NAMES},
                       run_id=str(meta.get("run_id", "")), forest_run_id=str(stored.get("run_id", "")),
-                      stacking_scales=stacking_scales(stored.get("stacking_scales")))
+                      calibration=stored.get("calibration") or {})
 
 
 def glm_model(models: SiteModels, *, n_features: int) -> Any:
@@ -159,14 +158,23 @@ def base_probabilities(models: SiteModels, data: SiteData, split: str) -> dict[s
 
 
 def hybrid_probabilities(base: dict[str, np.ndarray], meta_coef: np.ndarray, *, n_classes: int,
-                         scales: tuple[float, ...] | None = None) -> np.ndarray:
+                         calibration: dict[str, Any] | None = None) -> np.ndarray:
     """The meta-classifier's class probabilities over the base models' (``client.handlers._probabilities``),
-    each model's stacking inputs times its ``scales`` entry (:mod:`client.calibration`)."""
-    from client.pipeline import meta_features
-    from common.meta import StackingMetaClassifier
+    the site's own models read after their Platt maps (``calibration``: :mod:`client.calibration`).
 
+    A hybrid that fell back to one base model (its coefficients select it) is that model's own
+    probabilities, uncalibrated: what the report says it is.
+    """
+    from client.calibration import stacking_probabilities
+    from client.pipeline import meta_features
+    from common.meta import StackingMetaClassifier, selected_model
+
+    chosen = selected_model(meta_coef, n_models=len(BASE_MODELS), n_classes=max(n_classes, 2))
+    if chosen is not None:
+        return base[BASE_MODELS[chosen]]
     n_features = len(BASE_MODELS) * (1 if n_classes == 2 else n_classes)
-    x = meta_features(*(base[m] for m in BASE_MODELS), scales=scales)
+    read = stacking_probabilities(base, calibration)
+    x = meta_features(*(read[m] for m in BASE_MODELS))
     return StackingMetaClassifier().set_coef(np.asarray(meta_coef, dtype=np.float64),
                                              n_features=n_features).predict_proba(x)
 
@@ -175,7 +183,7 @@ def model_probabilities(models: SiteModels, data: SiteData, split: str) -> dict[
     """Every final model's class probabilities on one split: the base models and the hybrid."""
     proba = base_probabilities(models, data, split)
     proba["hybrid"] = hybrid_probabilities(proba, models.meta_coef, n_classes=models.n_classes,
-                                           scales=models.stacking_scales)
+                                           calibration=models.calibration)
     return proba
 
 

@@ -284,6 +284,15 @@ def selection_coef(*, n_models: int, n_classes: int, index: int) -> np.ndarray:
     return coef.ravel()
 
 
+def selected_model(coef: np.ndarray, *, n_models: int, n_classes: int) -> int | None:
+    """The base model whose :func:`selection_coef` ``coef`` is, or None (a fitted or reduced stack)."""
+    coef = np.asarray(coef, dtype=np.float64)
+    for index in range(n_models):
+        if np.array_equal(coef, selection_coef(n_models=n_models, n_classes=n_classes, index=index)):
+            return index
+    return None
+
+
 def without_model(coef: np.ndarray, *, n_models: int, n_classes: int, index: int | Sequence[int]) -> np.ndarray:
     """``coef`` with every weight on model ``index``'s features set to zero (the stack without it;
     several models when ``index`` is a sequence).

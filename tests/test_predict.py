@@ -94,7 +94,8 @@ def test_one_patient_gets_what_the_runs_split_wide_computation_gets(sites: Path,
     from client.model_store import CNN_ROLE, META_ROLE, SHARED_ROLE, arrays_from_bytes, load_local_models
     from client.pipeline import deep_proba, forest_matrix, glm_matrix, meta_features
     from common.glm import FederatedGLM
-    from common.meta import StackingMetaClassifier
+    from client.calibration import apply_platt
+    from common.meta import StackingMetaClassifier, selected_model
     from common.models import DeepModelConfig, build_model
     from common.tabular import SharedScaler
 
@@ -111,13 +112,15 @@ def test_one_patient_gets_what_the_runs_split_wide_computation_gets(sites: Path,
              "forest": stored["forest"].predict_proba(forest_matrix(data, "test", stored["preprocessor"])),
              "logreg": glm.predict_proba(x_glm),
              "site-logreg": stored["site_glm"].predict_proba(glm_matrix(data, "test", stored["site_scaler"]))}
-    # Each site model's stacking inputs carry the slope the site fitted out of fold (client/calibration.py).
-    scales = stored["stacking_scales"]
-    assert set(scales) == {"forest", "site-logreg"} and all(s >= 0 for s in scales.values())
-    x = meta_features(whole["cnn"], whole["forest"], whole["logreg"], whole["site-logreg"],
-                      scales=(1.0, scales["forest"], 1.0, scales["site-logreg"]))
+    # The stack reads each site model through the Platt map the site fitted out of fold (client/calibration.py),
+    # unless the hybrid fell back to one base model, which it then is.
+    maps = stored["calibration"]
+    assert set(maps) == {"forest", "site-logreg"} and all(m["slope"] >= 0 for m in maps.values())
+    read = {m: apply_platt(p, maps.get(m)) for m, p in whole.items()}
+    x = meta_features(read["cnn"], read["forest"], read["logreg"], read["site-logreg"])
     meta = StackingMetaClassifier().set_coef(np.asarray(coef["coef"]), n_features=x.shape[1])
-    whole["hybrid"] = meta.predict_proba(x)
+    chosen = selected_model(coef["coef"], n_models=4, n_classes=2)
+    whole["hybrid"] = meta.predict_proba(x) if chosen is None else whole[("cnn", "forest", "logreg", "site-logreg")[chosen]]
     for j, i in enumerate(np.flatnonzero(data.masks["test"])[:6]):
         result = predict_patient(predictor, index=int(i))
         for name in MODEL_NAMES:

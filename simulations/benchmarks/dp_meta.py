@@ -31,6 +31,7 @@ from simulations.benchmarks import emit
 def _site_features(sites_dir: Path) -> list[dict[str, tuple[np.ndarray, np.ndarray]]]:
     from client.cohort_store import load_cohort
     from client.model_store import CNN_ROLE
+    from client.calibration import stacking_probabilities
     from client.pipeline import SiteData, meta_features
     from client.site import site_dirs
     from client.site_models import base_probabilities, load_site_models
@@ -47,8 +48,8 @@ def _site_features(sites_dir: Path) -> list[dict[str, tuple[np.ndarray, np.ndarr
         feats = {}
         for split in ("validation", "test"):
             proba = base_probabilities(models, data, split)
-            feats[split] = (meta_features(*(proba[m] for m in BASE_MODELS), scales=models.stacking_scales),
-                            data.y[data.masks[split]])
+            proba = stacking_probabilities(proba, models.calibration)
+            feats[split] = (meta_features(*(proba[m] for m in BASE_MODELS)), data.y[data.masks[split]])
         out.append(feats)
     return out
 

@@ -4,9 +4,11 @@ Under DP at sites of a few hundred records the federated deep model and the DP G
 chance, so the hybrid fell back to the site forests (docs/learning.md, "Known limits"); a site's
 own GLM (the base model ``site-logreg``), fitted on its train split alone like its forest, needs no
 DP of its own either (only the statistics released about it do). This replays, offline and without noise, the two site-local
-models of every site of a layout and three ways of using them: each alone, their mean log-odds,
+models of every site of a layout and four ways of using them: each alone, their mean log-odds,
 and a stack of the two fitted on the pooled validation split (a logistic regression on their
-log-odds, what a federated meta-classifier over them would reach without noise). Scored by pooled
+log-odds, what a federated meta-classifier over them would reach without noise), and their mean
+after each is calibrated by its out-of-fold Platt map (``calibrated-mean``: :mod:`client.calibration`, what
+the DP meta-classifier's averaging prior now starts from). Scored by pooled
 test AUC and by the mean over sites of each site's own test AUC (sites whose test split lacks a
 class are left out of that mean), beside each site's better model alone (chosen on its own
 validation split).
@@ -29,21 +31,26 @@ import numpy as np
 
 from simulations.benchmarks import emit
 
-SCORES = ("forest", "glm", "mean", "stack")
+SCORES = ("forest", "glm", "mean", "calibrated-mean", "stack")
 
 
 def _site_log_odds(site: Any, *, trees: int, glm_c: float, width: int, seed: int) -> dict[str, np.ndarray]:
-    """The site's forest and GLM (fitted on its train split) as stacking inputs on validation and test."""
+    """The site's forest and GLM (fitted on its train split) as stacking inputs on validation and test,
+    raw and (``"<split>-calibrated"``) after their Platt maps, as a run's stack reads them (:mod:`client.calibration`)."""
+    from client.calibration import FOLDS, apply_platt, site_model_maps
     from client.pipeline import (
         fit_forest,
         fit_glm,
         fit_shared_scaler,
         fit_tabular_preprocessor,
         forest_matrix,
+        glm_matrix,
         meta_features,
         over_all_classes,
         site_glm_proba,
     )
+
+    from common.glm import FederatedGLM
 
     k = site.n_classes
     pre = fit_tabular_preprocessor(site)
@@ -51,11 +58,16 @@ def _site_log_odds(site: Any, *, trees: int, glm_c: float, width: int, seed: int
     scaler = fit_shared_scaler(site, max_glm_columns=width)
     glm = fit_glm(site, scaler, C=glm_c)
     glm_classes = np.unique(site.y[site.masks["train"]])
+    maps = site_model_maps(forest=forest, glm_fit=lambda x, y: FederatedGLM(C=glm_c).fit(x, y),
+                           x_glm=glm_matrix(site, "train", scaler), y=site.y[site.masks["train"]], n_classes=k,
+                           folds=FOLDS, seed=seed)
     out = {}
     for split in ("validation", "test"):
         pf = over_all_classes(forest.predict_proba(forest_matrix(site, split, pre)), forest.classes_, k)
         pg = site_glm_proba(glm, scaler, site, split, classes=glm_classes)
         out[split] = meta_features(pf, pg)
+        out[f"{split}-calibrated"] = meta_features(apply_platt(pf, maps.get("forest")),
+                                                   apply_platt(pg, maps.get("site-logreg")))
     return out
 
 
@@ -68,11 +80,12 @@ def _auc(y: np.ndarray, score: np.ndarray, n_classes: int) -> float:
     return float(roc_auc_score(y, softmax(score, axis=1), multi_class="ovr", labels=np.arange(n_classes)))
 
 
-def _scores(x: np.ndarray, stack: Any, k: int) -> dict[str, np.ndarray]:
+def _scores(x: np.ndarray, calibrated: np.ndarray, stack: Any, k: int) -> dict[str, np.ndarray]:
     """Each way of using the two models, as one score (binary) or per-class log-scores."""
     w = 1 if k == 2 else k
     forest, glm = x[:, :w], x[:, w:]
     scores = {"forest": forest, "glm": glm, "mean": (forest + glm) / 2,
+              "calibrated-mean": (calibrated[:, :w] + calibrated[:, w:]) / 2,
               "stack": stack.decision_function(x).reshape(len(x), -1)}
     return {name: s[:, 0] if k == 2 else s for name, s in scores.items()}
 
@@ -92,15 +105,17 @@ def run(*, sites_dir: Path, seed: int = 0) -> dict[str, Any]:
     y = {split: [s.y[s.masks[split]] for s in sites] for split in ("validation", "test")}
     stack = LogisticRegression(C=1.0, max_iter=1000).fit(np.vstack([v["validation"] for v in x]),
                                                           np.concatenate(y["validation"]))
-    pooled = _scores(np.vstack([v["test"] for v in x]), stack, k)
-    pooled_val = _scores(np.vstack([v["validation"] for v in x]), stack, k)
+    def pooled_scores(split: str) -> dict[str, np.ndarray]:
+        return _scores(np.vstack([v[split] for v in x]), np.vstack([v[f"{split}-calibrated"] for v in x]), stack, k)
+
+    pooled, pooled_val = pooled_scores("test"), pooled_scores("validation")
     y_test = np.concatenate(y["test"])
     per_site: list[dict[str, Any]] = []
     for i, site in enumerate(sites):
         if len(np.unique(y["test"][i])) < k or len(np.unique(y["validation"][i])) < k:
             continue
-        test = _scores(x[i]["test"], stack, k)
-        val = _scores(x[i]["validation"], stack, k)
+        test = _scores(x[i]["test"], x[i]["test-calibrated"], stack, k)
+        val = _scores(x[i]["validation"], x[i]["validation-calibrated"], stack, k)
         best = max(("forest", "glm"), key=lambda m: _auc(y["validation"][i], val[m], k))
         aucs = {m: round(_auc(y["test"][i], test[m], k), 4) for m in SCORES}
         per_site.append({"site": i + 1, "test_records": len(y["test"][i]), **aucs,
