@@ -747,7 +747,7 @@ def _probabilities(vault: Any, data: Any, cnn_weights: dict[str, np.ndarray], sh
     """Every model's class probabilities on ``split``: the base models, the hybrid, and on the
     validation split the reduced stacks (the hybrid without each base model)."""
     from client.site_models import hybrid_probabilities
-    from common.meta import without_model
+    from common.meta import reduced_stack_coef
 
     base = _base_probabilities(vault, data, cnn_weights, shared, settings, facts, privacy, split)
     k = len(cohort.classes)
@@ -756,7 +756,7 @@ def _probabilities(vault: Any, data: Any, cnn_weights: dict[str, np.ndarray], sh
     proba = {**base, "hybrid": hybrid_probabilities(base, coef, n_classes=k, calibration=calibration)}
     if split == "validation":
         for name, left_out in reduced_stacks(stack_local=settings.stack_forest).items():
-            reduced = without_model(coef, n_models=len(BASE_MODELS), n_classes=max(k, 2),
+            reduced = reduced_stack_coef(coef, n_models=len(BASE_MODELS), n_classes=max(k, 2),
                                     index=[BASE_MODELS.index(m) for m in left_out])
             proba[name] = hybrid_probabilities(base, reduced, n_classes=k, calibration=calibration)
     return proba

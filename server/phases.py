@@ -763,7 +763,7 @@ def _stacking_fallback(state: RunState, pooled: dict[str, Any], n_classes: int, 
     are what keeps two good models together when a third (a DP GLM at chance) would dilute them.
     Post-processing of released statistics: no privacy cost.
     """
-    from common.meta import selection_coef, without_model
+    from common.meta import reduced_stack_coef, selection_coef
     from common.metrics import auc_standard_error, metrics_from_stats
 
     if "hybrid" not in pooled or not all(m in pooled for m in BASE_MODELS):
@@ -784,7 +784,7 @@ def _stacking_fallback(state: RunState, pooled: dict[str, Any], n_classes: int, 
     decision["fitted_coef"] = [float(c) for c in state.meta_coef]  # what the meta rounds fitted, set aside
     k = max(n_classes, 2)
     if auc[stack] > auc[best] + margin:
-        coef = without_model(np.asarray(state.meta_coef), n_models=len(BASE_MODELS), n_classes=k,
+        coef = reduced_stack_coef(np.asarray(state.meta_coef), n_models=len(BASE_MODELS), n_classes=k,
                              index=[BASE_MODELS.index(m) for m in REDUCED_STACKS[stack]])
         chosen = stack
     else:

@@ -180,7 +180,8 @@ def test_a_reduced_stack_is_the_stack_over_the_other_models(k: int) -> None:
 
 def test_the_stack_without_a_noise_model_is_chosen_when_it_beats_the_rest() -> None:
     """Two good models and one at chance: the full stack is diluted, the stack without the noise
-    wins on validation, and the hybrid becomes it (weights zeroed, the rest as fitted)."""
+    wins on validation, and the hybrid becomes it (weights zeroed, the rest scaled up to the fitted
+    stack's total weight: the same ranking, scores as spread)."""
     from common.metrics import compute_stats
     from common.settings import RunSettings
     from server.phases import RunState, _stacking_fallback
@@ -203,7 +204,8 @@ def test_the_stack_without_a_noise_model_is_chosen_when_it_beats_the_rest() -> N
     auc = fb["validation_auc"]
     assert fb["model"] == "hybrid-without-logreg" == fb["best_stack"]
     assert auc["hybrid-without-logreg"] > max(auc["cnn"], auc["forest"], auc["hybrid"])
-    assert state.meta_coef == [0.4, 0.3, 0.0, 0.0, -0.1] and fb["fitted_coef"] == [0.4, 0.3, 0.2, 0.0, -0.1]
+    np.testing.assert_allclose(state.meta_coef, [0.4 * 0.9 / 0.7, 0.3 * 0.9 / 0.7, 0.0, 0.0, -0.1])
+    assert fb["fitted_coef"] == [0.4, 0.3, 0.2, 0.0, -0.1]
     assert "the stack without the logreg had a higher validation AUC" in fallback_note({"meta": {"fallback": fb}})
     state.meta_fallback = fb
     assert "but the logreg (its weight set to zero" in _model_roles(state, RunSettings())["hybrid"]
@@ -223,7 +225,7 @@ def test_the_stack_without_a_noise_model_is_chosen_when_it_beats_the_rest() -> N
               "hybrid-without-site-logreg": stats(b + 2 * noise), "hybrid-without-cnn-logreg": stats(b + c)}
     state = RunState(run_id="r", meta_coef=[0.25, 0.25, 0.25, 0.25, 0.0])
     fb = _stacking_fallback(state, pooled, 2, margin_se=0.0)
-    assert fb["model"] == "hybrid-without-cnn-logreg" and state.meta_coef == [0.0, 0.25, 0.0, 0.25, 0.0]
+    assert fb["model"] == "hybrid-without-cnn-logreg" and state.meta_coef == [0.0, 0.5, 0.0, 0.5, 0.0]
     note = fallback_note({"meta": {"fallback": fb}})
     assert "the stack without the cnn and the logreg had a higher validation AUC" in note
     assert "with the weights of the cnn and the logreg set to zero" in note
@@ -472,3 +474,27 @@ def test_a_run_releases_only_the_reduced_stacks_that_differ_from_the_hybrid_and_
     assert len(kept) == (5 if stack_local else 2)
     validation = released_models(site_alone=False, split="validation", stack_local=stack_local)
     assert set(validation) - set(released_models(site_alone=False)) == set(kept)
+
+
+@pytest.mark.parametrize("k", [2, 3])
+def test_a_reduced_stack_ranks_as_the_zeroed_one_and_keeps_the_full_stacks_spread(k: int) -> None:
+    """Scaling the kept weights up changes no ranking, and keeps a stack of two of four models near
+    the averaging prior from squeezing its scores into a few released bins."""
+    from common.meta import StackingMetaClassifier, averaging_prior, n_params, reduced_stack_coef, without_model
+
+    n, w = 4, 1 if k == 2 else k
+    rng = np.random.default_rng(k)
+    x = rng.normal(size=(400, n * w))
+    coef = averaging_prior(n_models=n, n_classes=k) + rng.normal(0, 0.02, size=n_params(n * w, k))
+    zeroed = without_model(coef, n_models=n, n_classes=k, index=[0, 2])
+    scaled = reduced_stack_coef(coef, n_models=n, n_classes=k, index=[0, 2])
+    assert np.all((scaled == 0.0) == (zeroed == 0.0))
+
+    def scores(c: np.ndarray) -> np.ndarray:
+        return StackingMetaClassifier().set_coef(c, n_features=x.shape[1]).decision_function(x)
+
+    if k == 2:
+        assert np.array_equal(np.argsort(scores(zeroed) - zeroed[-1]), np.argsort(scores(scaled) - scaled[-1]))
+        assert scores(scaled).std() > 1.7 * scores(zeroed).std()
+    rows = scaled.reshape(w, -1)[:, :-1]
+    np.testing.assert_allclose(np.abs(rows).sum(axis=1), np.abs(coef.reshape(w, -1)[:, :-1]).sum(axis=1))
