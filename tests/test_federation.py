@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 
+from client.calibration import apply_platt
 from client.client_app import app as client_app
 from client.cohort_store import load_cohort
 from client.model_store import CNN_ROLE, SHARED_ROLE, arrays_from_bytes, load_local_models
@@ -32,7 +33,7 @@ from client.pipeline import (
 )
 from client.vault import KeySource, Vault
 from common.glm import FederatedGLM
-from common.meta import StackingMetaClassifier, flat_coef
+from common.meta import StackingMetaClassifier, flat_coef, selected_model
 from common.metrics import (
     TEST_BINS,
     Threshold,
@@ -124,8 +125,13 @@ def _union_predictions(sites: Path, meta_coef: list[float], split: str) -> tuple
         x_glm = glm_matrix(data, split, scaler)
         logreg = FederatedGLM().set_coef(np.asarray(glm_coef), n_features=x_glm.shape[1]).predict_proba(x_glm)
         own = stored["site_glm"].predict_proba(glm_matrix(data, split, stored["site_scaler"]))
-        x = meta_features(cnn, forest, logreg, own)
+        # The stack reads the site's own models through their Platt maps (client/calibration.py).
+        maps = stored["calibration"]
+        x = meta_features(cnn, apply_platt(forest, maps["forest"]), logreg, apply_platt(own, maps["site-logreg"]))
         hybrid = StackingMetaClassifier().set_coef(np.asarray(meta_coef), n_features=x.shape[1]).predict_proba(x)
+        chosen = selected_model(meta_coef, n_models=4, n_classes=2)  # a fallback is that model, as it is
+        if chosen is not None:
+            hybrid = (cnn, forest, logreg, own)[chosen]
         ys.append(data.y[data.masks[split]])
         xs.append(x)
         for name, p in (("cnn", cnn), ("forest", forest), ("logreg", logreg), ("site-logreg", own), ("hybrid", hybrid)):
