@@ -761,7 +761,8 @@ def _stacking_fallback(state: RunState, pooled: dict[str, Any], n_classes: int, 
     cost that run's hybrid 0.059 of test AUC (docs/learning.md). The fallback is what saves the
     hybrid when the meta statistics are noise (DP at small validation splits); the reduced stacks
     are what keeps two good models together when a third (a DP GLM at chance) would dilute them.
-    Post-processing of released statistics: no privacy cost.
+    Post-processing of released statistics: no privacy cost. In the decision, ``model`` is what
+    replaced the fitted stack ("" if it was kept) and ``chosen`` names what the hybrid is either way.
     """
     from common.meta import reduced_stack_coef, selection_coef
     from common.metrics import auc_standard_error, metrics_from_stats
@@ -780,7 +781,7 @@ def _stacking_fallback(state: RunState, pooled: dict[str, Any], n_classes: int, 
     decision = {"validation_auc": auc, "best_base": best, "best_stack": stack, "standard_error": se,
                 "margin": margin, "margin_se": margin_se}
     if auc[stack] > auc[best] + margin and stack == "hybrid":
-        return {**decision, "model": ""}
+        return {**decision, "model": "", "chosen": "hybrid"}
     decision["fitted_coef"] = [float(c) for c in state.meta_coef]  # what the meta rounds fitted, set aside
     k = max(n_classes, 2)
     if auc[stack] > auc[best] + margin:
@@ -791,7 +792,7 @@ def _stacking_fallback(state: RunState, pooled: dict[str, Any], n_classes: int, 
         coef = selection_coef(n_models=len(BASE_MODELS), n_classes=k, index=BASE_MODELS.index(best))
         chosen = best
     state.meta_coef = [float(c) for c in coef]
-    return {**decision, "model": chosen}
+    return {**decision, "model": chosen, "chosen": chosen}
 
 
 def _site_alone_stats(stats: dict[str, Any], thresholds: dict[str, dict[str, Any]]) -> dict[str, Any]:

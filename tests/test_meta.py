@@ -257,12 +257,13 @@ def test_the_stack_falls_back_to_a_better_base_model_on_validation() -> None:
     # As good as the best base model is not enough: the stack must beat it by a standard error ...
     pooled["hybrid"] = stats(good)
     state = RunState(run_id="r", meta_coef=[0.3, 0.3, 0.3, 0.3, 0.0])
-    assert _stacking_fallback(state, pooled, 2, margin_se=1.0)["model"] == "forest" and state.meta_coef[1] == 1.0
+    assert _stacking_fallback(state, pooled, 2, margin_se=1.0)["chosen"] == "forest" and state.meta_coef[1] == 1.0
     # ... and a stack that does keeps its fit.
     pooled["hybrid"] = stats(better)
     state = RunState(run_id="r", meta_coef=[0.3, 0.3, 0.3, 0.3, 0.0])
     fb = _stacking_fallback(state, pooled, 2, margin_se=1.0)
     assert fb["model"] == "" and fb["validation_auc"]["hybrid"] > fb["validation_auc"]["forest"] + fb["margin"] > 0
+    assert fb["chosen"] == "hybrid"
     assert state.meta_coef == [0.3, 0.3, 0.3, 0.3, 0.0]
     # With stack-forest = false the site's own models are no candidates: the stack beats the rest and keeps its fit.
     pooled["hybrid"] = stats(0.5 * good + 0.5 * noise)
