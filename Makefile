@@ -7,6 +7,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.genofed-installed
 DEMO_OUT ?= runs/demo
+# Test processes: a suite of mostly end-to-end federations leaves a core idle while it waits on
+# subprocesses and sockets; whole files go to one worker so a module's fixture is built once.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # No network calls from Flower, no runtime dependency installation, no progress bars in logs.
 export FLWR_DISABLE_UPDATE_CHECK := 1
@@ -28,10 +32,10 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP) chromium
-	$(BIN)/python -m pytest -q -m "not attack"
+	$(PYTEST) -m "not attack"
 
 test-attacks: $(STAMP)
-	$(BIN)/python -m pytest -q -m attack
+	$(PYTEST) -m attack
 
 chromium:
 	@command -v chromium >/dev/null || { echo "installing Debian's chromium for the report's browser test"; \
