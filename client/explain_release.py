@@ -33,7 +33,6 @@ from client.handlers import (
     _noise_share,
     _privacy,
     _scaler,
-    _calibration,
 )
 from client.site import SiteRef
 from common.settings import RoundFacts, RunSettings
@@ -116,18 +115,20 @@ def _attribution_sums(vault: Any, cohort: Any, data: Any, cnn_weights: dict[str,
                       shared: dict[str, np.ndarray], settings: RunSettings, facts: RoundFacts, privacy: Any,
                       motifs: Any) -> dict[str, np.ndarray]:
     """Every summary of the release, exact (the caller adds the noise)."""
+    from client.model_store import load_local_models
     from common.explanation import feature_layout
 
     clip = UNIT
     layout = feature_layout(cohort.schema, named=True)
     # Fits (and stores) the run's forest if this site has none yet, and gives the meta-features.
-    proba = _base_probabilities(vault, data, cnn_weights, shared, settings, facts, privacy, "explain")
+    proba, calibration = _base_probabilities(vault, data, cnn_weights, shared, settings, facts, privacy, "explain")
     sums = {}
-    sums |= _prefixed("forest", _forest_sums(vault, data, layout, clip))
+    local = load_local_models(vault)  # the models _base_probabilities fitted or found
+    sums |= _prefixed("forest", _forest_sums(local, data, layout, clip))
     sums |= _prefixed("logreg", _glm_sums(data, shared, facts, layout, cohort, clip))
-    sums |= _prefixed("site-logreg", _site_glm_sums(vault, data, layout, cohort, clip))
+    sums |= _prefixed("site-logreg", _site_glm_sums(local, data, layout, cohort, clip))
     sums |= _deep_sums(cohort, data, cnn_weights, shared, facts, motifs, clip)
-    sums["shares"] = _share_sums(proba, facts, _n_classes(cohort), clip, calibration=_calibration(vault))
+    sums["shares"] = _share_sums(proba, facts, _n_classes(cohort), clip, calibration=calibration)
     return sums
 
 
@@ -135,12 +136,11 @@ def _prefixed(model: str, sums: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {f"{model}.{key}": value for key, value in sums.items()}
 
 
-def _forest_sums(vault: Any, data: Any, layout: Any, clip: float) -> dict[str, np.ndarray]:
+def _forest_sums(stored: dict[str, Any], data: Any, layout: Any, clip: float) -> dict[str, np.ndarray]:
+    """The site forest's attributions per feature (``stored``: the site's local models)."""
     from client.explain import attribution_sums, forest_attributions
-    from client.model_store import load_local_models
     from client.pipeline import forest_matrix
 
-    stored = load_local_models(vault)
     x = forest_matrix(data, "explain", stored["preprocessor"])
     return attribution_sums(layout.group(forest_attributions(stored["forest"], x)), clip=clip, normalize=True)
 
@@ -151,12 +151,11 @@ def _glm_sums(data: Any, shared: dict[str, np.ndarray], facts: RoundFacts, layou
     return _linear_sums(np.asarray(facts.glm_coef, dtype=np.float64), _scaler(shared), data, layout, cohort, clip)
 
 
-def _site_glm_sums(vault: Any, data: Any, layout: Any, cohort: Any, clip: float) -> dict[str, np.ndarray]:
-    """The site's own GLM's attributions per feature (on its own scaler's columns)."""
+def _site_glm_sums(stored: dict[str, Any], data: Any, layout: Any, cohort: Any, clip: float) -> dict[str, np.ndarray]:
+    """The site's own GLM's attributions per feature (on its own scaler's columns; ``stored``: the
+    site's local models)."""
     from client.explain import site_glm_rows
-    from client.model_store import load_local_models
 
-    stored = load_local_models(vault)
     coef = site_glm_rows(stored["site_glm"], classes=stored["site_glm_classes"], n_classes=_n_classes(cohort))
     return _linear_sums(coef, stored["site_scaler"], data, layout, cohort, clip)
 

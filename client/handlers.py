@@ -403,9 +403,11 @@ def _newton_records(vault: Any, privacy: Any, settings: RunSettings, facts: Roun
 
 
 def _base_probabilities(vault: Any, data: Any, cnn_weights: dict, shared: dict[str, np.ndarray],
-                        settings: RunSettings, facts: RoundFacts, privacy: Any, split: str) -> dict[str, np.ndarray]:
+                        settings: RunSettings, facts: RoundFacts, privacy: Any,
+                        split: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """The base models' class probabilities on one split, fitting the site's own models (forest
-    and GLM) once per run."""
+    and GLM) once per run, and this run's Platt maps of the site's own models
+    (:mod:`client.calibration`; empty without), read with them from the vault."""
     import torch
 
     from client.pipeline import deep_proba, forest_matrix, glm_matrix, site_glm_proba
@@ -418,11 +420,12 @@ def _base_probabilities(vault: Any, data: Any, cnn_weights: dict, shared: dict[s
     model.load_state_dict({k: torch.as_tensor(v) for k, v in cnn_weights.items()})
     x_glm = glm_matrix(data, split, scaler)
     glm = FederatedGLM().set_coef(np.asarray(facts.glm_coef, dtype=np.float64), n_features=x_glm.shape[1])
-    return {"cnn": deep_proba(model, data, split, scaler),
-            "forest": local["forest"].predict_proba(forest_matrix(data, split, local["preprocessor"])),
-            "logreg": glm.predict_proba(x_glm),
-            "site-logreg": site_glm_proba(local["site_glm"], local["site_scaler"], data, split,
-                                          classes=local["site_glm_classes"])}
+    proba = {"cnn": deep_proba(model, data, split, scaler),
+             "forest": local["forest"].predict_proba(forest_matrix(data, split, local["preprocessor"])),
+             "logreg": glm.predict_proba(x_glm),
+             "site-logreg": site_glm_proba(local["site_glm"], local["site_scaler"], data, split,
+                                           classes=local["site_glm_classes"])}
+    return proba, local.get("calibration") or {}
 
 
 def _local_models(vault: Any, data: Any, settings: RunSettings, facts: RoundFacts, privacy: Any) -> dict[str, Any]:
@@ -457,13 +460,6 @@ def _site_model_maps(data: Any, forest: Any, scaler: Any, settings: RunSettings,
     return site_model_maps(forest=forest, glm_fit=lambda x, y: FederatedGLM(C=settings.glm_c).fit(x, y),
                            x_glm=glm_matrix(data, "train", scaler), y=data.y[data.masks["train"]],
                            n_classes=data.n_classes, folds=FOLDS, seed=seed)
-
-
-def _calibration(vault: Any) -> dict[str, Any]:
-    """This run's Platt maps of the site's own models (after they were fitted; empty without)."""
-    from client.model_store import load_local_models
-
-    return (load_local_models(vault) or {}).get("calibration") or {}
 
 
 def meta_dim(n_classes: int) -> int:
@@ -506,8 +502,9 @@ def meta_round(site: SiteRef, cnn_weights: dict[str, np.ndarray], shared: dict[s
         from client.pipeline import SiteData
 
         data = SiteData.from_cohort(cohort)
-        proba = _base_probabilities(vault, data, cnn_weights, shared, settings, facts, privacy, "validation")
-        proba = stacking_probabilities(proba, _calibration(vault))
+        proba, calibration = _base_probabilities(vault, data, cnn_weights, shared, settings, facts, privacy,
+                                                 "validation")
+        proba = stacking_probabilities(proba, calibration)
         x = meta_features(*(proba[m] for m in BASE_MODELS))
         if not settings.stack_forest:  # nothing its own models (fitted without DP) say enters the meta statistics
             x = without_model_features(x, n_models=len(BASE_MODELS), n_classes=k,
@@ -749,10 +746,9 @@ def _probabilities(vault: Any, data: Any, cnn_weights: dict[str, np.ndarray], sh
     from client.site_models import hybrid_probabilities
     from common.meta import reduced_stack_coef
 
-    base = _base_probabilities(vault, data, cnn_weights, shared, settings, facts, privacy, split)
+    base, calibration = _base_probabilities(vault, data, cnn_weights, shared, settings, facts, privacy, split)
     k = len(cohort.classes)
     coef = np.asarray(facts.coef, dtype=np.float64)
-    calibration = _calibration(vault)
     proba = {**base, "hybrid": hybrid_probabilities(base, coef, n_classes=k, calibration=calibration)}
     if split == "validation":
         for name, left_out in reduced_stacks(stack_local=settings.stack_forest).items():
