@@ -8,9 +8,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.genofed-installed
 DEMO_OUT ?= runs/demo
 # Test processes: a suite of mostly end-to-end federations leaves a core idle while it waits on
-# subprocesses and sockets; whole files go to one worker so a module's fixture is built once.
+# subprocesses and sockets; whole files go to one worker so a module's fixture is built once, the
+# costliest files first (tests/conftest.py).
 TEST_WORKERS ?= 2
-PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # No network calls from Flower, no runtime dependency installation, no progress bars in logs.
 export FLWR_DISABLE_UPDATE_CHECK := 1

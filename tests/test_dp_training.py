@@ -82,6 +82,7 @@ json.dump({{"state": r.accountant_state, "steps": r.steps, "epsilon": r.epsilon}
 """
 
 
+@pytest.mark.slow
 def test_accountant_survives_a_new_process(tmp_path: Path) -> None:
     out = tmp_path / "acc.json"
     subprocess.run([sys.executable, "-c", CHILD.format(root=str(ROOT)), str(out)], check=True, cwd=ROOT)

@@ -46,6 +46,7 @@ def test_non_dp_run_writes_the_metrics_contract(small_spec: Path, tmp_path: Path
     assert report["cohort"]["patients"] == 400
 
 
+@pytest.mark.slow
 def test_dp_run_reports_epsilon_delta_and_accountant(small_spec: Path, tmp_path: Path) -> None:
     cohort = import_cohort(load_spec(small_spec))
     report = run_evaluate(cohort, EvaluateSettings(epsilon=3.0, **FAST), tmp_path, source="test")
@@ -76,6 +77,7 @@ def test_omics_pca_option(small_spec: Path, tmp_path: Path) -> None:
     _check_contract(report, tmp_path)
 
 
+@pytest.mark.slow
 def test_folds_give_paired_tests(small_spec: Path, tmp_path: Path) -> None:
     cohort = import_cohort(load_spec(small_spec))
     report = run_evaluate(cohort, EvaluateSettings(epsilon=None, folds=3, **FAST), tmp_path, source="test")
@@ -116,6 +118,7 @@ def test_lstm_and_cnn_features_into_the_forest(tmp_path: Path) -> None:
     _check_contract(report, tmp_path)
 
 
+@pytest.mark.slow
 def test_pooled_sites_also_give_the_site_forest_reference(small_spec: Path, tmp_path: Path) -> None:
     """Pooled from several sites, the forest of the reference is each site's own, evaluated on its patients."""
     import numpy as np

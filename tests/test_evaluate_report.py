@@ -35,6 +35,7 @@ def _alts(page: str) -> list[str]:
     return re.findall(r'<img alt="([^"]*)" src="data:image/png;base64,[A-Za-z0-9+/=]+"', page)
 
 
+@pytest.mark.slow
 def test_metrics_json_gains_paired_tests_and_keeps_its_keys(evaluated: Path) -> None:
     doc = json.loads((evaluated / "metrics.json").read_text())
     kept = {"source", "classes", "cohort", "models", "thresholds", "privacy", "details", "settings", "timing"}

@@ -30,6 +30,8 @@ from simulations.site_layout import set_layout_policy, split_cohort
 from simulations.synthetic import write_synthetic_cohort
 from tests.local_grid import LocalGrid, node_configs
 
+pytestmark = pytest.mark.slow  # (nearly) every test here runs a federation; tests/conftest.py orders files by it
+
 RUN = dict(cnn_rounds=4, local_epochs=2, forest_trees=100, wait_timeout=2.0, round_timeout=600.0,
            test_statistics="exact", site_alone=False, explanation_patients=150)
 

@@ -54,6 +54,8 @@ from simulations.site_layout import set_layout_policy
 from simulations.synthetic import write_synthetic_cohort
 from tests.local_grid import LocalGrid, node_configs, reference_layout
 
+pytestmark = pytest.mark.slow  # (nearly) every test here runs a federation; tests/conftest.py orders files by it
+
 FAST = dict(cnn_rounds=2, local_epochs=1, forest_trees=20, wait_timeout=2.0, round_timeout=60.0, test_statistics="exact",
             site_alone=False, glm_rounds=2)
 

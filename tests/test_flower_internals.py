@@ -81,6 +81,7 @@ def test_the_control_client_sends_what_flwr_run_ls_and_stop_send() -> None:
     assert 'status_text = f"{run.status.status}:{run.status.sub_status}"' in (cli / "run_utils.py").read_text()
 
 
+@pytest.mark.slow
 def test_the_fab_from_the_include_patterns_is_the_fab_flwr_run_builds() -> None:
     from simulations.simulate import APP_DIR
 
@@ -98,6 +99,7 @@ def test_a_changed_control_api_is_named(monkeypatch: pytest.MonkeyPatch) -> None
         fi.check_control_internals()
 
 
+@pytest.mark.slow
 def test_a_run_started_from_this_process_is_the_run_flwr_ls_shows(tmp_path: Path) -> None:
     """The genofed app with a sites folder that does not exist: the ServerApp fails at once."""
     import json

@@ -219,6 +219,7 @@ def test_the_dp_glm_benchmark_replays_the_mechanism(tmp_path) -> None:
         [RunSettings().glm_dp_columns]
 
 
+@pytest.mark.slow
 def test_the_fedavg_gap_benchmark_scores_every_round_of_every_variant(tmp_path) -> None:
     """Each variant has one score per round; the IID sites deal every train record exactly once,
     in the layout's site sizes."""
@@ -246,6 +247,7 @@ def test_the_fedavg_gap_benchmark_scores_every_round_of_every_variant(tmp_path) 
     assert plain["curves"]["fedavg"] == result["curves"]["fedavg"]
 
 
+@pytest.mark.slow
 def test_the_site_glm_stack_benchmark_scores_each_way_of_using_the_site_models(tmp_path) -> None:
     """Every way of using a site's forest and GLM is scored pooled and per site; a class a site's
     train split lacks gets a probability floor, not a missing column."""

@@ -163,6 +163,7 @@ def _check_kill_inside_write(kill: Kill, outcome: str, vault: Path, previous: bo
 
 
 @pytest.mark.parametrize("previous", [False, True], ids=["first-import", "re-import"])
+@pytest.mark.slow
 def test_killed_import_leaves_previous_vault_or_none(cohorts: dict[str, Path], tmp_path: Path, previous: bool) -> None:
     new_spec = cohorts["new"] / "spec.toml"
     total = _full_run_seconds(new_spec, tmp_path)

@@ -458,6 +458,7 @@ def test_lock_wait_is_bounded(vault: Vault, monkeypatch: pytest.MonkeyPatch) -> 
     assert ledger.refresh().releases == ()
 
 
+@pytest.mark.slow
 def test_planning_calibration_never_needs_more_noise_than_opacus() -> None:
     """The census plans DP-SGD with the ledger's calibration: at most Opacus' noise, so plan >= charge."""
     from opacus.accountants.utils import get_noise_multiplier

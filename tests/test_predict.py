@@ -74,6 +74,7 @@ def _cli(site: Path, *args: str) -> list[str]:
 # Predictions
 
 
+@pytest.mark.slow
 def test_probabilities_are_distributions_and_the_class_follows_the_stored_threshold(predictor) -> None:
     thresholds = predictor.models.thresholds
     assert set(thresholds) == set(MODEL_NAMES)

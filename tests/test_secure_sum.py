@@ -133,6 +133,7 @@ def _run(sites: Path, run_dir: Path, *, fail=None, record=None, **settings) -> d
     return run_federation(grid, run)
 
 
+@pytest.mark.slow
 def test_a_secure_run_ends_at_the_plain_runs_models(sites_template: Path, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     # the sites seed their forests from the run id: one id for both runs
@@ -168,6 +169,7 @@ def test_a_secure_run_ends_at_the_plain_runs_models(sites_template: Path, tmp_pa
         assert a["importance"] == pytest.approx(b["importance"], abs=1e-6), a["feature"]
 
 
+@pytest.mark.slow
 def test_the_coordinator_sees_only_masked_vectors_shares_and_the_sum(sites: Path, tmp_path: Path) -> None:
     seen: list = []
     _run(sites, tmp_path / "run", record=seen, dp=False, secure_sum=True, explain=True, explanation_patients=40)
@@ -195,6 +197,7 @@ def test_the_coordinator_sees_only_masked_vectors_shares_and_the_sum(sites: Path
         assert all(set(e["keys"]) >= {"secure.layout"} for e in secure)
 
 
+@pytest.mark.slow
 def test_a_site_lost_mid_round_is_unmasked_around_and_named(sites: Path, tmp_path: Path) -> None:
     def fail(node: int, msg) -> str | None:
         lost = node == 103 and msg.metadata.message_type == "train" and msg.metadata.group_id.endswith("-cnn-2")
@@ -213,6 +216,7 @@ def _replies(seen: list, kind: str) -> list:
     return [m for m in seen if m.metadata.message_type == kind and m.content.metric_records]
 
 
+@pytest.mark.slow
 def test_distributed_noise_adds_a_share_and_charges_the_same_epsilon(sites_template: Path, tmp_path: Path) -> None:
     seen: dict[bool, list] = {False: [], True: []}
     docs = {}
@@ -277,6 +281,7 @@ def test_a_site_refuses_a_sum_in_the_clear_when_the_run_asks_for_secure_sum(site
     assert [e["status"] for e in EgressLog(vault).entries()] == ["blocked"]
 
 
+@pytest.mark.slow
 def test_a_secure_run_that_releases_no_statistics_sums_an_empty_release(sites: Path, tmp_path: Path) -> None:
     doc = _run(sites, tmp_path / "run", dp=False, secure_sum=True, test_statistics="none")
     assert doc["models"] == {} and set(doc["sites"]) == {"site-1", "site-2", "site-3"}

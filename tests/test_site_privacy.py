@@ -88,6 +88,7 @@ def test_default_policy_refuses_a_run_without_dp(sites: Path, tmp_path: Path) ->
         assert PrivacyLedger.load(vault).spent_epsilon() == 0.0
 
 
+@pytest.mark.slow
 def test_refusals_are_named_in_metrics_when_the_others_go_on(sites: Path, tmp_path: Path) -> None:
     set_layout_policy(sites, max_run_epsilon=5.0)
     vault = _vaults(sites)["site-3"]
@@ -107,6 +108,7 @@ def test_an_epsilon_above_max_run_epsilon_is_refused(sites: Path, tmp_path: Path
         _run(sites, tmp_path / "run", epsilon=8.0)
 
 
+@pytest.mark.slow
 def test_a_looser_delta_or_test_release_is_refused_a_stricter_one_honoured(sites: Path, tmp_path: Path) -> None:
     with pytest.raises(CensusError, match=r"the run asks for delta 0.5, above the site's delta 1e-05"):
         _run(sites, tmp_path / "a", delta=0.5)
@@ -119,6 +121,7 @@ def test_a_looser_delta_or_test_release_is_refused_a_stricter_one_honoured(sites
         assert labels == {"moments", "cnn-update", "glm-statistics", "meta-statistics", "explanation"}  # no test-statistics release
 
 
+@pytest.mark.slow
 def test_coordinator_sent_budget_or_delta_changes_nothing(sites: Path, tmp_path: Path) -> None:
     """Privacy numbers in a message are ignored: a site reads its request from the run config only."""
     def inject(node: int, msg: Message) -> None:
@@ -148,6 +151,7 @@ def _context(sites: Path, site: str, run: RunSettings) -> Context:
     return Context(run_id=1, node_id=101, node_config=cfg, state=RecordDict(), run_config=run.to_run_config())
 
 
+@pytest.mark.slow
 def test_a_second_evaluation_request_gets_the_stored_release(sites: Path, tmp_path: Path) -> None:
 
     doc = _run(sites, tmp_path / "run")
@@ -232,6 +236,7 @@ def test_a_reply_breaking_the_egress_contract_is_not_sent(sites: Path, monkeypat
     assert [e["status"] for e in entries] == ["blocked"] and "patient-ids" in entries[0]["reason"]
 
 
+@pytest.mark.slow
 def test_egress_is_the_same_at_300_and_3000_patients_and_every_dp_release_is_in_the_ledger(
         template: Path, tmp_path: Path) -> None:
     small = tmp_path / "small"
@@ -300,6 +305,7 @@ def _nan_terms(msg: Message, reply: Message) -> None:
     reply.content["terms"] = to_record(terms)
 
 
+@pytest.mark.slow
 def test_poisoned_updates_and_terms_are_rejected_and_named(sites: Path, tmp_path: Path) -> None:
     app = _tampering_app({(101, "train", 1): _scale_update, (102, "train", 2): _inflate,
                           (103, "train.meta", 1): _nan_terms})
@@ -342,6 +348,7 @@ def test_policy_command_shows_sets_and_refuses_a_silent_raise(sites: Path, capsy
     assert stop.value.code == 2
 
 
+@pytest.mark.slow
 def test_egress_command_lists_every_reply(sites: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from simulations.cli import main
 

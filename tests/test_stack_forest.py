@@ -25,6 +25,8 @@ from server.server_app import run_federation
 from simulations.membership import hybrid_local_weight
 from tests.local_grid import LocalGrid, node_configs, reference_layout
 
+pytestmark = pytest.mark.slow  # (nearly) every test here runs a federation; tests/conftest.py orders files by it
+
 FAST = dict(cnn_rounds=2, local_epochs=1, forest_trees=20, wait_timeout=2.0, round_timeout=60.0,
             test_statistics="exact", site_alone=False, glm_rounds=2, meta_rounds=3, explain=False)
 
