@@ -115,20 +115,18 @@ def _attribution_sums(vault: Any, cohort: Any, data: Any, cnn_weights: dict[str,
                       shared: dict[str, np.ndarray], settings: RunSettings, facts: RoundFacts, privacy: Any,
                       motifs: Any) -> dict[str, np.ndarray]:
     """Every summary of the release, exact (the caller adds the noise)."""
-    from client.model_store import load_local_models
     from common.explanation import feature_layout
 
     clip = UNIT
     layout = feature_layout(cohort.schema, named=True)
     # Fits (and stores) the run's forest if this site has none yet, and gives the meta-features.
-    proba, calibration = _base_probabilities(vault, data, cnn_weights, shared, settings, facts, privacy, "explain")
+    proba, local = _base_probabilities(vault, data, cnn_weights, shared, settings, facts, privacy, "explain")
     sums = {}
-    local = load_local_models(vault)  # the models _base_probabilities fitted or found
     sums |= _prefixed("forest", _forest_sums(local, data, layout, clip))
     sums |= _prefixed("logreg", _glm_sums(data, shared, facts, layout, cohort, clip))
     sums |= _prefixed("site-logreg", _site_glm_sums(local, data, layout, cohort, clip))
     sums |= _deep_sums(cohort, data, cnn_weights, shared, facts, motifs, clip)
-    sums["shares"] = _share_sums(proba, facts, _n_classes(cohort), clip, calibration=calibration)
+    sums["shares"] = _share_sums(proba, facts, _n_classes(cohort), clip, calibration=local.get("calibration") or {})
     return sums
 
 

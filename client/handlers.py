@@ -405,9 +405,9 @@ def _newton_records(vault: Any, privacy: Any, settings: RunSettings, facts: Roun
 def _base_probabilities(vault: Any, data: Any, cnn_weights: dict, shared: dict[str, np.ndarray],
                         settings: RunSettings, facts: RoundFacts, privacy: Any,
                         split: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """The base models' class probabilities on one split, fitting the site's own models (forest
-    and GLM) once per run, and this run's Platt maps of the site's own models
-    (:mod:`client.calibration`; empty without), read with them from the vault."""
+    """The base models' class probabilities on one split, and the site's own models (forest, GLM
+    and their Platt maps for the stack: :mod:`client.calibration`) that gave them, fitted once per
+    run (:func:`_local_models`); callers read the maps with ``local.get("calibration") or {}``."""
     import torch
 
     from client.pipeline import deep_proba, forest_matrix, glm_matrix, site_glm_proba
@@ -425,7 +425,7 @@ def _base_probabilities(vault: Any, data: Any, cnn_weights: dict, shared: dict[s
              "logreg": glm.predict_proba(x_glm),
              "site-logreg": site_glm_proba(local["site_glm"], local["site_scaler"], data, split,
                                            classes=local["site_glm_classes"])}
-    return proba, local.get("calibration") or {}
+    return proba, local
 
 
 def _local_models(vault: Any, data: Any, settings: RunSettings, facts: RoundFacts, privacy: Any) -> dict[str, Any]:
@@ -502,9 +502,9 @@ def meta_round(site: SiteRef, cnn_weights: dict[str, np.ndarray], shared: dict[s
         from client.pipeline import SiteData
 
         data = SiteData.from_cohort(cohort)
-        proba, calibration = _base_probabilities(vault, data, cnn_weights, shared, settings, facts, privacy,
-                                                 "validation")
-        proba = stacking_probabilities(proba, calibration)
+        proba, local = _base_probabilities(vault, data, cnn_weights, shared, settings, facts, privacy,
+                                           "validation")
+        proba = stacking_probabilities(proba, local.get("calibration") or {})
         x = meta_features(*(proba[m] for m in BASE_MODELS))
         if not settings.stack_forest:  # nothing its own models (fitted without DP) say enters the meta statistics
             x = without_model_features(x, n_models=len(BASE_MODELS), n_classes=k,
@@ -746,7 +746,8 @@ def _probabilities(vault: Any, data: Any, cnn_weights: dict[str, np.ndarray], sh
     from client.site_models import hybrid_probabilities
     from common.meta import reduced_stack_coef
 
-    base, calibration = _base_probabilities(vault, data, cnn_weights, shared, settings, facts, privacy, split)
+    base, local = _base_probabilities(vault, data, cnn_weights, shared, settings, facts, privacy, split)
+    calibration = local.get("calibration") or {}
     k = len(cohort.classes)
     coef = np.asarray(facts.coef, dtype=np.float64)
     proba = {**base, "hybrid": hybrid_probabilities(base, coef, n_classes=k, calibration=calibration)}
