@@ -159,7 +159,8 @@ def evaluate_split(data: SiteData, settings: EvaluateSettings, *, label: str = "
     return {"test_proba": test, "y_test": data.y[data.masks["test"]], "privacy": privacy, "timing": timing,
             "thresholds": thresholds, "site_forests": site_forests,
             "deep": {"epochs_run": result.epochs_run, "best_epoch": result.best_epoch, "config": cfg.to_dict()},
-            "forest": {"best_params": forest.best_params_, "cv_auc": forest.cv_score_},
+            "forest": {"best_params": forest.best_params_, "selection": forest.selection,
+                       "selection_auc": forest.selection_score_},
             "meta": {"coef": meta.coef_.tolist(), "intercept": meta.intercept_.tolist()}}
 
 

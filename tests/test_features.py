@@ -107,3 +107,67 @@ def test_site_forest_estimator_contract_and_learning() -> None:
     p1 = forest.predict_proba(x[200:])
     p2 = SiteForest(n_estimators=50, random_state=0).fit(x[:200], y[:200]).predict_proba(x[200:])
     np.testing.assert_array_equal(p1, p2)
+
+
+def test_the_site_forest_keeps_the_grid_point_with_the_best_out_of_bag_auc() -> None:
+    """Out-of-bag selection: every grid point's forest on the whole train split, scored by the AUC of
+    its out-of-bag votes; the best forest is kept as fitted (no refit), with its votes."""
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(300, 6))
+    y = (x[:, 0] - x[:, 1] + 0.5 * rng.normal(size=300) > 0).astype(int)
+    grid = {"min_samples_leaf": [150, 1]}  # leaves of half the records cannot follow the signal
+    forest = SiteForest(n_estimators=60, param_grid=grid, random_state=3).fit(x, y)
+    scores = {}
+    for leaf in grid["min_samples_leaf"]:
+        plain = RandomForestClassifier(n_estimators=60, class_weight="balanced", random_state=3, oob_score=True,
+                                       min_samples_leaf=leaf).fit(x, y)
+        votes = np.nan_to_num(plain.oob_decision_function_)
+        voted = votes.sum(axis=1) > 0
+        scores[leaf] = roc_auc_score(y[voted], votes[voted, 1])
+    assert scores[1] > scores[150] + 0.05
+    assert forest.best_params_ == {"min_samples_leaf": 1} and forest.selection_score_ == pytest.approx(scores[1])
+    np.testing.assert_array_equal(forest.predict_proba(x), plain.predict_proba(x))
+    np.testing.assert_array_equal(np.nan_to_num(forest.oob_proba_), np.nan_to_num(plain.oob_decision_function_))
+
+
+def test_the_site_forest_scores_multiclass_votes_and_falls_back_without_enough_votes() -> None:
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(240, 4))
+    y = np.digitize(x[:, 0], [-0.5, 0.5])
+    forest = SiteForest(n_estimators=40, random_state=0).fit(x, y)
+    assert 0.8 < forest.selection_score_ <= 1.0 and forest.oob_proba_.shape == (240, 3)
+    # One tree leaves two thirds of the records without an out-of-bag vote, here a whole class: no
+    # score, and the first grid point.
+    tiny = SiteForest(n_estimators=1, random_state=0).fit(x[:12], y[:12])
+    assert np.isnan(tiny.selection_score_)
+    assert tiny.best_params_ == {"max_features": "sqrt", "min_samples_leaf": 1}
+
+
+def test_the_site_forest_can_still_choose_by_cross_validation() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 5))
+    y = (x[:, 0] > 0).astype(int)
+    forest = SiteForest(n_estimators=30, selection="cv", random_state=0).fit(x, y)
+    assert set(forest.best_params_) == {"max_features", "min_samples_leaf"} and forest.selection_score_ > 0.8
+    assert forest.oob_proba_.shape == (200, 2)
+    with pytest.raises(ValueError, match="selection"):
+        SiteForest(selection="holdout").fit(x, y)
+
+
+@pytest.mark.slow
+def test_the_forest_selection_benchmark_times_and_scores_both_selections(tmp_path) -> None:
+    from simulations.benchmarks.forest_selection import SELECTIONS, run
+    from simulations.site_layout import split_cohort
+    from simulations.synthetic import write_synthetic_cohort
+
+    write_synthetic_cohort(out=tmp_path / "cohort", patients=300, seed=4)
+    split_cohort(spec_path=tmp_path / "cohort" / "spec.toml", sites=2, by="iid", out=tmp_path / "sites", seed=0,
+                 vaults=True, show_progress=False)
+    result = run(sites_dir=tmp_path / "sites", seeds=(0,))
+    assert [r["selection"] for r in result["runs"]] == list(SELECTIONS)
+    for row in result["runs"]:
+        assert row["seconds"] > 0 and 0.0 <= row["pooled_test_auc"] <= 1.0 and len(row["params"]) == 2
+    assert result["speedup"] == pytest.approx(result["seconds"]["cv"] / result["seconds"]["oob"], rel=1e-2)
