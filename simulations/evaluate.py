@@ -40,6 +40,7 @@ from client.pipeline import (
     forest_matrix,
     glm_matrix,
     meta_features,
+    over_all_classes,
     site_glm_proba,
     train_deep,
 )
@@ -89,6 +90,7 @@ class EvaluateSettings:
     meta_positive: bool = True
     glm_C: float = 0.1
     glm_max_features: int = 256
+    calibrate_site_models: bool = True
 
     @property
     def planned_epochs(self) -> int:
@@ -144,10 +146,17 @@ def evaluate_split(data: SiteData, settings: EvaluateSettings, *, label: str = "
     test, thresholds, meta = _stack(proba, val_y, data.n_classes, settings)
     site_forests = None
     if site_index is not None:
-        own = _site_models_proba(data, site_index, settings)
-        local = {s: {**proba[s], **own[s]} for s in ("validation", "test")}
+        own, read = _site_models_proba(data, site_index, settings)
         base = (*BASE_MODELS, "site-logreg")
-        sf_test, sf_thresholds, _ = _stack(local, val_y, data.n_classes, settings, base=base)
+        # The stack reads each site's models through that site's Platt maps, as a federation's does;
+        # the site models' own rows are as they are (a federation's rows are too).
+        hybrid_test, hybrid_thresholds, _ = _stack({s: {**proba[s], **read[s]} for s in ("validation", "test")},
+                                                   val_y, data.n_classes, settings, base=base)
+        sf_test, sf_thresholds, _ = _stack({s: {**proba[s], **own[s]} for s in ("validation", "test")},
+                                           val_y, data.n_classes, settings, base=base)
+        sf_test["hybrid"] = hybrid_test["hybrid"]
+        if "hybrid" in hybrid_thresholds:
+            sf_thresholds["hybrid"] = hybrid_thresholds["hybrid"]
         rows = ("hybrid", *SITE_MODELS)
         site_forests = {"test_proba": {m: sf_test[m] for m in rows},
                         "thresholds": {m: sf_thresholds[m] for m in rows if m in sf_thresholds}}
@@ -182,13 +191,19 @@ def _stack(proba: dict[str, dict[str, np.ndarray]], val_y: np.ndarray, n_classes
     return test, thresholds, meta
 
 
-def _site_models_proba(data: SiteData, site_index: np.ndarray,
-                       settings: EvaluateSettings) -> dict[str, dict[str, np.ndarray]]:
+def _site_models_proba(data: SiteData, site_index: np.ndarray, settings: EvaluateSettings
+                       ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, dict[str, np.ndarray]]]:
     """Each site's own forest and GLM (fitted once on its own train split, the GLM with the site's
     own scaler, as a federated site fits them) on its patients of the validation and test splits,
-    in pooled order: ``{split: {model: probabilities}}``."""
+    in pooled order: ``{split: {model: probabilities}}``, as they are and as the stack reads them
+    (through the site's Platt maps, :mod:`client.calibration`, with ``calibrate_site_models``)."""
+    from client.calibration import FOLDS, site_model_maps, stacking_probabilities
+    from common.glm import FederatedGLM
+
     splits = ("validation", "test")
-    out = {s: {m: np.zeros((int(data.masks[s].sum()), data.n_classes)) for m in SITE_MODELS} for s in splits}
+    shape = {s: (int(data.masks[s].sum()), data.n_classes) for s in splits}
+    out = {s: {m: np.zeros(shape[s]) for m in SITE_MODELS} for s in splits}
+    read = {s: {m: np.zeros(shape[s]) for m in SITE_MODELS} for s in splits}
     for i in np.unique(site_index):
         mine = site_index == i
         site = replace(data, masks={k: m & mine for k, m in data.masks.items()})
@@ -196,15 +211,22 @@ def _site_models_proba(data: SiteData, site_index: np.ndarray,
         forest = fit_forest(site, pre, n_estimators=settings.forest_trees, random_state=settings.seed)
         scaler = fit_shared_scaler(site, max_glm_columns=settings.glm_max_features)
         glm = fit_glm(site, scaler, C=settings.glm_C)
+        maps = {}
+        if settings.calibrate_site_models:
+            maps = site_model_maps(forest=forest, glm_fit=lambda x, y: FederatedGLM(C=settings.glm_C).fit(x, y),
+                                   x_glm=glm_matrix(site, "train", scaler), y=site.y[site.masks["train"]],
+                                   n_classes=data.n_classes, folds=FOLDS, seed=settings.seed)
         for s in splits:
             here = np.isin(np.flatnonzero(data.masks[s]), np.flatnonzero(site.masks[s]))
-            # A site may lack a class in its train split: its forest then has fewer columns.
-            block = np.zeros((int(here.sum()), data.n_classes))
-            block[:, np.asarray(forest.classes_, dtype=int)] = forest.predict_proba(forest_matrix(site, s, pre))
-            out[s]["forest"][here] = block
-            out[s]["site-logreg"][here] = site_glm_proba(glm, scaler, site, s,
-                                                         classes=np.unique(site.y[site.masks["train"]]))
-    return out
+            mine_proba = {"forest": over_all_classes(forest.predict_proba(forest_matrix(site, s, pre)),
+                                                     forest.classes_, data.n_classes),
+                          "site-logreg": site_glm_proba(glm, scaler, site, s,
+                                                        classes=np.unique(site.y[site.masks["train"]]))}
+            for m, p in mine_proba.items():
+                out[s][m][here] = p
+            for m, p in stacking_probabilities(mine_proba, maps).items():
+                read[s][m][here] = p
+    return out, read
 
 
 def _fold_masks(data: SiteData, folds: int, seed: int, groups: np.ndarray | None) -> list[dict[str, np.ndarray]]:
@@ -369,7 +391,8 @@ def render_table(report: dict[str, Any]) -> str:
     ref = report.get("reference_site_forests")
     if ref:
         lines += ["", "Reference with each site's own forest and GLM (the deep model and GLM pooled; a site's own "
-                  "models never leave it, as in the federation):"]
+                  "models never leave it, and the stack reads them through the site's Platt maps, as in the "
+                  "federation):"]
         for name, m in ref.items():
             lines.append(f"- {name}: " + ", ".join(f"{k} {_fmt(m[k])}" for k in METRIC_NAMES))
     th = report.get("thresholds", {})

@@ -154,7 +154,8 @@ def test_pooled_sites_also_give_the_site_forest_reference(small_spec: Path, tmp_
     # The reference's forest and GLM test AUCs are those of the two sites' own models on their own test patients.
     data = SiteData.from_cohort(pooled)
     site_index = np.repeat([0, 1], sizes)
-    proba = _site_models_proba(data, site_index, settings)["test"]
+    own_proba, read = _site_models_proba(data, site_index, settings)
+    proba = own_proba["test"]
     first = SiteData.from_cohort(halves[0])
     n_first = int(first.masks["test"].sum())
     pre = fit_tabular_preprocessor(first)
@@ -165,4 +166,19 @@ def test_pooled_sites_also_give_the_site_forest_reference(small_spec: Path, tmp_
     np.testing.assert_allclose(proba["site-logreg"][:n_first], glm.predict_proba(glm_matrix(first, "test", scaler)))
     for name in ("forest", "site-logreg"):
         assert ref[name]["auc"] == compute_metrics(data.y[data.masks["test"]], proba[name], n_classes=2)["auc"]
+    # The stack reads them through each site's own Platt maps, as a federated site's stack does.
+    from client.calibration import FOLDS, apply_platt, site_model_maps
+    from common.glm import FederatedGLM
+
+    maps = site_model_maps(forest=own, glm_fit=lambda a, b: FederatedGLM(C=settings.glm_C).fit(a, b),
+                           x_glm=glm_matrix(first, "train", scaler), y=first.y[first.masks["train"]], n_classes=2,
+                           folds=FOLDS, seed=settings.seed)
+    assert set(maps) == {"forest", "site-logreg"}
+    for name in ("forest", "site-logreg"):
+        np.testing.assert_allclose(read["test"][name][:n_first], apply_platt(proba[name][:n_first], maps[name]))
+        assert not np.allclose(read["test"][name], proba[name])
+    from dataclasses import replace
+
+    _, unread = _site_models_proba(data, site_index, replace(settings, calibrate_site_models=False))
+    np.testing.assert_array_equal(unread["test"]["forest"], proba["forest"])
     assert "Reference with each site's own forest and GLM" in (tmp_path / "out" / "metrics.md").read_text()
