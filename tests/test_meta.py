@@ -499,3 +499,38 @@ def test_a_reduced_stack_ranks_as_the_zeroed_one_and_keeps_the_full_stacks_sprea
         assert scores(scaled).std() > 1.7 * scores(zeroed).std()
     rows = scaled.reshape(w, -1)[:, :-1]
     np.testing.assert_allclose(np.abs(rows).sum(axis=1), np.abs(coef.reshape(w, -1)[:, :-1]).sum(axis=1))
+
+
+@pytest.mark.parametrize("k", [2, 4])
+def test_the_newton_direction_is_the_least_norm_solution_of_the_penalized_system(k: int) -> None:
+    """One LU solve with the multinomial intercepts' null direction added gives what least squares
+    gives, on the singular Hessian of a penalized multinomial model too."""
+    from common.meta import newton_direction
+
+    rng = np.random.default_rng(k)
+    x = rng.normal(size=(300, 6))
+    y = rng.integers(0, k, size=300)
+    solver = NewtonSolver(n_features=6, n_classes=k, C=0.5)
+    solver.coef = rng.normal(scale=0.3, size=solver.coef.shape)
+    _, grad, hess = solver.objective(newton_terms(solver.coef, x, y, n_classes=k))
+    free = np.ones(solver.coef.shape[0], dtype=bool)
+    null = solver._null_direction(free)
+    if k == 2:
+        assert null is None
+    else:  # the one direction the penalized multinomial Hessian does not see
+        assert np.linalg.matrix_rank(hess) == hess.shape[0] - 1
+        np.testing.assert_allclose(hess @ null, 0.0, atol=1e-9)
+    expected = np.linalg.lstsq(hess, grad, rcond=None)[0]
+    np.testing.assert_allclose(newton_direction(hess, grad, null=null), expected, rtol=1e-8, atol=1e-10)
+
+
+def test_the_newton_direction_falls_back_to_least_squares_when_the_null_direction_is_wrong() -> None:
+    from common.meta import newton_direction
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(5, 3))
+    hess = a @ a.T  # rank 3: two null directions, not one
+    grad = hess @ rng.normal(size=5)
+    wrong = np.eye(5)[0]
+    expected = np.linalg.lstsq(hess, grad, rcond=None)[0]
+    np.testing.assert_allclose(newton_direction(hess, grad, null=wrong), expected, rtol=1e-8, atol=1e-10)
