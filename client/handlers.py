@@ -26,7 +26,7 @@ import numpy as np
 from client.privacy.egress import EgressContract, contract_for
 from client.site import SiteRef
 from common.settings import RoundFacts, RunSettings
-from common.stack import BASE_MODELS, MODEL_NAMES, local_indices, reduced_stacks, released_models
+from common.stack import BASE_MODELS, MODEL_NAMES, local_indices, reduced_stacks, reduced_stack_weights, released_models
 
 log = logging.getLogger("genofed.client")
 
@@ -744,7 +744,6 @@ def _probabilities(vault: Any, data: Any, cnn_weights: dict[str, np.ndarray], sh
     """Every model's class probabilities on ``split``: the base models, the hybrid, and on the
     validation split the reduced stacks (the hybrid without each base model)."""
     from client.site_models import hybrid_probabilities
-    from common.meta import reduced_stack_coef
 
     base, local = _base_probabilities(vault, data, cnn_weights, shared, settings, facts, privacy, split)
     calibration = local.get("calibration") or {}
@@ -752,10 +751,9 @@ def _probabilities(vault: Any, data: Any, cnn_weights: dict[str, np.ndarray], sh
     coef = np.asarray(facts.coef, dtype=np.float64)
     proba = {**base, "hybrid": hybrid_probabilities(base, coef, n_classes=k, calibration=calibration)}
     if split == "validation":
-        for name, left_out in reduced_stacks(stack_local=settings.stack_forest).items():
-            reduced = reduced_stack_coef(coef, n_models=len(BASE_MODELS), n_classes=max(k, 2),
-                                    index=[BASE_MODELS.index(m) for m in left_out])
-            proba[name] = hybrid_probabilities(base, reduced, n_classes=k, calibration=calibration)
+        for name in reduced_stacks(stack_local=settings.stack_forest):
+            proba[name] = hybrid_probabilities(base, reduced_stack_weights(name, coef, n_classes=k),
+                                               n_classes=k, calibration=calibration)
     return proba
 
 

@@ -29,11 +29,26 @@ REDUCED_STACKS = {**{f"hybrid-without-{m}": (m,) for m in BASE_MODELS}, "hybrid-
 """The stack without some base models, by the models it leaves out: each in turn, and both shared
 ones (the site's own models weighted by the federation: under DP at small sites the DP-trained
 models can be noise that no single leave-out removes; docs/learning.md)."""
+AVERAGED_STACKS = ("hybrid-without-cnn-logreg",)
+"""Reduced stacks that average the models they keep with equal weights instead of keeping their
+fitted weights: leaving out both shared models is what the coordinator chooses when they are noise,
+and then the fitted weights of the site's own models were estimated against that noise too
+(:func:`common.meta.averaged_stack_coef`)."""
 
 
 def left_out_words(stack: str) -> str:
     """The models a reduced stack leaves out, for a sentence ("logreg", "cnn and the logreg")."""
     return " and the ".join(REDUCED_STACKS[stack])
+
+
+def reduced_stack_weights(name: str, coef: Any, *, n_classes: int) -> Any:
+    """The flat meta coefficients of the reduced stack ``name`` built from the fitted ``coef``: the
+    same on every site (which releases its statistics) and at the coordinator (which may choose it)."""
+    from common.meta import averaged_stack_coef, reduced_stack_coef
+
+    build = averaged_stack_coef if name in AVERAGED_STACKS else reduced_stack_coef
+    return build(coef, n_models=len(BASE_MODELS), n_classes=max(n_classes, 2),
+                 index=[BASE_MODELS.index(m) for m in REDUCED_STACKS[name]])
 
 
 def stacked_models(*, stack_local: bool) -> tuple[str, ...]:
@@ -75,10 +90,11 @@ def fallback_words(fb: dict[str, Any]) -> str:
     if model in REDUCED_STACKS:
         left_out = left_out_words(model)
         weight = f"the {left_out}'s weight" if len(REDUCED_STACKS[model]) == 1 else f"the weights of the {left_out}"
+        rest = " and the others averaged with equal weights" if model in AVERAGED_STACKS else ""
         return (f"the stack without the {left_out} had a higher validation AUC ({auc[model]:.3f}) than the full "
                 f"stack ({auc['hybrid']:.3f}) and every base model (best: the {fb['best_base']}, "
                 f"{auc[fb['best_base']]:.3f}), so the hybrid is the meta-classifier with {weight} set "
-                "to zero (decided on the sites' summed validation statistics).")
+                f"to zero{rest} (decided on the sites' summed validation statistics).")
     se = fb.get("margin_se", 1.0)
     what = "its standard error" if se == 1.0 else f"{se:g} standard errors of it"
     margin = f" by more than {what} ({fb['margin']:.3f})" if fb.get("margin") else ""

@@ -38,6 +38,7 @@ from common.stack import (
     SITE_ALONE_ROWS,
     fallback_words,
     local_indices,
+    reduced_stack_weights,
     stacked_models,
 )
 from common.stack import MODEL_NAMES as MODELS
@@ -764,7 +765,7 @@ def _stacking_fallback(state: RunState, pooled: dict[str, Any], n_classes: int, 
     Post-processing of released statistics: no privacy cost. In the decision, ``model`` is what
     replaced the fitted stack ("" if it was kept) and ``chosen`` names what the hybrid is either way.
     """
-    from common.meta import reduced_stack_coef, selection_coef
+    from common.meta import selection_coef
     from common.metrics import auc_standard_error, metrics_from_stats
 
     if "hybrid" not in pooled or not all(m in pooled for m in BASE_MODELS):
@@ -785,8 +786,7 @@ def _stacking_fallback(state: RunState, pooled: dict[str, Any], n_classes: int, 
     decision["fitted_coef"] = [float(c) for c in state.meta_coef]  # what the meta rounds fitted, set aside
     k = max(n_classes, 2)
     if auc[stack] > auc[best] + margin:
-        coef = reduced_stack_coef(np.asarray(state.meta_coef), n_models=len(BASE_MODELS), n_classes=k,
-                             index=[BASE_MODELS.index(m) for m in REDUCED_STACKS[stack]])
+        coef = reduced_stack_weights(stack, np.asarray(state.meta_coef), n_classes=k)
         chosen = stack
     else:
         coef = selection_coef(n_models=len(BASE_MODELS), n_classes=k, index=BASE_MODELS.index(best))

@@ -25,7 +25,7 @@ from common.metrics import (
     metrics_from_stats,
 )
 from common.settings import RunSettings
-from common.stack import REDUCED_STACKS, fallback_words, left_out_words
+from common.stack import AVERAGED_STACKS, REDUCED_STACKS, fallback_words, left_out_words
 from server.explanation_doc import explanation_markdown, read_explanation
 from server.phases import MODELS, RunState
 
@@ -214,8 +214,9 @@ def _model_roles(state: RunState, settings: RunSettings) -> dict[str, str]:
     elif chosen in REDUCED_STACKS:
         one = len(REDUCED_STACKS[chosen]) == 1
         roles["hybrid"] = (f"federated stacking meta-classifier over {over} but the {left_out_words(chosen)} ("
-                           + ("its weight" if one else "their weights") + " set to zero: the stack without "
-                           + ("it" if one else "them") + " won on validation"
+                           + ("its weight" if one else "their weights") + " set to zero"
+                           + (", the others averaged with equal weights" if chosen in AVERAGED_STACKS else "")
+                           + ": the stack without " + ("it" if one else "them") + " won on validation"
                            + ("" if settings.stack_forest else "; stack-forest = false") + ")")
     elif chosen:
         roles["hybrid"] = f"the {chosen} below (stacking fallback: no stack beat it on validation)"
