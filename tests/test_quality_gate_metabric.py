@@ -3,7 +3,7 @@
 On the METABRIC recipe (5 centres, tabular: the deep model is a dense network), against the pooled
 reference with per-site forests (what a federation can reach when forests never leave their sites):
 the federated GLM is the pooled fit, and the federated hybrid is within 0.03 of that reference
-without DP (0.04 at epsilon 8) and not more than 0.03 below its best federated base model. Why not
+without DP (0.05 at epsilon 8) and not more than 0.03 below its best federated base model. Why not
 issue 9's 0.01 and 0.005: each run's forests are seeded from the sites' keys, and the hybrid is chosen
 on about 300 validation patients; over six federated runs of one layout without DP the hybrid read
 0.678-0.701 against the reference's 0.700 (docs/learning.md, "Issue 9's table"): those bars are
@@ -48,13 +48,16 @@ def test_federated_metabric_reaches_the_site_forest_reference(tmp_path: Path) ->
     assert set(alone["sites"]) == set(fed["sites"]) == {f"cohort-{i}" for i in range(1, 6)}
     assert all(sum(site["class_counts"]) == fed["sites"][name]["n"] for name, site in alone["sites"].items())
 
-    # At epsilon 8 (the DP deep model and GLM near chance at these sizes, the hybrid its forest by
-    # fallback): within 0.04 of the same reference. Measured: -0.014 to +0.003 in four runs of this
-    # layout; the epsilon-8 runs of earlier tables in docs/learning.md read 0.674-0.696 against 0.700.
+    # At epsilon 8 (the DP deep model and GLM near chance at these sizes, the hybrid mostly its forest by
+    # fallback): within 0.05 of the same reference, the floor of 0.660 that 0.04 below the uncalibrated
+    # reference's 0.700 set before the reference read the site models through their Platt maps (0.711).
+    # Measured against 0.711 over twelve runs of this layout: -0.045 to -0.003, mean -0.021 (issue 9's
+    # 0.03 missed in two): what spreads them is the sites' forests, seeded per run (pooled test AUC
+    # 0.682-0.699 over 24 seeds offline), not DP (docs/learning.md, "The epsilon-8 gate on METABRIC").
     assert main(["simulate", "--sites-dir", str(sites), "--epsilon", "8", "--set", 'test-statistics="exact"',
                  "--set", "site-alone=false", "--set", "explain=false", "--out", str(tmp_path / "dp")]) == 0
     dp = json.loads((tmp_path / "dp" / "metrics.json").read_text())
     dp_auc = {name: m["auc"] for name, m in dp["models"].items()}
-    assert dp_auc["hybrid"] == pytest.approx(pooled["reference_site_forests"]["hybrid"]["auc"], abs=0.04)
+    assert dp_auc["hybrid"] == pytest.approx(pooled["reference_site_forests"]["hybrid"]["auc"], abs=0.05)
     assert dp_auc["hybrid"] >= max(dp_auc[m] for m in ("cnn", "forest", "logreg")) - 0.03
     assert all(0 < site["epsilon"] <= site["budget"] for site in dp["privacy"].values())
