@@ -432,34 +432,17 @@ def _local_models(vault: Any, data: Any, settings: RunSettings, facts: RoundFact
     """The site's forest and its own GLM (with its own scaler), fitted on its train split once per
     run and kept in its vault: like a hospital alone, without DP; they never leave the site."""
     from client.model_store import load_local_models, save_local_models
-    from client.pipeline import fit_forest, fit_glm, fit_shared_scaler, fit_tabular_preprocessor
+    from client.pipeline import fit_local_models
 
     stored = load_local_models(vault)
     if stored is not None and stored.get("run_id") == facts.run_id and "site_glm" in stored:
         return stored
     seed = privacy.seed(purpose="forest") % (2**31)
-    pre = fit_tabular_preprocessor(data)
-    forest = fit_forest(data, pre, n_estimators=settings.forest_trees, random_state=seed)
-    scaler = fit_shared_scaler(data, max_glm_columns=settings.glm_max_features)
-    local = {"forest": forest, "preprocessor": pre, "site_glm": fit_glm(data, scaler, C=settings.glm_c),
-             "site_scaler": scaler, "site_glm_classes": np.unique(data.y[data.masks["train"]]).tolist(),
-             "calibration": _site_model_maps(data, forest, scaler, settings, seed=seed)}
+    local = fit_local_models(data, forest_trees=settings.forest_trees, glm_c=settings.glm_c,
+                             glm_max_features=settings.glm_max_features,
+                             calibrate=settings.calibrate_site_models, seed=seed)
     save_local_models(vault, run_id=facts.run_id, **local)
     return {**local, "run_id": facts.run_id}
-
-
-def _site_model_maps(data: Any, forest: Any, scaler: Any, settings: RunSettings, *, seed: int) -> dict[str, Any]:
-    """The site models' Platt maps for the stack (:mod:`client.calibration`), or none with
-    ``calibrate-site-models = false``."""
-    from client.calibration import FOLDS, site_model_maps
-    from client.pipeline import glm_matrix
-    from common.glm import FederatedGLM
-
-    if not settings.calibrate_site_models:
-        return {}
-    return site_model_maps(forest=forest, glm_fit=lambda x, y: FederatedGLM(C=settings.glm_c).fit(x, y),
-                           x_glm=glm_matrix(data, "train", scaler), y=data.y[data.masks["train"]],
-                           n_classes=data.n_classes, folds=FOLDS, seed=seed)
 
 
 def meta_dim(n_classes: int) -> int:

@@ -197,8 +197,8 @@ def _site_models_proba(data: SiteData, site_index: np.ndarray, settings: Evaluat
     own scaler, as a federated site fits them) on its patients of the validation and test splits,
     in pooled order: ``{split: {model: probabilities}}``, as they are and as the stack reads them
     (through the site's Platt maps, :mod:`client.calibration`, with ``calibrate_site_models``)."""
-    from client.calibration import FOLDS, site_model_maps, stacking_probabilities
-    from common.glm import FederatedGLM
+    from client.calibration import stacking_probabilities
+    from client.pipeline import fit_local_models
 
     splits = ("validation", "test")
     shape = {s: (int(data.masks[s].sum()), data.n_classes) for s in splits}
@@ -207,21 +207,16 @@ def _site_models_proba(data: SiteData, site_index: np.ndarray, settings: Evaluat
     for i in np.unique(site_index):
         mine = site_index == i
         site = replace(data, masks={k: m & mine for k, m in data.masks.items()})
-        pre = fit_tabular_preprocessor(site)
-        forest = fit_forest(site, pre, n_estimators=settings.forest_trees, random_state=settings.seed)
-        scaler = fit_shared_scaler(site, max_glm_columns=settings.glm_max_features)
-        glm = fit_glm(site, scaler, C=settings.glm_C)
-        maps = {}
-        if settings.calibrate_site_models:
-            maps = site_model_maps(forest=forest, glm_fit=lambda x, y: FederatedGLM(C=settings.glm_C).fit(x, y),
-                                   x_glm=glm_matrix(site, "train", scaler), y=site.y[site.masks["train"]],
-                                   n_classes=data.n_classes, folds=FOLDS, seed=settings.seed)
+        local = fit_local_models(site, forest_trees=settings.forest_trees, glm_c=settings.glm_C,
+                                 glm_max_features=settings.glm_max_features,
+                                 calibrate=settings.calibrate_site_models, seed=settings.seed)
+        forest, pre, maps = local["forest"], local["preprocessor"], local["calibration"]
         for s in splits:
             here = np.isin(np.flatnonzero(data.masks[s]), np.flatnonzero(site.masks[s]))
             mine_proba = {"forest": over_all_classes(forest.predict_proba(forest_matrix(site, s, pre)),
                                                      forest.classes_, data.n_classes),
-                          "site-logreg": site_glm_proba(glm, scaler, site, s,
-                                                        classes=np.unique(site.y[site.masks["train"]]))}
+                          "site-logreg": site_glm_proba(local["site_glm"], local["site_scaler"], site, s,
+                                                        classes=local["site_glm_classes"])}
             for m, p in mine_proba.items():
                 out[s][m][here] = p
             for m, p in stacking_probabilities(mine_proba, maps).items():

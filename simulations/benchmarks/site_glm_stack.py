@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from simulations.benchmarks import emit
+from simulations.benchmarks import emit, layout_cohorts, run_main
 
 SCORES = ("forest", "glm", "mean", "calibrated-mean", "stack")
 
@@ -37,34 +37,16 @@ SCORES = ("forest", "glm", "mean", "calibrated-mean", "stack")
 def _site_log_odds(site: Any, *, trees: int, glm_c: float, width: int, seed: int) -> dict[str, np.ndarray]:
     """The site's forest and GLM (fitted on its train split) as stacking inputs on validation and test,
     raw and (``"<split>-calibrated"``) after their Platt maps, as a run's stack reads them (:mod:`client.calibration`)."""
-    from client.calibration import FOLDS, apply_platt, site_model_maps
-    from client.pipeline import (
-        fit_forest,
-        fit_glm,
-        fit_shared_scaler,
-        fit_tabular_preprocessor,
-        forest_matrix,
-        glm_matrix,
-        meta_features,
-        over_all_classes,
-        site_glm_proba,
-    )
-
-    from common.glm import FederatedGLM
+    from client.calibration import apply_platt
+    from client.pipeline import fit_local_models, forest_matrix, meta_features, over_all_classes, site_glm_proba
 
     k = site.n_classes
-    pre = fit_tabular_preprocessor(site)
-    forest = fit_forest(site, pre, n_estimators=trees, random_state=seed)
-    scaler = fit_shared_scaler(site, max_glm_columns=width)
-    glm = fit_glm(site, scaler, C=glm_c)
-    glm_classes = np.unique(site.y[site.masks["train"]])
-    maps = site_model_maps(forest=forest, glm_fit=lambda x, y: FederatedGLM(C=glm_c).fit(x, y),
-                           x_glm=glm_matrix(site, "train", scaler), y=site.y[site.masks["train"]], n_classes=k,
-                           folds=FOLDS, seed=seed)
+    local = fit_local_models(site, forest_trees=trees, glm_c=glm_c, glm_max_features=width, calibrate=True, seed=seed)
+    forest, pre, maps = local["forest"], local["preprocessor"], local["calibration"]
     out = {}
     for split in ("validation", "test"):
         pf = over_all_classes(forest.predict_proba(forest_matrix(site, split, pre)), forest.classes_, k)
-        pg = site_glm_proba(glm, scaler, site, split, classes=glm_classes)
+        pg = site_glm_proba(local["site_glm"], local["site_scaler"], site, split, classes=local["site_glm_classes"])
         out[split] = meta_features(pf, pg)
         out[f"{split}-calibrated"] = meta_features(apply_platt(pf, maps.get("forest")),
                                                    apply_platt(pg, maps.get("site-logreg")))
@@ -95,10 +77,9 @@ def run(*, sites_dir: Path, seed: int = 0) -> dict[str, Any]:
 
     from client.pipeline import SiteData
     from common.settings import RunSettings
-    from simulations.benchmarks.dp_glm import _cohorts
 
     settings = RunSettings()
-    sites = [SiteData.from_cohort(c) for c in _cohorts(sites_dir)]
+    sites = [SiteData.from_cohort(c) for c in layout_cohorts(sites_dir)]
     k = sites[0].n_classes
     x = [_site_log_odds(s, trees=settings.forest_trees, glm_c=settings.glm_c, width=settings.glm_max_features,
                         seed=seed) for s in sites]
@@ -142,4 +123,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "python -m simulations.benchmarks.site_glm_stack")
