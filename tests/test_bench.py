@@ -57,3 +57,25 @@ def test_scale_bench_measures_memory_and_the_same_bytes_per_site_at_any_size(tmp
     # a site sends and receives the same model however many sites there are
     assert large["round_kb_per_site"] == pytest.approx(small["round_kb_per_site"], rel=0.05)
     assert (tmp_path / "b" / "scale.md").read_text().startswith("### Simulated federations")
+
+
+@pytest.mark.parametrize("module", ["dp_glm", "dp_meta", "fedavg_gap", "forest_selection", "site_glm_stack"])
+@pytest.mark.parametrize("make", ["missing", "empty"])
+def test_a_benchmark_given_no_layout_says_so_in_one_line(module: str, make: str, tmp_path: Path, capsys) -> None:
+    """A benchmark pointed at a missing folder, or at one without site vaults, exits with one line
+    naming the folder and what to give instead, not a traceback."""
+    import importlib
+
+    from simulations.benchmarks import run_main
+
+    where = tmp_path / "layout"
+    if make == "empty":
+        where.mkdir()
+    bench = importlib.import_module(f"simulations.benchmarks.{module}")
+    with pytest.raises(SystemExit) as exit_:
+        run_main(lambda: bench.main([str(where)]), f"python -m simulations.benchmarks.{module}")
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert err.startswith(f"python -m simulations.benchmarks.{module}: error: {where}: ")
+    assert "genofed cohort split --vaults" in err

@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 import json
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from common.errors import GenofedError
+
+
+class BenchmarkInputError(GenofedError):
+    """A benchmark was pointed at something it cannot read (a missing layout, a layout without sites)."""
 
 
 def emit(result: dict[str, Any], json_path: str | Path | None) -> None:
@@ -13,3 +21,38 @@ def emit(result: dict[str, Any], json_path: str | Path | None) -> None:
     print(text)
     if json_path:
         Path(json_path).write_text(text, encoding="utf-8")
+
+
+def layout_sites(sites_dir: Path) -> list[Path]:
+    """The site folders of a layout (``genofed cohort split|recipe ... --vaults``), or one clear error."""
+    from client.site import site_dirs
+
+    if not Path(sites_dir).is_dir():
+        raise BenchmarkInputError(f"{sites_dir}: not a folder; make a layout with `genofed cohort split --vaults` "
+                                  "or `genofed cohort recipe ... --vaults`")
+    sites = site_dirs(Path(sites_dir))
+    if not sites:
+        raise BenchmarkInputError(f"{sites_dir}: no site folder with vault/ and key; give the folder that "
+                                  "`genofed cohort split --vaults` wrote")
+    return sites
+
+
+def layout_cohorts(sites_dir: Path) -> list[Any]:
+    """Every site's cohort of a layout, read from its vault with its key file, in site order."""
+    from client.cohort_store import load_cohort
+    from client.vault import KeySource, Vault
+
+    return [load_cohort(Vault.open(d / "vault", KeySource.from_key_file(d / "key"))) for d in layout_sites(sites_dir)]
+
+
+def run_main(main: Callable[[], object], prog: str) -> None:
+    """Run a benchmark's ``main`` as a command: a genofed error is one line on stderr and its exit
+    code, not a traceback."""
+    try:
+        main()
+    except GenofedError as exc:
+        print(f"{prog}: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -35,15 +35,7 @@ from typing import Any
 import numpy as np
 
 from common.settings import RunSettings
-from simulations.benchmarks import emit
-
-
-def _cohorts(sites_dir: Path) -> list[Any]:
-    from client.cohort_store import load_cohort
-    from client.site import site_dirs
-    from client.vault import KeySource, Vault
-
-    return [load_cohort(Vault.open(d / "vault", KeySource.from_key_file(d / "key"))) for d in site_dirs(sites_dir)]
+from simulations.benchmarks import emit, layout_cohorts, layout_sites, run_main
 
 
 def _noised_scaler(raws: list[np.ndarray], columns: Any, *, sigma: float, max_glm_columns: int,
@@ -99,10 +91,9 @@ def _run_epsilon(sites_dir: Path, settings: Any) -> float:
     from client.cohort_store import load_cohort
     from client.privacy.facade import SitePrivacy
     from client.privacy.ledger import epsilon_of
-    from client.site import site_dirs
     from client.vault import KeySource, Vault
 
-    d = site_dirs(sites_dir)[0]
+    d = layout_sites(sites_dir)[0]
     vault = Vault.open(d / "vault", KeySource.from_key_file(d / "key"))
     cohort = load_cohort(vault)
     privacy = SitePrivacy.open(vault, site=d.name, settings=settings, run_id="dp-glm-benchmark", n_records=cohort.n)
@@ -118,7 +109,7 @@ def run(*, sites_dir: Path, glm_epsilons: list[float], moments_epsilons: list[fl
     from common.secure_sum import default_threshold
     from common.tabular import shared_columns
 
-    cohorts = _cohorts(sites_dir)
+    cohorts = layout_cohorts(sites_dir)
     sites = [SiteData.from_cohort(c) for c in cohorts]
     columns = shared_columns(sites[0].schema)
     n_classes = max(2, sites[0].n_classes)
@@ -176,4 +167,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "python -m simulations.benchmarks.dp_glm")

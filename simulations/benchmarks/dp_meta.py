@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from simulations.benchmarks import emit
+from simulations.benchmarks import BenchmarkInputError, emit, layout_sites, run_main
 
 
 def _site_features(sites_dir: Path) -> list[dict[str, tuple[np.ndarray, np.ndarray]]]:
@@ -33,16 +33,15 @@ def _site_features(sites_dir: Path) -> list[dict[str, tuple[np.ndarray, np.ndarr
     from client.model_store import CNN_ROLE
     from client.calibration import stacking_probabilities
     from client.pipeline import SiteData, meta_features
-    from client.site import site_dirs
     from client.site_models import base_probabilities, load_site_models
     from client.vault import KeySource, Vault
     from common.stack import BASE_MODELS
 
     out = []
-    for d in site_dirs(sites_dir):
+    for d in layout_sites(sites_dir):
         vault = Vault.open(d / "vault", KeySource.from_key_file(d / "key"))
         if CNN_ROLE not in vault.roles:
-            raise SystemExit(f"{d}: no final models in the vault; run a federation on {sites_dir} first")
+            raise BenchmarkInputError(f"{d}: no final models in the vault; run a federation on {sites_dir} first")
         data = SiteData.from_cohort(load_cohort(vault))
         models = load_site_models(vault)
         feats = {}
@@ -123,8 +122,9 @@ def run(*, sites_dir: Path, meta_epsilon: float, delta: float, rounds: list[int]
             "averaging_prior": score(prior), "base_models": base, "dp": rows}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m simulations.benchmarks.dp_meta", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sites_dir", type=Path, help="a site layout after a federated run")
     parser.add_argument("--meta-epsilon", type=float, default=1.0)
     parser.add_argument("--delta", type=float, default=1e-5)
@@ -132,11 +132,11 @@ def main() -> None:
     parser.add_argument("--bound", type=float, nargs="+", default=[6.0], help="meta feature clipping bounds")
     parser.add_argument("--draws", type=int, default=5, help="noise draws per starting point")
     parser.add_argument("--json", type=Path)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     result = run(sites_dir=args.sites_dir, meta_epsilon=args.meta_epsilon, delta=args.delta, rounds=args.rounds,
                  bounds=args.bound, draws=args.draws)
     emit(result, args.json)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "python -m simulations.benchmarks.dp_meta")

@@ -18,7 +18,7 @@ import subprocess
 import sys
 from typing import Any
 
-from simulations.benchmarks import emit
+from simulations.benchmarks import emit, run_main
 
 MODES = ("none", "hooks", "functorch", "ew", "ghost")
 
@@ -89,4 +89,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "python -m simulations.benchmarks.dp_modes")

@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from simulations.benchmarks import emit
+from simulations.benchmarks import emit, run_main
 
 RUN = {"cnn-rounds": 4, "local-epochs": 2, "forest-trees": 100, "explanation-patients": 150}
 VARIANTS = ("equal weights", "weighted")
@@ -139,4 +139,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "python -m simulations.benchmarks.explanation_recovery")

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from simulations.benchmarks import emit
+from simulations.benchmarks import emit, layout_cohorts, run_main
 
 VARIANTS = ("pooled", "one-site-rounds", "fedavg", "fedavg-iid")
 
@@ -43,9 +43,8 @@ VARIANTS = ("pooled", "one-site-rounds", "fedavg", "fedavg-iid")
 def _sites(sites_dir: Path) -> tuple[list[Any], Any]:
     from client.pipeline import SiteData
     from common.cohort import concat_cohorts
-    from simulations.benchmarks.dp_glm import _cohorts
 
-    cohorts = _cohorts(sites_dir)
+    cohorts = layout_cohorts(sites_dir)
     return [SiteData.from_cohort(c) for c in cohorts], SiteData.from_cohort(concat_cohorts(cohorts))
 
 
@@ -186,4 +185,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "python -m simulations.benchmarks.fedavg_gap")

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from simulations.benchmarks import emit
+from simulations.benchmarks import emit, run_main
 from simulations.benchmarks.machine import cpu_seconds
 
 
@@ -92,4 +92,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "python -m simulations.benchmarks.federation_cost")

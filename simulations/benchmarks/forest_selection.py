@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from simulations.benchmarks import emit
+from simulations.benchmarks import emit, layout_cohorts, run_main
 
 SELECTIONS = ("cv", "oob")
 
@@ -55,17 +55,24 @@ def _auc(y: np.ndarray, proba: np.ndarray, n_classes: int) -> float:
 
 def run(*, sites_dir: Path, seeds: tuple[int, ...] = (0,)) -> dict[str, Any]:
     from client.pipeline import SiteData
+    from common.progress import progress_bar
     from common.settings import RunSettings
-    from simulations.benchmarks.dp_glm import _cohorts
 
     trees = RunSettings().forest_trees
-    sites = [SiteData.from_cohort(c) for c in _cohorts(sites_dir)]
+    sites = [SiteData.from_cohort(c) for c in layout_cohorts(sites_dir)]
     k = sites[0].n_classes
     y_test = [s.y[s.masks["test"]] for s in sites]
     scored = [i for i, y in enumerate(y_test) if len(np.unique(y)) == k]
     rows = []
-    for seed in seeds:
-        fits = [_site_fits(s, trees=trees, seed=seed) for s in sites]
+    with progress_bar() as bar:
+        task = bar.add_task("forests (both selections)", total=len(seeds) * len(sites))
+        fits_by_seed = []
+        for seed in seeds:
+            fits_by_seed.append([])
+            for s in sites:
+                fits_by_seed[-1].append(_site_fits(s, trees=trees, seed=seed))
+                bar.advance(task)
+    for seed, fits in zip(seeds, fits_by_seed):
         for selection in SELECTIONS:
             proba = [f[selection]["proba"] for f in fits]
             rows.append({"seed": seed, "selection": selection,
@@ -91,4 +98,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "python -m simulations.benchmarks.forest_selection")

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from simulations.benchmarks import emit
+from simulations.benchmarks import emit, run_main
 
 
 def bare_parse(vcf: Path, *, decode: bool = True) -> int:
@@ -120,4 +120,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "python -m simulations.benchmarks.import_vcf")

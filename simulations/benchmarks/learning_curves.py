@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from simulations.benchmarks import emit
+from simulations.benchmarks import emit, run_main
 
 SCHEDULE_KEYS = ("lr", "weight_decay", "batch_size", "epsilon")
 
@@ -112,4 +112,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "python -m simulations.benchmarks.learning_curves")

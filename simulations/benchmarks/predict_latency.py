@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from simulations.benchmarks import emit
+from simulations.benchmarks import emit, run_main
 
 
 def make_sites(root: Path, *, patients_per_site: int, rounds: int, forest_trees: int, seed: int = 0) -> Path:
@@ -151,5 +151,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "python -m simulations.benchmarks.predict_latency")
 

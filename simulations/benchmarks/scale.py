@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from simulations.benchmarks import emit
+from simulations.benchmarks import emit, run_main
 from simulations.benchmarks.machine import MemoryPeak
 
 SITES = (5, 20, 50, 100)
@@ -80,4 +80,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "python -m simulations.benchmarks.scale")

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from simulations.benchmarks import emit
+from simulations.benchmarks import emit, run_main
 
 
 def _layout(root: Path) -> Path:
@@ -116,4 +116,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "python -m simulations.benchmarks.simulate_overhead")

@@ -19,7 +19,7 @@ import argparse
 import time
 from typing import Any
 
-from simulations.benchmarks import emit
+from simulations.benchmarks import emit, run_main
 
 
 def _data(patients: int, length: int) -> Any:
@@ -127,4 +127,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main, "python -m simulations.benchmarks.throughput")
