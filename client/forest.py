@@ -94,6 +94,15 @@ class SiteForest(ClassifierMixin, BaseEstimator):
         search.fit(X, y)
         return search.best_params_, float(search.best_score_)
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A forest pickled into a vault before out-of-bag selection was chosen by CV, and named its
+        # score ``cv_score_``: read so, it keeps predicting and reports what it was.
+        if "selection" not in state:
+            state = {**state, "selection": "cv"}
+            if "cv_score_" in state:
+                state["selection_score_"] = state.pop("cv_score_")
+        super().__setstate__(state)
+
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         return self.forest_.predict_proba(np.asarray(X, dtype=np.float64))
 

@@ -157,6 +157,26 @@ def test_the_site_forest_can_still_choose_by_cross_validation() -> None:
         SiteForest(selection="holdout").fit(x, y)
 
 
+def test_a_forest_pickled_before_out_of_bag_selection_still_predicts_and_says_it_chose_by_cv() -> None:
+    """A vault's forest from before ``selection`` existed (chosen by CV, scored as ``cv_score_``)
+    unpickles as a CV-selected forest: the same predictions, ``get_params`` and its score."""
+    import pickle
+
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(120, 4))
+    y = (x[:, 0] > 0).astype(int)
+    forest = SiteForest(n_estimators=20, selection="cv", random_state=0).fit(x, y)
+    old = dict(forest.__getstate__())
+    del old["selection"]
+    old["cv_score_"] = old.pop("selection_score_")
+    legacy = SiteForest.__new__(SiteForest)
+    legacy.__setstate__(old)
+    loaded = pickle.loads(pickle.dumps(legacy))
+    assert loaded.get_params()["selection"] == "cv" and loaded.selection_score_ == forest.selection_score_
+    assert not hasattr(loaded, "cv_score_")
+    np.testing.assert_array_equal(loaded.predict_proba(x), forest.predict_proba(x))
+
+
 @pytest.mark.slow
 def test_the_forest_selection_benchmark_times_and_scores_both_selections(tmp_path) -> None:
     from simulations.benchmarks.forest_selection import SELECTIONS, run
