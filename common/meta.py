@@ -363,11 +363,7 @@ def reduced_stack_coef(coef: np.ndarray, *, n_models: int, n_classes: int,
     width = n_models * k
     full = np.asarray(coef, dtype=np.float64).reshape(k, width + 1)
     rows = without_model(coef, n_models=n_models, n_classes=n_classes, index=index).reshape(k, width + 1)
-    for r in range(k):
-        kept = np.abs(rows[r, :width]).sum()
-        if kept > 0:
-            rows[r, :width] *= np.abs(full[r, :width]).sum() / kept
-    return rows.ravel()
+    return _with_fitted_total(rows, full).ravel()
 
 
 def averaged_stack_coef(coef: np.ndarray, *, n_models: int, n_classes: int,
@@ -388,10 +384,18 @@ def averaged_stack_coef(coef: np.ndarray, *, n_models: int, n_classes: int,
     full = np.asarray(coef, dtype=np.float64).reshape(k, width + 1)
     rows = averaging_prior(n_models=n_models, n_classes=n_classes, left_out=_indices(index)).reshape(k, width + 1)
     rows[:, width] = full[:, width]
-    for r in range(k):
-        total = np.abs(full[r, :width]).sum()
-        rows[r, :width] *= total / np.abs(rows[r, :width]).sum() if total > 0 else 1.0
-    return rows.ravel()
+    return _with_fitted_total(rows, full).ravel()
+
+
+def _with_fitted_total(rows: np.ndarray, full: np.ndarray) -> np.ndarray:
+    """``rows`` (one per output, intercept last) with each output's weights scaled so that their
+    total absolute weight is ``full``'s; an output whose weights are all zero on either side is left
+    as it is."""
+    kept = np.abs(rows[:, :-1]).sum(axis=1)
+    total = np.abs(full[:, :-1]).sum(axis=1)
+    scale = np.where((kept > 0) & (total > 0), total / np.where(kept > 0, kept, 1.0), 1.0)
+    rows[:, :-1] *= scale[:, None]
+    return rows
 
 
 def _indices(index: int | Sequence[int]) -> tuple[int, ...]:

@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from common.errors import GenofedError
+from common.errors import GenofedError, error_text
 
 DESCRIPTION = """\
 genofed: privacy-preserving federated learning for genomic medicine.
@@ -81,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except GenofedError as exc:
-        print(f"genofed: error: {_one_line_first(exc)}", file=sys.stderr)
+        print(f"genofed: error: {error_text(exc)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("genofed: interrupted; nothing half-written was kept", file=sys.stderr)
@@ -90,11 +90,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Output piped into `head` and the like: not an error worth a traceback.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
-
-
-def _one_line_first(exc: BaseException) -> str:
-    """The error text; multi-problem errors keep one problem per line after the first line."""
-    return str(exc).strip() or exc.__class__.__name__
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from common.errors import GenofedError
+from common.errors import GenofedError, error_text
 
 
 class BenchmarkInputError(GenofedError):
@@ -46,12 +46,12 @@ def layout_cohorts(sites_dir: Path) -> list[Any]:
 
 
 def run_main(main: Callable[[], object], prog: str) -> None:
-    """Run a benchmark's ``main`` as a command: a genofed error is one line on stderr and its exit
-    code, not a traceback."""
+    """Run a benchmark's ``main`` as a command: a genofed error is printed as ``genofed`` prints it
+    (:func:`common.errors.error_text`) with its exit code, not a traceback."""
     try:
         main()
     except GenofedError as exc:
-        print(f"{prog}: error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", file=sys.stderr)
+        print(f"{prog}: error: {error_text(exc)}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

@@ -66,12 +66,13 @@ def run(*, sites_dir: Path, seeds: tuple[int, ...] = (0,)) -> dict[str, Any]:
     rows = []
     with progress_bar() as bar:
         task = bar.add_task("forests (both selections)", total=len(seeds) * len(sites))
-        fits_by_seed = []
-        for seed in seeds:
-            fits_by_seed.append([])
-            for s in sites:
-                fits_by_seed[-1].append(_site_fits(s, trees=trees, seed=seed))
-                bar.advance(task)
+
+        def fit(site: Any, seed: int) -> dict[str, Any]:
+            out = _site_fits(site, trees=trees, seed=seed)
+            bar.advance(task)
+            return out
+
+        fits_by_seed = [[fit(s, seed) for s in sites] for seed in seeds]
     for seed, fits in zip(seeds, fits_by_seed):
         for selection in SELECTIONS:
             proba = [f[selection]["proba"] for f in fits]
