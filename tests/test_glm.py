@@ -245,6 +245,11 @@ def test_the_fedavg_gap_benchmark_scores_every_round_of_every_variant(tmp_path) 
     plain = run(sites_dir=tmp_path / "sites", rounds=2, local_epochs=1, variants=["fedavg"], server_lr=1.0,
                 server_momentum=0.0)
     assert plain["curves"]["fedavg"] == result["curves"]["fedavg"]
+    # FedAdam through the run's own aggregator moves the model otherwise; another seed starts elsewhere.
+    adam = run(sites_dir=tmp_path / "sites", rounds=2, local_epochs=1, variants=["fedavg"], strategy="fedadam")
+    assert adam["strategy"] == "fedadam" and adam["curves"]["fedavg"] != result["curves"]["fedavg"]
+    reseeded = run(sites_dir=tmp_path / "sites", rounds=2, local_epochs=1, variants=["fedavg"], init_seed=1)
+    assert reseeded["init_seed"] == 1 and reseeded["curves"]["fedavg"] != result["curves"]["fedavg"]
 
 
 @pytest.mark.slow

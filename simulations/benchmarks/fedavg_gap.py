@@ -23,7 +23,8 @@ given. Nothing is charged to the ledgers.
 Usage::
 
     python -m simulations.benchmarks.fedavg_gap SITES_DIR [--rounds 10] [--local-epochs 2]
-        [--variants pooled fedavg ...] [--server-lr S] [--server-momentum M] [--json OUT]
+        [--variants pooled fedavg ...] [--strategy fedavg|fedadam] [--server-lr S]
+        [--server-momentum M] [--init-seed N] [--json OUT]
 """
 
 from __future__ import annotations
@@ -76,47 +77,57 @@ def _scores(model: Any, pooled: Any, scaler: Any) -> dict[str, float]:
 
 
 def _fedavg(sites: list[Any], pooled: Any, *, cfg: Any, scaler: Any, rounds: int, train: Any,
-            server_lr: float = 1.0, server_momentum: float = 0.0) -> list[dict]:
-    """FedAvg by train counts, each site's optimizer started afresh every round.
+            strategy: str = "fedavg", server_lr: float | None = None, server_momentum: float = 0.0,
+            init_seed: int = 0) -> list[dict]:
+    """Federated rounds by train counts, each site's optimizer started afresh every round.
 
-    With ``server_lr`` 1 and ``server_momentum`` 0 the new global model is the average; otherwise
-    the average's step from the global model is taken as a pseudo-gradient (FedAvgM).
+    ``strategy`` "fedavg": with ``server_lr`` 1 (or None) and ``server_momentum`` 0 the new global
+    model is the average; otherwise the average's step from the global model is taken as a
+    pseudo-gradient (FedAvgM). ``strategy`` "fedadam": the run's own FedAdam aggregator, with
+    ``server_lr`` as its ``server-lr`` (None: the run's default). ``init_seed`` seeds the initial
+    weights and, with the round and the site, each site's shuffles.
     """
     import torch
 
     from client.dp_training import train_deep_model
     from client.pipeline import deep_data
     from common.models import build_model
-    from server.aggregation import weighted_mean
+    from server.aggregation import make_aggregator, weighted_mean
 
-    glob = build_model(cfg, seed=0)
+    glob = build_model(cfg, seed=init_seed)
+    adam = make_aggregator("fedadam", **({} if server_lr is None else {"server-lr": server_lr})) \
+        if strategy == "fedadam" else None
     velocity: dict[str, np.ndarray] = {}
     curve = []
     for rnd in range(1, rounds + 1):
         updates = []
         for i, site in enumerate(sites):
-            local = build_model(cfg, seed=0)
+            local = build_model(cfg, seed=init_seed)
             local.load_state_dict(glob.state_dict())
             train_deep_model(local, deep_data(site, "train", cfg, scaler),
-                             config=dataclasses.replace(train, seed=1000 * rnd + i))
+                             config=dataclasses.replace(train, seed=100_000 * init_seed + 1000 * rnd + i))
             updates.append(({k: v.numpy() for k, v in local.state_dict().items()}, int(site.masks["train"].sum())))
-        mean = weighted_mean(updates)  # the run's FedAvg
         old = {k: v.numpy() for k, v in glob.state_dict().items()}
-        for k in mean:
-            velocity[k] = server_momentum * velocity.get(k, 0.0) + (mean[k] - old[k])
-            mean[k] = (old[k] + server_lr * velocity[k]).astype(old[k].dtype)
+        if adam is not None:
+            mean = adam.aggregate(old, updates)
+        else:
+            mean = weighted_mean(updates)  # the run's FedAvg
+            step = 1.0 if server_lr is None else server_lr
+            for k in mean:
+                velocity[k] = server_momentum * velocity.get(k, 0.0) + (mean[k] - old[k])
+                mean[k] = (old[k] + step * velocity[k]).astype(old[k].dtype)
         glob.load_state_dict({k: torch.as_tensor(v) for k, v in mean.items()})
         curve.append({"round": rnd, **_scores(glob, pooled, scaler)})
     return curve
 
 
-def _pooled(pooled: Any, *, cfg: Any, scaler: Any, rounds: int, train: Any) -> list[dict]:
+def _pooled(pooled: Any, *, cfg: Any, scaler: Any, rounds: int, train: Any, init_seed: int = 0) -> list[dict]:
     """One model, one optimizer, scored every ``train.epochs`` epochs."""
     from client.dp_training import train_deep_model
     from client.pipeline import deep_data
     from common.models import build_model
 
-    model = build_model(cfg, seed=0)
+    model = build_model(cfg, seed=init_seed)
     curve: list[dict] = []
 
     def score(record: dict[str, float]) -> None:
@@ -124,13 +135,14 @@ def _pooled(pooled: Any, *, cfg: Any, scaler: Any, rounds: int, train: Any) -> l
             curve.append({"round": record["epoch"] // train.epochs, **_scores(model, pooled, scaler)})
 
     train_deep_model(model, deep_data(pooled, "train", cfg, scaler),
-                     config=dataclasses.replace(train, epochs=rounds * train.epochs, seed=0), on_epoch=score)
+                     config=dataclasses.replace(train, epochs=rounds * train.epochs, seed=init_seed),
+                     on_epoch=score)
     return curve
 
 
 def run(*, sites_dir: Path, rounds: int, local_epochs: int, variants: list[str], batch_size: int | None = None,
-        lr: float | None = None, seed: int = 0, server_lr: float = 1.0,
-        server_momentum: float = 0.0) -> dict[str, Any]:
+        lr: float | None = None, seed: int = 0, strategy: str = "fedavg", server_lr: float | None = None,
+        server_momentum: float = 0.0, init_seed: int = 0) -> dict[str, Any]:
     from client.dp_training import TrainConfig
     from client.pipeline import deep_config, fit_shared_scaler
     from common.settings import RunSettings
@@ -145,16 +157,17 @@ def run(*, sites_dir: Path, rounds: int, local_epochs: int, variants: list[str],
     curves = {}
     for name in variants:
         if name == "pooled":
-            curves[name] = _pooled(pooled, cfg=cfg, scaler=scaler, rounds=rounds, train=train)
+            curves[name] = _pooled(pooled, cfg=cfg, scaler=scaler, rounds=rounds, train=train, init_seed=init_seed)
             continue
         members = {"one-site-rounds": [pooled], "fedavg": sites,
                    "fedavg-iid": _iid_sites(pooled, sizes, seed)}[name]
         curves[name] = _fedavg(members, pooled, cfg=cfg, scaler=scaler, rounds=rounds, train=train,
-                               server_lr=server_lr, server_momentum=server_momentum)
+                               strategy=strategy, server_lr=server_lr, server_momentum=server_momentum,
+                               init_seed=init_seed)
     best = {name: max(c, key=lambda r: r["validation"]) for name, c in curves.items()}
     return {"sites_dir": str(sites_dir), "site_train_records": sizes, "rounds": rounds, "local_epochs": local_epochs,
-            "batch_size": train.batch_size, "lr": train.lr, "server_lr": server_lr,
-            "server_momentum": server_momentum,
+            "batch_size": train.batch_size, "lr": train.lr, "strategy": strategy, "server_lr": server_lr,
+            "server_momentum": server_momentum, "init_seed": init_seed,
             "final": {name: c[-1] for name, c in curves.items()},
             "best_by_validation": best, "curves": curves}
 
@@ -173,15 +186,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, help="default: the run's batch-size")
     parser.add_argument("--lr", type=float, help="default: the run's lr")
     parser.add_argument("--seed", type=int, default=0, help="how fedavg-iid deals the records")
-    parser.add_argument("--server-lr", type=float, default=1.0,
-                        help="step along the averaged update (1: plain FedAvg)")
+    parser.add_argument("--init-seed", type=int, default=0,
+                        help="seeds the initial weights and the sites' shuffles (repeat a replay over seeds)")
+    parser.add_argument("--strategy", choices=("fedavg", "fedadam"), default="fedavg",
+                        help="the server's rule for the federated variants (the run's own aggregator)")
+    parser.add_argument("--server-lr", type=float,
+                        help="fedavg: step along the averaged update (default 1: plain FedAvg); "
+                             f"fedadam: its server-lr (default {defaults.server_lr})")
     parser.add_argument("--server-momentum", type=float, default=0.0,
                         help="server momentum on the averaged update (0: plain FedAvg)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     emit(run(sites_dir=args.sites_dir, rounds=args.rounds, local_epochs=args.local_epochs, variants=args.variants,
-             batch_size=args.batch_size, lr=args.lr, seed=args.seed, server_lr=args.server_lr,
-             server_momentum=args.server_momentum), args.json)
+             batch_size=args.batch_size, lr=args.lr, seed=args.seed, strategy=args.strategy,
+             server_lr=args.server_lr, server_momentum=args.server_momentum, init_seed=args.init_seed), args.json)
 
 
 if __name__ == "__main__":
