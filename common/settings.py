@@ -81,6 +81,7 @@ class RunSettings:
     #                                  them, only the deep model and the federated GLM
     calibrate_site_models: bool = True  # the site models' stacking inputs scaled by Platt's slope out of fold (client/calibration.py)
     meta_fallback_margin: float = 0.0  # the stack is kept only if its validation AUC beats its best base model's by more than this many standard errors
+    site_average_margin: float = 0.5  # a site model alone replaces the site's two models averaged only if it leads them on validation by more than this many standard errors
     test_statistics: str = "noised"  # none | noised | exact: how sites release test statistics
     test_epsilon: float = 1.0        # epsilon of the one test-statistics release (noised), and of the validation one
     init_from: str = ""              # start the deep model from an earlier run directory or checkpoint file
@@ -125,6 +126,9 @@ class RunSettings:
                                 "(0: Youden's J)")
         if not self.meta_fallback_margin >= 0:
             raise SettingsError(f"run config meta-fallback-margin = {self.meta_fallback_margin!r}: must be >= 0 "
+                                "(standard errors of the best base model's validation AUC)")
+        if not self.site_average_margin >= 0:
+            raise SettingsError(f"run config site-average-margin = {self.site_average_margin!r}: must be >= 0 "
                                 "(standard errors of the best base model's validation AUC)")
         if self.secure_sum and self.strategy not in SUM_STRATEGIES:
             raise SettingsError(f"run config strategy = {self.strategy!r} reads each site's update, which secure-sum "

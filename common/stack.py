@@ -29,7 +29,11 @@ REDUCED_STACKS = {**{f"hybrid-without-{m}": (m,) for m in BASE_MODELS}, "hybrid-
 """The stack without some base models, by the models it leaves out: each in turn, and both shared
 ones (the site's own models weighted by the federation: under DP at small sites the DP-trained
 models can be noise that no single leave-out removes; docs/learning.md)."""
-AVERAGED_STACKS = ("hybrid-without-cnn-logreg",)
+SITE_AVERAGE = "hybrid-without-cnn-logreg"
+"""The site's own forest and GLM averaged with equal weights: the stack without both shared models,
+and what the coordinator prefers to either site model alone unless that one leads it on validation
+by more than ``site-average-margin`` standard errors (:func:`server.phases._stacking_fallback`)."""
+AVERAGED_STACKS = (SITE_AVERAGE,)
 """Reduced stacks that average the models they keep with equal weights instead of keeping their
 fitted weights: leaving out both shared models is what the coordinator chooses when they are noise,
 and then the fitted weights of the site's own models were estimated against that noise too
@@ -87,6 +91,14 @@ def fallback_words(fb: dict[str, Any]) -> str:
     if not model:
         return ""
     auc = fb["validation_auc"]
+    if fb.get("reason") == "site-average":
+        best = fb["best_base"]
+        return (f"no stack beat the {best}'s validation AUC ({auc[best]:.3f}), but the {best} did not lead the site's "
+                f"own forest and GLM averaged with equal weights ({auc[model]:.3f}) by more than "
+                f"{fb['site_average_se']:g} standard errors ({fb['site_average_margin']:.3f}), so the hybrid is that "
+                "average: a smaller lead is within the validation split's noise, and the average of two calibrated "
+                "models is the safer choice (site-average-margin; decided on the sites' summed validation "
+                "statistics).")
     if model in REDUCED_STACKS:
         left_out = left_out_words(model)
         weight = f"the {left_out}'s weight" if len(REDUCED_STACKS[model]) == 1 else f"the weights of the {left_out}"

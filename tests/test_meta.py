@@ -200,7 +200,7 @@ def test_the_stack_without_a_noise_model_is_chosen_when_it_beats_the_rest() -> N
               "hybrid-without-forest": stats(a + noise), "hybrid-without-logreg": stats(a + b),
               "hybrid-without-site-logreg": stats(a + b + noise)}
     state = RunState(run_id="r", meta_coef=[0.4, 0.3, 0.2, 0.0, -0.1])
-    fb = _stacking_fallback(state, pooled, 2, margin_se=0.0)
+    fb = _stacking_fallback(state, pooled, 2, margin_se=0.0, site_average_se=0.0)
     auc = fb["validation_auc"]
     assert fb["model"] == "hybrid-without-logreg" == fb["best_stack"]
     assert auc["hybrid-without-logreg"] > max(auc["cnn"], auc["forest"], auc["hybrid"])
@@ -211,7 +211,7 @@ def test_the_stack_without_a_noise_model_is_chosen_when_it_beats_the_rest() -> N
     assert "but the logreg (its weight set to zero" in _model_roles(state, RunSettings())["hybrid"]
     # A margin the reduced stack does not clear sends the hybrid to the best base model instead.
     state = RunState(run_id="r", meta_coef=[0.4, 0.3, 0.2, 0.0, -0.1])
-    fb = _stacking_fallback(state, pooled, 2, margin_se=50.0)
+    fb = _stacking_fallback(state, pooled, 2, margin_se=50.0, site_average_se=0.0)
     assert fb["model"] in ("cnn", "forest") and state.meta_coef[2] == 0.0
     assert "the best stack, the one without the logreg, reached a validation AUC of" in \
         fallback_note({"meta": {"fallback": fb}})
@@ -226,7 +226,7 @@ def test_the_stack_without_a_noise_model_is_chosen_when_it_beats_the_rest() -> N
     # Its two models are averaged with equal weights, not kept at their fitted 0.1 and 0.3 (estimated
     # beside the noise), with the fitted stack's total weight and intercept.
     state = RunState(run_id="r", meta_coef=[0.4, 0.1, 0.2, 0.3, -0.1])
-    fb = _stacking_fallback(state, pooled, 2, margin_se=0.0)
+    fb = _stacking_fallback(state, pooled, 2, margin_se=0.0, site_average_se=0.0)
     assert fb["model"] == "hybrid-without-cnn-logreg"
     np.testing.assert_allclose(state.meta_coef, [0.0, 0.5, 0.0, 0.5, -0.1])
     note = fallback_note({"meta": {"fallback": fb}})
@@ -254,25 +254,77 @@ def test_the_stack_falls_back_to_a_better_base_model_on_validation() -> None:
     pooled = {"hybrid": stats(0.5 * good + 0.5 * noise), "cnn": stats(noise), "forest": stats(good),
               "logreg": stats(rng.uniform(0.01, 0.99, 400)), "site-logreg": stats(rng.uniform(0.01, 0.99, 400))}
     state = RunState(run_id="r", meta_coef=[0.3, 0.3, 0.3, 0.3, 0.0])
-    fb = _stacking_fallback(state, pooled, 2, margin_se=1.0)
+    fb = _stacking_fallback(state, pooled, 2, margin_se=1.0, site_average_se=0.0)
     assert fb["model"] == "forest" and fb["validation_auc"]["hybrid"] < fb["validation_auc"]["forest"]
     assert state.meta_coef == [0.0, 1.0, 0.0, 0.0, 0.0] and BASE_MODELS.index("forest") == 1
     # As good as the best base model is not enough: the stack must beat it by a standard error ...
     pooled["hybrid"] = stats(good)
     state = RunState(run_id="r", meta_coef=[0.3, 0.3, 0.3, 0.3, 0.0])
-    assert _stacking_fallback(state, pooled, 2, margin_se=1.0)["chosen"] == "forest" and state.meta_coef[1] == 1.0
+    fb = _stacking_fallback(state, pooled, 2, margin_se=1.0, site_average_se=0.0)
+    assert fb["chosen"] == "forest" and state.meta_coef[1] == 1.0
     # ... and a stack that does keeps its fit.
     pooled["hybrid"] = stats(better)
     state = RunState(run_id="r", meta_coef=[0.3, 0.3, 0.3, 0.3, 0.0])
-    fb = _stacking_fallback(state, pooled, 2, margin_se=1.0)
+    fb = _stacking_fallback(state, pooled, 2, margin_se=1.0, site_average_se=0.0)
     assert fb["model"] == "" and fb["validation_auc"]["hybrid"] > fb["validation_auc"]["forest"] + fb["margin"] > 0
     assert fb["chosen"] == "hybrid"
     assert state.meta_coef == [0.3, 0.3, 0.3, 0.3, 0.0]
     # With stack-forest = false the site's own models are no candidates: the stack beats the rest and keeps its fit.
     pooled["hybrid"] = stats(0.5 * good + 0.5 * noise)
     state = RunState(run_id="r", meta_coef=[0.3, 0.0, 0.3, 0.0, 0.0])
-    fb = _stacking_fallback(state, pooled, 2, margin_se=1.0, candidates=("cnn", "logreg"))
+    fb = _stacking_fallback(state, pooled, 2, margin_se=1.0, site_average_se=0.0, candidates=("cnn", "logreg"))
     assert fb["best_base"] in ("cnn", "logreg") and fb["model"] != "forest"
+
+
+def test_a_site_model_that_barely_leads_gives_way_to_the_site_models_averaged() -> None:
+    """Where the hybrid would fall back to the forest, it becomes the forest and the site GLM
+    averaged unless the forest leads that average by more than site-average-margin standard
+    errors; a shared model that leads is kept, and with no margin any lead keeps the forest."""
+    from common.metrics import compute_stats
+    from common.settings import RunSettings
+    from server.phases import RunState, _stacking_fallback
+    from server.report import _model_roles, fallback_note
+
+    rng = np.random.default_rng(7)
+    y = rng.integers(0, 2, 400)
+    b, c, noise = (y - 0.5) + rng.normal(0, 0.8, 400), (y - 0.5) + rng.normal(0, 1.2, 400), rng.normal(0, 3, 400)
+
+    def stats(score: np.ndarray):
+        p = 1.0 / (1.0 + np.exp(-score))
+        return compute_stats(y, np.column_stack([1 - p, p]), n_classes=2, n_bins=32)
+
+    def pooled_with(average: np.ndarray) -> dict:
+        return {"hybrid": stats(b + noise), "cnn": stats(noise), "forest": stats(b), "logreg": stats(noise),
+                "site-logreg": stats(c), "hybrid-without-cnn": stats(b + noise),
+                "hybrid-without-forest": stats(c + noise), "hybrid-without-logreg": stats(b + noise),
+                "hybrid-without-site-logreg": stats(b + noise), "hybrid-without-cnn-logreg": stats(average)}
+
+    close = pooled_with(b + 0.1 * noise)  # 0.008 below the forest, under half its standard error (0.021)
+    state = RunState(run_id="r", meta_coef=[0.4, 0.1, 0.2, 0.3, -0.1])
+    fb = _stacking_fallback(state, close, 2, margin_se=0.0, site_average_se=0.5)
+    auc = fb["validation_auc"]
+    assert fb["best_base"] == "forest" and 0 < auc["forest"] - auc["hybrid-without-cnn-logreg"] <= fb["site_average_margin"]
+    assert fb["model"] == fb["chosen"] == "hybrid-without-cnn-logreg" and fb["reason"] == "site-average"
+    np.testing.assert_allclose(state.meta_coef, [0.0, 0.5, 0.0, 0.5, -0.1])
+    assert fb["site_average_margin"] == pytest.approx(0.5 * fb["standard_error"])
+    note = fallback_note({"meta": {"fallback": fb}})
+    assert "did not lead the site's own forest and GLM averaged with equal weights" in note
+    assert "won on validation" not in note
+    state.meta_fallback = fb
+    assert _model_roles(state, RunSettings())["hybrid"].startswith("the site's own forest and GLM averaged")
+    # Without a margin the same lead keeps the forest.
+    state = RunState(run_id="r", meta_coef=[0.4, 0.1, 0.2, 0.3, -0.1])
+    assert _stacking_fallback(state, close, 2, margin_se=0.0, site_average_se=0.0)["chosen"] == "forest"
+    # A forest far ahead of the average (a site GLM at chance) stays the hybrid.
+    state = RunState(run_id="r", meta_coef=[0.4, 0.1, 0.2, 0.3, -0.1])
+    far = _stacking_fallback(state, pooled_with(b + 3 * noise), 2, margin_se=0.0, site_average_se=0.5)
+    assert far["chosen"] == "forest" and "reason" not in far and state.meta_coef == [0.0, 1.0, 0.0, 0.0, 0.0]
+    # A shared model that leads is not replaced by the site models' average.
+    shared = pooled_with(b + 0.1 * noise)
+    shared["cnn"] = stats(3 * b)
+    state = RunState(run_id="r", meta_coef=[0.4, 0.1, 0.2, 0.3, -0.1])
+    fb = _stacking_fallback(state, shared, 2, margin_se=0.0, site_average_se=100.0)
+    assert fb["best_base"] == "cnn" and fb["chosen"] == "cnn"
 
 
 def test_a_multiclass_stack_falls_back_on_its_macro_auc() -> None:
@@ -295,13 +347,14 @@ def test_a_multiclass_stack_falls_back_on_its_macro_auc() -> None:
     se = auc_standard_error(pooled["forest"])
     assert 0.005 < se < 0.05
     state = RunState(run_id="r", meta_coef=[0.1] * 39)
-    fb = _stacking_fallback(state, pooled, 3, margin_se=1.0)
+    fb = _stacking_fallback(state, pooled, 3, margin_se=1.0, site_average_se=0.0)
     assert fb["model"] == "forest" and fb["margin"] == se
     assert fb["validation_auc"]["forest"] == metrics_from_stats(pooled["forest"])["auc"]
     np.testing.assert_array_equal(state.meta_coef, selection_coef(n_models=4, n_classes=3, index=1))
     pooled["hybrid"] = compute_stats(y, proba(4.0), n_classes=3, n_bins=32)
     state = RunState(run_id="r", meta_coef=[0.1] * 39)
-    assert _stacking_fallback(state, pooled, 3, margin_se=1.0)["model"] == "" and state.meta_coef == [0.1] * 39
+    fb = _stacking_fallback(state, pooled, 3, margin_se=1.0, site_average_se=0.0)
+    assert fb["model"] == "" and state.meta_coef == [0.1] * 39
 
 
 def test_the_multiclass_auc_standard_error_bounds_the_bootstrap() -> None:
@@ -340,7 +393,8 @@ def test_the_fallback_margin_is_counted_in_standard_errors() -> None:
     se = auc_standard_error(pooled["forest"])
     decided = {}
     for margin_se in (0.0, 0.5, 1.0, 2.0):
-        fb = _stacking_fallback(RunState(run_id="r", meta_coef=[0.3] * 5), pooled, 2, margin_se=margin_se)
+        fb = _stacking_fallback(RunState(run_id="r", meta_coef=[0.3] * 5), pooled, 2, margin_se=margin_se,
+                                site_average_se=0.0)
         assert fb["margin"] == pytest.approx(margin_se * se) and fb["margin_se"] == margin_se
         assert fb["standard_error"] == se
         lead = fb["validation_auc"]["hybrid"] - fb["validation_auc"]["forest"]

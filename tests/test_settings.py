@@ -36,6 +36,7 @@ def test_round_trip_and_kebab_keys() -> None:
     ({"strategy": "fedsgd"}, r"strategy = 'fedsgd': choose one of fedavg"),
     ({"test-statistics": "loud"}, r"test-statistics = 'loud': choose one of none, noised, exact"),
     ({"meta-fallback-margin": -0.5}, r"meta-fallback-margin = -0.5: must be >= 0"),
+    ({"site-average-margin": -1.0}, r"site-average-margin = -1.0: must be >= 0"),
 ])
 def test_bad_values_are_named(cfg: dict, match: str) -> None:
     with pytest.raises(SettingsError, match=match):
