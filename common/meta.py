@@ -366,27 +366,6 @@ def reduced_stack_coef(coef: np.ndarray, *, n_models: int, n_classes: int,
     return _with_fitted_total(rows, full).ravel()
 
 
-def averaged_stack_coef(coef: np.ndarray, *, n_models: int, n_classes: int,
-                        index: int | Sequence[int]) -> np.ndarray:
-    """The models but ``index`` averaged with equal weights (:func:`averaging_prior`), each output's
-    total absolute weight the fitted stack's (as in :func:`reduced_stack_coef`) and its intercepts as
-    fitted.
-
-    Where the left-out models are noise (DP-trained at small sites), the fitted weights of the others
-    are estimated against that noise too, and on about 300 validation patients an estimated weighting
-    ranks worse than the plain average of calibrated models (the forecast combination puzzle):
-    on METABRIC at epsilon 8 the site models' stack with its fitted weights was 0.019 below the forest
-    on validation (six runs), and with equal weights level with it offline and 0.005-0.012 above it on
-    test (docs/learning.md).
-    """
-    k = 1 if n_classes == 2 else n_classes
-    width = n_models * k
-    full = np.asarray(coef, dtype=np.float64).reshape(k, width + 1)
-    rows = averaging_prior(n_models=n_models, n_classes=n_classes, left_out=_indices(index)).reshape(k, width + 1)
-    rows[:, width] = full[:, width]
-    return _with_fitted_total(rows, full).ravel()
-
-
 def _with_fitted_total(rows: np.ndarray, full: np.ndarray) -> np.ndarray:
     """``rows`` (one per output, intercept last) with each output's weights scaled so that their
     total absolute weight is ``full``'s; an output whose weights are all zero on either side is left

@@ -224,11 +224,11 @@ def test_the_stack_without_a_noise_model_is_chosen_when_it_beats_the_rest() -> N
               "hybrid-without-forest": stats(c + 2 * noise), "hybrid-without-logreg": stats(b + c + noise),
               "hybrid-without-site-logreg": stats(b + 2 * noise), "hybrid-without-cnn-logreg": stats(b + c)}
     # Its two models are averaged with equal weights, not kept at their fitted 0.1 and 0.3 (estimated
-    # beside the noise), with the fitted stack's total weight and intercept.
-    state = RunState(run_id="r", meta_coef=[0.4, 0.1, 0.2, 0.3, -0.1])
+    # beside the noise): weight 1/2 each and no intercept, whatever the fitted total (here 1.4).
+    state = RunState(run_id="r", meta_coef=[0.6, 0.1, 0.4, 0.3, -0.1])
     fb = _stacking_fallback(state, pooled, 2, margin_se=0.0, site_average_se=0.0)
     assert fb["model"] == "hybrid-without-cnn-logreg"
-    np.testing.assert_allclose(state.meta_coef, [0.0, 0.5, 0.0, 0.5, -0.1])
+    np.testing.assert_allclose(state.meta_coef, [0.0, 0.5, 0.0, 0.5, 0.0])
     note = fallback_note({"meta": {"fallback": fb}})
     assert "the stack without the cnn and the logreg had a higher validation AUC" in note
     assert "with the weights of the cnn and the logreg set to zero and the others averaged with equal weights" in note
@@ -305,7 +305,7 @@ def test_a_site_model_that_barely_leads_gives_way_to_the_site_models_averaged() 
     auc = fb["validation_auc"]
     assert fb["best_base"] == "forest" and 0 < auc["forest"] - auc["hybrid-without-cnn-logreg"] <= fb["site_average_margin"]
     assert fb["model"] == fb["chosen"] == "hybrid-without-cnn-logreg" and fb["reason"] == "site-average"
-    np.testing.assert_allclose(state.meta_coef, [0.0, 0.5, 0.0, 0.5, -0.1])
+    np.testing.assert_allclose(state.meta_coef, [0.0, 0.5, 0.0, 0.5, 0.0])
     assert fb["site_average_margin"] == pytest.approx(0.5 * fb["standard_error"])
     note = fallback_note({"meta": {"fallback": fb}})
     assert "did not lead the site's own forest and GLM averaged with equal weights" in note
@@ -559,26 +559,21 @@ def test_a_reduced_stack_ranks_as_the_zeroed_one_and_keeps_the_full_stacks_sprea
 
 
 @pytest.mark.parametrize("k", [2, 3])
-def test_the_averaged_stack_weighs_its_models_equally_with_the_fitted_total(k: int) -> None:
-    """The stack without both shared models averages the site's two: equal weights on each model's
-    own evidence, nothing on the others, each output's total and intercept as fitted; the site and
-    the coordinator build the same coefficients by name."""
-    from common.meta import averaged_stack_coef, averaging_prior, n_params
-    from common.stack import reduced_stack_weights
+def test_the_averaged_stack_is_the_plain_average_of_the_site_models(k: int) -> None:
+    """The stack without both shared models averages the site's two: weight 1/2 on each one's own
+    evidence, nothing on the others, no intercept, whatever was fitted (the scale of one site model
+    selected alone); the site and the coordinator build the same coefficients by name."""
+    from common.meta import n_params, selection_coef
+    from common.stack import BASE_MODELS, reduced_stack_weights
 
     n, w = 4, 1 if k == 2 else k
     coef = np.random.default_rng(k).normal(size=n_params(n * w, k))
-    averaged = averaged_stack_coef(coef, n_models=n, n_classes=k, index=[0, 2])
-    rows, fitted = averaged.reshape(w, -1), coef.reshape(w, -1)
-    prior = averaging_prior(n_models=n, n_classes=k, left_out=(0, 2)).reshape(w, -1)
-    np.testing.assert_allclose(rows[:, -1], fitted[:, -1])
-    np.testing.assert_allclose(np.abs(rows[:, :-1]).sum(axis=1), np.abs(fitted[:, :-1]).sum(axis=1))
-    assert np.array_equal(rows[:, :-1] != 0, prior[:, :-1] != 0)
-    for r in range(w):  # within an output, every kept weight is the same
-        assert len(np.unique(np.round(rows[r, :-1][rows[r, :-1] != 0], 12))) == 1
-    np.testing.assert_array_equal(reduced_stack_weights("hybrid-without-cnn-logreg", coef, n_classes=k), averaged)
-    assert not np.allclose(reduced_stack_weights("hybrid-without-cnn", coef, n_classes=k),
-                           averaged_stack_coef(coef, n_models=n, n_classes=k, index=[0]))
+    averaged = reduced_stack_weights("hybrid-without-cnn-logreg", coef, n_classes=k)
+    halves = 0.5 * sum(selection_coef(n_models=n, n_classes=k, index=BASE_MODELS.index(m))
+                       for m in ("forest", "site-logreg"))
+    np.testing.assert_array_equal(averaged, halves)
+    np.testing.assert_array_equal(averaged, reduced_stack_weights("hybrid-without-cnn-logreg", 3 * coef, n_classes=k))
+    assert not np.allclose(reduced_stack_weights("hybrid-without-cnn", coef, n_classes=k), averaged)
 
 
 @pytest.mark.parametrize("k", [2, 4])
