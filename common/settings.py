@@ -81,6 +81,7 @@ class RunSettings:
     #                                  them, only the deep model and the federated GLM
     calibrate_site_models: bool = True  # the site models' stacking inputs scaled by Platt's slope out of fold (client/calibration.py)
     meta_fallback_margin: float = 0.0  # the stack is kept only if its validation AUC beats its best base model's by more than this many standard errors
+    meta_dp_fallback_margin: float = 1.0  # under DP, the same margin (the one-standard-error rule: noised meta statistics)
     site_average_margin: float = 0.5  # a site model alone replaces the site's two models averaged only if it leads them on validation by more than this many standard errors
     test_statistics: str = "noised"  # none | noised | exact: how sites release test statistics
     test_epsilon: float = 1.0        # epsilon of the one test-statistics release (noised), and of the validation one
@@ -126,6 +127,9 @@ class RunSettings:
                                 "(0: Youden's J)")
         if not self.meta_fallback_margin >= 0:
             raise SettingsError(f"run config meta-fallback-margin = {self.meta_fallback_margin!r}: must be >= 0 "
+                                "(standard errors of the best base model's validation AUC)")
+        if not self.meta_dp_fallback_margin >= 0:
+            raise SettingsError(f"run config meta-dp-fallback-margin = {self.meta_dp_fallback_margin!r}: must be >= 0 "
                                 "(standard errors of the best base model's validation AUC)")
         if not self.site_average_margin >= 0:
             raise SettingsError(f"run config site-average-margin = {self.site_average_margin!r}: must be >= 0 "
@@ -177,6 +181,15 @@ class RunSettings:
                 raise SettingsError(f"run config {key} = {cfg[key]!r}: expected "
                                     f"{type(f.default).__name__}") from None
         return cls(**values)
+
+    @property
+    def fallback_margin(self) -> float:
+        """The stacking fallback's margin in force (standard errors): ``meta-dp-fallback-margin``
+        under DP, else ``meta-fallback-margin``. Under DP the meta statistics are noised and the
+        candidates' true differences at these validation sizes are small against their error, so a
+        fitted stack must beat the best base model clearly (docs/learning.md, "The site models
+        averaged rather than one chosen")."""
+        return self.meta_dp_fallback_margin if self.dp else self.meta_fallback_margin
 
     @property
     def glm_fit_rounds(self) -> int:

@@ -96,9 +96,12 @@ def fallback_words(fb: dict[str, Any]) -> str:
     if not model:
         return ""
     auc = fb["validation_auc"]
+    se = fb.get("margin_se", 1.0)
+    what = "its standard error" if se == 1.0 else f"{se:g} standard errors of it"
+    margin = f" by more than {what} ({fb['margin']:.3f})" if fb.get("margin") else ""
     if fb.get("reason") == "site-average":
         best = fb["best_base"]
-        return (f"no stack beat the {best}'s validation AUC ({auc[best]:.3f}), but the {best} did not lead the site's "
+        return (f"no stack beat the {best}'s validation AUC ({auc[best]:.3f}){margin}, and the {best} did not lead the site's "
                 f"own forest and GLM averaged with equal weights ({auc[model]:.3f}) by more than "
                 f"{fb['site_average_se']:g} standard errors ({fb['site_average_margin']:.3f}), so the hybrid is that "
                 "average: a smaller lead is within the validation split's noise, and the average of two calibrated "
@@ -112,9 +115,6 @@ def fallback_words(fb: dict[str, Any]) -> str:
                 f"stack ({auc['hybrid']:.3f}) and every base model (best: the {fb['best_base']}, "
                 f"{auc[fb['best_base']]:.3f}), so the hybrid is the meta-classifier with {weight} set "
                 f"to zero{rest} (decided on the sites' summed validation statistics).")
-    se = fb.get("margin_se", 1.0)
-    what = "its standard error" if se == 1.0 else f"{se:g} standard errors of it"
-    margin = f" by more than {what} ({fb['margin']:.3f})" if fb.get("margin") else ""
     stack = fb.get("best_stack", "hybrid")
     which = f"the meta-classifier's validation AUC ({auc[stack]:.3f})" if stack == "hybrid" else \
         f"the best stack, the one without the {left_out_words(stack)}, reached a validation AUC of {auc[stack]:.3f} and"

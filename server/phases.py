@@ -677,7 +677,7 @@ def run_thresholds(grid: Grid, settings: RunSettings, state: RunState, log: RunL
         state.rounds.append({"phase": "validation", **res.cost(), "sites": sorted(per_site),
                              "epsilon": {s: v["epsilon"] for s, v in per_site.items() if v["epsilon"] > 0}})
     chosen = _binary_thresholds(settings, state, pooled, per_site) if k == 2 else {}
-    state.meta_fallback = _stacking_fallback(state, pooled, k, margin_se=settings.meta_fallback_margin,
+    state.meta_fallback = _stacking_fallback(state, pooled, k, margin_se=settings.fallback_margin,
                                              site_average_se=settings.site_average_margin,
                                              candidates=stacked_models(stack_local=settings.stack_forest))
     if state.meta_fallback.get("model"):

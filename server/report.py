@@ -213,8 +213,8 @@ def _model_roles(state: RunState, settings: RunSettings) -> dict[str, str]:
                            "forest and GLM, fitted without DP, are not stacked)")
     elif state.meta_fallback.get("reason") == "site-average":
         roles["hybrid"] = (f"the site's own forest and GLM averaged with equal weights (stacking fallback: no stack "
-                           f"beat the {state.meta_fallback['best_base']} on validation, and it did not lead this "
-                           "average by more than site-average-margin)")
+                           f"beat the {state.meta_fallback['best_base']} on validation by the fallback margin, and it "
+                           "did not lead this average by more than site-average-margin)")
     elif chosen in REDUCED_STACKS:
         one = len(REDUCED_STACKS[chosen]) == 1
         roles["hybrid"] = (f"federated stacking meta-classifier over {over} but the {left_out_words(chosen)} ("

@@ -109,6 +109,19 @@ def test_run_writes_metrics_with_one_exchange_per_round(sites: Path, tmp_path: P
     for _, vault in _site_vaults(sites):
         assert CNN_ROLE in vault.roles and "model/meta" in vault.roles
         assert "model/explanation" in vault.roles  # the global explanation, stored with the final models
+    # Read back from the vaults, every stacking candidate is scored exactly, and what the run reported
+    # from 32 bins holds the exact figure within its tie bound.
+    from simulations.benchmarks.stack_candidates import run as stack_candidates
+
+    exact = stack_candidates(run_dir=tmp_path / "run", sites_dir=sites)["exact_auc"]
+    for split in ("validation", "test"):
+        assert set(exact[split]) >= {"chosen", "hybrid", "cnn", "forest", "logreg", "site-logreg",
+                                     "hybrid-without-cnn-logreg"}
+    for name in ("cnn", "forest", "logreg", "site-logreg"):
+        m = on_disk["models"][name]
+        assert abs(exact["test"][name] - m["auc"]) <= m["auc_bound"] + 1e-9, name
+    m = on_disk["models"]["hybrid"]
+    assert abs(exact["test"]["chosen"] - m["auc"]) <= m["auc_bound"] + 1e-9
 
 
 def _union_predictions(sites: Path, meta_coef: list[float], split: str) -> tuple[np.ndarray, dict, np.ndarray]:

@@ -28,6 +28,13 @@ def test_round_trip_and_kebab_keys() -> None:
     assert s.fedprox_mu == s.proximal_mu and RunSettings(strategy="fedavg").fedprox_mu == 0.0
 
 
+def test_the_fallback_margin_in_force_follows_dp() -> None:
+    """Under DP the stacking fallback reads meta-dp-fallback-margin, without DP meta-fallback-margin."""
+    s = RunSettings(meta_fallback_margin=0.25, meta_dp_fallback_margin=2.0)
+    assert s.fallback_margin == 2.0 and RunSettings(dp=False, meta_fallback_margin=0.25).fallback_margin == 0.25
+    assert RunSettings().fallback_margin == 1.0 and RunSettings(dp=False).fallback_margin == 0.0
+
+
 @pytest.mark.parametrize(("cfg", "match"), [
     ({"cnn-rounds": "many"}, r"run config cnn-rounds = 'many': expected int"),
     ({"dp": "perhaps"}, r"run config dp = 'perhaps': expected bool"),
@@ -37,6 +44,7 @@ def test_round_trip_and_kebab_keys() -> None:
     ({"test-statistics": "loud"}, r"test-statistics = 'loud': choose one of none, noised, exact"),
     ({"meta-fallback-margin": -0.5}, r"meta-fallback-margin = -0.5: must be >= 0"),
     ({"site-average-margin": -1.0}, r"site-average-margin = -1.0: must be >= 0"),
+    ({"meta-dp-fallback-margin": -1.0}, r"meta-dp-fallback-margin = -1.0: must be >= 0"),
 ])
 def test_bad_values_are_named(cfg: dict, match: str) -> None:
     with pytest.raises(SettingsError, match=match):

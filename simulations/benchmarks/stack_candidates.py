@@ -1,0 +1,104 @@
+"""Benchmark: every stacking candidate's exact pooled AUC after a run, read back from the sites' vaults.
+
+A run releases its stacking candidates' validation statistics on 32 bins, and test statistics only
+of the hybrid it chose and of the base models. To judge that choice, this reads back each site's
+stored models from the vaults the run trained (the deep model, the GLMs, the forest, the Platt
+maps and the meta coefficients), scores every candidate on every site's validation and test split,
+and pools the scores: the base models, the fitted stack (``meta.fallback.fitted_coef`` when the
+fallback replaced it), each reduced stack as the sites built it
+(:func:`common.stack.reduced_stack_weights`) and the hybrid as the run left it. AUC is exact
+(scikit-learn on the pooled scores, macro one-vs-rest for several classes); ``released_validation``
+repeats what the run decided on.
+
+It needs every site's key, so it is a tool for simulations and audits, not for a federation: the
+pooled scores it computes are what the sites never send. Nothing is released or charged.
+
+Usage::
+
+    python -m simulations.benchmarks.stack_candidates RUN_DIR SITES_DIR [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from simulations.benchmarks import BenchmarkInputError, emit, layout_sites, run_main
+
+SPLITS = ("validation", "test")
+
+
+def _run_metrics(run_dir: Path) -> dict[str, Any]:
+    path = Path(run_dir) / "metrics.json"
+    if not path.is_file():
+        raise BenchmarkInputError(f"{path}: no metrics.json; give the --out folder of a finished `genofed simulate`")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def candidate_coefs(meta: dict[str, Any], *, n_classes: int) -> dict[str, np.ndarray]:
+    """The meta coefficients of every candidate: the fitted stack, each reduced stack built from it,
+    and the hybrid as the run left it (``chosen``)."""
+    from common.stack import REDUCED_STACKS, reduced_stack_weights
+
+    fallback = meta.get("fallback") or {}
+    fitted = np.asarray(fallback.get("fitted_coef", meta["coef"]), dtype=np.float64)
+    coefs = {"hybrid": fitted, "chosen": np.asarray(meta["coef"], dtype=np.float64)}
+    coefs.update({name: reduced_stack_weights(name, fitted, n_classes=n_classes) for name in REDUCED_STACKS})
+    return coefs
+
+
+def _auc(y: np.ndarray, p: np.ndarray, n_classes: int) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    if n_classes == 2:
+        return float(roc_auc_score(y, p[:, 1]))
+    return float(roc_auc_score(y, p, multi_class="ovr", labels=np.arange(n_classes)))
+
+
+def run(*, run_dir: Path, sites_dir: Path) -> dict[str, Any]:
+    from client.cohort_store import load_cohort
+    from client.pipeline import SiteData
+    from client.site_models import base_probabilities, hybrid_probabilities, load_site_models
+    from client.vault import KeySource, Vault
+
+    doc = _run_metrics(run_dir)
+    ys: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
+    scores: dict[str, dict[str, list[np.ndarray]]] = {s: {} for s in SPLITS}
+    n_classes = 0
+    for site in layout_sites(sites_dir):
+        vault = Vault.open(site / "vault", KeySource.from_key_file(site / "key"))
+        models, data = load_site_models(vault), SiteData.from_cohort(load_cohort(vault))
+        n_classes = models.n_classes
+        coefs = candidate_coefs(doc["meta"], n_classes=n_classes)
+        for split in SPLITS:
+            base = base_probabilities(models, data, split)
+            ys[split].append(data.y[data.masks[split]])
+            for name, proba in {**base, **{c: hybrid_probabilities(base, coef, n_classes=n_classes,
+                                                                     calibration=models.calibration)
+                                           for c, coef in coefs.items()}}.items():
+                scores[split].setdefault(name, []).append(proba)
+    auc = {split: {name: round(_auc(np.concatenate(ys[split]), np.vstack(ps), n_classes), 4)
+                   for name, ps in scores[split].items()} for split in SPLITS}
+    fallback = doc["meta"].get("fallback") or {}
+    return {"run_dir": str(run_dir), "sites_dir": str(sites_dir),
+            "chosen": fallback.get("chosen", "hybrid"), "reason": fallback.get("reason", ""),
+            "released_validation": {k: round(float(v), 4) for k, v in (fallback.get("validation_auc") or {}).items()},
+            "exact_auc": auc}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m simulations.benchmarks.stack_candidates", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path, help="the --out folder of a finished genofed simulate")
+    parser.add_argument("sites_dir", type=Path, help="the layout that run trained (its --sites-dir)")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+    emit(run(run_dir=args.run_dir, sites_dir=args.sites_dir), args.json)
+
+
+if __name__ == "__main__":
+    run_main(main, "python -m simulations.benchmarks.stack_candidates")
