@@ -35,11 +35,15 @@ def test_federated_metabric_reaches_the_site_forest_reference(tmp_path: Path) ->
     assert auc["logreg"] == pytest.approx(pooled["models"]["logreg"]["auc"], abs=0.003)
     assert auc["hybrid"] == pytest.approx(pooled["reference_site_forests"]["hybrid"]["auc"], abs=0.03)
     # The hybrid is whichever of the stacks and base models led on the sites' summed validation
-    # statistics; on test it may trail a base model by what 300 validation patients cannot tell apart
+    # statistics (or, where one site model led, the site's two averaged); on test it may trail a base model by what 300 validation patients cannot tell apart
     # (AUC standard error 0.034): measured 0.000 in five runs, -0.012 in a sixth.
     fallback = fed["meta"]["fallback"]
     assert fallback["chosen"] == (fallback["model"] or "hybrid")
-    assert fallback["validation_auc"][fallback["chosen"]] == max(fallback["validation_auc"].values())
+    best = max(fallback["validation_auc"].values())
+    if fallback.get("reason") == "site-average":  # the site's two models averaged, within its margin of the best
+        assert best - fallback["validation_auc"][fallback["chosen"]] <= fallback["site_average_margin"]
+    else:
+        assert fallback["validation_auc"][fallback["chosen"]] == best
     assert auc["hybrid"] >= max(auc[m] for m in ("cnn", "forest", "logreg")) - 0.03
     # The dense deep model learns in federation as in pooled training (measured -0.001 to +0.007).
     assert auc["cnn"] >= pooled["models"]["cnn"]["auc"] - 0.03
