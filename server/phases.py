@@ -770,7 +770,7 @@ def _stacking_fallback(state: RunState, pooled: dict[str, Any], n_classes: int, 
     becomes the two averaged with equal weights (:data:`common.stack.SITE_AVERAGE`) instead, unless
     that model leads the average by more than ``site_average_se`` times the standard error
     (``site-average-margin``): at these validation sizes the two are within the split's noise of
-    each other, and on the test splits of 27 measured runs the average beat the forest in 26
+    each other, and on the test splits of 47 measured runs the average beat the forest in 46
     (docs/learning.md, "The site models averaged rather than one chosen").
     Post-processing of released statistics: no privacy cost. In the decision, ``model`` is what
     replaced the fitted stack ("" if it was kept) and ``chosen`` names what the hybrid is either way.

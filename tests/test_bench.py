@@ -79,3 +79,24 @@ def test_a_benchmark_given_no_layout_says_so_in_one_line(module: str, make: str,
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert err.startswith(f"python -m simulations.benchmarks.{module}: error: {where}: ")
     assert "genofed cohort split --vaults" in err
+
+
+@pytest.mark.parametrize("make", ["no-run", "no-layout"])
+def test_stack_candidates_given_no_run_or_no_layout_says_so_in_one_line(make: str, tmp_path: Path, capsys) -> None:
+    """The candidates benchmark needs a finished run's metrics.json and the layout it trained: either
+    missing is one line naming the folder, not a traceback."""
+    from simulations.benchmarks import run_main
+    from simulations.benchmarks.stack_candidates import main
+
+    run_dir, sites = tmp_path / "run", tmp_path / "sites"
+    if make == "no-layout":
+        run_dir.mkdir()
+        (run_dir / "metrics.json").write_text('{"meta": {"coef": [0.5, 0.5, 0.0, 0.0, 0.0]}}')
+    prog = "python -m simulations.benchmarks.stack_candidates"
+    with pytest.raises(SystemExit) as exit_:
+        run_main(lambda: main([str(run_dir), str(sites)]), prog)
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    where = run_dir / "metrics.json" if make == "no-run" else sites
+    assert err.startswith(f"{prog}: error: {where}: ")

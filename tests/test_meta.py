@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
@@ -88,6 +90,14 @@ def test_solver_state_round_trip_resumes_identically() -> None:
     for s in (a, b):
         s.step(newton_terms(s.coef, x, y, n_classes=2))
     np.testing.assert_array_equal(a.coef, b.coef)
+
+
+def _log_odds_stats(y: np.ndarray, score: np.ndarray):
+    """Binary validation statistics, on the released 32 bins, of a model whose log-odds are ``score``."""
+    from common.metrics import compute_stats
+
+    p = 1.0 / (1.0 + np.exp(-score))
+    return compute_stats(y, np.column_stack([1 - p, p]), n_classes=2, n_bins=32)
 
 
 def _with_a_contrary_model(seed: int, n: int, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -182,7 +192,6 @@ def test_the_stack_without_a_noise_model_is_chosen_when_it_beats_the_rest() -> N
     """Two good models and one at chance: the full stack is diluted, the stack without the noise
     wins on validation, and the hybrid becomes it (weights zeroed, the rest scaled up to the fitted
     stack's total weight: the same ranking, scores as spread)."""
-    from common.metrics import compute_stats
     from common.settings import RunSettings
     from server.phases import RunState, _stacking_fallback
     from server.report import _model_roles, fallback_note
@@ -191,9 +200,7 @@ def test_the_stack_without_a_noise_model_is_chosen_when_it_beats_the_rest() -> N
     y = rng.integers(0, 2, 600)
     a, b, noise = (y - 0.5) + rng.normal(0, 0.9, 600), (y - 0.5) + rng.normal(0, 0.9, 600), rng.normal(0, 3, 600)
 
-    def stats(score: np.ndarray):
-        p = 1.0 / (1.0 + np.exp(-score))
-        return compute_stats(y, np.column_stack([1 - p, p]), n_classes=2, n_bins=32)
+    stats = functools.partial(_log_odds_stats, y)
 
     pooled = {"hybrid": stats(a + b + noise), "cnn": stats(a), "forest": stats(b), "logreg": stats(noise),
               "site-logreg": stats(noise), "hybrid-without-cnn": stats(b + noise),
@@ -280,7 +287,6 @@ def test_a_site_model_that_barely_leads_gives_way_to_the_site_models_averaged() 
     """Where the hybrid would fall back to the forest, it becomes the forest and the site GLM
     averaged unless the forest leads that average by more than site-average-margin standard
     errors; a shared model that leads is kept, and with no margin any lead keeps the forest."""
-    from common.metrics import compute_stats
     from common.settings import RunSettings
     from server.phases import RunState, _stacking_fallback
     from server.report import _model_roles, fallback_note
@@ -289,9 +295,7 @@ def test_a_site_model_that_barely_leads_gives_way_to_the_site_models_averaged() 
     y = rng.integers(0, 2, 400)
     b, c, noise = (y - 0.5) + rng.normal(0, 0.8, 400), (y - 0.5) + rng.normal(0, 1.2, 400), rng.normal(0, 3, 400)
 
-    def stats(score: np.ndarray):
-        p = 1.0 / (1.0 + np.exp(-score))
-        return compute_stats(y, np.column_stack([1 - p, p]), n_classes=2, n_bins=32)
+    stats = functools.partial(_log_odds_stats, y)
 
     def pooled_with(average: np.ndarray) -> dict:
         return {"hybrid": stats(b + noise), "cnn": stats(noise), "forest": stats(b), "logreg": stats(noise),

@@ -68,12 +68,13 @@ def run(*, run_dir: Path, sites_dir: Path) -> dict[str, Any]:
     doc = _run_metrics(run_dir)
     ys: dict[str, list[np.ndarray]] = {s: [] for s in SPLITS}
     scores: dict[str, dict[str, list[np.ndarray]]] = {s: {} for s in SPLITS}
-    n_classes = 0
+    n_classes, coefs = 0, {}
     for site in layout_sites(sites_dir):
         vault = Vault.open(site / "vault", KeySource.from_key_file(site / "key"))
         models, data = load_site_models(vault), SiteData.from_cohort(load_cohort(vault))
-        n_classes = models.n_classes
-        coefs = candidate_coefs(doc["meta"], n_classes=n_classes)
+        if not coefs:  # the same for every site: the run's one meta-classifier
+            n_classes = models.n_classes
+            coefs = candidate_coefs(doc["meta"], n_classes=n_classes)
         for split in SPLITS:
             base = base_probabilities(models, data, split)
             ys[split].append(data.y[data.masks[split]])
