@@ -461,7 +461,7 @@ def meta_round(site: SiteRef, cnn_weights: dict[str, np.ndarray], shared: dict[s
     and, when ``warm-start`` is set (never under DP), returns its local penalized fit and that
     fit's Hessian, from which the coordinator builds a starting point close to the pooled
     solution. Under DP the terms are released through the Gaussian mechanism (``meta-epsilon``
-    over ``meta-rounds``), charged first; the loss is not released.
+    over ``meta-dp-rounds``), charged first; the loss is not released.
 
     Raises
     ------

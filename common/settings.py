@@ -72,7 +72,8 @@ class RunSettings:
     glm_max_features: int = 256      # the GLM reads at most this many shared columns
     glm_dp_columns: int = 32         # under DP it reads at most this many (its noise grows with their root)
     glm_dp_max_features: int = 16    # under DP the GLM keeps this many columns: the largest of its one noised step
-    meta_rounds: int = 3
+    meta_rounds: int = 8             # federated Newton rounds of the meta-classifier at most (stops when converged)
+    meta_dp_rounds: int = 3          # under DP: its rounds, the noised releases meta-epsilon is spread over
     meta_epsilon: float = 1.0        # under DP: the meta statistics' epsilon over all meta rounds
     meta_c: float = 1.0
     meta_tol: float = 1e-10
@@ -112,7 +113,7 @@ class RunSettings:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise SettingsError(f"run config {_key(name)} = {getattr(self, name)!r}: must be > 0")
-        at_least_one = ("cnn_rounds", "local_epochs", "batch_size", "meta_rounds", "min_sites", "forest_trees",
+        at_least_one = ("cnn_rounds", "local_epochs", "batch_size", "meta_rounds", "meta_dp_rounds", "min_sites", "forest_trees",
                         "glm_rounds", "glm_max_features", "glm_dp_columns", "glm_dp_max_features",
                         "explanation_patients", "motif_bins")
         for name in at_least_one:
@@ -196,6 +197,14 @@ class RunSettings:
         """GLM rounds the run takes at most: ``glm-rounds`` Newton rounds, or under DP the one
         round of a noised gradient with a public curvature (:mod:`common.glm`)."""
         return 1 if self.dp else self.glm_rounds
+
+    @property
+    def meta_fit_rounds(self) -> int:
+        """Meta-classifier rounds the run takes at most: ``meta-rounds`` Newton rounds until
+        converged, or under DP exactly ``meta-dp-rounds``: each is a release charged to the sites'
+        budgets, planned before the run, and without a released objective convergence cannot be
+        judged, so the number is fixed in advance."""
+        return self.meta_dp_rounds if self.dp else self.meta_rounds
 
     def to_run_config(self) -> dict[str, Any]:
         """The run config that parses back into these settings (kebab-case keys)."""

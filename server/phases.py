@@ -487,7 +487,7 @@ def run_meta_rounds(grid: Grid, settings: RunSettings, state: RunState, log: Run
         # the base models' log-odds (public, needs no data) a noisy step can only refine.
         solver.coef = solver.best_coef = averaging_prior(n_models=n_models, n_classes=max(k, 2), left_out=left_out)
     content = {"cnn": to_record(weights), "shared": shared_record(state)}
-    _newton_rounds(grid, settings, state, log, solver, content, kind="meta", rounds=settings.meta_rounds,
+    _newton_rounds(grid, settings, state, log, solver, content, kind="meta", rounds=settings.meta_fit_rounds,
                    bound=META_FEATURE_BOUND, max_n="n-validation", warm_start=not settings.dp,
                    facts={"glm_coef": tuple(state.glm_coef)}, checkpoint=lambda: checkpoint(weights))
     state.meta_coef = [float(c) for c in solver.result()]

@@ -183,9 +183,10 @@ def build_metrics(evaluation: dict[str, Any], state: RunState, settings: RunSett
         "model_roles": _model_roles(state, settings),
         "thresholds": dict(state.thresholds),
         "meta": {"coef": list(state.meta_coef), "rounds": state.meta_round,
-                 "converged": bool(state.meta_solver.get("converged", False)), "fallback": dict(state.meta_fallback),
-                 "stack_forest": settings.stack_forest},
+                 "converged": bool(state.meta_solver.get("converged", False)), "noised": settings.dp,
+                 "fallback": dict(state.meta_fallback), "stack_forest": settings.stack_forest},
         "glm": {"rounds": state.glm_round, "converged": bool(state.glm_solver.get("converged", False)),
+                "noised": settings.dp,
                 "columns": len(state.shared.get("glm_columns", [])), "kept": _glm_kept(state, settings),
                 "C": settings.glm_c},
         "rounds": state.rounds,
@@ -352,12 +353,7 @@ def render_markdown(doc: dict[str, Any], *, explanation: dict[str, Any] | None =
     roles = doc.get("model_roles", {})
     if roles:
         lines += [""] + [f"- {name}: {roles[name]}" for name in doc["models"] if name in roles]
-    for fit in ("glm", "meta"):
-        info = doc.get(fit, {})
-        if info and not info.get("converged", True):
-            lines.append(f"Note: the {'GLM' if fit == 'glm' else 'meta-classifier'} did not converge in "
-                         f"{info.get('rounds')} Newton rounds (converged: false); its coefficients are the last "
-                         "iterate.")
+    lines += [f"Note: {note}" for note in convergence_notes(doc)]
     lines += [f"Note: {note}" for note in (fallback_note(doc), unresolved_note(doc)) if note]
     lines += paired_lines(doc)
     per_site = ("Per site (test class counts; no site's own AUC: the test statistics reached the coordinator only "
@@ -467,6 +463,25 @@ def unresolved_note(doc: dict[str, Any]) -> str:
     return ("the test statistics' bins do not resolve the AUC of " + "; ".join(parts) + ": most of its test "
             "patients share a bin (its predicted probabilities barely vary), so the figure counts ties as half and "
             "its interval leaves out the binning; the model may rank patients better than it shows.")
+
+
+def convergence_notes(doc: dict[str, Any]) -> list[str]:
+    """A sentence for each Newton fit (GLM, meta-classifier) that ended unconverged: why, and what its
+    coefficients are. Under DP the rounds are fixed in advance (each is a release the sites' budgets
+    planned for) and no objective is released, so convergence is not judged there."""
+    notes = []
+    for fit, name in (("glm", "GLM"), ("meta", "meta-classifier")):
+        info = doc.get(fit, {})
+        if not info or info.get("converged", True):
+            continue
+        if info.get("noised"):
+            notes.append(f"under DP the {name} takes {info.get('rounds')} Newton round(s) on noised statistics, as "
+                         "many as the sites' budgets planned; no objective is released, so convergence is not "
+                         "judged (converged: false) and its coefficients are the last step's.")
+        else:
+            notes.append(f"the {name} did not converge in {info.get('rounds')} Newton rounds (converged: false); "
+                         "its coefficients are the last iterate.")
+    return notes
 
 
 def best_alone_rule(sa: dict[str, Any]) -> str:

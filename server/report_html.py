@@ -27,6 +27,7 @@ from server.report import (
     alone_missing_note,
     best_alone_rule,
     bins_mark,
+    convergence_notes,
     fallback_note,
     paired_rows,
     site_noise_note,
@@ -261,9 +262,7 @@ def _roles_and_decisions(doc: dict[str, Any]) -> str:
     decisions = ("Decisions at each model's operating threshold (" + html.escape(next(iter(th.values()))["rule"]) + "): "
                  + ", ".join(f"{html.escape(m)} p &ge; {t['probability']:.3f}" for m, t in th.items())
                  + "; AUC and AUPRC are threshold-free.") if th else "Decisions: the most probable class (argmax)."
-    notes = "".join(f"<li>The {'GLM' if fit == 'glm' else 'meta-classifier'} did not converge in "
-                    f"{doc[fit].get('rounds')} Newton rounds (converged: false).</li>"
-                    for fit in ("glm", "meta") if doc.get(fit) and not doc[fit].get("converged", True))
+    notes = "".join(f"<li>{html.escape(note[0].upper() + note[1:])}</li>" for note in convergence_notes(doc))
     notes += "".join(f"<li>{html.escape(note[0].upper() + note[1:])}</li>"
                      for note in (fallback_note(doc), unresolved_note(doc)) if note)
     return f"<ul>{roles}{notes}</ul><p><small>{decisions}</small></p>"

@@ -145,7 +145,7 @@ def _planned_exchanges(cfg: dict[str, Any]) -> int:
 
     s = RunSettings.from_run_config(cfg)
     alone = 1 if s.site_alone and s.test_statistics != "none" else 0
-    return 4 + s.cnn_rounds + s.glm_fit_rounds + s.meta_rounds + alone
+    return 4 + s.cnn_rounds + s.glm_fit_rounds + s.meta_fit_rounds + alone
 
 
 def _follow(link: LocalSuperLink, run_id: int, req: SimulationRequest, *, n_exchanges: int) -> str:

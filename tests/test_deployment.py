@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 # One GLM and one meta round where a test is about the transport, not the fit: the module runs four
 # federations. SuperNodes start as sites start them (`genofed supernode`, the warm worker).
 RUN = {"cnn-rounds": 2, "local-epochs": 1, "dp": True, "epsilon": 4.0, "forest-trees": 20, "round-timeout": 150.0,
-       "wait-timeout": 60.0, "min-sites": 2, "glm-rounds": 1, "meta-rounds": 1, "site-alone": False}
+       "wait-timeout": 60.0, "min-sites": 2, "glm-rounds": 1, "meta-dp-rounds": 1, "site-alone": False}
 
 
 @pytest.fixture(scope="module")

@@ -94,6 +94,8 @@ def test_run_writes_metrics_with_one_exchange_per_round(sites: Path, tmp_path: P
     assert grid.exchanges == 2 + FAST["cnn_rounds"] + doc["glm"]["rounds"] + doc["meta"]["rounds"] + 3
     assert set(doc["thresholds"]) == set(doc["models"]) and "Youden" in doc["thresholds"]["hybrid"]["rule"]
     assert doc["glm"]["converged"] and doc["glm"]["rounds"] <= 8
+    # Without DP the meta-classifier, too, runs its Newton rounds until converged (meta-rounds: at most 8).
+    assert doc["meta"]["converged"] and doc["meta"]["rounds"] <= 8
     on_disk = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert set(on_disk["models"]) == {"hybrid", "cnn", "forest", "logreg", "site-logreg"}
     for m in on_disk["models"].values():
@@ -293,7 +295,9 @@ def test_dp_run_charges_noised_meta_statistics_to_every_ledger(sites: Path, tmp_
     doc, _ = _run(sites, tmp_path / "run", dp=True, epsilon=3.0, meta_epsilon=1.0, fail=record)
     assert sent and not any(c["warm-start"] for c in sent)  # a local fit has no DP mechanism
     meta_rounds = [r for r in doc["rounds"] if r["phase"] == "meta"]
-    assert len(meta_rounds) == 3
+    assert len(meta_rounds) == 3  # meta-dp-rounds: fixed by the plan, not by convergence
+    said = (tmp_path / "run" / "metrics.md").read_text()
+    assert "the meta-classifier takes 3 Newton round(s) on noised statistics" in said
     for site, vault in _site_vaults(sites):
         ledger = PrivacyLedger.load(vault)
         meta = [r for r in ledger.releases if r.label == "meta-statistics"]

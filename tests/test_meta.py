@@ -419,6 +419,23 @@ def test_the_fallback_note_states_the_margin_it_was_decided_on() -> None:
     assert fallback_note({"meta": {"fallback": {**fb, "model": ""}}}) == ""
 
 
+def test_an_unconverged_fit_is_said_in_metrics_md_and_why_under_dp() -> None:
+    """Item 8 of issue 9: converged false is shown, not only stored; under DP the sentence says the
+    rounds were fixed by the budget (no objective released), not that the solver ran out of them."""
+    from server.report import convergence_notes
+
+    doc = {"glm": {"rounds": 8, "converged": True, "noised": False},
+           "meta": {"rounds": 8, "converged": False, "noised": False}}
+    assert convergence_notes(doc) == ["the meta-classifier did not converge in 8 Newton rounds (converged: false); "
+                                      "its coefficients are the last iterate."]
+    doc = {"glm": {"rounds": 1, "converged": False, "noised": True},
+           "meta": {"rounds": 3, "converged": False, "noised": True}}
+    glm, meta = convergence_notes(doc)
+    assert glm.startswith("under DP the GLM takes 1 Newton round(s) on noised statistics")
+    assert "meta-classifier takes 3" in meta and "convergence is not judged (converged: false)" in meta
+    assert convergence_notes({"meta": {"rounds": 4, "converged": True, "noised": False}}) == []
+
+
 @pytest.mark.parametrize("k", [2, 3])
 def test_a_warm_start_worse_than_its_origin_gives_way_to_the_newton_step(k: int) -> None:
     """Sound local fits are taken as the warm start; wild ones (nearly separable sites extrapolate)

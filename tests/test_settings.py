@@ -35,7 +35,16 @@ def test_the_fallback_margin_in_force_follows_dp() -> None:
     assert RunSettings().fallback_margin == 1.0 and RunSettings(dp=False).fallback_margin == 0.0
 
 
+def test_the_meta_rounds_in_force_follow_dp() -> None:
+    """Without DP meta-rounds caps a fit that stops when converged; under DP meta-dp-rounds is the
+    number of noised releases, planned and charged whatever meta-rounds says."""
+    assert RunSettings().meta_fit_rounds == 3 and RunSettings(dp=False).meta_fit_rounds == 8
+    assert RunSettings(meta_rounds=2, meta_dp_rounds=5).meta_fit_rounds == 5
+    assert RunSettings(dp=False, meta_rounds=2, meta_dp_rounds=5).meta_fit_rounds == 2
+
+
 @pytest.mark.parametrize(("cfg", "match"), [
+    ({"meta-dp-rounds": 0}, r"run config meta-dp-rounds = 0: must be at least 1"),
     ({"cnn-rounds": "many"}, r"run config cnn-rounds = 'many': expected int"),
     ({"dp": "perhaps"}, r"run config dp = 'perhaps': expected bool"),
     ({"epsilon": 0.0}, r"run config epsilon = 0.0: must be > 0"),

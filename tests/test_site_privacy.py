@@ -384,6 +384,19 @@ def test_the_run_plan_counts_the_validation_release_for_any_number_of_classes(si
         assert labels.count("validation-statistics") == 1 and labels.count("test-statistics") == 1, labels
 
 
+def test_the_run_plan_charges_meta_dp_rounds_releases_whatever_meta_rounds_says(sites: Path) -> None:
+    """Under DP the meta-classifier's releases are meta-dp-rounds; meta-rounds caps only a fit without DP."""
+    from client.privacy.facade import SitePrivacy
+
+    vault = Vault.open(sites / "site-1" / "vault", KeySource.from_key_file(sites / "site-1" / "key"))
+    settings = RunSettings(meta_rounds=8, meta_dp_rounds=2)
+    privacy = SitePrivacy.open(vault, site="site-1", settings=settings, run_id="plan", n_records=100)
+    meta = [r for r in privacy.plan_run(n_train=70) if r.label == "meta-statistics"]
+    assert [r.steps for r in meta] == [2]  # one Gaussian release per meta round
+    assert privacy.meta_noise_multiplier() < SitePrivacy.open(
+        vault, site="site-1", settings=RunSettings(meta_dp_rounds=3), run_id="plan", n_records=100).meta_noise_multiplier()
+
+
 def test_a_policy_stored_before_secure_sum_reads_as_it_meant() -> None:
     from client.privacy.policy import ADDED_LATER, PolicyError, SitePolicy, parse_policy_blob, policy_blob
 

@@ -174,7 +174,7 @@ class SitePrivacy:
 
         The shared preprocessing's moments, DP-SGD over ``cnn-rounds`` x ``local-epochs`` epochs
         (Poisson rate 1 / batches), the GLM's noised gradient, the meta-classifier
-        statistics over ``meta-rounds``, the explanation summary (``explain``), and, when noised, one validation-statistics release (the
+        statistics over ``meta-dp-rounds``, the explanation summary (``explain``), and, when noised, one validation-statistics release (the
         operating thresholds and the stacking fallback, for any number of classes) and one
         test-statistics release. Calibrated with the ledger's accounting, which needs no more noise than
         training's, so what is charged later is at most this plan.
@@ -192,7 +192,7 @@ class SitePrivacy:
                 Release.gaussian(noise_multiplier=self.glm_noise_multiplier(), label="glm-statistics",
                                  run_id=self._run_id, count=s.glm_fit_rounds)]
         plan.append(Release.gaussian(noise_multiplier=self.meta_noise_multiplier(), label="meta-statistics",
-                                     run_id=self._run_id, count=s.meta_rounds))
+                                     run_id=self._run_id, count=s.meta_fit_rounds))
         if s.explain:
             plan.append(Release.gaussian(noise_multiplier=self.explanation_noise_multiplier(), label="explanation",
                                          run_id=self._run_id))
@@ -231,9 +231,9 @@ class SitePrivacy:
         return run_eps
 
     def meta_noise_multiplier(self) -> float:
-        """Noise multiplier of each meta round's release (``meta-epsilon`` over ``meta-rounds``)."""
+        """Noise multiplier of each meta round's release (``meta-epsilon`` over ``meta-dp-rounds``)."""
         s = self._settings
-        return gaussian_noise_multiplier(epsilon=s.meta_epsilon, delta=self.delta, count=s.meta_rounds)
+        return gaussian_noise_multiplier(epsilon=s.meta_epsilon, delta=self.delta, count=s.meta_fit_rounds)
 
     def moments_noise_multiplier(self) -> float:
         """Noise multiplier of the one release of the shared preprocessing's moments."""
