@@ -73,7 +73,8 @@ class RunSettings:
     glm_dp_columns: int = 32         # under DP it reads at most this many (its noise grows with their root)
     glm_dp_max_features: int = 16    # under DP the GLM keeps this many columns: the largest of its one noised step
     meta_rounds: int = 8             # federated Newton rounds of the meta-classifier at most (stops when converged)
-    meta_dp_rounds: int = 3          # under DP: its rounds, the noised releases meta-epsilon is spread over
+    meta_dp_rounds: int = 0          # under DP: its noised Newton rounds (meta-epsilon spread over them); 0: public
+    #                                  weights (the base models averaged), no meta statistics released
     meta_epsilon: float = 1.0        # under DP: the meta statistics' epsilon over all meta rounds
     meta_c: float = 1.0
     meta_tol: float = 1e-10
@@ -113,7 +114,7 @@ class RunSettings:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise SettingsError(f"run config {_key(name)} = {getattr(self, name)!r}: must be > 0")
-        at_least_one = ("cnn_rounds", "local_epochs", "batch_size", "meta_rounds", "meta_dp_rounds", "min_sites", "forest_trees",
+        at_least_one = ("cnn_rounds", "local_epochs", "batch_size", "meta_rounds", "min_sites", "forest_trees",
                         "glm_rounds", "glm_max_features", "glm_dp_columns", "glm_dp_max_features",
                         "explanation_patients", "motif_bins")
         for name in at_least_one:
@@ -126,6 +127,9 @@ class RunSettings:
         if not 0 <= self.target_sensitivity < 1:
             raise SettingsError(f"run config target-sensitivity = {self.target_sensitivity!r}: must be in [0, 1) "
                                 "(0: Youden's J)")
+        if self.meta_dp_rounds < 0:
+            raise SettingsError(f"run config meta-dp-rounds = {self.meta_dp_rounds!r}: must be >= 0 (0: public "
+                                "weights under DP, no meta statistics released)")
         if not self.meta_fallback_margin >= 0:
             raise SettingsError(f"run config meta-fallback-margin = {self.meta_fallback_margin!r}: must be >= 0 "
                                 "(standard errors of the best base model's validation AUC)")
@@ -203,8 +207,17 @@ class RunSettings:
         """Meta-classifier rounds the run takes at most: ``meta-rounds`` Newton rounds until
         converged, or under DP exactly ``meta-dp-rounds``: each is a release charged to the sites'
         budgets, planned before the run, and without a released objective convergence cannot be
-        judged, so the number is fixed in advance."""
+        judged, so the number is fixed in advance (0 by default: :attr:`public_meta_weights`)."""
         return self.meta_dp_rounds if self.dp else self.meta_rounds
+
+    @property
+    def public_meta_weights(self) -> bool:
+        """Under DP with ``meta-dp-rounds = 0`` the stack's weights are public: the base models'
+        (calibrated) log-odds averaged with equal weights, and the reduced stacks the same average
+        without some models, chosen on the one validation release. No meta statistics are released:
+        in the measured DP runs the noised Newton steps never chose better than these public
+        weights (docs/learning.md, "Public stacking weights under DP")."""
+        return self.dp and self.meta_dp_rounds == 0
 
     def to_run_config(self) -> dict[str, Any]:
         """The run config that parses back into these settings (kebab-case keys)."""

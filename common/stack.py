@@ -15,6 +15,8 @@ so that the coordinator can choose the stack without models that only add noise
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 MODEL_NAMES = ("hybrid", "cnn", "forest", "logreg", "site-logreg")
@@ -39,6 +41,30 @@ AVERAGED_STACKS = (SITE_AVERAGE,)
 models is what the coordinator chooses when they are noise, and then the fitted weights of the site's
 own models were estimated against that noise too; on about 300 validation patients an estimated
 weighting ranks worse than the plain average of calibrated models (the forecast combination puzzle)."""
+
+
+def choose_stack(auc: Mapping[str, float], *, stacks: Sequence[str], candidates: Sequence[str], se: float,
+                 margin_se: float, site_average_se: float) -> tuple[str, str, str]:
+    """The stacking decision on validation AUCs: ``(best base model, best stack, what the hybrid is)``.
+
+    ``stacks`` are the full stack (``"hybrid"``, which wins ties: it is what was fitted) and the
+    reduced ones; ``candidates`` the base models it must beat by ``margin_se`` times ``se`` (the
+    best base model's AUC standard error). Failing that, the hybrid is that base model, or the
+    site's two models averaged (:data:`SITE_AVERAGE`) when that model is one of them and leads the
+    average by at most ``site_average_se`` times ``se``. One rule for the run
+    (:func:`server.phases._stacking_fallback`) and its offline replays.
+    """
+    def score(m: str) -> float:
+        return -1.0 if math.isnan(auc[m]) else auc[m]
+
+    best = max(candidates, key=score)
+    stack = max(stacks, key=lambda m: (score(m), m == "hybrid"))
+    if auc[stack] > auc[best] + margin_se * se:
+        return best, stack, stack
+    average = auc.get(SITE_AVERAGE, math.nan)
+    if best in LOCAL_MODELS and not math.isnan(average) and auc[best] - average <= site_average_se * se:
+        return best, stack, SITE_AVERAGE
+    return best, stack, best
 
 
 def left_out_words(stack: str) -> str:
@@ -107,6 +133,12 @@ def fallback_words(fb: dict[str, Any]) -> str:
                 "average: a smaller lead is within the validation split's noise, and the average of two calibrated "
                 "models is the safer choice (site-average-margin; decided on the sites' summed validation "
                 "statistics).")
+    public = fb.get("weights") == "public"  # DP with meta-dp-rounds = 0: the stacks are plain averages
+    if model in REDUCED_STACKS and public:
+        return (f"the average without the {left_out_words(model)} had a higher validation AUC ({auc[model]:.3f}) than "
+                f"the average of all the base models ({auc['hybrid']:.3f}) and every base model (best: the "
+                f"{fb['best_base']}, {auc[fb['best_base']]:.3f}), so the hybrid is that average (public weights; "
+                "decided on the sites' summed validation statistics).")
     if model in REDUCED_STACKS:
         left_out = left_out_words(model)
         weight = f"the {left_out}'s weight" if len(REDUCED_STACKS[model]) == 1 else f"the weights of the {left_out}"
@@ -116,7 +148,8 @@ def fallback_words(fb: dict[str, Any]) -> str:
                 f"{auc[fb['best_base']]:.3f}), so the hybrid is the meta-classifier with {weight} set "
                 f"to zero{rest} (decided on the sites' summed validation statistics).")
     stack = fb.get("best_stack", "hybrid")
-    which = f"the meta-classifier's validation AUC ({auc[stack]:.3f})" if stack == "hybrid" else \
+    full = "the base models' average" if public else "the meta-classifier"
+    which = f"{full}'s validation AUC ({auc[stack]:.3f})" if stack == "hybrid" else \
         f"the best stack, the one without the {left_out_words(stack)}, reached a validation AUC of {auc[stack]:.3f} and"
     return (f"{which} did not beat the {model}'s "
             f"({auc[model]:.3f}){margin}, so the hybrid is the {model} (stacking fallback, decided on "

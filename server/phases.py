@@ -34,10 +34,10 @@ from server.runlog import RunLog
 from common.stack import (
     ALONE_MODELS,
     BASE_MODELS,
-    LOCAL_MODELS,
     REDUCED_STACKS,
     SITE_ALONE_ROWS,
     SITE_AVERAGE,
+    choose_stack,
     fallback_words,
     local_indices,
     reduced_stack_weights,
@@ -470,7 +470,11 @@ def _train_class_counts(state: RunState) -> np.ndarray:
 
 def run_meta_rounds(grid: Grid, settings: RunSettings, state: RunState, log: RunLog,
                     weights: dict[str, np.ndarray], checkpoint: Any) -> list[float]:
-    """Federated Newton on the stacking meta-classifier (the first round also fits the forests)."""
+    """Federated Newton on the stacking meta-classifier (the first round also fits the forests).
+
+    With public weights (DP, ``meta-dp-rounds = 0``) there is no round: the coefficients are the
+    averaging prior, and each site fits its forest and GLM in the first exchange that needs them.
+    """
     from common.meta import META_FEATURE_BOUND, NewtonSolver, averaging_prior, model_mask, positive_evidence
 
     k = len(state.schema["label"]["classes"])
@@ -486,6 +490,9 @@ def run_meta_rounds(grid: Grid, settings: RunSettings, state: RunState, log: Run
         # Noised steps from zero can land anywhere, sign flips included; from the plain average of
         # the base models' log-odds (public, needs no data) a noisy step can only refine.
         solver.coef = solver.best_coef = averaging_prior(n_models=n_models, n_classes=max(k, 2), left_out=left_out)
+    if settings.public_meta_weights:
+        log.info("meta-classifier: public weights (DP, meta-dp-rounds = 0): the base models' log-odds averaged "
+                 "with equal weights; no meta statistics are released")
     content = {"cnn": to_record(weights), "shared": shared_record(state)}
     _newton_rounds(grid, settings, state, log, solver, content, kind="meta", rounds=settings.meta_fit_rounds,
                    bound=META_FEATURE_BOUND, max_n="n-validation", warm_start=not settings.dp,
@@ -679,7 +686,8 @@ def run_thresholds(grid: Grid, settings: RunSettings, state: RunState, log: RunL
     chosen = _binary_thresholds(settings, state, pooled, per_site) if k == 2 else {}
     state.meta_fallback = _stacking_fallback(state, pooled, k, margin_se=settings.fallback_margin,
                                              site_average_se=settings.site_average_margin,
-                                             candidates=stacked_models(stack_local=settings.stack_forest))
+                                             candidates=stacked_models(stack_local=settings.stack_forest),
+                                             weights="public" if settings.public_meta_weights else "fitted")
     if state.meta_fallback.get("model"):
         fb = state.meta_fallback
         if chosen:
@@ -748,7 +756,8 @@ def run_evaluation(grid: Grid, settings: RunSettings, state: RunState, log: RunL
 
 
 def _stacking_fallback(state: RunState, pooled: dict[str, Any], n_classes: int, *, margin_se: float,
-                       site_average_se: float, candidates: tuple[str, ...] = BASE_MODELS) -> dict[str, Any]:
+                       site_average_se: float, candidates: tuple[str, ...] = BASE_MODELS,
+                       weights: str = "fitted") -> dict[str, Any]:
     """The stack the hybrid becomes, chosen on the sites' summed validation statistics; returns
     what was decided and on what figures, or {} (no statistics).
 
@@ -773,7 +782,9 @@ def _stacking_fallback(state: RunState, pooled: dict[str, Any], n_classes: int, 
     each other, and on the test splits of 47 measured runs the average beat the forest in 46
     (docs/learning.md, "The site models averaged rather than one chosen").
     Post-processing of released statistics: no privacy cost. In the decision, ``model`` is what
-    replaced the fitted stack ("" if it was kept) and ``chosen`` names what the hybrid is either way.
+    replaced the fitted stack ("" if it was kept) and ``chosen`` names what the hybrid is either way;
+    ``weights`` says whether the stack's weights were fitted or public (the averaging prior: DP with
+    ``meta-dp-rounds = 0``), for the words that describe it.
     """
     from common.meta import selection_coef
     from common.metrics import auc_standard_error, metrics_from_stats
@@ -783,38 +794,26 @@ def _stacking_fallback(state: RunState, pooled: dict[str, Any], n_classes: int, 
     stacks = ["hybrid", *(m for m in REDUCED_STACKS if m in pooled)]
     auc = {m: float(metrics_from_stats(pooled[m])["auc"]) for m in (*stacks, *BASE_MODELS)}
     best = max(candidates, key=lambda m: -1.0 if math.isnan(auc[m]) else auc[m])
-    # The full stack wins ties: it is what was fitted.
-    stack = max(stacks, key=lambda m: (-1.0 if math.isnan(auc[m]) else auc[m], m == "hybrid"))
     se = auc_standard_error(pooled[best])
     if math.isnan(se):  # a class missing from the validation splits: nothing to decide on
         return {}
-    margin = margin_se * se
+    best, stack, chosen = choose_stack(auc, stacks=stacks, candidates=candidates, se=se, margin_se=margin_se,
+                                       site_average_se=site_average_se)
     decision = {"validation_auc": auc, "best_base": best, "best_stack": stack, "standard_error": se,
-                "margin": margin, "margin_se": margin_se}
-    if auc[stack] > auc[best] + margin and stack == "hybrid":
+                "margin": margin_se * se, "margin_se": margin_se, "weights": weights}
+    if chosen == "hybrid":
         return {**decision, "model": "", "chosen": "hybrid"}
     decision["fitted_coef"] = [float(c) for c in state.meta_coef]  # what the meta rounds fitted, set aside
     k = max(n_classes, 2)
-    if auc[stack] > auc[best] + margin:
-        coef = reduced_stack_weights(stack, np.asarray(state.meta_coef), n_classes=k)
-        chosen = stack
-    elif _site_average_holds(auc, best, limit=site_average_se * se):
-        coef = reduced_stack_weights(SITE_AVERAGE, np.asarray(state.meta_coef), n_classes=k)
-        chosen = SITE_AVERAGE
+    if chosen in REDUCED_STACKS:
+        coef = reduced_stack_weights(chosen, np.asarray(state.meta_coef), n_classes=k)
+    else:
+        coef = selection_coef(n_models=len(BASE_MODELS), n_classes=k, index=BASE_MODELS.index(chosen))
+    if chosen == SITE_AVERAGE and not auc[stack] > auc[best] + margin_se * se:  # the fallback's average
         decision.update(reason="site-average", site_average_se=site_average_se,
                         site_average_margin=site_average_se * se)
-    else:
-        coef = selection_coef(n_models=len(BASE_MODELS), n_classes=k, index=BASE_MODELS.index(best))
-        chosen = best
     state.meta_coef = [float(c) for c in coef]
     return {**decision, "model": chosen, "chosen": chosen}
-
-
-def _site_average_holds(auc: dict[str, float], best: str, *, limit: float) -> bool:
-    """Whether the site's two models averaged should replace ``best``: it is one of them and leads
-    their average on validation by at most ``limit``."""
-    avg = auc.get(SITE_AVERAGE, math.nan)
-    return best in LOCAL_MODELS and not math.isnan(avg) and auc[best] - avg <= limit
 
 
 def _site_alone_stats(stats: dict[str, Any], thresholds: dict[str, dict[str, Any]]) -> dict[str, Any]:

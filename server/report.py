@@ -184,6 +184,7 @@ def build_metrics(evaluation: dict[str, Any], state: RunState, settings: RunSett
         "thresholds": dict(state.thresholds),
         "meta": {"coef": list(state.meta_coef), "rounds": state.meta_round,
                  "converged": bool(state.meta_solver.get("converged", False)), "noised": settings.dp,
+                 "weights": "public" if settings.public_meta_weights else "fitted",
                  "fallback": dict(state.meta_fallback), "stack_forest": settings.stack_forest},
         "glm": {"rounds": state.glm_round, "converged": bool(state.glm_solver.get("converged", False)),
                 "noised": settings.dp,
@@ -209,10 +210,18 @@ def _model_roles(state: RunState, settings: RunSettings) -> dict[str, str]:
                         f"sequence tracks), FedAvg of the sites' {updates}")
     chosen = state.meta_fallback.get("model")
     over = "the base models below" if settings.stack_forest else "the deep model and the federated GLM"
-    if not settings.stack_forest and not chosen:
+    public = "public weights under DP, meta-dp-rounds = 0: no meta statistics released"
+    site_average = state.meta_fallback.get("reason") == "site-average"
+    if settings.public_meta_weights and not chosen:
+        roles["hybrid"] = f"{over} averaged with equal weights on their log-odds ({public})"
+    elif settings.public_meta_weights and chosen in REDUCED_STACKS and not site_average:
+        one = len(REDUCED_STACKS[chosen]) == 1
+        roles["hybrid"] = (f"{over} but the {left_out_words(chosen)}, averaged with equal weights on their log-odds"
+                           f" (the average without {'it' if one else 'them'} won on validation; {public})")
+    elif not settings.stack_forest and not chosen:
         roles["hybrid"] = (f"federated stacking meta-classifier over {over} (stack-forest = false: the site's own "
                            "forest and GLM, fitted without DP, are not stacked)")
-    elif state.meta_fallback.get("reason") == "site-average":
+    elif site_average:
         roles["hybrid"] = (f"the site's own forest and GLM averaged with equal weights (stacking fallback: no stack "
                            f"beat the {state.meta_fallback['best_base']} on validation by the fallback margin, and it "
                            "did not lead this average by more than site-average-margin)")
@@ -474,7 +483,11 @@ def convergence_notes(doc: dict[str, Any]) -> list[str]:
         info = doc.get(fit, {})
         if not info or info.get("converged", True):
             continue
-        if info.get("noised"):
+        if info.get("weights") == "public":
+            notes.append("under DP the meta-classifier's weights are public (meta-dp-rounds = 0): the base models' "
+                         "log-odds averaged with equal weights, and the reduced stacks the same average without "
+                         "some models; no meta statistics were released, so nothing was fitted to converge.")
+        elif info.get("noised"):
             notes.append(f"under DP the {name} takes {info.get('rounds')} Newton round(s) on noised statistics, as "
                          "many as the sites' budgets planned; no objective is released, so convergence is not "
                          "judged (converged: false) and its coefficients are the last step's.")

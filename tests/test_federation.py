@@ -115,10 +115,16 @@ def test_run_writes_metrics_with_one_exchange_per_round(sites: Path, tmp_path: P
     # from 32 bins holds the exact figure within its tie bound.
     from simulations.benchmarks.stack_candidates import run as stack_candidates
 
-    exact = stack_candidates(run_dir=tmp_path / "run", sites_dir=sites)["exact_auc"]
+    replay = stack_candidates(run_dir=tmp_path / "run", sites_dir=sites)
+    exact = replay["exact_auc"]
     for split in ("validation", "test"):
         assert set(exact[split]) >= {"chosen", "hybrid", "cnn", "forest", "logreg", "site-logreg",
-                                     "hybrid-without-cnn-logreg"}
+                                     "hybrid-without-cnn-logreg", "public", "public-without-cnn-logreg"}
+    # The run's rule replayed on each family of stacks (fitted, public) names a scored candidate.
+    assert set(replay["decisions"]) == {"fitted", "public"}
+    for family, d in replay["decisions"].items():
+        assert d["test_auc"] == exact["test"][d["chosen"]], family
+        assert not d["chosen"].startswith("public" if family == "fitted" else "hybrid"), family
     for name in ("cnn", "forest", "logreg", "site-logreg"):
         m = on_disk["models"][name]
         assert abs(exact["test"][name] - m["auc"]) <= m["auc_bound"] + 1e-9, name
@@ -282,6 +288,33 @@ def test_ledger_refuses_over_budget_and_continues_across_runs(sites: Path, tmp_p
     assert sum("refuses the run" in line for line in log.splitlines()) == 3
 
 
+def test_a_dp_run_stacks_with_public_weights_and_releases_no_meta_statistics(sites: Path, tmp_path: Path) -> None:
+    """The default under DP (meta-dp-rounds = 0): no train.meta exchange and no meta-statistics
+    release; the hybrid is the base models' plain average, one of its reduced averages, or a base
+    model, chosen on the validation release; metrics.md says so."""
+    from client.privacy.ledger import PrivacyLedger
+    from common.meta import averaging_prior, selection_coef
+    from common.stack import BASE_MODELS, REDUCED_STACKS, reduced_stack_weights
+
+    kinds = []
+    doc, _ = _run(sites, tmp_path / "run", dp=True, epsilon=3.0,
+                  fail=lambda node, msg: kinds.append(msg.metadata.message_type))
+    assert "train.meta" not in kinds and not any(r["phase"] == "meta" for r in doc["rounds"])
+    assert doc["meta"]["rounds"] == 0 and doc["meta"]["weights"] == "public"
+    for _, vault in _site_vaults(sites):
+        assert "meta-statistics" not in {r.label for r in PrivacyLedger.load(vault).releases}
+    prior = averaging_prior(n_models=len(BASE_MODELS), n_classes=2)
+    fb = doc["meta"]["fallback"]
+    np.testing.assert_allclose(fb.get("fitted_coef", doc["meta"]["coef"]), prior)
+    allowed = [prior, *(reduced_stack_weights(n, prior, n_classes=2) for n in REDUCED_STACKS),
+               *(selection_coef(n_models=len(BASE_MODELS), n_classes=2, index=i) for i in range(len(BASE_MODELS)))]
+    assert any(np.allclose(doc["meta"]["coef"], c) for c in allowed)
+    said = (tmp_path / "run" / "metrics.md").read_text()
+    assert "public weights under DP" in said or fb.get("reason") == "site-average" or fb["model"] in BASE_MODELS
+    assert "no meta statistics were released" in said
+    assert doc["models"]["forest"]["auc"] > 0.5  # the forests were fitted (in the validation exchange)
+
+
 def test_dp_run_charges_noised_meta_statistics_to_every_ledger(sites: Path, tmp_path: Path) -> None:
     from client.privacy.ledger import PrivacyLedger
 
@@ -292,7 +325,7 @@ def test_dp_run_charges_noised_meta_statistics_to_every_ledger(sites: Path, tmp_
             sent.append(dict(msg.content.config_records["config"]))
         return None
 
-    doc, _ = _run(sites, tmp_path / "run", dp=True, epsilon=3.0, meta_epsilon=1.0, fail=record)
+    doc, _ = _run(sites, tmp_path / "run", dp=True, epsilon=3.0, meta_epsilon=1.0, meta_dp_rounds=3, fail=record)
     assert sent and not any(c["warm-start"] for c in sent)  # a local fit has no DP mechanism
     meta_rounds = [r for r in doc["rounds"] if r["phase"] == "meta"]
     assert len(meta_rounds) == 3  # meta-dp-rounds: fixed by the plan, not by convergence
@@ -395,7 +428,8 @@ def test_resumed_run_ends_at_the_same_model(sites: Path, sites_template: Path, t
     # reference must be the same run (same id) on an identical copy of the sites.
     monkeypatch.setattr("server.server_app.new_state", lambda: RunState(run_id="same-run"))
 
-    reference, _ = _run(sites, tmp_path / "ref", dp=True, epsilon=4.0, cnn_rounds=3)
+    # meta-dp-rounds = 3: noised meta rounds, so that a run can die in one (the default has none)
+    reference, _ = _run(sites, tmp_path / "ref", dp=True, epsilon=4.0, cnn_rounds=3, meta_dp_rounds=3)
 
     other = tmp_path / "sites-b"
     shutil.copytree(sites_template, other)
@@ -410,8 +444,8 @@ def test_resumed_run_ends_at_the_same_model(sites: Path, sites_template: Path, t
         return None
 
     with pytest.raises(Stop):
-        _run(other, tmp_path / "run", dp=True, epsilon=4.0, cnn_rounds=3, fail=stop_in_round_3)
-    resumed, _ = _run(other, tmp_path / "run", dp=True, epsilon=4.0, cnn_rounds=3, resume=True)
+        _run(other, tmp_path / "run", dp=True, epsilon=4.0, cnn_rounds=3, meta_dp_rounds=3, fail=stop_in_round_3)
+    resumed, _ = _run(other, tmp_path / "run", dp=True, epsilon=4.0, cnn_rounds=3, meta_dp_rounds=3, resume=True)
     assert resumed["run"]["run_id"] == reference["run"]["run_id"] == "same-run"
     np.testing.assert_allclose(resumed["meta"]["coef"], reference["meta"]["coef"], atol=1e-10)
     for (_, a), (_, b) in zip(_site_vaults(sites), _site_vaults(other)):

@@ -215,7 +215,17 @@ def test_the_stack_without_a_noise_model_is_chosen_when_it_beats_the_rest() -> N
     assert fb["fitted_coef"] == [0.4, 0.3, 0.2, 0.0, -0.1]
     assert "the stack without the logreg had a higher validation AUC" in fallback_note({"meta": {"fallback": fb}})
     state.meta_fallback = fb
-    assert "but the logreg (its weight set to zero" in _model_roles(state, RunSettings())["hybrid"]
+    fitted = RunSettings(meta_dp_rounds=3)  # a stack fitted under DP (noised Newton rounds)
+    assert "but the logreg (its weight set to zero" in _model_roles(state, fitted)["hybrid"]
+    # With public weights (DP, meta-dp-rounds = 0, the default) the same choice is said as an average.
+    public = _stacking_fallback(RunState(run_id="r", meta_coef=[0.25, 0.25, 0.25, 0.25, 0.0]), pooled, 2,
+                                margin_se=0.0, site_average_se=0.0, weights="public")
+    assert public["model"] == "hybrid-without-logreg" and public["weights"] == "public"
+    assert fallback_note({"meta": {"fallback": public}}).startswith(
+        "the average without the logreg had a higher validation AUC")
+    state.meta_fallback = public
+    assert _model_roles(state, RunSettings())["hybrid"].startswith(
+        "the base models below but the logreg, averaged with equal weights on their log-odds")
     # A margin the reduced stack does not clear sends the hybrid to the best base model instead.
     state = RunState(run_id="r", meta_coef=[0.4, 0.3, 0.2, 0.0, -0.1])
     fb = _stacking_fallback(state, pooled, 2, margin_se=50.0, site_average_se=0.0)
@@ -223,7 +233,7 @@ def test_the_stack_without_a_noise_model_is_chosen_when_it_beats_the_rest() -> N
     assert "the best stack, the one without the logreg, reached a validation AUC of" in \
         fallback_note({"meta": {"fallback": fb}})
     state.meta_fallback = fb
-    assert _model_roles(state, RunSettings())["hybrid"].startswith(f"the {fb['model']} below (stacking fallback")
+    assert _model_roles(state, fitted)["hybrid"].startswith(f"the {fb['model']} below (stacking fallback")
     # Both shared models noise, the site's own two good: the stack of the site models wins.
     c = (y - 0.5) + rng.normal(0, 0.9, 600)
     pooled = {"hybrid": stats(b + c + 2 * noise), "cnn": stats(noise), "forest": stats(b), "logreg": stats(noise),
@@ -241,7 +251,7 @@ def test_the_stack_without_a_noise_model_is_chosen_when_it_beats_the_rest() -> N
     assert "with the weights of the cnn and the logreg set to zero and the others averaged with equal weights" in note
     state.meta_fallback = fb
     assert ("but the cnn and the logreg (their weights set to zero, the others averaged with equal weights: the "
-            "stack without them won") in _model_roles(state, RunSettings())["hybrid"]
+            "stack without them won") in _model_roles(state, fitted)["hybrid"]
 
 
 def test_the_stack_falls_back_to_a_better_base_model_on_validation() -> None:

@@ -37,7 +37,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_synthetic_cohort(out=root / "cohort", patients=300, seed=3)
     split_cohort(spec_path=root / "cohort" / "spec.toml", sites=3, by="iid", out=root / "sites", seed=0,
                  vaults=True, show_progress=False)
-    run = RunSettings(run_dir=str(root / "run"), cnn_rounds=2, local_epochs=1, forest_trees=20, meta_dp_rounds=1,
+    run = RunSettings(run_dir=str(root / "run"), cnn_rounds=2, local_epochs=1, forest_trees=20,
                       wait_timeout=2.0, round_timeout=120.0)  # DP, noised statistics: every figure of the page
     doc = run_federation(LocalGrid(client_app, node_configs(root / "sites"), run_config=run.to_run_config()), run)
     explanation = root / "run" / "explanation.json"

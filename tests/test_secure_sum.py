@@ -224,7 +224,7 @@ def test_distributed_noise_adds_a_share_and_charges_the_same_epsilon(sites_templ
         copy = tmp_path / f"sites-{secure}"
         shutil.copytree(sites_template, copy)
         docs[secure] = _run(copy, tmp_path / f"run-{secure}", record=seen[secure], dp=True, epsilon=4.0,
-                            secure_sum=secure, test_statistics="noised")
+                            secure_sum=secure, test_statistics="noised", meta_dp_rounds=1)  # a noised meta round
     for kind in ("query.moments", "train.glm", "train.meta"):
         sigma = {s: {float(m.content.metric_records["metrics"]["noise-multiplier"]) for m in _replies(seen[s], kind)}
                  for s in (False, True)}

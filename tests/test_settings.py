@@ -37,14 +37,18 @@ def test_the_fallback_margin_in_force_follows_dp() -> None:
 
 def test_the_meta_rounds_in_force_follow_dp() -> None:
     """Without DP meta-rounds caps a fit that stops when converged; under DP meta-dp-rounds is the
-    number of noised releases, planned and charged whatever meta-rounds says."""
-    assert RunSettings().meta_fit_rounds == 3 and RunSettings(dp=False).meta_fit_rounds == 8
+    number of noised releases, planned and charged whatever meta-rounds says; 0 (the default) means
+    public weights and no release."""
+    assert RunSettings().meta_fit_rounds == 0 and RunSettings().public_meta_weights
+    assert RunSettings(dp=False).meta_fit_rounds == 8 and not RunSettings(dp=False).public_meta_weights
     assert RunSettings(meta_rounds=2, meta_dp_rounds=5).meta_fit_rounds == 5
+    assert not RunSettings(meta_dp_rounds=5).public_meta_weights
     assert RunSettings(dp=False, meta_rounds=2, meta_dp_rounds=5).meta_fit_rounds == 2
 
 
 @pytest.mark.parametrize(("cfg", "match"), [
-    ({"meta-dp-rounds": 0}, r"run config meta-dp-rounds = 0: must be at least 1"),
+    ({"meta-dp-rounds": -1}, r"run config meta-dp-rounds = -1: must be >= 0 \(0: public weights"),
+    ({"meta-rounds": 0}, r"run config meta-rounds = 0: must be at least 1"),
     ({"cnn-rounds": "many"}, r"run config cnn-rounds = 'many': expected int"),
     ({"dp": "perhaps"}, r"run config dp = 'perhaps': expected bool"),
     ({"epsilon": 0.0}, r"run config epsilon = 0.0: must be > 0"),

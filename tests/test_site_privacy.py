@@ -118,7 +118,8 @@ def test_a_looser_delta_or_test_release_is_refused_a_stricter_one_honoured(sites
     assert doc["models"] == {} and doc["test_statistics"]["mode"] == "none"
     for vault in _vaults(sites).values():
         labels = {r.label for r in PrivacyLedger.load(vault).releases}
-        assert labels == {"moments", "cnn-update", "glm-statistics", "meta-statistics", "explanation"}  # no test-statistics release
+        # no test-statistics release; no meta statistics either (public weights: meta-dp-rounds = 0)
+        assert labels == {"moments", "cnn-update", "glm-statistics", "explanation"}
 
 
 @pytest.mark.slow
@@ -135,9 +136,10 @@ def test_coordinator_sent_budget_or_delta_changes_nothing(sites: Path, tmp_path:
         ledger = PrivacyLedger.load(vault)
         assert (ledger.budget_epsilon, ledger.delta) == (10.0, 1e-5)
         assert [h["change"] for h in ledger.budget_history] == ["created"]
-        # DP-SGD 3, moments 0.5, GLM 1, meta 1, validation 1, explanation 1, test 1, composed
+        # DP-SGD 3, moments 2, GLM 1, validation 1, explanation 1, test 1, composed (no meta statistics:
+        # public weights)
         assert 3.0 < ledger.spent_epsilon() < 5.5, (site, ledger.spent_epsilon())
-        assert {r.label for r in ledger.releases} == {"moments", "cnn-update", "glm-statistics", "meta-statistics",
+        assert {r.label for r in ledger.releases} == {"moments", "cnn-update", "glm-statistics",
                                                       "validation-statistics", "explanation", "test-statistics"}
     assert doc["test_statistics"]["mode"] == "noised"
 
@@ -244,7 +246,8 @@ def test_egress_is_the_same_at_300_and_3000_patients_and_every_dp_release_is_in_
     large = _layout(tmp_path / "large", 3000)
     logs = {}
     for name, sites in (("small", small), ("large", large)):
-        doc = _run(sites, tmp_path / f"run-{name}", cnn_rounds=1)
+        # One noised meta round (meta-dp-rounds = 1; the default has none), so that its release is checked too.
+        doc = _run(sites, tmp_path / f"run-{name}", cnn_rounds=1, meta_dp_rounds=1)
         logs[name] = {}
         for site, vault in _vaults(sites).items():
             # The plan the site checked at the census never under-states what the run then charged.
@@ -309,7 +312,7 @@ def _nan_terms(msg: Message, reply: Message) -> None:
 def test_poisoned_updates_and_terms_are_rejected_and_named(sites: Path, tmp_path: Path) -> None:
     app = _tampering_app({(101, "train", 1): _scale_update, (102, "train", 2): _inflate,
                           (103, "train.meta", 1): _nan_terms})
-    doc = _run(sites, tmp_path / "run", app=app, min_sites=2)
+    doc = _run(sites, tmp_path / "run", app=app, min_sites=2, meta_dp_rounds=1)  # a noised meta round to poison
     cnn = [r for r in doc["rounds"] if r["phase"] == "cnn"]
     assert set(cnn[0]["rejected"]) == {"site-1"} and "norm" in cnn[0]["rejected"]["site-1"]
     assert set(cnn[1]["rejected"]) == {"site-2"}
@@ -360,9 +363,10 @@ def test_egress_command_lists_every_reply(sites: Path, tmp_path: Path, capsys: p
     assert main(["ledger", "egress", vault, "--key-file", key, "--json"]) == 0
     entries = json.loads(capsys.readouterr().out)["entries"]
     kinds = [e["message_type"] for e in entries]
-    # Under DP the GLM takes one round (a noised gradient), whatever glm-rounds says.
-    assert kinds == ["query.census", "query.moments", "train", "train.glm", *["train.meta"] * 3,
-                     "query.validation", "query.explain", "evaluate"]
+    # Under DP the GLM takes one round (a noised gradient), whatever glm-rounds says, and the stack's
+    # weights are public (meta-dp-rounds = 0): no train.meta.
+    assert kinds == ["query.census", "query.moments", "train", "train.glm", "query.validation", "query.explain",
+                     "evaluate"]
     assert [k for k in entries[3]["keys"] if k.startswith("terms.")] == ["terms.grad"]  # no Hessian
     assert entries[2]["epsilon"] > 0 and any(k.startswith("arrays.") for k in entries[2]["keys"])
     assert all("metrics.train-loss" not in e["keys"] for e in entries)  # no loss leaves under DP

@@ -174,7 +174,7 @@ class SitePrivacy:
 
         The shared preprocessing's moments, DP-SGD over ``cnn-rounds`` x ``local-epochs`` epochs
         (Poisson rate 1 / batches), the GLM's noised gradient, the meta-classifier
-        statistics over ``meta-dp-rounds``, the explanation summary (``explain``), and, when noised, one validation-statistics release (the
+        statistics over ``meta-dp-rounds`` (none with public weights), the explanation summary (``explain``), and, when noised, one validation-statistics release (the
         operating thresholds and the stacking fallback, for any number of classes) and one
         test-statistics release. Calibrated with the ledger's accounting, which needs no more noise than
         training's, so what is charged later is at most this plan.
@@ -191,8 +191,9 @@ class SitePrivacy:
                         label="cnn-update", run_id=self._run_id),
                 Release.gaussian(noise_multiplier=self.glm_noise_multiplier(), label="glm-statistics",
                                  run_id=self._run_id, count=s.glm_fit_rounds)]
-        plan.append(Release.gaussian(noise_multiplier=self.meta_noise_multiplier(), label="meta-statistics",
-                                     run_id=self._run_id, count=s.meta_fit_rounds))
+        if s.meta_fit_rounds:  # none with public weights (meta-dp-rounds = 0)
+            plan.append(Release.gaussian(noise_multiplier=self.meta_noise_multiplier(), label="meta-statistics",
+                                         run_id=self._run_id, count=s.meta_fit_rounds))
         if s.explain:
             plan.append(Release.gaussian(noise_multiplier=self.explanation_noise_multiplier(), label="explanation",
                                          run_id=self._run_id))

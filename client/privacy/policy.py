@@ -147,7 +147,8 @@ def check_request(policy: SitePolicy, settings: RunSettings) -> list[str]:
     if settings.dp:
         if settings.delta > policy.delta:
             reasons.append(f"the run asks for delta {settings.delta:g}, above the site's delta {policy.delta:g}")
-        for key, value in (("epsilon", settings.epsilon), ("meta-epsilon", settings.meta_epsilon),
+        for key, value in (("epsilon", settings.epsilon),
+                           *((("meta-epsilon", settings.meta_epsilon),) if settings.meta_fit_rounds else ()),
                            ("moments-epsilon", settings.moments_epsilon), ("glm-epsilon", settings.glm_epsilon),
                            *((("explanation-epsilon", settings.explanation_epsilon),) if settings.explain else ())):
             if value > policy.max_run_epsilon:

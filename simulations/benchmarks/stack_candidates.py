@@ -6,9 +6,14 @@ stored models from the vaults the run trained (the deep model, the GLMs, the for
 maps and the meta coefficients), scores every candidate on every site's validation and test split,
 and pools the scores: the base models, the fitted stack (``meta.fallback.fitted_coef`` when the
 fallback replaced it), each reduced stack as the sites built it
-(:func:`common.stack.reduced_stack_weights`) and the hybrid as the run left it. AUC is exact
-(scikit-learn on the pooled scores, macro one-vs-rest for several classes); ``released_validation``
-repeats what the run decided on.
+(:func:`common.stack.reduced_stack_weights`), the hybrid as the run left it, and the public
+weightings (``public``: the base models' log-odds averaged with equal weights,
+:func:`common.meta.averaging_prior`; ``public-without-...``: the same average without some models),
+which are the stacks of a DP run with ``meta-dp-rounds = 0``. AUC is exact (scikit-learn on the
+pooled scores, macro one-vs-rest for several classes); ``released_validation`` repeats what the run
+decided on. ``decisions`` applies the run's own rule (:func:`common.stack.choose_stack`, with the
+run's margins and the standard error it released) to the exact validation AUCs of each family of
+stacks, fitted and public, and gives what each would have chosen and its test AUC.
 
 It needs every site's key, so it is a tool for simulations and audits, not for a federation: the
 pooled scores it computes are what the sites never send. Nothing is released or charged.
@@ -39,16 +44,50 @@ def _run_metrics(run_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+PUBLIC = "public"
+
+
+def public_name(stack: str) -> str:
+    """The public weighting that stands where ``stack`` (``hybrid`` or a reduced stack) stands."""
+    return stack.replace("hybrid", PUBLIC, 1)
+
+
 def candidate_coefs(meta: dict[str, Any], *, n_classes: int) -> dict[str, np.ndarray]:
     """The meta coefficients of every candidate: the fitted stack, each reduced stack built from it,
-    and the hybrid as the run left it (``chosen``)."""
-    from common.stack import REDUCED_STACKS, reduced_stack_weights
+    the hybrid as the run left it (``chosen``), and the public weightings."""
+    from common.meta import averaging_prior
+    from common.stack import BASE_MODELS, REDUCED_STACKS, reduced_stack_weights
 
     fallback = meta.get("fallback") or {}
     fitted = np.asarray(fallback.get("fitted_coef", meta["coef"]), dtype=np.float64)
-    coefs = {"hybrid": fitted, "chosen": np.asarray(meta["coef"], dtype=np.float64)}
-    coefs.update({name: reduced_stack_weights(name, fitted, n_classes=n_classes) for name in REDUCED_STACKS})
+    prior = averaging_prior(n_models=len(BASE_MODELS), n_classes=max(n_classes, 2))
+    coefs = {"hybrid": fitted, "chosen": np.asarray(meta["coef"], dtype=np.float64), PUBLIC: prior}
+    for name in REDUCED_STACKS:
+        coefs[name] = reduced_stack_weights(name, fitted, n_classes=n_classes)
+        coefs[public_name(name)] = reduced_stack_weights(name, prior, n_classes=n_classes)
     return coefs
+
+
+def replay_decisions(doc: dict[str, Any], auc: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """What the run's stacking rule chooses from each family of stacks (fitted, public) on the exact
+    validation AUCs, and that choice's exact test AUC; {} when the run released no decision."""
+    from common.settings import RunSettings
+    from common.stack import REDUCED_STACKS, choose_stack, stacked_models
+
+    fallback = (doc.get("meta") or {}).get("fallback") or {}
+    if "standard_error" not in fallback:
+        return {}
+    settings = RunSettings(**{k: v for k, v in doc.get("settings", {}).items() if k in RunSettings.__dataclass_fields__})
+    stacks = ["hybrid", *REDUCED_STACKS]
+    out = {}
+    for family, name in (("fitted", lambda s: s), ("public", public_name)):
+        val = {**auc["validation"], **{s: auc["validation"][name(s)] for s in stacks}}
+        _, _, chosen = choose_stack(val, stacks=stacks, candidates=stacked_models(stack_local=settings.stack_forest),
+                                    se=float(fallback["standard_error"]), margin_se=settings.fallback_margin,
+                                    site_average_se=settings.site_average_margin)
+        scored = name(chosen) if chosen in stacks else chosen
+        out[family] = {"chosen": scored, "validation_auc": auc["validation"][scored], "test_auc": auc["test"][scored]}
+    return out
 
 
 def _auc(y: np.ndarray, p: np.ndarray, n_classes: int) -> float:
@@ -88,7 +127,7 @@ def run(*, run_dir: Path, sites_dir: Path) -> dict[str, Any]:
     return {"run_dir": str(run_dir), "sites_dir": str(sites_dir),
             "chosen": fallback.get("chosen", "hybrid"), "reason": fallback.get("reason", ""),
             "released_validation": {k: round(float(v), 4) for k, v in (fallback.get("validation_auc") or {}).items()},
-            "exact_auc": auc}
+            "exact_auc": auc, "decisions": replay_decisions(doc, auc)}
 
 
 def main(argv: list[str] | None = None) -> None:
