@@ -83,6 +83,9 @@ def _rogue(dep: LocalDeployment, name: str, *, trust: list[str], key: Path | Non
     return dep._launch(f"rogue SuperNode {name}", argv, home, home / "supernode.log", 0)
 
 
+NO_HTTP_ANSWER = ("Server disconnected without sending a response", "[Errno 104] Connection reset by peer")
+
+
 def _refused(node: ManagedProcess) -> str:
     """Wait for an attacker's SuperNode to give up; returns its log after checking Flower's refusal."""
     assert node.wait_exit(ROGUE_EXIT_S) == 1, node.log_tail()
@@ -116,7 +119,9 @@ def _access_lines(dep: LocalDeployment, path: str) -> int:
 def test_plain_supernode_never_joins(link: LocalDeployment) -> None:
     log = _refused(_rogue(link, "plain", trust=["--insecure"], key=None))
     assert "Starting insecure channel" in log
-    assert "Server disconnected without sending a response" in log  # no HTTP answer over plain TCP
+    # No HTTP answer over plain TCP: the TLS SuperLink drops the connection, which the client reports
+    # as a disconnect or, when the reset arrives first, as a reset (both seen on these machines).
+    assert any(s in log for s in NO_HTTP_ANSWER), log
     _assert_site2_never_joined(link)
 
 
