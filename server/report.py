@@ -80,22 +80,27 @@ def site_alone_comparison(evaluation: dict[str, Any], state: RunState) -> dict[s
         validation = state.site_validation_auc.get(site, {})
         chosen_on = "validation" if all(row in validation for row in own) else "test"
         score = validation if chosen_on == "validation" else {row: own[row]["auc"] for row in own}
-        best = max(own, key=lambda r: -1.0 if math.isnan(score[r]) else score[r])
+        best = _best_alone(score)
+        best_auc = own[best]["auc"] if best else float("nan")
         fed = {m: metrics_from_stats(st)["auc"] for m, st in v["stats"].items()}
         sites[site] = {"class_counts": _test_class_counts(state.census.get(site, {})), **own,
                        "validation_auc": dict(validation), "best_alone": best, "best_alone_chosen_on": chosen_on,
-                       "best_alone_auc": own[best]["auc"],
+                       "best_alone_auc": best_auc,
                        "federated_auc": fed,
-                       "federated_hybrid_minus_best_alone": fed.get("hybrid", float("nan")) - own[best]["auc"]}
+                       "federated_hybrid_minus_best_alone": fed.get("hybrid", float("nan")) - best_auc}
         for row, st in alone.items():
             pooled[row] = pooled[row] + st if row in pooled else st
     missing = {site: why for site, why in state.alone_missing.items() if site != state.held_out}
     if not sites:
         return {"sites": {}, "without_models_alone": missing} if missing else {}
-    hybrid = [s["federated_auc"].get("hybrid", float("nan")) for s in sites.values()]
-    best = [s["best_alone_auc"] for s in sites.values()]
+    # The two means are over the same sites: those where both figures exist (a split with one
+    # class has no AUC), so that their difference compares like with like.
+    compared = [s for s in sites.values() if not math.isnan(s["federated_hybrid_minus_best_alone"])]
+    hybrid = [s["federated_auc"]["hybrid"] for s in compared]
+    best = [s["best_alone_auc"] for s in compared]
     return {"sites": sites, "pooled": {row: _metric_subset(metrics_from_stats(st)) for row, st in pooled.items()},
             "mean_auc": {"federated_hybrid": _nanmean(hybrid), "best_alone": _nanmean(best),
+                         "sites_compared": len(compared),
                          **{f"alone_{row}": _nanmean([s[row]["auc"] for s in sites.values() if row in s])
                             for row in pooled}},
             "without_models_alone": missing}
@@ -113,6 +118,33 @@ def _held_out(evaluation: dict[str, Any], state: RunState) -> dict[str, Any]:
 
 def _metric_subset(m: dict[str, float]) -> dict[str, float]:
     return {k: m[k] for k in METRIC_NAMES}
+
+
+def _best_alone(score: dict[str, float]) -> str | None:
+    """The own model with the highest score; None when no score exists (the split the site chooses
+    on holds one class), since the site alone could not choose."""
+    finite = {row: v for row, v in score.items() if not math.isnan(v)}
+    return max(finite, key=finite.__getitem__) if finite else None
+
+
+def best_alone_words(site: dict[str, Any]) -> str:
+    """A site's best model alone and its test AUC ("0.687 (forest)"), or "n/a" without one."""
+    if not site.get("best_alone"):
+        return "n/a"
+    return f"{fmt(site['best_alone_auc'])} ({site['best_alone']})"
+
+
+def mean_label(sa: dict[str, Any]) -> str:
+    """The site-alone table's last row: its best-alone and hybrid means are over the sites with both."""
+    n = sa["mean_auc"].get("sites_compared", len(sa["sites"]))
+    if n == len(sa["sites"]):
+        return "mean over sites"
+    return f"mean over sites (best alone and hybrid: the {n} of {len(sa['sites'])} sites with both figures)"
+
+
+def signed(x: float) -> str:
+    """A difference with its sign, or "n/a" where one side has no figure."""
+    return "n/a" if x is None or math.isnan(x) else f"{x:+.3f}"
 
 
 def _nanmean(values: list[float]) -> float:
@@ -268,11 +300,11 @@ def _secure_sum_note(settings: RunSettings) -> str:
     if not settings.secure_sum:
         return " No secure sum (secure-sum = false): the coordinator saw each site's release."
     distributed = settings.dp and settings.distributed_noise
-    return (" Secure sum: the coordinator saw the moments, the CNN updates, the GLM's and meta-classifier's "
-            "statistics, the explanation summaries and the validation and test statistics only summed over at least "
-            "the threshold of sites: this report has pooled figures only (no site's own AUC, no site-alone "
-            "comparison, which needs each site's statistics); the counts per site and split come from the census "
-            "and stay in the clear." + (
+    statistics = "GLM's statistics" if settings.public_meta_weights else "GLM's and meta-classifier's statistics"
+    return (f" Secure sum: the coordinator saw the moments, the CNN updates, the {statistics}, the explanation "
+            "summaries and the validation and test statistics only summed over at least the threshold of sites: "
+            "this report has pooled figures only (no site's own AUC, no site-alone comparison, which needs each "
+            "site's statistics); the counts per site and split come from the census and stay in the clear." + (
                 " Distributed noise: each site whose policy allows it added 1/sqrt(threshold) of each summed "
                 "release's noise and was charged for the whole; against sites colluding with the coordinator the "
                 "sum carries less (docs/security.md)." if distributed else ""))
@@ -284,11 +316,15 @@ def _dp_note(settings: RunSettings) -> str:
                 "site's policy allows it. Everything left the sites exact: the shared preprocessing's moments, model "
                 "updates, the GLM's and the meta-classifier's Newton statistics, losses, and the validation and test "
                 "statistics.")
+    meta = (" (the meta-classifier's weights are public, meta-dp-rounds = 0: no meta statistics are released)"
+            if settings.public_meta_weights else
+            " and the meta-classifier statistics (meta-epsilon over the meta rounds) of its validation records")
+    released = ("validation and test statistics" if settings.public_meta_weights
+                else "meta-classifier statistics and test statistics")
     return ("Sample-level DP-SGD (Opacus, RDP accountant) protects each site's training records in the CNN updates "
             "(no losses are released); the Gaussian mechanism protects the shared preprocessing's moments "
             "(moments-epsilon) and the GLM statistics (glm-epsilon over the GLM rounds) of each site's training "
-            "records and the meta-classifier statistics (meta-epsilon over the meta rounds) of its validation "
-            "records" + (
+            "records" + meta + (
                 ", and the validation and test statistics (test-epsilon each, noise calibrated to one patient)"
                 if settings.test_statistics == "noised" else "") +
             "; every release is charged to the site's own ledger, composed with all earlier ones at the ledger's "
@@ -297,7 +333,7 @@ def _dp_note(settings: RunSettings) -> str:
             + ("the validation and test statistics (released exact, by the sites' policies), "
                if settings.test_statistics == "exact" else "") +
             ("the fit of each site's own forest and GLM and the forest's kNN imputation from the site's own data "
-               "(they stay on site but shape what the meta-classifier statistics and test statistics release, and "
+               f"(they stay on site but shape what the {released} release, and "
                "the hybrid stacks them: its predictions at a site tell training patients from others, "
                "stack-forest = false keeps the hybrid to the DP-trained models), " if settings.stack_forest else
                "the fit of each site's own forest and GLM and the forest's kNN imputation from the site's own data "
@@ -333,7 +369,8 @@ def _bins(evaluation: dict[str, Any]) -> int:
     return 0
 
 
-def _fmt(x: Any) -> str:
+def fmt(x: Any) -> str:
+    """A figure to three decimals, or "n/a" where there is none."""
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
 
 
@@ -349,7 +386,7 @@ def render_markdown(doc: dict[str, Any], *, explanation: dict[str, Any] | None =
     """
     lines = ["| model | " + " | ".join(METRIC_NAMES) + " |", "|---|" + "---|" * len(METRIC_NAMES)]
     for name, m in doc["models"].items():
-        lines.append(f"| {name} | " + " | ".join(f"{_fmt(m[k])} [{_fmt(m['ci'][k][0])}, {_fmt(m['ci'][k][1])}]"
+        lines.append(f"| {name} | " + " | ".join(f"{fmt(m[k])} [{fmt(m['ci'][k][0])}, {fmt(m['ci'][k][1])}]"
                                                  + (bins_mark(m) if k == "auc" else "") for k in METRIC_NAMES) + " |")
     th = doc.get("thresholds", {})
     if th:
@@ -376,17 +413,17 @@ def render_markdown(doc: dict[str, Any], *, explanation: dict[str, Any] | None =
     if ho:
         lines += ["", f"Held-out site {ho['site']} ({_counts(ho.get('class_counts'), doc['run']['classes'])}; it did "
                   "not train, it only evaluated): test AUC of the federated models "
-                  + ", ".join(f"{m} {_fmt(v['auc'])}" for m, v in ho["federated"].items())
-                  + ("; of its own models " + ", ".join(f"{m} {_fmt(v['auc'])}" for m, v in ho["own"].items())
+                  + ", ".join(f"{m} {fmt(v['auc'])}" for m, v in ho["federated"].items())
+                  + ("; of its own models " + ", ".join(f"{m} {fmt(v['auc'])}" for m, v in ho["own"].items())
                      if ho["own"] else "") + "."]
     ts = doc.get("test_statistics", {})
     if ts.get("mode") == "noised":
         err = ts.get("pooled_metric_error_sd", {}).get("hybrid", {})
         lines.append(f"Test statistics: noised at each site (noise sd {ts['noise_std_per_site']:.2f} counts per bin, "
-                     f"{ts['bins']} bins); this adds a standard deviation of about {_fmt(err.get('auc'))} to the pooled "
-                     f"hybrid AUC and {_fmt(err.get('accuracy'))} to its accuracy, and shifts them by about "
-                     f"{_fmt(ts.get('pooled_metric_bias', {}).get('hybrid', {}).get('auc'))} and "
-                     f"{_fmt(ts.get('pooled_metric_bias', {}).get('hybrid', {}).get('accuracy'))} (simulated by "
+                     f"{ts['bins']} bins); this adds a standard deviation of about {fmt(err.get('auc'))} to the pooled "
+                     f"hybrid AUC and {fmt(err.get('accuracy'))} to its accuracy, and shifts them by about "
+                     f"{fmt(ts.get('pooled_metric_bias', {}).get('hybrid', {}).get('auc'))} and "
+                     f"{fmt(ts.get('pooled_metric_bias', {}).get('hybrid', {}).get('accuracy'))} (simulated by "
                      "re-noising the released statistics, which already carry the noise: the true cost is larger; "
                      "docs/privacy.md gives measured ones).")
     elif ts.get("mode") == "exact":
@@ -395,7 +432,7 @@ def render_markdown(doc: dict[str, Any], *, explanation: dict[str, Any] | None =
         lines.append("Test statistics: none released (the sites' policies or the run asked for none).")
     if doc["privacy"]:
         lines.append("Privacy (epsilon spent per site ledger / this run's DP-SGD): " + "; ".join(
-            f"{s}: {_fmt(p['epsilon'])} / {_fmt(p['run_epsilon'])} at delta {p['delta']:.1e}"
+            f"{s}: {fmt(p['epsilon'])} / {fmt(p['run_epsilon'])} at delta {p['delta']:.1e}"
             for s, p in doc["privacy"].items()))
     lines.append(doc["privacy_note"])
     for site, why in doc.get("refusals", {}).items():
@@ -432,7 +469,7 @@ def warm_start_note(doc: dict[str, Any]) -> str:
     origin = doc.get("init_origin") or {}
     if origin:
         note += (f", {origin.get('kind', 'pretrained')} ({origin.get('source')}, {origin.get('n_train')} training "
-                 f"records, validation AUC {_fmt(origin.get('validation_auc'))})")
+                 f"records, validation AUC {fmt(origin.get('validation_auc'))})")
     return note + (". The starting weights are an input the sites' DP-SGD did not pay for: the sites' guarantee "
                    "covers their own records, and nothing at all covers the data those weights were trained on.")
 
@@ -467,8 +504,8 @@ def unresolved_note(doc: dict[str, Any]) -> str:
     loose = {name: m for name, m in doc.get("models", {}).items() if _unresolved(m)}
     if not loose:
         return ""
-    parts = [f"{name} {_fmt(m['auc'])}, anywhere in [{_fmt(max(m['auc'] - m['auc_bound'], 0.0))}, "
-             f"{_fmt(min(m['auc'] + m['auc_bound'], 1.0))}]" for name, m in loose.items()]
+    parts = [f"{name} {fmt(m['auc'])}, anywhere in [{fmt(max(m['auc'] - m['auc_bound'], 0.0))}, "
+             f"{fmt(min(m['auc'] + m['auc_bound'], 1.0))}]" for name, m in loose.items()]
     return ("the test statistics' bins do not resolve the AUC of " + "; ".join(parts) + ": most of its test "
             "patients share a bin (its predicted probabilities barely vary), so the figure counts ties as half and "
             "its interval leaves out the binning; the model may rank patients better than it shows.")
@@ -514,8 +551,8 @@ def alone_missing_note(sa: dict[str, Any]) -> str:
 
 def _site_line(site: str, m: dict[str, Any], classes: list[str]) -> str:
     """One site's test class counts and, where it released its own statistics, each model's AUC."""
-    aucs = ", ".join(f"{mod} {_fmt(v.get('auc'))}{bins_mark(v)}" for mod, v in m.items() if isinstance(v, dict))
-    noise = f"; its test noise adds sd {_fmt(m['auc_noise_sd'])} to an AUC" if "auc_noise_sd" in m else ""
+    aucs = ", ".join(f"{mod} {fmt(v.get('auc'))}{bins_mark(v)}" for mod, v in m.items() if isinstance(v, dict))
+    noise = f"; its test noise adds sd {fmt(m['auc_noise_sd'])} to an AUC" if "auc_noise_sd" in m else ""
     return f"{site} ({_counts(m.get('class_counts'), classes)}{noise})" + (f": {aucs}" if aucs else "")
 
 
@@ -533,13 +570,13 @@ def _site_alone_lines(doc: dict[str, Any]) -> list[str]:
              "hybrid - best alone |", "|---|---|---|---|---|---|---|---|"]
     for site, v in sa["sites"].items():
         lines.append(f"| {site} | {_counts(v.get('class_counts'), doc['run']['classes'])} | "
-                     + " | ".join(_fmt(v.get(r, {}).get("auc")) for r in ("cnn", "forest", "logreg"))
-                     + f" | {_fmt(v['best_alone_auc'])} ({v['best_alone']}) | {_fmt(v['federated_auc'].get('hybrid'))} | "
-                     f"{v['federated_hybrid_minus_best_alone']:+.3f} |")
+                     + " | ".join(fmt(v.get(r, {}).get("auc")) for r in ("cnn", "forest", "logreg"))
+                     + f" | {best_alone_words(v)} | {fmt(v['federated_auc'].get('hybrid'))} | "
+                     f"{signed(v['federated_hybrid_minus_best_alone'])} |")
     m = sa["mean_auc"]
-    lines.append(f"| mean over sites | | {_fmt(m.get('alone_cnn'))} | {_fmt(m.get('alone_forest'))} | "
-                 f"{_fmt(m.get('alone_logreg'))} | {_fmt(m['best_alone'])} | {_fmt(m['federated_hybrid'])} | "
-                 f"{m['federated_hybrid'] - m['best_alone']:+.3f} |")
+    lines.append(f"| {mean_label(sa)} | | {fmt(m.get('alone_cnn'))} | {fmt(m.get('alone_forest'))} | "
+                 f"{fmt(m.get('alone_logreg'))} | {fmt(m['best_alone'])} | {fmt(m['federated_hybrid'])} | "
+                 f"{signed(m['federated_hybrid'] - m['best_alone'])} |")
     noise = site_noise_note(doc)
     return lines + ([noise] if noise else [])
 
@@ -550,8 +587,8 @@ def site_noise_note(doc: dict[str, Any]) -> str:
     if not sds:
         return ""
     return ("Every per-site figure carries its site's test-statistics noise, which adds a standard deviation of "
-            f"{_fmt(min(sds.values()))} to {_fmt(max(sds.values()))} to an AUC there ("
-            + ", ".join(f"{site} {_fmt(sd)}" for site, sd in sds.items())
+            f"{fmt(min(sds.values()))} to {fmt(max(sds.values()))} to an AUC there ("
+            + ", ".join(f"{site} {fmt(sd)}" for site, sd in sds.items())
             + "; simulated by re-noising each site's released statistics): differences between models at one site "
             "smaller than that are noise, and a mean over sites averages it down only with the number of sites.")
 

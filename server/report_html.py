@@ -26,10 +26,14 @@ from server.report import (
     CHARGED_PHASES,
     alone_missing_note,
     best_alone_rule,
+    best_alone_words,
     bins_mark,
     convergence_notes,
     fallback_note,
+    fmt,
+    mean_label,
     paired_rows,
+    signed,
     site_noise_note,
     unresolved_note,
     warm_start_note,
@@ -178,15 +182,11 @@ def privacy_figure(doc: dict[str, Any]) -> str | None:
     return _png(fig)
 
 
-def _fmt(x: Any) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.3f}"
-
-
 def _metrics_table(doc: dict[str, Any]) -> str:
     head = "".join(f"<th>{m}</th>" for m in METRIC_NAMES)
     rows = []
     for name, m in doc["models"].items():
-        cells = "".join(f"<td>{_fmt(m[k])}<br><small>[{_fmt(m['ci'][k][0])}, {_fmt(m['ci'][k][1])}]"
+        cells = "".join(f"<td>{fmt(m[k])}<br><small>[{fmt(m['ci'][k][0])}, {fmt(m['ci'][k][1])}]"
                         f"{html.escape(bins_mark(m)) if k == 'auc' else ''}</small></td>" for k in METRIC_NAMES)
         rows.append(f"<tr><th>{name}</th>{cells}</tr>")
     return f"<table><tr><th>model</th>{head}</tr>{''.join(rows)}</table>"
@@ -200,12 +200,12 @@ def _small_note(text: str) -> str:
 def _sites_table(doc: dict[str, Any]) -> str:
     rows = []
     for site, m in doc["sites"].items():
-        aucs = "".join(f"<td>{_fmt(m.get(name, {}).get('auc'))}{html.escape(bins_mark(m.get(name, {})))}</td>"
+        aucs = "".join(f"<td>{fmt(m.get(name, {}).get('auc'))}{html.escape(bins_mark(m.get(name, {})))}</td>"
                        for name in MODELS)
         eps = doc["privacy"].get(site, {}).get("epsilon")
         counts = " / ".join(str(c) for c in (m.get("class_counts") or []))
         rows.append(f"<tr><th>{html.escape(site)}</th><td>{m.get('n', '')}</td><td>{counts}</td>{aucs}"
-                    f"<td>{_fmt(eps)}</td></tr>")
+                    f"<td>{fmt(eps)}</td></tr>")
     head = "".join(f"<th>{name} AUC</th>" for name in MODELS)
     classes = " / ".join(html.escape(str(c)) for c in doc["run"].get("classes", []))
     secure = ("<p>No site's own AUC: with secure-sum the coordinator saw the test statistics only summed over the "
@@ -225,8 +225,8 @@ def _pooled_section(doc: dict[str, Any], pooled: Any) -> str:
         bias = ts.get("pooled_metric_bias", {}).get("hybrid", {})
         how = (f"each site noised its {ts.get('bins')}-bin statistics (Gaussian, sd {ts.get('noise_std_per_site', 0):.2f} "
                f"counts, calibrated to one patient and charged to its ledger); the noise adds a standard deviation of "
-               f"about {_fmt(err.get('auc'))} to the hybrid's AUC and {_fmt(err.get('accuracy'))} to its accuracy and "
-               f"shifts them by about {_fmt(bias.get('auc'))} and {_fmt(bias.get('accuracy'))} (simulated by re-noising "
+               f"about {fmt(err.get('auc'))} to the hybrid's AUC and {fmt(err.get('accuracy'))} to its accuracy and "
+               f"shifts them by about {fmt(bias.get('auc'))} and {fmt(bias.get('accuracy'))} (simulated by re-noising "
                f"the released statistics, which already carry the noise: the true cost is larger, see docs/privacy.md); "
                f"binning adds at most {bound:.4f} to AUC")
     else:
@@ -280,21 +280,21 @@ def _site_alone_section(doc: dict[str, Any]) -> str:
     rows = []
     for site, v in sa["sites"].items():
         counts = ", ".join(f"{html.escape(str(c))} {n}" for c, n in zip(classes, v.get("class_counts") or []))
-        own = "".join(f"<td>{_fmt(v.get(r, {}).get('auc'))}</td>" for r in ("cnn", "forest", "logreg"))
-        rows.append(f"<tr><th>{html.escape(site)}</th><td>{counts}</td>{own}<td>{_fmt(v['best_alone_auc'])} "
-                    f"({html.escape(v['best_alone'])})</td><td>{_fmt(v['federated_auc'].get('hybrid'))}</td>"
-                    f"<td>{v['federated_hybrid_minus_best_alone']:+.3f}</td></tr>")
+        own = "".join(f"<td>{fmt(v.get(r, {}).get('auc'))}</td>" for r in ("cnn", "forest", "logreg"))
+        rows.append(f"<tr><th>{html.escape(site)}</th><td>{counts}</td>{own}<td>{html.escape(best_alone_words(v))}"
+                    f"</td><td>{fmt(v['federated_auc'].get('hybrid'))}</td>"
+                    f"<td>{signed(v['federated_hybrid_minus_best_alone'])}</td></tr>")
     m = sa["mean_auc"]
-    rows.append(f"<tr><th>mean over sites</th><td></td><td>{_fmt(m.get('alone_cnn'))}</td>"
-                f"<td>{_fmt(m.get('alone_forest'))}</td><td>{_fmt(m.get('alone_logreg'))}</td>"
-                f"<td>{_fmt(m['best_alone'])}</td><td>{_fmt(m['federated_hybrid'])}</td>"
-                f"<td>{m['federated_hybrid'] - m['best_alone']:+.3f}</td></tr>")
+    rows.append(f"<tr><th>{html.escape(mean_label(sa))}</th><td></td><td>{fmt(m.get('alone_cnn'))}</td>"
+                f"<td>{fmt(m.get('alone_forest'))}</td><td>{fmt(m.get('alone_logreg'))}</td>"
+                f"<td>{fmt(m['best_alone'])}</td><td>{fmt(m['federated_hybrid'])}</td>"
+                f"<td>{signed(m['federated_hybrid'] - m['best_alone'])}</td></tr>")
     ho = doc.get("held_out") or {}
     held = ""
     if ho:
         held = (f"<p>Held-out site <b>{html.escape(ho['site'])}</b> (did not train): federated "
-                + ", ".join(f"{html.escape(k)} {_fmt(v['auc'])}" for k, v in ho["federated"].items())
-                + "; its own " + ", ".join(f"{html.escape(k)} {_fmt(v['auc'])}" for k, v in ho["own"].items())
+                + ", ".join(f"{html.escape(k)} {fmt(v['auc'])}" for k, v in ho["federated"].items())
+                + "; its own " + ", ".join(f"{html.escape(k)} {fmt(v['auc'])}" for k, v in ho["own"].items())
                 + " (test AUC).</p>")
     noise = _small_note(site_noise_note(doc))
     return ("<h2>What federation bought</h2><p><small>Test AUC at each site: its own models trained on its data "

@@ -85,16 +85,16 @@ def comparison_text(metrics: dict[str, Any]) -> str:
         lines.append("  note: " + fallback_note(metrics))
     alone = metrics.get("site_alone") or {}
     if alone.get("sites"):
-        from server.report import alone_missing_note, best_alone_rule
+        from server.report import alone_missing_note, best_alone_rule, best_alone_words, fmt, mean_label, signed
 
         lines.append("each site alone (its own deep model, forest and GLM) vs the federated hybrid, test AUC at the site. "
                      + f"{best_alone_rule(alone)} {alone_missing_note(alone)}".rstrip())
         for site, v in alone["sites"].items():
-            lines.append(f"  {site:10s} best alone {v['best_alone_auc']:.3f} ({v['best_alone']})  federated hybrid "
-                         f"{v['federated_auc'].get('hybrid', float('nan')):.3f}  ({v['federated_hybrid_minus_best_alone']:+.3f})")
+            lines.append(f"  {site:10s} best alone {best_alone_words(v)}  federated hybrid "
+                         f"{fmt(v['federated_auc'].get('hybrid'))}  ({signed(v['federated_hybrid_minus_best_alone'])})")
         m = alone["mean_auc"]
-        lines.append(f"  mean over sites: best alone {m['best_alone']:.3f}, federated hybrid {m['federated_hybrid']:.3f} "
-                     f"({m['federated_hybrid'] - m['best_alone']:+.3f})")
+        lines.append(f"  {mean_label(alone)}: best alone {fmt(m['best_alone'])}, federated hybrid "
+                     f"{fmt(m['federated_hybrid'])} ({signed(m['federated_hybrid'] - m['best_alone'])})")
     return "\n".join(lines)
 
 

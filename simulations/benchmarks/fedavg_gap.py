@@ -14,7 +14,11 @@ by the deep model's pooled validation and test AUC:
     counts: the federation without DP and without Flower;
 ``fedavg-iid``
     as many sites with the same sizes, the train records dealt out at random: what the sites'
-    differences cost, beside what averaging itself costs.
+    differences cost, beside what averaging itself costs;
+``cyclic``
+    the layout's sites in turn (cyclic weight transfer): each round the model visits every site
+    once, in a seeded random order, and each trains ``local-epochs`` from the previous site's
+    weights: no averaging at all, the same local epochs.
 
 The shared scaler is the exact pooled one (the federated one equals it without noise). The same
 model layout, batch size, learning rate and weight decay as a run (``RunSettings``) unless
@@ -38,7 +42,7 @@ import numpy as np
 
 from simulations.benchmarks import emit, layout_cohorts, run_main
 
-VARIANTS = ("pooled", "one-site-rounds", "fedavg", "fedavg-iid")
+VARIANTS = ("pooled", "one-site-rounds", "fedavg", "fedavg-iid", "cyclic")
 
 
 def _sites(sites_dir: Path) -> tuple[list[Any], Any]:
@@ -121,6 +125,24 @@ def _fedavg(sites: list[Any], pooled: Any, *, cfg: Any, scaler: Any, rounds: int
     return curve
 
 
+def _cyclic(sites: list[Any], pooled: Any, *, cfg: Any, scaler: Any, rounds: int, train: Any,
+            init_seed: int = 0) -> list[dict]:
+    """Cyclic weight transfer: one model trained at each site in turn, a fresh optimizer per visit."""
+    from client.dp_training import train_deep_model
+    from client.pipeline import deep_data
+    from common.models import build_model
+
+    model = build_model(cfg, seed=init_seed)
+    rng = np.random.default_rng(init_seed)
+    curve = []
+    for rnd in range(1, rounds + 1):
+        for i in rng.permutation(len(sites)):
+            train_deep_model(model, deep_data(sites[i], "train", cfg, scaler),
+                             config=dataclasses.replace(train, seed=100_000 * init_seed + 1000 * rnd + int(i)))
+        curve.append({"round": rnd, **_scores(model, pooled, scaler)})
+    return curve
+
+
 def _pooled(pooled: Any, *, cfg: Any, scaler: Any, rounds: int, train: Any, init_seed: int = 0) -> list[dict]:
     """One model, one optimizer, scored every ``train.epochs`` epochs."""
     from client.dp_training import train_deep_model
@@ -158,6 +180,10 @@ def run(*, sites_dir: Path, rounds: int, local_epochs: int, variants: list[str],
     for name in variants:
         if name == "pooled":
             curves[name] = _pooled(pooled, cfg=cfg, scaler=scaler, rounds=rounds, train=train, init_seed=init_seed)
+            continue
+        if name == "cyclic":
+            curves[name] = _cyclic(sites, pooled, cfg=cfg, scaler=scaler, rounds=rounds, train=train,
+                                   init_seed=init_seed)
             continue
         members = {"one-site-rounds": [pooled], "fedavg": sites,
                    "fedavg-iid": _iid_sites(pooled, sizes, seed)}[name]
