@@ -49,31 +49,45 @@ def attribution_sums(phi: np.ndarray, *, clip: float, normalize: bool = False) -
     return {"signed": clipped.sum(axis=0), "abs": np.abs(clipped).sum(axis=0)}
 
 
-def forest_attributions(forest: object, x: np.ndarray) -> np.ndarray:
-    """TreeSHAP attributions of a fitted :class:`client.forest.SiteForest` (probability scale).
+def forest_attributions(forest: object, x: np.ndarray, *, n_classes: int) -> np.ndarray:
+    """TreeSHAP attributions of a fitted :class:`client.forest.SiteForest` (probability scale) over
+    the explained outputs of a cohort of ``n_classes`` (:func:`cohort_outputs`).
 
-    Returns ``(n, outputs, columns)``; with the explainer's expected value, each patient's row
-    sums to the forest's probability of the class (additivity is checked by shap).
+    Returns ``(n, outputs, columns)``; with :func:`forest_expected_value`, each patient's row sums
+    to the forest's probability of the class (additivity is checked by shap).
     """
     import shap
 
-    return tree_shap(shap.TreeExplainer(forest.forest_), x)
+    return tree_shap(shap.TreeExplainer(forest.forest_), x, classes=forest.classes_, n_classes=n_classes)
 
 
-def tree_shap(explainer: object, x: np.ndarray) -> np.ndarray:
-    """TreeSHAP values ``(n, outputs, columns)`` from a prepared ``shap.TreeExplainer`` (class 1 of a
-    binary forest, every class otherwise): build the explainer once to explain many calls."""
-    values = np.asarray(explainer.shap_values(np.asarray(x, dtype=np.float64)))  # (n, columns, classes)
-    values = np.moveaxis(values, -1, 1)  # (n, classes, columns)
-    return values[:, 1:2, :] if values.shape[1] == 2 else values
+def tree_shap(explainer: object, x: np.ndarray, *, classes: Sequence[int], n_classes: int) -> np.ndarray:
+    """TreeSHAP values ``(n, outputs, columns)`` from a prepared ``shap.TreeExplainer`` of a forest
+    that saw ``classes`` (:func:`cohort_outputs`): build the explainer once to explain many calls."""
+    values = np.asarray(explainer.shap_values(np.asarray(x, dtype=np.float64)))  # (n, columns, seen classes)
+    return cohort_outputs(np.moveaxis(values, -1, 1), classes, n_classes)
 
 
-def forest_expected_value(forest: object) -> np.ndarray:
+def cohort_outputs(per_class: np.ndarray, classes: Sequence[int], n_classes: int) -> np.ndarray:
+    """Values per class a site model saw ``(n, seen classes, ...)`` as the cohort's explained outputs:
+    class 1 of two classes, every class of more; a class the site's train split lacked gets zeros (the
+    model gives it no probability to attribute)."""
+    full = np.zeros((per_class.shape[0], n_classes, *per_class.shape[2:]))
+    full[:, np.asarray(classes, dtype=int)] = per_class
+    return full[:, 1:2] if n_classes == 2 else full
+
+
+def forest_expected_value(forest: object, *, n_classes: int) -> np.ndarray:
     """The forest's expected output per explained output (what the attributions are relative to)."""
     import shap
 
-    ev = np.atleast_1d(np.asarray(shap.TreeExplainer(forest.forest_).expected_value, dtype=np.float64))
-    return ev[1:2] if len(ev) == 2 else ev
+    return explainer_expected_value(shap.TreeExplainer(forest.forest_), classes=forest.classes_, n_classes=n_classes)
+
+
+def explainer_expected_value(explainer: object, *, classes: Sequence[int], n_classes: int) -> np.ndarray:
+    """A prepared explainer's expected output per explained output (:func:`cohort_outputs`)."""
+    ev = np.atleast_1d(np.asarray(explainer.expected_value, dtype=np.float64))
+    return cohort_outputs(ev[None, :], classes, n_classes)[0]
 
 
 def linear_attributions(coef: np.ndarray, x: np.ndarray, *, n_classes: int) -> np.ndarray:

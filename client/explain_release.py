@@ -140,7 +140,8 @@ def _forest_sums(stored: dict[str, Any], data: Any, layout: Any, clip: float) ->
     from client.pipeline import forest_matrix
 
     x = forest_matrix(data, "explain", stored["preprocessor"])
-    return attribution_sums(layout.group(forest_attributions(stored["forest"], x)), clip=clip, normalize=True)
+    phi = forest_attributions(stored["forest"], x, n_classes=data.n_classes)
+    return attribution_sums(layout.group(phi), clip=clip, normalize=True)
 
 
 def _glm_sums(data: Any, shared: dict[str, np.ndarray], facts: RoundFacts, layout: Any, cohort: Any,

@@ -378,8 +378,9 @@ def _newton_records(vault: Any, privacy: Any, settings: RunSettings, facts: Roun
         terms = newton_terms(coef, x, y, n_classes=n_classes)
         arrays = {"grad": terms.grad, "hess": terms.hess}
         if warm:
-            fit = local().fit(x, y)
-            local_coef = flat_coef(fit)
+            # A site whose split lacks a class of the cohort cannot fit the stack alone over every
+            # class: it offers the starting point instead, which leaves the warm start to the others.
+            local_coef = flat_coef(local().fit(x, y)) if len(np.unique(y)) == n_classes else coef
             arrays |= {"local_coef": local_coef, "local_hess": newton_terms(local_coef, x, y,
                                                                             n_classes=n_classes).hess}
         return {"terms": ("array", arrays),
@@ -410,7 +411,7 @@ def _base_probabilities(vault: Any, data: Any, cnn_weights: dict, shared: dict[s
     run (:func:`_local_models`); callers read the maps with ``local.get("calibration") or {}``."""
     import torch
 
-    from client.pipeline import deep_proba, forest_matrix, glm_matrix, site_glm_proba
+    from client.pipeline import deep_proba, glm_matrix, site_forest_proba, site_glm_proba
     from common.glm import FederatedGLM
     from common.models import build_model
 
@@ -421,7 +422,7 @@ def _base_probabilities(vault: Any, data: Any, cnn_weights: dict, shared: dict[s
     x_glm = glm_matrix(data, split, scaler)
     glm = FederatedGLM().set_coef(np.asarray(facts.glm_coef, dtype=np.float64), n_features=x_glm.shape[1])
     proba = {"cnn": deep_proba(model, data, split, scaler),
-             "forest": local["forest"].predict_proba(forest_matrix(data, split, local["preprocessor"])),
+             "forest": site_forest_proba(local["forest"], data, split, local["preprocessor"]),
              "logreg": glm.predict_proba(x_glm),
              "site-logreg": site_glm_proba(local["site_glm"], local["site_scaler"], data, split,
                                            classes=local["site_glm_classes"])}

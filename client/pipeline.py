@@ -162,6 +162,12 @@ def over_all_classes(proba: np.ndarray, classes: Sequence[int], n_classes: int, 
     return out / out.sum(axis=1, keepdims=True)
 
 
+def site_forest_proba(forest: SiteForest, data: SiteData, split: str, pre: TabularPreprocessor | None) -> np.ndarray:
+    """A site's forest on one split, over every class of the cohort (:func:`over_all_classes`): a
+    multi-class site's train split may lack a class, and the stack reads one column per class."""
+    return over_all_classes(forest.predict_proba(forest_matrix(data, split, pre)), forest.classes_, data.n_classes)
+
+
 def site_glm_proba(glm: FederatedGLM, scaler: SharedScaler, data: SiteData, split: str, *,
                    classes: Sequence[int]) -> np.ndarray:
     """A site's own GLM (fitted on its train split with its own scaler) on one split, over every

@@ -109,6 +109,7 @@ def load_predictor(vault: Vault, *, cohort: Cohort | None = None) -> Predictor:
     import shap
 
     from client.cohort_store import load_cohort
+    from client.explain import explainer_expected_value
     from client.model_store import load_explanation
     from client.pipeline import SiteData, forest_matrix
 
@@ -120,10 +121,10 @@ def load_predictor(vault: Vault, *, cohort: Cohort | None = None) -> Predictor:
     public = feature_layout(cohort.schema).names
     background = forest_matrix(data, "train", models.preprocessor)
     explainer = shap.TreeExplainer(models.forest.forest_)
-    ev = np.atleast_1d(np.asarray(explainer.expected_value, dtype=np.float64))
+    ev = explainer_expected_value(explainer, classes=models.forest.classes_, n_classes=models.n_classes)
     return Predictor(source=Path(vault.path), cohort=cohort, data=data, models=models, layout=layout,
                      public=public, forest_layout=_forest_layout(layout, data, models, background.shape[1]),
-                     explainer=explainer, expected_value=ev[1:2] if len(ev) == 2 else ev, background=background,
+                     explainer=explainer, expected_value=ev, background=background,
                      explanation=load_explanation(vault))
 
 
@@ -264,7 +265,7 @@ def _predict(predictor: Predictor, *, index: int, data: SiteData | None, lime: b
     output = classes[1] if binary else hybrid_class
     values = feature_values(predictor.layout, shared_raw(one, "predict")[0], schema=predictor.cohort.schema)
     x_forest = forest_matrix(one, "predict", models.preprocessor)
-    forest = _forest_part(predictor, x_forest, proba["forest"], out_index=out_index, top=top, values=values)
+    forest = _forest_part(predictor, x_forest, out_index=out_index, top=top, values=values)
     glms = {m: _glm_part(predictor, glm_matrix(one, "predict", glm_scaler(models, m)), proba[m], model=m,
                          out_index=out_index, top=top, values=values) for m in GLM_MODELS}
     result: dict[str, Any] = {
@@ -275,7 +276,7 @@ def _predict(predictor: Predictor, *, index: int, data: SiteData | None, lime: b
                          "cnn": _deep_part(predictor, one, out_index=out_index, top=top, values=values)},
     }
     if lime:
-        phi_lime, fit = lime_tabular(lambda x: models.forest.predict_proba(x)[:, out_index + binary], x_forest[0],
+        phi_lime, fit = lime_tabular(lambda x: _forest_output(predictor, x, out_index), x_forest[0],
                                      predictor.background, predictor.forest_layout, samples=lime_samples, seed=seed)
         result["lime"] = {"model": "forest", "scale": "probability", "samples": lime_samples, "seed": seed,
                           "local_r2": fit, "top": _top(phi_lime, predictor.forest_layout.names,
@@ -331,15 +332,26 @@ def forest_contributions(predictor: Predictor, x: np.ndarray) -> np.ndarray:
     ``(n, outputs, features)``; with ``predictor.expected_value`` they add up to its probabilities."""
     from client.explain import tree_shap
 
-    return predictor.forest_layout.group(tree_shap(predictor.explainer, x))
+    return predictor.forest_layout.group(tree_shap(predictor.explainer, x, classes=predictor.models.forest.classes_,
+                                                   n_classes=predictor.models.n_classes))
 
 
-def _forest_part(predictor: Predictor, x: np.ndarray, proba: np.ndarray, *, out_index: int, top: int,
+def _forest_output(predictor: Predictor, x: np.ndarray, out_index: int) -> np.ndarray:
+    """The forest's own probability of explained output ``out_index`` for records ``x`` (what its
+    TreeSHAP values add up to: a class its site never saw has probability 0, not the stack's floor)."""
+    from client.pipeline import over_all_classes
+
+    forest, n_classes = predictor.models.forest, predictor.models.n_classes
+    proba = over_all_classes(forest.predict_proba(x), forest.classes_, n_classes, floor=0.0)
+    return proba[:, out_index + (n_classes == 2)]
+
+
+def _forest_part(predictor: Predictor, x: np.ndarray, *, out_index: int, top: int,
                  values: list[Any]) -> dict[str, Any]:
     phi_all = forest_contributions(predictor, x)[0]
     phi = phi_all[out_index]
     ev = float(predictor.expected_value[out_index])
-    model_output = float(proba[out_index + (len(proba) == 2)])
+    model_output = float(_forest_output(predictor, x, out_index)[0])
     total = float(phi.sum())
     shown = values if predictor.forest_layout is predictor.layout else None
     return {"scale": "probability", "method": "TreeSHAP (path-dependent)", "expected_value": ev,

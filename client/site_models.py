@@ -147,11 +147,11 @@ def glm_model(models: SiteModels, *, n_features: int) -> Any:
 def base_probabilities(models: SiteModels, data: SiteData, split: str) -> dict[str, np.ndarray]:
     """The base models' class probabilities on one split of ``data``, as the handlers compute them
     (``client.handlers._base_probabilities`` with the forest already fitted)."""
-    from client.pipeline import deep_proba, forest_matrix, glm_matrix, site_glm_proba
+    from client.pipeline import deep_proba, glm_matrix, site_forest_proba, site_glm_proba
 
     x_glm = glm_matrix(data, split, models.scaler)
     return {"cnn": deep_proba(models.cnn, data, split, models.scaler),
-            "forest": models.forest.predict_proba(forest_matrix(data, split, models.preprocessor)),
+            "forest": site_forest_proba(models.forest, data, split, models.preprocessor),
             "logreg": glm_model(models, n_features=x_glm.shape[1]).predict_proba(x_glm),
             "site-logreg": site_glm_proba(models.site_glm, models.site_scaler, data, split,
                                           classes=models.site_glm_classes)}

@@ -284,10 +284,12 @@ def summary_noise_sd(shapes: dict[str, tuple[int, ...]], *, clip: float, noise_m
 
 def global_explanation(sums: dict[str, np.ndarray], *, schema: dict[str, Any], classes: Sequence[str],
                        patients: int, motifs: MotifLayout | None, top_motif_count: int = 10,
-                       **facts: Any) -> dict[str, Any]:
+                       unweighted: Sequence[str] = (), **facts: Any) -> dict[str, Any]:
     """The global explanation (``explanation.json``) from the sites' summed releases.
 
     Means are per explained patient; post-processing of the noised sums, at no privacy cost.
+    ``unweighted`` names the base models the hybrid's (public) coefficients give no weight: their
+    share is exactly zero, whatever noise their released sums carry.
     ``facts`` (run id, epsilon, delta, clip, per-site figures, the guarantee) are copied in.
     """
     layout = feature_layout(schema)
@@ -306,6 +308,7 @@ def global_explanation(sums: dict[str, np.ndarray], *, schema: dict[str, Any], c
             m["matrix"] = motif_matrix(sums["motifs.dna"][outputs.index(m["output"])], motifs, m["kmer"],
                                        sign=np.sign(m["score"]) or 1.0)
     shares = np.maximum(np.asarray(sums.get("shares", np.zeros(0)), dtype=np.float64), 0.0)
+    shares = np.where([m in unweighted for m in BASE_SHARE_MODELS[:len(shares)]], 0.0, shares)
     share = {m: float(v / shares.sum()) for m, v in zip(BASE_SHARE_MODELS, shares)} if shares.sum() > 0 else {}
     return {"format": FORMAT, "version": VERSION, **facts, "classes": list(classes), "outputs": outputs,
             "patients": int(patients), "features": consensus_ranking(models, share, layout, outputs),

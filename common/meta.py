@@ -438,6 +438,16 @@ def without_model_features(x: np.ndarray, *, n_models: int, n_classes: int,
     return out
 
 
+def unweighted_models(coef: np.ndarray, *, n_models: int, n_classes: int) -> list[int]:
+    """Positions of the models on whose features ``coef`` puts no weight at all (a fallback or a
+    reduced stack left them out): their part in the stack's evidence is exactly zero."""
+    if not len(coef):  # no stack yet
+        return []
+    k = 1 if n_classes == 2 else n_classes
+    rows = np.asarray(coef, dtype=np.float64).reshape(k, n_models * k + 1)
+    return [i for i in range(n_models) if not np.any(rows[:, i * k:(i + 1) * k])]
+
+
 def model_mask(*, n_models: int, n_classes: int, index: int | Sequence[int]) -> np.ndarray:
     """Mask of the flat coefficients that weigh model ``index``'s features, or several models' (the ones
     :func:`without_model` zeroes)."""

@@ -130,12 +130,17 @@ def _malformed(arrays: dict[str, np.ndarray], shapes: dict[str, tuple[int, ...]]
 def _explanation(total: dict[str, np.ndarray], sites: dict[str, dict[str, Any]], missing: dict[str, str],
                  settings: RunSettings, state: RunState, motifs: Any) -> dict[str, Any]:
     from common.explanation import global_explanation
+    from common.meta import unweighted_models
+    from common.stack import BASE_MODELS
 
     patients = sum(v["patients"] for v in sites.values())
+    classes = state.schema["label"]["classes"]
+    unweighted = [BASE_MODELS[i] for i in unweighted_models(state.meta_coef, n_models=len(BASE_MODELS),
+                                                            n_classes=max(len(classes), 2))]
     # The noise on every per-patient mean of the models' rankings and the profiles (sites add theirs).
     noise_sd = float(np.sqrt(sum(v["noise_sd"] ** 2 for v in sites.values()))) / max(patients, 1)
-    return global_explanation(total, schema=state.schema, classes=state.schema["label"]["classes"], patients=patients,
-                              motifs=motifs, run_id=state.run_id, noised=settings.dp,
+    return global_explanation(total, schema=state.schema, classes=classes, patients=patients,
+                              motifs=motifs, unweighted=unweighted, run_id=state.run_id, noised=settings.dp,
                               epsilon=settings.explanation_epsilon if settings.dp else 0.0,
                               clip=UNIT, per_patient="each patient's attributions scaled to unit L2 norm per summary",
                               noise_sd_per_mean=noise_sd, sites=sites, missing_sites=missing,

@@ -75,7 +75,8 @@ def pooled_ranking(cohort: Any, *, shares: dict[str, float], trees: int, glm_c: 
     phi = linear_attributions(flat_coef(fit_glm(data, scaler, C=glm_c)), x, n_classes=len(cohort.classes))
     full = np.zeros((*phi.shape[:2], len(layout.column_feature)))
     full[:, :, scaler.glm_columns] = phi
-    forest_phi = layout.group(forest_attributions(forest, forest_matrix(data, "validation", pre)))
+    forest_phi = layout.group(forest_attributions(forest, forest_matrix(data, "validation", pre),
+                                                  n_classes=len(cohort.classes)))
     sums = {f"forest.{k}": v for k, v in attribution_sums(forest_phi, clip=1.0, normalize=True).items()}
     sums |= {f"logreg.{k}": v for k, v in attribution_sums(layout.group(full), clip=1.0, normalize=True).items()}
     public = public_schema(cohort.schema)

@@ -50,9 +50,9 @@ def test_forest_attributions_grouped_by_feature_add_up_to_the_forests_probabilit
     data, forest, x, names = site
     feats = ExplanationFeatures.from_columns(names, categorical=data.frame.categorical_names)
     assert "clinical:smoker" in feats.names and not any(n.startswith("clinical:smoker=") for n in feats.names)
-    phi = feats.group(forest_attributions(forest, x))
+    phi = feats.group(forest_attributions(forest, x, n_classes=2))
     assert phi.shape == (len(x), 1, len(feats.names))
-    total = phi.sum(axis=(1, 2)) + forest_expected_value(forest)[0]
+    total = phi.sum(axis=(1, 2)) + forest_expected_value(forest, n_classes=2)[0]
     np.testing.assert_allclose(total, forest.predict_proba(x)[:, 1], atol=1e-9)
 
 
@@ -233,6 +233,34 @@ def test_the_global_explanation_ranks_weights_and_draws_motif_logos() -> None:
     top = doc["motifs"][0]
     assert top["kmer"] == "AG" and top["score"] == pytest.approx(2.5)
     assert top["matrix"][1] == [0.0, 0.0, 5.0, 1.0] and top["matrix"][0] == [5.0, 0.0, 0.0, 0.0]
+
+
+def test_a_model_the_hybrid_gives_no_weight_has_no_share_whatever_its_noised_sums_say() -> None:
+    from common.explanation import global_explanation
+    from common.meta import unweighted_models
+
+    # The site average (forest and site GLM, weight 1/2 each): the deep model and the federated GLM
+    # are out, for two classes and for three (each model then has one column per class).
+    assert unweighted_models([0.0, 0.5, 0.0, 0.5, 0.0], n_models=4, n_classes=2) == [0, 2]
+    three = np.zeros((3, 13))
+    three[:, 3:6] = three[:, 9:12] = 0.5
+    three[1, 6] = 0.1  # one weight on one class of the federated GLM keeps it in
+    assert unweighted_models(three.ravel(), n_models=4, n_classes=3) == [0]
+    assert unweighted_models([], n_models=4, n_classes=2) == []
+    schema = {"label": {"classes": ["a", "b"]}, "clinical": {"numeric": ["age", "bmi"], "categorical": {}},
+              "omics": {"features": 2}}
+    sums = {"forest.signed": np.array([[0.0, 0.0, 1.0, -2.0]]), "forest.abs": np.array([[1.0, 3.0, 2.0, 4.0]]),
+            "logreg.signed": np.array([[6.0, 0.0, 0.0, 0.0]]), "logreg.abs": np.array([[6.0, 0.0, 0.0, 0.0]]),
+            "shares": np.array([0.4, 1.0, 0.6, 2.0])}  # noise on the deep model's and the GLM's
+    doc = global_explanation(sums, schema=schema, classes=["a", "b"], patients=2, motifs=None,
+                             unweighted=["cnn", "logreg"])
+    assert doc["shares"] == {"cnn": 0.0, "forest": pytest.approx(1 / 3), "logreg": 0.0,
+                             "site-logreg": pytest.approx(2 / 3)}
+    # the GLM's attributions (all on one feature) no longer enter the hybrid's consensus ranking:
+    # it is the forest's alone, each feature at its fraction of the forest's evidence
+    forest = {f["feature"]: f["importance"] for f in doc["models"]["forest"]["features"]}
+    forest = {name: v / sum(forest.values()) for name, v in forest.items()}
+    assert {f["feature"]: pytest.approx(f["importance"]) for f in doc["features"]} == forest
 
 
 def test_an_explanation_epsilon_above_the_policy_is_refused_unless_explanations_are_off() -> None:

@@ -595,3 +595,51 @@ def test_warm_start_from_an_earlier_run_with_its_layout_checked(sites: Path, tmp
     save_checkpoint(tmp_path / "other", phase="cnn", round=1, arrays=bad, state={"model_config": doc["run"]})
     with pytest.raises(WarmStartError, match="init-from .*ckpt.*another layout"):
         _run(sites, tmp_path / "third", dp=False, cnn_rounds=1, init_from=str(tmp_path / "other"))
+
+
+def _three_class_layout(root: Path) -> Path:
+    """The synthetic cohort with a third class, "mild" (every other control), that the
+    patients of one natural site ("south") never have; split by that column: site south's splits
+    hold two of the three classes, as a hospital without a rare subtype's patients does."""
+    import csv
+
+    from simulations.site_layout import split_cohort
+
+    write_synthetic_cohort(out=root / "cohort", patients=360, seed=5)
+    path = root / "cohort" / "clinical.csv"
+    with path.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    controls = [r for r in rows if r["outcome"] == "control" and r["site_hint"] != "south"]
+    for r in controls[::2]:
+        r["outcome"] = "mild"
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    spec = root / "cohort" / "spec.toml"
+    spec.write_text(spec.read_text().replace('    "control",\n', '    "control",\n    "mild",\n', 1))
+    split_cohort(spec_path=spec, sites=None, by="column", column="site_hint", out=root / "sites", seed=0,
+                 vaults=True, show_progress=False)
+    set_layout_policy(root / "sites", require_dp=False, test_statistics="exact")
+    return root / "sites"
+
+
+@pytest.mark.parametrize("dp", [False, True])
+def test_a_multiclass_site_without_one_class_runs_explains_and_predicts(tmp_path: Path, dp: bool) -> None:
+    from client.predict import SHAP_TOLERANCE, load_predictor, predict_patient
+
+    sites = _three_class_layout(tmp_path)
+    doc, _ = _run(sites, tmp_path / "run", dp=dp, epsilon=8.0, site_alone=True, explain=True)
+    assert doc["run"]["classes"] == ["control", "mild", "case"] and set(doc["sites"]) == {"central", "north", "south"}
+    assert doc["missing_sites"] == {} and 0.5 < doc["models"]["hybrid"]["auc"] <= 1.0
+    vault = dict(_site_vaults(sites))["south"]
+    predictor = load_predictor(vault)
+    assert list(predictor.models.forest.classes_) == [0, 2]  # its forest never saw "mild"
+    assert predictor.expected_value.shape == (3,) and predictor.expected_value[1] == 0.0
+    for i in range(0, predictor.cohort.n, 17):
+        out = predict_patient(predictor, index=i)
+        check = out["attributions"]["forest"]["sum_check"]
+        assert check["error"] <= SHAP_TOLERANCE
+        assert len(out["models"]["forest"]["probabilities"]) == 3
+    expl = json.loads((tmp_path / "run" / "explanation.json").read_text())
+    assert expl["outputs"] == ["control", "mild", "case"]

@@ -146,7 +146,7 @@ def test_forest_shap_adds_up_to_the_forests_probability(predictor) -> None:
         assert phi.sum() + predictor.expected_value[0] == pytest.approx(forest.predict_proba(x)[0, 1],
                                                                         abs=SHAP_TOLERANCE)
         # the prepared explainer gives what client.explain computes with a fresh one
-        np.testing.assert_allclose(phi, predictor.layout.group(forest_attributions(forest, x)), atol=1e-12)
+        np.testing.assert_allclose(phi, predictor.layout.group(forest_attributions(forest, x, n_classes=2)), atol=1e-12)
 
 
 @pytest.mark.parametrize("model", ["logreg", "site-logreg"])
