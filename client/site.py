@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import GenofedError
+from common.site_names import natural_key
 
 
 class SiteConfigError(GenofedError):
@@ -53,7 +54,8 @@ def site_name_of(vault: Path) -> str:
 
 def site_dirs(sites_dir: Path) -> list[Path]:
     """The site folders of a layout written by ``genofed cohort split --vaults``, in name order."""
-    return sorted(p for p in Path(sites_dir).iterdir() if (p / "vault").is_dir() and (p / "key").is_file())
+    return sorted((p for p in Path(sites_dir).iterdir() if (p / "vault").is_dir() and (p / "key").is_file()),
+                  key=lambda p: natural_key(p.name))
 
 
 def resolve_site(node_config: dict[str, Any], run_config: dict[str, Any]) -> SiteRef:

@@ -58,6 +58,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from common import durable
 from common.errors import GenofedError
+from common.site_names import natural_key
 
 DEFAULT_HOSTS: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
 """SANs every SuperLink certificate carries, so that a local deployment works out of the box."""
@@ -113,7 +114,7 @@ class CertBundle:
         """
         root = Path(root).expanduser().resolve()
         sites_dir = root / "sites"
-        names = sorted((p.stem for p in sites_dir.glob("*.pub")), key=_site_sort_key) \
+        names = sorted((p.stem for p in sites_dir.glob("*.pub")), key=natural_key) \
             if sites_dir.is_dir() else []
         bundle = cls(root=root, sites=tuple(names))
         # Site private keys are not required: a site that made its own key pair sent only its .pub.
@@ -419,11 +420,6 @@ def _site_name(site: str | int) -> str:
     if isinstance(site, int) and not isinstance(site, bool):
         return f"site-{site}"
     return str(site)
-
-
-def _site_sort_key(name: str) -> tuple[int, str]:
-    tail = name.rsplit("-", 1)[-1]
-    return (int(tail), name) if tail.isdigit() else (1 << 30, name)
 
 
 def _check_target(out: Path) -> None:

@@ -21,6 +21,7 @@ from flwr.serverapp import Grid
 
 from common.records import from_record, to_record
 from common.settings import RoundFacts, RunSettings
+from common.site_names import natural_key
 from server.exchange import exchange
 from server.phases import RunState, _require_quorum, _secure_request, shared_record
 from server.runlog import RunLog
@@ -53,14 +54,14 @@ def run_explanations(grid: Grid, settings: RunSettings, state: RunState, log: Ru
         total, sites = _plain_sums(state, res, shapes, missing)
     for site, reason in missing.items():
         log.warning(f"explanation: site {site} sent no usable summary and is left out of it: {reason}")
-    state.rounds.append({"phase": "explain", **res.cost(), "sites": sorted(sites),
+    state.rounds.append({"phase": "explain", **res.cost(), "sites": sorted(sites, key=natural_key),
                          "epsilon": {s: v["epsilon"] for s, v in sites.items() if v["epsilon"] > 0}})
     state.explanation = _explanation(total, sites, missing, settings, state, motifs) if sites else {}
     if settings.run_dir and state.explanation:
         from common.files import write_text_atomic
 
         write_text_atomic(Path(settings.run_dir) / EXPLANATION_FILE, json.dumps(state.explanation, indent=1))
-    log.event("explain", seconds=res.seconds, sites=sorted(sites))
+    log.event("explain", seconds=res.seconds, sites=sorted(sites, key=natural_key))
     log.info(f"explanation: {len(sites)} sites' summaries over {sum(v['patients'] for v in sites.values())} "
              "validation patients" + (f"; top feature {state.explanation['features'][0]['feature']}"
                                       if state.explanation.get("features") else ""))
@@ -80,7 +81,7 @@ def _plain_sums(state: RunState, res: Any, shapes: dict[str, tuple[int, ...]],
     """The sum of the sites' summaries, each checked against the declared shapes first."""
     total: dict[str, np.ndarray] = {}
     sites: dict[str, dict[str, Any]] = {}
-    for node in sorted(res.replies, key=state.site_of):
+    for node in sorted(res.replies, key=state.site_order):
         site, reply = state.site_of(node), res.replies[node]
         arrays = from_record(reply.content.array_records["summary"])
         if (why := _malformed(arrays, shapes)) is not None:

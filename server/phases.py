@@ -27,6 +27,7 @@ from flwr.serverapp import Grid
 from common.errors import GenofedError
 from common.records import from_record, to_record
 from common.settings import RoundFacts, RunSettings
+from common.site_names import natural_key
 from common.spec import diff_schemas
 from server.exchange import TooFewSitesError, exchange, wait_for_nodes
 from server.runlog import RunLog
@@ -92,6 +93,10 @@ class RunState:
     def site_of(self, node: int) -> str:
         return self.sites.get(str(node), f"node-{node}")
 
+    def site_order(self, node: int) -> tuple[tuple[int, int | str], ...]:
+        """Sort key: nodes in the natural order of their site names (site-2 before site-10)."""
+        return natural_key(self.site_of(node))
+
 
 def _note_failures(state: RunState, log: RunLog, failures: dict[int, str], where: str) -> None:
     for node, reason in failures.items():
@@ -133,7 +138,7 @@ def run_census(grid: Grid, settings: RunSettings, state: RunState, log: RunLog) 
         raise CensusError(f"census: {len(infos)} site(s) can take part, min-sites is {settings.min_sites}{gone}")
     _check_schemas(infos)
     state.rounds.append({"phase": "census", **res.cost(),
-                         "sites": sorted(str(i["site"]) for i in infos.values())})
+                         "sites": sorted((str(i["site"]) for i in infos.values()), key=natural_key)})
     state.sites = {str(n): str(i["site"]) for n, i in infos.items()}
     state.census = {str(i["site"]): {k: v for k, v in i.items() if k != "schema-json"} for i in infos.values()}
     state.schema = json.loads(next(iter(infos.values()))["schema-json"])
@@ -149,7 +154,8 @@ def run_census(grid: Grid, settings: RunSettings, state: RunState, log: RunLog) 
     if settings.ledger_registry:
         remember_ledgers(settings, state)
     log.info(f"census: {len(infos)} sites agree on schema {next(iter(infos.values()))['schema-hash'][:12]}: "
-             + ", ".join(f"{i['site']} ({i['n-train']} train)" for i in sorted(infos.values(), key=lambda i: i["site"])))
+             + ", ".join(f"{i['site']} ({i['n-train']} train)"
+                         for i in sorted(infos.values(), key=lambda i: natural_key(str(i["site"])))))
     log.event("census", sites={i["site"]: {k: i[k] for k in ("n-train", "n-validation", "n-test", "ledger-spent",
                                                             "ledger-budget")} for i in infos.values()},
               seconds=res.seconds)
@@ -259,7 +265,7 @@ def run_moments(grid: Grid, settings: RunSettings, state: RunState, log: RunLog)
     for node in summed:
         sigma = float(res.replies[node].content.metric_records["metrics"].get("noise-multiplier", 0.0))
         noise_var += (sigma * moments_sensitivity(columns.width)) ** 2
-    for node in [] if state.secure else sorted(res.replies, key=state.site_of):
+    for node in [] if state.secure else sorted(res.replies, key=state.site_order):
         arrays = from_record(res.replies[node].content.array_records["moments"])
         bad = [k for k in ("count", "sum", "sumsq") if np.shape(arrays.get(k)) != (columns.width,)
                or not np.isfinite(arrays[k]).all()]
@@ -277,7 +283,8 @@ def run_moments(grid: Grid, settings: RunSettings, state: RunState, log: RunLog)
                                  noise_sd=math.sqrt(noise_var))
     state.shared = {k: v.tolist() for k, v in scaler.to_arrays().items()}
     record = {"phase": "moments", **res.cost(),
-              "sites": sorted(state.site_of(n) for n in (summed if state.secure else res.replies))}
+              "sites": sorted((state.site_of(n) for n in (summed if state.secure else res.replies)),
+                              key=natural_key)}
     spent = {state.site_of(n): float(r.content.metric_records["metrics"]["epsilon"])
              for n, r in res.replies.items() if "epsilon" in r.content.metric_records["metrics"]}
     if spent:
@@ -334,7 +341,7 @@ def run_cnn_rounds(grid: Grid, settings: RunSettings, state: RunState, log: RunL
         accepted, record = [], {"phase": "cnn", "round": rnd, **res.cost(), "sites": {}, "rejected": {}}
         if state.secure:
             accepted = _secure_update(grid, settings, state, log, res, weights, record, label=label, nodes=nodes)
-        for node in [] if state.secure else sorted(res.replies, key=state.site_of):
+        for node in [] if state.secure else sorted(res.replies, key=state.site_order):
             site, reply = state.site_of(node), res.replies[node]
             arrays, metrics = from_record(reply.content.array_records["arrays"]), dict(reply.content.metric_records["metrics"])
             verdict = validate_update(_site_spec(weights, settings, state, site), global_arrays=weights,
@@ -525,8 +532,8 @@ def run_site_alone(grid: Grid, settings: RunSettings, state: RunState, log: RunL
         log.warning(f"site alone: site {state.site_of(node)} has no models alone ({reason}); it stays in the run "
                     f"without its site-alone rows")
     state.rounds.append({"phase": "alone", **res.cost(),
-                         "sites": sorted(state.site_of(n) for n in res.replies)})
-    log.event("alone", seconds=res.seconds, sites=sorted(state.site_of(n) for n in res.replies))
+                         "sites": sorted((state.site_of(n) for n in res.replies), key=natural_key)})
+    log.event("alone", seconds=res.seconds, sites=sorted((state.site_of(n) for n in res.replies), key=natural_key))
 
 
 def _newton_rounds(grid: Grid, settings: RunSettings, state: RunState, log: RunLog, solver: Any,
@@ -589,7 +596,8 @@ def _newton_rounds(grid: Grid, settings: RunSettings, state: RunState, log: RunL
         setattr(state, f"{kind}_round", rnd)
         setattr(state, f"{kind}_solver", solver.state_dict())
         record = {"phase": kind, "round": rnd, **res.cost(),
-                  "sites": sorted(state.site_of(n) for n in res.replies), "converged": solver.converged}
+                  "sites": sorted((state.site_of(n) for n in res.replies), key=natural_key),
+                  "converged": solver.converged}
         spent = {state.site_of(n): float(r.content.metric_records["metrics"]["epsilon"])
                  for n, r in res.replies.items() if "epsilon" in r.content.metric_records["metrics"]}
         if spent:
@@ -635,7 +643,7 @@ def _valid_newton_replies(res: Any, state: RunState, log: RunLog, where: str, *,
     from server.validation import check_newton_terms
 
     replies, rejected = [], {}
-    for node, reply in sorted(res.replies.items(), key=lambda kv: state.site_of(kv[0])):
+    for node, reply in sorted(res.replies.items(), key=lambda kv: state.site_order(kv[0])):
         site = state.site_of(node)
         r = from_record(reply.content.array_records["terms"]) | dict(reply.content.metric_records["metrics"])
         n_val = int(state.census.get(site, {}).get(max_n, 0)) or None
@@ -681,7 +689,7 @@ def run_thresholds(grid: Grid, settings: RunSettings, state: RunState, log: RunL
         pooled, _, per_site, res = _statistics_exchange(grid, settings, state, log, weights, facts,
                                                         message_type="query.validation", where="validation")
         log.event("validation", seconds=res.seconds)
-        state.rounds.append({"phase": "validation", **res.cost(), "sites": sorted(per_site),
+        state.rounds.append({"phase": "validation", **res.cost(), "sites": sorted(per_site, key=natural_key),
                              "epsilon": {s: v["epsilon"] for s, v in per_site.items() if v["epsilon"] > 0}})
     chosen = _binary_thresholds(settings, state, pooled, per_site) if k == 2 else {}
     state.meta_fallback = _stacking_fallback(state, pooled, k, margin_se=settings.fallback_margin,
@@ -747,9 +755,9 @@ def run_evaluation(grid: Grid, settings: RunSettings, state: RunState, log: RunL
         for v in per_site.values():
             v["stats"] = {m: st for m, st in v["stats"].items() if m in MODELS}
     state.rounds.append({"phase": "evaluate", **res.cost(),
-                         "sites": sorted(per_site),
+                         "sites": sorted(per_site, key=natural_key),
                          "epsilon": {s: v["epsilon"] for s, v in per_site.items() if v["epsilon"] > 0}})
-    log.event("evaluate", seconds=res.seconds, sites=sorted(per_site))
+    log.event("evaluate", seconds=res.seconds, sites=sorted(per_site, key=natural_key))
     state.phase = "done"
     log.info(f"evaluation: {len(per_site)} sites returned test statistics; final models stored at every site")
     return {"pooled": pooled, "sites": per_site, "paired": paired_tests(paired)}
@@ -859,7 +867,7 @@ def _statistics_exchange(grid: Grid, settings: RunSettings, state: RunState, log
     pooled: dict[str, Any] = {}
     pooled_paired: dict[str, np.ndarray] = {}
     per_site: dict[str, dict[str, Any]] = {}
-    for node in sorted(res.replies, key=state.site_of):
+    for node in sorted(res.replies, key=state.site_order):
         site, reply = state.site_of(node), res.replies[node]
         arrays = from_record(reply.content.array_records["stats"]) if "stats" in reply.content.array_records else {}
         try:
@@ -912,7 +920,7 @@ def _secure_statistics(grid: Grid, settings: RunSettings, state: RunState, log: 
     except ValueError as exc:
         raise TooFewSitesError(f"{where}: the summed statistics are malformed: {exc}") from None
     per_site = {state.site_of(n): {**_site_counts(res.replies[n]), "stats": {}, "paired": {}}
-                for n in sorted(summed, key=state.site_of)}
+                for n in sorted(summed, key=state.site_order)}
     return pooled, paired, per_site
 
 

@@ -25,6 +25,7 @@ from common.metrics import (
     metrics_from_stats,
 )
 from common.settings import RunSettings
+from common.site_names import natural_key
 from common.stack import AVERAGED_STACKS, REDUCED_STACKS, fallback_words, left_out_words
 from server.explanation_doc import explanation_markdown, read_explanation
 from server.phases import MODELS, RunState
@@ -286,7 +287,8 @@ def _secure_sum(state: Any, settings: RunSettings) -> dict[str, Any]:
 
     if not state.secure:
         return {}
-    return {"sites": sorted(state.secure["index"]), "threshold": int(state.secure["roster"]["threshold"]),
+    return {"sites": sorted(state.secure["index"], key=natural_key),
+            "threshold": int(state.secure["roster"]["threshold"]),
             "distributed_noise": bool(settings.dp and settings.distributed_noise),
             "summed": sorted(SUMMED_RECORD),
             "unmasked_sums": sum(r.get("phase") == "secure-unmask" for r in state.rounds)}

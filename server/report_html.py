@@ -21,6 +21,7 @@ import numpy as np
 
 from common.files import write_text_atomic
 from common.metrics import METRIC_NAMES, EvalStats, calibration_points, pr_points, roc_points
+from common.site_names import natural_key
 from server.phases import MODELS
 from server.report import (
     CHARGED_PHASES,
@@ -168,7 +169,7 @@ def privacy_figure(doc: dict[str, Any]) -> str | None:
     # Sites often spend the same: each is drawn a little to the side, with its own marker, so none hides another.
     markers = "osD^vP*Xh<>"
     width = min(0.3, 0.6 / max(len(series), 1))
-    for i, (site, points) in enumerate(sorted(series.items())):
+    for i, (site, points) in enumerate(sorted(series.items(), key=lambda kv: natural_key(kv[0]))):
         shift = (i - (len(series) - 1) / 2) * width
         ax.plot([x + shift for x, _ in points], [y for _, y in points], marker=markers[i % len(markers)],
                 markersize=4, lw=1, label=site)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import GenofedError
+from common.site_names import natural_key
 
 
 class DemoError(GenofedError):
@@ -121,7 +122,8 @@ def run_demo(*, out: Path, patients: int, sites: int, rounds: int, epsilon: floa
     # measured rather than noised (at ~60 test patients a site, noise at test-epsilon 1 would swamp it).
     site_layout.set_layout_policy(out / "sites", test_statistics="exact")
     rows = []
-    for site_dir in sorted(p for p in (out / "sites").iterdir() if (p / "vault").is_dir()):
+    for site_dir in sorted((p for p in (out / "sites").iterdir() if (p / "vault").is_dir()),
+                           key=lambda p: natural_key(p.name)):
         key = KeySource.from_key_file(site_dir / "key")
         verified = Vault.open(site_dir / "vault", key).verify()
         rows.append({"site": site_dir.name, "inspect": inspect_vault(site_dir / "vault", key), "verify": verified})

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from common.errors import GenofedError
+from common.site_names import natural_key
 
 if TYPE_CHECKING:
     from common.cohort import Cohort
@@ -86,7 +87,8 @@ def load_input_cohort(args: argparse.Namespace) -> tuple[Cohort, str]:
         if args.key_file is None:
             raise EvaluateInputError("--vault needs --key-file")
         return load_cohort(args.vault, KeySource.from_key_file(args.key_file)), f"vault {args.vault}"
-    sites = sorted(p for p in Path(args.sites_dir).iterdir() if (p / "vault").is_dir()) if args.sites_dir.is_dir() else []
+    sites = sorted((p for p in Path(args.sites_dir).iterdir() if (p / "vault").is_dir()),
+                   key=lambda p: natural_key(p.name)) if args.sites_dir.is_dir() else []
     if not sites:
         raise EvaluateInputError(f"{args.sites_dir}: no DIR/<site>/vault folders; make them with `genofed cohort split --vaults`")
     cohorts = [load_cohort(s / "vault", KeySource.from_key_file(s / "key")) for s in sites]
