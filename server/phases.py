@@ -105,11 +105,20 @@ def _note_failures(state: RunState, log: RunLog, failures: dict[int, str], where
         log.warning(f"{where}: site {site} failed and leaves the run: {reason}")
 
 
+def excluded_words(excluded: dict[str, str]) -> str:
+    """Why sites left, one clause per reason: sites that left for the same reason are named together
+    (a policy that refuses the run at twelve sites is said once), in their natural order."""
+    by_reason: dict[str, list[str]] = {}
+    for site in sorted(excluded, key=natural_key):
+        by_reason.setdefault(excluded[site], []).append(site)
+    return "; ".join(f"{', '.join(sites)}: {reason}" for reason, sites in by_reason.items())
+
+
 def _require_quorum(state: RunState, settings: RunSettings, where: str, *, training: bool = True) -> list[int]:
     """The nodes to ask (``training``: without the held-out site), at least ``min-sites`` of them training."""
     nodes = state.active_nodes(training=training)
     if len(state.active_nodes()) < settings.min_sites:
-        gone = "; ".join(f"{s}: {r}" for s, r in state.excluded.items())
+        gone = excluded_words(state.excluded)
         raise TooFewSitesError(f"{where}: only {len(nodes)} site(s) left, min-sites is {settings.min_sites} ({gone})")
     return nodes
 
@@ -134,7 +143,7 @@ def run_census(grid: Grid, settings: RunSettings, state: RunState, log: RunLog) 
         infos = _drop_rolled_back_ledgers(infos, settings, state, log)
     infos = _drop_refusals(infos, state, log)
     if len(infos) < settings.min_sites:
-        gone = "".join(f"; {s}: {r}" for s, r in state.excluded.items())
+        gone = f"; {excluded_words(state.excluded)}" if state.excluded else ""
         raise CensusError(f"census: {len(infos)} site(s) can take part, min-sites is {settings.min_sites}{gone}")
     _check_schemas(infos)
     state.rounds.append({"phase": "census", **res.cost(),

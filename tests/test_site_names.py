@@ -27,3 +27,12 @@ def test_the_coordinator_orders_nodes_by_their_sites_natural_order() -> None:
     state = RunState(run_id="r")
     state.sites = {"7": "site-10", "3": "site-2", "9": "site-1"}
     assert sorted([7, 3, 9], key=state.site_order) == [9, 3, 7]
+
+
+def test_sites_that_left_for_the_same_reason_are_named_together_in_natural_order() -> None:
+    from server.phases import excluded_words
+
+    refused = "census: refused by the site's privacy policy: its policy requires differential privacy"
+    excluded = {"site-10": refused, "site-2": "cnn round 1: no reply within 150 s", "site-1": refused}
+    assert excluded_words(excluded) == (f"site-1, site-10: {refused}; "
+                                        "site-2: cnn round 1: no reply within 150 s")
