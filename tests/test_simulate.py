@@ -41,13 +41,15 @@ def test_simulation_engine_run_completes(tmp_path: Path, capsys: pytest.CaptureF
     log = (out / ".flower" / "superlink.log").read_text()
     assert log  # it did run
     # The same sites, asked for a run without DP: every site's default policy refuses it at the census,
-    # and the user reads one line naming each site and why, not a traceback.
+    # and the user reads one line naming each site and why (once: the three refused for the same
+    # reason), not a traceback.
     capsys.readouterr()
     assert main(["simulate", "--sites-dir", str(tmp_path / "sites"), "--out", str(tmp_path / "nodp"), "--no-dp"]) == 1
     stderr = capsys.readouterr().err
     err = [line for line in stderr.splitlines() if line.startswith("genofed: error")]  # (the rest: progress)
     assert len(err) == 1 and err[0].startswith("genofed: error: run ") and "Traceback" not in stderr
-    assert err[0].count("its policy requires differential privacy") == 3
+    assert err[0].count("its policy requires differential privacy") == 1
+    assert "site-1, site-2, site-3: census: refused by the site's privacy policy" in err[0]
     refused = json.loads((tmp_path / "nodp" / "events.jsonl").read_text().splitlines()[-1])
     assert refused["event"] == "failed"
 
