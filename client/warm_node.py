@@ -145,7 +145,10 @@ def serve_run(conn: multiprocessing.connection.Connection, link: RuntimeLink, po
             return
         if token is None:
             return
-        run_task(flw, link, token, apps)
+        try:
+            run_task(flw, link, token, apps)
+        except Exception:  # noqa: BLE001 - a worker that died here would take the next task's token with it
+            log.exception("a ClientApp task failed outside its handler; the worker goes on")
 
 
 def _forget_genofed_modules() -> None:

@@ -251,7 +251,8 @@ def run_task(flw: types.SimpleNamespace, link: RuntimeLink, token: str, apps: di
 
     ``apps`` caches the loaded ClientApp per FAB hash (install once, import once). The reply, or
     an error reply naming the exception as ``flwr-clientapp`` words it, and then the task's final
-    status and context go back to the SuperNode; nothing a handler raises escapes. ``flw`` is
+    status and context go back to the SuperNode; nothing a handler raises escapes, and a reply or
+    status the SuperNode does not take (a stopped run's) is logged, not raised. ``flw`` is
     :func:`check_flower_internals`' result, checked once per worker rather than per task.
     """
     rc = flw.run_clientapp
@@ -287,10 +288,14 @@ def run_task(flw: types.SimpleNamespace, link: RuntimeLink, token: str, apps: di
                 rc.push_message(client, reply, context)
         except Exception:  # noqa: BLE001 - the task's status still goes back
             log.exception("could not push the reply message")
-        rc.push_task_output(client=client, context=context, sub_status=status, details=details)
-        if heartbeat.is_running:
-            heartbeat.stop()
-        client.close()
+        try:
+            rc.push_task_output(client=client, context=context, sub_status=status, details=details)
+        except Exception:  # noqa: BLE001 - e.g. a stopped run's task; the worker must live on for the next
+            log.exception("could not push the task's status")
+        finally:
+            if heartbeat.is_running:
+                heartbeat.stop()
+            client.close()
     kind = message.metadata.message_type if message is not None else "?"
     log.info("task %s: %s in %.2f s (handler %.2f s)", kind, status, time.monotonic() - started, handler_s)
 

@@ -102,6 +102,8 @@ REFUSED_MARKERS = ("Exit Code: 305", "Failed to activate SuperNode")
 """What a refused (unregistered) SuperNode logs before it exits. Flower's "exit code" 305 is
 only logged: the process itself exits with status 1, as for every Flower error exit (1.42)."""
 _LOG_TAIL_LINES = 30
+_BLANK_LOG_LINES = {"\x1b[92mINFO \x1b[0m:", "INFO :"}
+"""Flower's empty log lines (coloured or not), left out of :meth:`LocalDeployment.log_tails`."""
 _EXECUTABLES = ("genofed", "flwr", "flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp",
                 "flwr-clientapp")
 _ACTIVATED = "SuperNode ID:"
@@ -543,6 +545,15 @@ class LocalDeployment(contextlib.AbstractContextManager["LocalDeployment"]):
             raise DeploymentError(f"no SuperNode named {name!r} (started: {', '.join(self.supernodes) or 'none'})")
         self._terminate([node], sig, grace=timeout)
         return node.popen.wait(timeout=1.0)
+
+    def log_tails(self, lines: int = 40) -> str:
+        """The last ``lines`` non-blank lines of the SuperLink's and every SuperNode's log, for a
+        failed run's message: a site's warm worker logs each task it ran, and what raised."""
+        parts = []
+        for proc in self._processes():
+            text = [ln for ln in proc.log_text().splitlines() if ln.strip() and ln.strip() not in _BLANK_LOG_LINES]
+            parts.append(f"--- {proc.describe()}\n" + "\n".join(text[-lines:]))
+        return "\n".join(parts)
 
     def pids(self) -> set[int]:
         """Process ids of every live process the deployment runs (daemons and their descendants).

@@ -46,7 +46,7 @@ def test_tls_federation_completes_and_writes_the_run_directory(deployment) -> No
     started = time.monotonic()
     settings = {**RUN, "run-dir": str(run_dir)}
     result = dep.run(APP_DIR, run_config=settings, timeout=420.0)
-    assert result.status.completed, result.log[-3000:]
+    assert result.status.completed, f"{result.log[-3000:]}\n{dep.log_tails()}"
     doc = json.loads((run_dir / "metrics.json").read_text())
     assert set(doc["sites"]) == {"site-1", "site-2", "site-3"}
     assert set(doc["privacy"]) == {"site-1", "site-2", "site-3"}
@@ -82,7 +82,7 @@ def test_killed_supernode_leaves_the_run_which_completes(deployment) -> None:
         time.sleep(0.5)
     dep.kill_supernode("site-3")
     status = dep.wait_run(run_id, timeout=420.0)
-    assert status.completed, dep.run_log(run_id)[-3000:]
+    assert status.completed, f"{dep.run_log(run_id)[-3000:]}\n{dep.log_tails()}"
     doc = json.loads((run_dir / "metrics.json").read_text())
     assert "site-3" in doc["missing_sites"]
     assert set(doc["sites"]) == {"site-1", "site-2"}
@@ -139,7 +139,7 @@ def test_serverapp_stopped_mid_run_resumes_to_the_same_model(deployment, tmp_pat
     assert dep.wait_run(run_id, timeout=120.0).status.startswith("finished:")
     assert not (run_dir / "metrics.json").exists()
     result = dep.run(APP_DIR, run_config={**settings, "run-dir": str(run_dir), "resume": True}, timeout=420.0)
-    assert result.status.completed, result.log[-3000:]
+    assert result.status.completed, f"{result.log[-3000:]}\n{dep.log_tails()}"
     assert "resuming run" in (run_dir / "run.log").read_text()
 
     # The reference: the same genofed run (sites seed their randomness with its id), uninterrupted.

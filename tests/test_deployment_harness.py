@@ -153,6 +153,9 @@ def test_tls_deployment_runs_refuses_unregistered_node_and_cleans_up(tmp_path: P
         assert answer["errors"] == [] and len(answer["nodes"]) == 3
         assert set(answer["sites"]) == {str(n) for n in dep.node_ids.values()}
         assert "probe: 3 sites answered" in result.log
+        tails = dep.log_tails(lines=5)  # what a failed run's message carries: every daemon's last lines
+        assert tails.count("--- ") == 5 and "SuperLink" in tails and "SuperNode site-3" in tails
+        assert "\x1b[92mINFO \x1b[0m:\n" not in tails  # Flower's blank lines left out
 
         # Refused: Flower logs exit code 305 / "Failed to activate SuperNode" and the process exits with 1.
         assert intruder.wait_exit(30) == 1, intruder.log_tail()

@@ -200,3 +200,43 @@ def test_only_supernode_passes_unknown_options_on() -> None:
     out = subprocess.run([sys.executable, "-m", "simulations.cli", "keygen", "--out", "/nonexistent/k", "--superlink", "x"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "unrecognized arguments: --superlink x" in out.stderr
+
+
+def test_a_task_whose_run_was_stopped_is_logged_not_raised(caplog: pytest.LogCaptureFixture) -> None:
+    """A stopped run's task: the SuperNode gives no input and takes no status. run_task must not
+    raise, or the warm worker dies and the next task's token, already in its pipe, is lost (the
+    site then misses a round of a run that is running)."""
+    import types
+
+    flw = fi.check_flower_internals()
+    closed, beats = [], []
+
+    class Client:
+        def close(self) -> None:
+            closed.append(True)
+
+    class Heartbeat:
+        is_running = False
+
+        def __init__(self, fn) -> None:
+            pass
+
+        def start(self) -> None:
+            self.is_running = True
+            beats.append("start")
+
+        def stop(self) -> None:
+            self.is_running = False
+            beats.append("stop")
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("Run 7 is not in RUNNING status")
+
+    rc = types.SimpleNamespace(pull_task_input=refuse, push_message=refuse, push_task_output=refuse)
+    stand_in = types.SimpleNamespace(**{**vars(flw), "run_clientapp": rc, "HeartbeatSender": Heartbeat,
+                                        "make_task_heartbeat_fn_http": lambda client: None})
+    link = types.SimpleNamespace(client=lambda flw, token=None: Client())
+    with caplog.at_level("INFO", logger="genofed.flower"):
+        fi.run_task(stand_in, link, "token", {})  # returns: nothing escapes
+    assert beats == ["start", "stop"] and closed == [True]
+    assert "could not push the task's status" in caplog.text and "task ?: " in caplog.text
