@@ -258,20 +258,23 @@ def fit_forest(data: SiteData, pre: TabularPreprocessor | None, *, embedding: Ge
 def fit_local_models(data: SiteData, *, forest_trees: int, glm_c: float, glm_max_features: int,
                      calibrate: bool, seed: int) -> dict[str, Any]:
     """A site's own models on its train split, as a hospital alone fits them (without DP): the forest
-    with its preprocessing, the GLM with the site's own scaler and the classes it saw, and (with
-    ``calibrate``) both models' Platt maps for the stack (:mod:`client.calibration`). The keys are
-    the vault's ``model/local`` record's (:func:`client.model_store.save_local_models`)."""
+    with its preprocessing, the GLM with the site's own scaler, the classes it saw and its penalty
+    chosen by cross-validation (:mod:`client.site_glm`; ``glm_c`` where folds cannot be had), and
+    (with ``calibrate``) both models' Platt maps for the stack (:mod:`client.calibration`). The keys
+    are the vault's ``model/local`` record's (:func:`client.model_store.save_local_models`)."""
     from client.calibration import FOLDS, site_model_maps
+    from client.site_glm import choose_site_glm_c
     from common.glm import FederatedGLM
 
     pre = fit_tabular_preprocessor(data)
     forest = fit_forest(data, pre, n_estimators=forest_trees, random_state=seed)
     scaler = fit_shared_scaler(data, max_glm_columns=glm_max_features)
     y = data.y[data.masks["train"]]
-    maps = site_model_maps(forest=forest, glm_fit=lambda x, t: FederatedGLM(C=glm_c).fit(x, t),
-                           x_glm=glm_matrix(data, "train", scaler), y=y, n_classes=data.n_classes,
-                           folds=FOLDS, seed=seed) if calibrate else {}
-    return {"forest": forest, "preprocessor": pre, "site_glm": fit_glm(data, scaler, C=glm_c), "site_scaler": scaler,
+    x_glm = glm_matrix(data, "train", scaler)
+    c = choose_site_glm_c(x_glm, y, folds=FOLDS, seed=seed, default=glm_c)
+    maps = site_model_maps(forest=forest, glm_fit=lambda x, t: FederatedGLM(C=c).fit(x, t), x_glm=x_glm, y=y,
+                           n_classes=data.n_classes, folds=FOLDS, seed=seed) if calibrate else {}
+    return {"forest": forest, "preprocessor": pre, "site_glm": FederatedGLM(C=c).fit(x_glm, y), "site_scaler": scaler,
             "site_glm_classes": np.unique(y).tolist(), "calibration": maps}
 
 

@@ -162,15 +162,20 @@ def test_pooled_sites_also_give_the_site_forest_reference(small_spec: Path, tmp_
     own = fit_forest(first, pre, n_estimators=settings.forest_trees, random_state=settings.seed)
     np.testing.assert_allclose(proba["forest"][:n_first], own.predict_proba(forest_matrix(first, "test", pre)))
     scaler = fit_shared_scaler(first, max_glm_columns=settings.glm_max_features)
-    glm = fit_glm(first, scaler, C=settings.glm_C)
+    from client.calibration import FOLDS
+    from client.site_glm import choose_site_glm_c
+
+    c = choose_site_glm_c(glm_matrix(first, "train", scaler), first.y[first.masks["train"]], folds=FOLDS,
+                          seed=settings.seed, default=settings.glm_C)
+    glm = fit_glm(first, scaler, C=c)
     np.testing.assert_allclose(proba["site-logreg"][:n_first], glm.predict_proba(glm_matrix(first, "test", scaler)))
     for name in ("forest", "site-logreg"):
         assert ref[name]["auc"] == compute_metrics(data.y[data.masks["test"]], proba[name], n_classes=2)["auc"]
     # The stack reads them through each site's own Platt maps, as a federated site's stack does.
-    from client.calibration import FOLDS, apply_platt, site_model_maps
+    from client.calibration import apply_platt, site_model_maps
     from common.glm import FederatedGLM
 
-    maps = site_model_maps(forest=own, glm_fit=lambda a, b: FederatedGLM(C=settings.glm_C).fit(a, b),
+    maps = site_model_maps(forest=own, glm_fit=lambda a, b: FederatedGLM(C=c).fit(a, b),
                            x_glm=glm_matrix(first, "train", scaler), y=first.y[first.masks["train"]], n_classes=2,
                            folds=FOLDS, seed=settings.seed)
     assert set(maps) == {"forest", "site-logreg"}

@@ -31,6 +31,7 @@ from client.pipeline import (
     glm_matrix,
     meta_features,
 )
+from client.site_glm import C_GRID
 from client.vault import KeySource, Vault
 from common.glm import FederatedGLM
 from common.meta import StackingMetaClassifier, flat_coef, selected_model
@@ -467,7 +468,10 @@ def test_site_alone_rows_are_each_sites_own_models(sites: Path, tmp_path: Path) 
     for name, vault in _site_vaults(sites):
         data = SiteData.from_cohort(load_cohort(vault))
         scaler = fit_shared_scaler(data, max_glm_columns=defaults.glm_max_features)  # the site's own moments
-        glm = fit_glm(data, scaler, C=defaults.glm_c)
+        # its penalty is the one it chose by cross-validation (client.site_glm), refitted here
+        chosen = load_local_models(vault)["site_glm"].C
+        assert chosen in C_GRID
+        glm = fit_glm(data, scaler, C=chosen)
         row = alone["sites"][name]
         for split, got in (("test", row["logreg"]["auc"]), ("validation", row["validation_auc"]["logreg"])):
             y = data.y[data.masks[split]]
