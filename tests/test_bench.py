@@ -59,7 +59,8 @@ def test_scale_bench_measures_memory_and_the_same_bytes_per_site_at_any_size(tmp
     assert (tmp_path / "b" / "scale.md").read_text().startswith("### Simulated federations")
 
 
-@pytest.mark.parametrize("module", ["dp_glm", "dp_meta", "fedavg_gap", "forest_selection", "site_glm_stack"])
+@pytest.mark.parametrize("module", ["dp_glm", "dp_meta", "fedavg_gap", "forest_selection", "site_glm_stack",
+                                    "site_glm_c"])
 @pytest.mark.parametrize("make", ["missing", "empty"])
 def test_a_benchmark_given_no_layout_says_so_in_one_line(module: str, make: str, tmp_path: Path, capsys) -> None:
     """A benchmark pointed at a missing folder, or at one without site vaults, exits with one line
@@ -100,3 +101,24 @@ def test_stack_candidates_given_no_run_or_no_layout_says_so_in_one_line(make: st
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     where = run_dir / "metrics.json" if make == "no-run" else sites
     assert err.startswith(f"{prog}: error: {where}: ")
+
+
+def test_site_glm_c_scores_each_sites_glm_at_the_fixed_and_the_chosen_penalty(tmp_path: Path) -> None:
+    from client.site_glm import C_GRID
+    from simulations.benchmarks.site_glm_c import run
+    from simulations.site_layout import split_cohort
+    from simulations.synthetic import write_synthetic_cohort
+
+    write_synthetic_cohort(out=tmp_path / "cohort", patients=300, seed=5)
+    split_cohort(spec_path=tmp_path / "cohort" / "spec.toml", sites=3, by="iid", out=tmp_path / "sites", seed=0,
+                 vaults=True, show_progress=False)
+    fixed = run(sites_dir=tmp_path / "sites", glm_c=0.1, seed=0)
+    assert fixed["sites"] == 3 and len(fixed["chosen_c"]) == 3 and set(fixed["chosen_c"]) <= set(C_GRID)
+    for name in ("fixed", "chosen"):
+        assert 0.0 <= fixed[name]["pooled_test_auc"] <= 1.0 and fixed[name]["sites_in_mean"] == 3
+    # a fixed penalty that is one of the grid's and that every site chose scores the same both ways
+    only = run(sites_dir=tmp_path / "sites", glm_c=fixed["chosen_c"][0], seed=0)
+    if len(set(fixed["chosen_c"])) == 1:
+        assert only["fixed"] == only["chosen"]
+    else:
+        assert only["fixed"] != only["chosen"]
