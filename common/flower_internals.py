@@ -251,8 +251,8 @@ def run_task(flw: types.SimpleNamespace, link: RuntimeLink, token: str, apps: di
 
     ``apps`` caches the loaded ClientApp per FAB hash (install once, import once). The reply, or
     an error reply naming the exception as ``flwr-clientapp`` words it, and then the task's final
-    status and context go back to the SuperNode; nothing a handler raises escapes, and a reply or
-    status the SuperNode does not take (a stopped run's) is logged, not raised. ``flw`` is
+    status and context go back to the SuperNode; nothing a handler raises escapes, and a failure to
+    push the reply or the status is logged, not raised. ``flw`` is
     :func:`check_flower_internals`' result, checked once per worker rather than per task.
     """
     rc = flw.run_clientapp
@@ -290,7 +290,7 @@ def run_task(flw: types.SimpleNamespace, link: RuntimeLink, token: str, apps: di
             log.exception("could not push the reply message")
         try:
             rc.push_task_output(client=client, context=context, sub_status=status, details=details)
-        except Exception:  # noqa: BLE001 - e.g. a stopped run's task; the worker must live on for the next
+        except Exception:  # noqa: BLE001 - Flower catches only httpx's errors here; the worker must live on
             log.exception("could not push the task's status")
         finally:
             if heartbeat.is_running:
