@@ -378,7 +378,10 @@ def test_long_partition_the_hospital_is_named_missing_and_no_round_counts_twice(
         assert not all(with_it), f"named missing but in every CNN round: {missing}"
         first_absent = with_it.index(False) + 1
         assert first_absent >= 2 and not any(with_it[first_absent - 1:]), with_it
-        assert missing[PARTITIONED] == f"CNN round {first_absent}: no reply within {ROUND_TIMEOUT:.0f} s", missing
+        # Either nothing came back in time, or the cut fell inside the reply's upload: the SuperLink
+        # then answers with Flower's error for a reply whose objects never arrived (seen once in CI).
+        assert re.fullmatch(rf"CNN round {first_absent}: (no reply within {ROUND_TIMEOUT:.0f} s|error code 3: Reply "
+                            r"message objects are unavailable\. .*)", missing[PARTITIONED]), missing
         assert set(run.doc["sites"]) == set(HOSPITALS) - {PARTITIONED}
         assert f"site {PARTITIONED} failed and leaves the run" in (run.run_dir / "run.log").read_text()
     else:  # it had replied before the cut
