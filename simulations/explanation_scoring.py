@@ -49,40 +49,58 @@ def within_one_mismatch(kmer: str, motif: str) -> bool:
 
 def pooled_ranking(cohort: Any, *, shares: dict[str, float], trees: int, glm_c: float,
                    glm_max_features: int = 256) -> list[dict[str, Any]]:
-    """The consensus ranking of a forest and a GLM fitted on pooled data, explained on its validation
+    """The consensus ranking of the tabular models fitted on pooled data, explained on its validation
     split with the sites' estimator (unit-scaled patients, the same shares): the pooled analysis a
-    federation's explanation should agree with."""
-    from client.explain import attribution_sums, forest_attributions, linear_attributions
+    federation's explanation should agree with.
+
+    The models are those whose attributions the federation sums: a forest, the GLM at ``glm_c``
+    (the federated GLM's pooled equal) and, for the sites' own GLMs, a GLM whose penalty is chosen
+    on the pooled train split by the rule every site applies to its own
+    (:func:`client.site_glm.choose_site_glm_c`)."""
+    from client.calibration import FOLDS
+    from client.explain import attribution_sums, forest_attributions
     from client.handlers import public_schema
     from client.pipeline import (
         SiteData,
         fit_forest,
-        fit_glm,
         fit_shared_scaler,
         fit_tabular_preprocessor,
         forest_matrix,
         glm_matrix,
     )
+    from client.site_glm import choose_site_glm_c
     from common.explanation import consensus_ranking, feature_layout, global_explanation
-    from common.meta import flat_coef
 
     data = SiteData.from_cohort(cohort)
     layout = feature_layout(cohort.schema, named=True)
     pre = fit_tabular_preprocessor(data)
     forest = fit_forest(data, pre, n_estimators=trees, random_state=0)
     scaler = fit_shared_scaler(data, max_glm_columns=glm_max_features)
-    x = glm_matrix(data, "validation", scaler)
-    phi = linear_attributions(flat_coef(fit_glm(data, scaler, C=glm_c)), x, n_classes=len(cohort.classes))
-    full = np.zeros((*phi.shape[:2], len(layout.column_feature)))
-    full[:, :, scaler.glm_columns] = phi
+    site_c = choose_site_glm_c(glm_matrix(data, "train", scaler), data.y[data.masks["train"]], folds=FOLDS, seed=0,
+                               default=glm_c)
     forest_phi = layout.group(forest_attributions(forest, forest_matrix(data, "validation", pre),
                                                   n_classes=len(cohort.classes)))
     sums = {f"forest.{k}": v for k, v in attribution_sums(forest_phi, clip=1.0, normalize=True).items()}
-    sums |= {f"logreg.{k}": v for k, v in attribution_sums(layout.group(full), clip=1.0, normalize=True).items()}
+    for model, c in (("logreg", glm_c), ("site-logreg", site_c)):
+        phi = _glm_attributions(data, scaler, layout, c=c, n_classes=len(cohort.classes))
+        sums |= {f"{model}.{k}": v for k, v in attribution_sums(phi, clip=1.0, normalize=True).items()}
     public = public_schema(cohort.schema)
     pooled = global_explanation(sums, schema=public, classes=list(cohort.classes),
                                 patients=int(data.masks["validation"].sum()), motifs=None)
     return consensus_ranking(pooled["models"], shares, feature_layout(public), pooled["outputs"])
+
+
+def _glm_attributions(data: Any, scaler: Any, layout: Any, *, c: float, n_classes: int) -> np.ndarray:
+    """A GLM fitted at ``c`` on the train split, attributed on the validation split, per feature."""
+    from client.explain import linear_attributions
+    from client.pipeline import fit_glm, glm_matrix
+    from common.meta import flat_coef
+
+    phi = linear_attributions(flat_coef(fit_glm(data, scaler, C=c)), glm_matrix(data, "validation", scaler),
+                              n_classes=n_classes)
+    full = np.zeros((*phi.shape[:2], len(layout.column_feature)))
+    full[:, :, scaler.glm_columns] = phi
+    return layout.group(full)
 
 
 def spearman_top(reference: list[dict[str, Any]], federated: list[dict[str, Any]], *, top: int = 20) -> float:

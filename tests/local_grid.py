@@ -8,6 +8,7 @@ in tests only; end-to-end tests use the real Simulation Engine and a real SuperL
 
 from __future__ import annotations
 
+import random
 import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -103,3 +104,11 @@ def reference_layout(root: Path, *, patients: int, sites: int = 3, seed: int = 5
                  vaults=True, show_progress=False)
     set_layout_policy(root / "sites", require_dp=False, test_statistics="exact")
     return root / "sites"
+
+
+def fixed_key_bytes(seed: int) -> Callable[..., bytes]:
+    """``secrets.token_bytes`` made reproducible, for patching ``client.vault.secrets.token_bytes``
+    while a layout's vaults are made: each site seeds its models, sampling and DP noise from its
+    vault key and the run id, so fixed keys (with a fixed run id) make a whole run repeat exactly."""
+    rng = random.Random(seed)
+    return lambda n=32: rng.randbytes(n)

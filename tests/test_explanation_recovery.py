@@ -18,6 +18,7 @@ from client.client_app import app as client_app
 from client.cohort_store import load_cohort
 from client.vault import KeySource, Vault
 from common.settings import RunSettings
+from server.phases import RunState
 from server.server_app import run_federation
 from simulations.explanation_scoring import (
     noised_explanation,
@@ -28,7 +29,7 @@ from simulations.explanation_scoring import (
 )
 from simulations.site_layout import set_layout_policy, split_cohort
 from simulations.synthetic import write_synthetic_cohort
-from tests.local_grid import LocalGrid, node_configs
+from tests.local_grid import LocalGrid, fixed_key_bytes, node_configs
 
 pytestmark = pytest.mark.slow  # (nearly) every test here runs a federation; tests/conftest.py orders files by it
 
@@ -40,12 +41,18 @@ RUN = dict(cnn_rounds=4, local_epochs=2, forest_trees=100, wait_timeout=2.0, rou
 def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("recovery")
     write_synthetic_cohort(out=root / "cohort", patients=3000, seed=5)
-    split_cohort(spec_path=root / "cohort" / "spec.toml", sites=3, by="iid", out=root / "sites", seed=0,
-                 vaults=True, show_progress=False)
-    set_layout_policy(root / "sites", require_dp=False, test_statistics="exact")
-    settings = RunSettings(run_dir=str(root / "run"), dp=False, **RUN)
-    doc = run_federation(LocalGrid(client_app, node_configs(root / "sites"), run_config=settings.to_run_config()),
-                         settings)
+    # Fixed vault keys and run id: the sites seed their forests from them, and the agreement with a
+    # pooled analysis varies with those seeds (docs/explanations.md: 0.89-0.98 over 20 runs). Fixed,
+    # every run of this module measures the same federation.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("client.vault.secrets.token_bytes", fixed_key_bytes(0))
+        mp.setattr("server.server_app.new_state", lambda: RunState(run_id="recovery01"))
+        split_cohort(spec_path=root / "cohort" / "spec.toml", sites=3, by="iid", out=root / "sites", seed=0,
+                     vaults=True, show_progress=False)
+        set_layout_policy(root / "sites", require_dp=False, test_statistics="exact")
+        settings = RunSettings(run_dir=str(root / "run"), dp=False, **RUN)
+        doc = run_federation(LocalGrid(client_app, node_configs(root / "sites"), run_config=settings.to_run_config()),
+                             settings)
     return {"root": root, "doc": doc, "explanation": json.loads((root / "run" / "explanation.json").read_text())}
 
 
@@ -74,12 +81,15 @@ def test_the_top_motif_is_a_planted_one_within_one_mismatch(run: dict[str, Any])
 
 
 def test_the_federated_ranking_agrees_with_a_pooled_analysis(run: dict[str, Any]) -> None:
-    """SHAP of a forest and a GLM fitted on the pooled sites, on the pooled validation splits, ranks
-    the top features like the federation's sums (Spearman over the pooled top 30).
+    """SHAP of the tabular models fitted on the pooled sites (a forest, the GLM at ``glm-c`` and one
+    at the penalty the sites' own rule picks), on the pooled validation splits, ranks the top features
+    like the federation's sums (Spearman over the pooled top 30); the federated GLM's own ranking
+    is the pooled GLM's.
 
-    The sites seed their models from the run id, so every run differs. Over 8 runs of this cohort
-    Spearman over the top 20 ranged 0.88-0.97 (its tail holds near ties, ordered by that seed), over
-    the top 30 0.94-0.98: the bound is on the top 30."""
+    The site forests rank the tail (near ties of weak features) unlike a forest on three times their
+    data, so the consensus's agreement falls with the forests' share of the stack: 0.96-0.98 over
+    the 15 of 20 runs with random seeds whose stack kept the site GLM, 0.89-0.97 over the 5 whose
+    stack dropped it (docs/explanations.md). The fixture fixes the seeds; the bound is on the top 30."""
     from common.cohort import concat_cohorts
 
     cohort = concat_cohorts([load_cohort(v) for _, v in _vaults(run["root"])])
@@ -87,6 +97,9 @@ def test_the_federated_ranking_agrees_with_a_pooled_analysis(run: dict[str, Any]
                                glm_c=RunSettings().glm_c)
     rho = spearman_top(reference, run["explanation"]["features"], top=30)
     assert rho >= 0.9, (rho, [f["feature"] for f in reference[:30]])
+    glm_only = {"forest": 0.0, "logreg": 1.0, "site-logreg": 0.0}
+    pooled_glm = pooled_ranking(cohort, shares=glm_only, trees=RUN["forest_trees"], glm_c=RunSettings().glm_c)
+    assert spearman_top(pooled_glm, run["explanation"]["models"]["logreg"]["features"], top=30) >= 0.98
 
 
 def test_a_noised_release_at_epsilon_1_still_recovers_the_truth(run: dict[str, Any]) -> None:

@@ -23,7 +23,6 @@ the hybrid reads only DP-trained models and meets it as the deep model does.
 from __future__ import annotations
 
 import dataclasses
-import random
 import shutil
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,7 @@ from server.server_app import run_federation
 from simulations import membership as mb
 from simulations.site_layout import set_layout_policy, split_cohort
 from simulations.synthetic import write_synthetic_cohort
-from tests.local_grid import LocalGrid, node_configs
+from tests.local_grid import LocalGrid, fixed_key_bytes, node_configs
 
 pytestmark = [pytest.mark.attack, pytest.mark.slow, pytest.mark.timeout(1200)]
 
@@ -55,13 +54,6 @@ TARGET = 0.55
 MODELS = ("cnn", "hybrid", "forest")
 
 
-def _fixed_key_bytes(seed: int) -> Any:
-    """``secrets.token_bytes`` made reproducible for the layout's vault keys: each site's DP noise is
-    drawn from its vault key, so fixed keys make every measured AUC the same on every run."""
-    rng = random.Random(seed)
-    return lambda n=32: rng.randbytes(n)
-
-
 @pytest.fixture(scope="module")
 def layout(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("membership")
@@ -70,7 +62,7 @@ def layout(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     spec = load_spec(root / "cohort" / "spec.toml")
     write_spec(dataclasses.replace(spec, split=dataclasses.replace(spec.split, **SPLIT)), root / "cohort" / "spec.toml")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("client.vault.secrets.token_bytes", _fixed_key_bytes(0))
+        mp.setattr("client.vault.secrets.token_bytes", fixed_key_bytes(0))
         split_cohort(spec_path=root / "cohort" / "spec.toml", sites=6, by="iid", out=root / "all", seed=0,
                      vaults=True, show_progress=False)
     set_layout_policy(root / "all", require_dp=False, test_statistics="exact")
