@@ -117,10 +117,14 @@ def out_of_fold_proba(fit: Callable[[np.ndarray, np.ndarray], object], x: np.nda
 
 
 def site_model_maps(*, forest: object, glm_fit: Callable[[np.ndarray, np.ndarray], object], x_glm: np.ndarray,
-                    y: np.ndarray, n_classes: int, folds: int, seed: int) -> dict[str, dict[str, Any]]:
+                    y: np.ndarray, n_classes: int, folds: int, seed: int,
+                    glm_oof: np.ndarray | None = None) -> dict[str, dict[str, Any]]:
     """Each site model's Platt map (``forest``, ``site-logreg``) from its train split ``y`` (class
     indices of the cohort's ``n_classes``); a model whose out-of-fold predictions cannot be had keeps
-    its probabilities as they are (it is left out of the result)."""
+    its probabilities as they are (it is left out of the result). ``glm_oof``: the GLM's out-of-fold
+    probabilities over the classes of ``y`` when already computed (on the same ``folds`` and
+    ``seed``, as :func:`client.site_glm.select_site_glm_penalty` does); otherwise ``glm_fit`` is
+    refitted on each fold."""
     from client.pipeline import over_all_classes
 
     if len(np.unique(y)) < 2:
@@ -130,9 +134,11 @@ def site_model_maps(*, forest: object, glm_fit: Callable[[np.ndarray, np.ndarray
         proba, ok = oob
         proba = over_all_classes(proba, np.asarray(forest.classes_, dtype=int), n_classes)
         maps["forest"] = fit_platt(proba[ok], y[ok], n_classes=n_classes)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a fold's GLM that does not converge still gives probabilities
-        oof = out_of_fold_proba(glm_fit, x_glm, y, folds=folds, seed=seed)
+    oof = glm_oof
+    if oof is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a fold's GLM that does not converge still gives probabilities
+            oof = out_of_fold_proba(glm_fit, x_glm, y, folds=folds, seed=seed)
     if oof is not None:
         maps["site-logreg"] = fit_platt(over_all_classes(oof, np.unique(y), n_classes), y, n_classes=n_classes)
     return maps

@@ -263,7 +263,7 @@ def fit_local_models(data: SiteData, *, forest_trees: int, glm_c: float, glm_max
     (with ``calibrate``) both models' Platt maps for the stack (:mod:`client.calibration`). The keys
     are the vault's ``model/local`` record's (:func:`client.model_store.save_local_models`)."""
     from client.calibration import FOLDS, site_model_maps
-    from client.site_glm import choose_site_glm_c
+    from client.site_glm import select_site_glm_penalty
     from common.glm import FederatedGLM
 
     pre = fit_tabular_preprocessor(data)
@@ -271,9 +271,11 @@ def fit_local_models(data: SiteData, *, forest_trees: int, glm_c: float, glm_max
     scaler = fit_shared_scaler(data, max_glm_columns=glm_max_features)
     y = data.y[data.masks["train"]]
     x_glm = glm_matrix(data, "train", scaler)
-    c = choose_site_glm_c(x_glm, y, folds=FOLDS, seed=seed, default=glm_c)
+    penalty = select_site_glm_penalty(x_glm, y, folds=FOLDS, seed=seed, default=glm_c)
+    c = penalty.c
     maps = site_model_maps(forest=forest, glm_fit=lambda x, t: FederatedGLM(C=c).fit(x, t), x_glm=x_glm, y=y,
-                           n_classes=data.n_classes, folds=FOLDS, seed=seed) if calibrate else {}
+                           n_classes=data.n_classes, folds=FOLDS, seed=seed,
+                           glm_oof=penalty.oof_proba) if calibrate else {}
     return {"forest": forest, "preprocessor": pre, "site_glm": FederatedGLM(C=c).fit(x_glm, y), "site_scaler": scaler,
             "site_glm_classes": np.unique(y).tolist(), "calibration": maps}
 

@@ -11,6 +11,7 @@ keeps the run's ``glm-c``. docs/learning.md measures what it changes.
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -18,34 +19,45 @@ C_GRID = (0.0003, 0.001, 0.003, 0.01, 0.03, 0.1)
 """The penalties a site chooses from (inverse strengths, as ``glm-c``). Measured on five layouts
 (docs/learning.md), the sites' choices fell within 0.0003-0.03; the run's ``glm-c`` (0.1) ends it."""
 
-_FLOOR = 1e-12
+
+@dataclass(frozen=True)
+class PenaltyChoice:
+    """The chosen ``c`` and its GLM's out-of-fold probabilities on the train split (over the classes
+    of ``y``; None where folds could not be had and ``c`` is the default). The site's Platt map is
+    fitted on these very predictions (:func:`client.calibration.site_model_maps`), so they are
+    kept rather than refitted."""
+
+    c: float
+    oof_proba: np.ndarray | None
 
 
-def choose_site_glm_c(x: np.ndarray, y: np.ndarray, *, folds: int, seed: int, default: float) -> float:
-    """The ``C`` of :data:`C_GRID` with the lowest out-of-fold log-loss on ``(x, y)``.
+def select_site_glm_penalty(x: np.ndarray, y: np.ndarray, *, folds: int, seed: int, default: float) -> PenaltyChoice:
+    """The ``C`` of :data:`C_GRID` with the lowest out-of-fold log-loss on ``(x, y)``, with its
+    out-of-fold probabilities.
 
     ``default`` where out-of-fold predictions cannot be had (a class with fewer records than two
     folds need, or a single class). Ties keep the stronger penalty (the smaller ``C``).
     """
+    from sklearn.metrics import log_loss
+
     from client.calibration import out_of_fold_proba
     from common.glm import FederatedGLM
 
-    _, y_idx = np.unique(y, return_inverse=True)
-    best_loss, best_c = np.inf, default
+    best = PenaltyChoice(c=default, oof_proba=None)
+    best_loss = np.inf
     for c in C_GRID:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a fold's GLM that does not converge still gives probabilities
             oof = out_of_fold_proba(lambda a, b, c=c: FederatedGLM(C=c).fit(a, b), x, y, folds=folds, seed=seed)
         if oof is None:
-            return default
-        loss = _log_loss(oof, y_idx)
+            return PenaltyChoice(c=default, oof_proba=None)
+        # A fold that never saw a class gives it probability 0: log_loss clips it.
+        loss = log_loss(y, oof, labels=np.unique(y))
         if loss < best_loss:
-            best_loss, best_c = loss, c
-    return best_c
+            best_loss, best = loss, PenaltyChoice(c=c, oof_proba=oof)
+    return best
 
 
-def _log_loss(proba: np.ndarray, y_idx: np.ndarray) -> float:
-    """Mean log-loss; a fold that never saw a class gives it probability 0, floored here."""
-    p = np.clip(proba, _FLOOR, None)
-    p = p / p.sum(axis=1, keepdims=True)
-    return float(-np.mean(np.log(p[np.arange(len(y_idx)), y_idx])))
+def choose_site_glm_c(x: np.ndarray, y: np.ndarray, *, folds: int, seed: int, default: float) -> float:
+    """The ``C`` of :func:`select_site_glm_penalty`."""
+    return select_site_glm_penalty(x, y, folds=folds, seed=seed, default=default).c

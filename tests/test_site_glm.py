@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from client.site_glm import C_GRID, choose_site_glm_c
+from client.site_glm import C_GRID, choose_site_glm_c, select_site_glm_penalty
 
 
 def _logistic(n: int, d: int, informative: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -44,3 +44,30 @@ def test_a_site_without_folds_for_every_class_keeps_the_default() -> None:
     y[0] = 1  # one case: no two folds can each hold one
     assert choose_site_glm_c(x, y, folds=5, seed=0, default=0.1) == 0.1
     assert choose_site_glm_c(x, np.zeros(40, dtype=int), folds=5, seed=0, default=0.07) == 0.07
+
+
+def test_the_chosen_penalty_s_out_of_fold_predictions_are_the_platt_map_s() -> None:
+    """The site's Platt map reads the choice's out-of-fold probabilities instead of refitting the
+    folds: the map is the one a refit gives."""
+    from client.calibration import out_of_fold_proba, site_model_maps
+    from client.forest import SiteForest
+    from common.glm import FederatedGLM
+
+    x, y = _logistic(200, 20, 3, seed=5)
+    choice = select_site_glm_penalty(x, y, folds=5, seed=7, default=0.1)
+    fit = lambda a, b: FederatedGLM(C=choice.c).fit(a, b)  # noqa: E731
+    np.testing.assert_array_equal(choice.oof_proba, out_of_fold_proba(fit, x, y, folds=5, seed=7))
+    forest = SiteForest(n_estimators=20, random_state=0).fit(x, y)
+    kept = site_model_maps(forest=forest, glm_fit=fit, x_glm=x, y=y, n_classes=2, folds=5, seed=7,
+                           glm_oof=choice.oof_proba)
+    refit = site_model_maps(forest=forest, glm_fit=fit, x_glm=x, y=y, n_classes=2, folds=5, seed=7)
+    assert kept.keys() == refit.keys() == {"forest", "site-logreg"}
+    for model in kept:
+        for key, value in kept[model].items():
+            np.testing.assert_array_equal(np.asarray(value), np.asarray(refit[model][key]))
+
+
+def test_without_folds_the_choice_has_no_out_of_fold_predictions() -> None:
+    x, y = _logistic(40, 5, 2, seed=4)
+    choice = select_site_glm_penalty(x, np.zeros(40, dtype=int), folds=5, seed=0, default=0.07)
+    assert choice.c == 0.07 and choice.oof_proba is None
