@@ -49,9 +49,17 @@ def within_one_mismatch(kmer: str, motif: str) -> bool:
 
 def pooled_ranking(cohort: Any, *, shares: dict[str, float], trees: int, glm_c: float,
                    glm_max_features: int = 256) -> list[dict[str, Any]]:
-    """The consensus ranking of the tabular models fitted on pooled data, explained on its validation
-    split with the sites' estimator (unit-scaled patients, the same shares): the pooled analysis a
-    federation's explanation should agree with.
+    """The consensus ranking of :func:`pooled_explanation`."""
+    return pooled_explanation(cohort, shares=shares, trees=trees, glm_c=glm_c,
+                              glm_max_features=glm_max_features)["features"]
+
+
+def pooled_explanation(cohort: Any, *, shares: dict[str, float], trees: int, glm_c: float,
+                       glm_max_features: int = 256) -> dict[str, Any]:
+    """The global explanation of the tabular models fitted on pooled data, explained on its
+    validation split with the sites' estimator (unit-scaled patients), its consensus ``features``
+    weighted by the run's ``shares``: the pooled analysis a federation's explanation should agree
+    with, model by model (``models``) and as a whole.
 
     The models are those whose attributions the federation sums: a forest, the GLM at ``glm_c``
     (the federated GLM's pooled equal) and, for the sites' own GLMs, a GLM whose penalty is chosen
@@ -87,7 +95,8 @@ def pooled_ranking(cohort: Any, *, shares: dict[str, float], trees: int, glm_c: 
     public = public_schema(cohort.schema)
     pooled = global_explanation(sums, schema=public, classes=list(cohort.classes),
                                 patients=int(data.masks["validation"].sum()), motifs=None)
-    return consensus_ranking(pooled["models"], shares, feature_layout(public), pooled["outputs"])
+    features = consensus_ranking(pooled["models"], shares, feature_layout(public), pooled["outputs"])
+    return {**pooled, "features": features, "shares": dict(shares)}
 
 
 def _glm_attributions(data: Any, scaler: Any, layout: Any, *, c: float, n_classes: int) -> np.ndarray:
