@@ -122,3 +122,23 @@ def test_site_glm_c_scores_each_sites_glm_at_the_fixed_and_the_chosen_penalty(tm
         assert only["fixed"] == only["chosen"]
     else:
         assert only["fixed"] != only["chosen"]
+
+
+def test_explanation_recovery_spread_is_the_range_over_federations() -> None:
+    from simulations.benchmarks.explanation_recovery import SPREAD_KEYS, spread
+
+    runs = [{k: v for k in SPREAD_KEYS} | {"top_motif": "GAATTT"} for v in (0.9, 0.7, 1.0)]
+    out = spread(runs)
+    assert set(out) == set(SPREAD_KEYS)
+    assert out["spearman_pooled_top20"] == {"min": 0.7, "median": 0.9, "max": 1.0}
+
+
+def test_explanation_recovery_refuses_fewer_than_one_run(monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from simulations.benchmarks import explanation_recovery
+
+    monkeypatch.setattr("sys.argv", ["explanation_recovery", "--runs", "0"])
+    with pytest.raises(SystemExit) as exc:
+        explanation_recovery.main()
+    assert exc.value.code == 2
+    assert "--runs must be at least 1" in capsys.readouterr().err

@@ -14,9 +14,15 @@ which writes ``explanation.json`` and leaves the final models in every vault. Me
   with the release's weights (:data:`common.explanation.SUMMARY_WEIGHTS`) and with equal weights
   (the baseline).
 
+With ``--runs N`` the federation is run N times on the same cohort, each time with new vault keys
+and a new run id (the seeds of the sites' forests and of the deep model's training), and the
+noise-free figures of every run are reported with their range (``noise_free_runs``, ``spread``):
+how much one federation's explanation depends on its seeds. The noise draws read the first run.
+
 Usage::
 
-    python -m simulations.benchmarks.explanation_recovery [--patients 3000] [--draws 6] [--json OUT]
+    python -m simulations.benchmarks.explanation_recovery [--patients 3000] [--draws 6] [--runs 1]
+        [--json OUT]
 """
 
 from __future__ import annotations
@@ -119,6 +125,17 @@ def noised_draw(root: Path, *, variant: str, draw: int, epsilon: float) -> float
     return precision_at(ex["features"], schema=schema, truth=truth)
 
 
+SPREAD_KEYS = ("consensus_p10", "forest_p10", "logreg_p10", "spearman_pooled_top20")
+
+
+def spread(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Min, median and max over ``runs`` of each numeric noise-free figure."""
+    import statistics
+
+    return {k: {"min": min(r[k] for r in runs), "median": statistics.median(r[k] for r in runs),
+                "max": max(r[k] for r in runs)} for k in SPREAD_KEYS}
+
+
 def main() -> None:
     import tempfile
 
@@ -126,14 +143,23 @@ def main() -> None:
     parser.add_argument("--patients", type=int, default=3000)
     parser.add_argument("--draws", type=int, default=6)
     parser.add_argument("--epsilon", type=float, default=1.0)
+    parser.add_argument("--runs", type=int, default=1,
+                        help="federations on the same cohort, each with new keys and run id (default 1)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        make_run(root, patients=args.patients)
-        result = {"noise_free": noise_free(root)}
+        roots = [Path(tmp) / f"federation-{i + 1}" for i in range(args.runs)]
+        runs = []
+        for root in roots:
+            make_run(root, patients=args.patients)
+            runs.append(noise_free(root))
+        result: dict[str, Any] = {"noise_free": runs[0]}
+        if args.runs > 1:
+            result |= {"noise_free_runs": runs, "spread": spread(runs)}
         for variant in VARIANTS:
-            result[variant] = [noised_draw(root, variant=variant, draw=i, epsilon=args.epsilon)
+            result[variant] = [noised_draw(roots[0], variant=variant, draw=i, epsilon=args.epsilon)
                                for i in range(args.draws)]
     emit(result, args.json)
 
