@@ -50,7 +50,11 @@ class DeepModelConfig:
     pool: int = 2
     positional_max_length: int = 100
     positional_bins: int = 64
-    groups: int = 8
+    # GroupNorm groups in each conv layer; None: one group per channel, so each filter is normalized
+    # alone and a filter that has found its motif does not rescale the filters still searching
+    # (with 8 groups FedAvg learned only the stronger of the synthetic cohort's two motifs:
+    # docs/learning.md, "One group per channel").
+    groups: int | None = None
     lstm_hidden: int = 32
     dense_hidden: int = 64
     head_hidden: int = 32
@@ -62,8 +66,10 @@ class DeepModelConfig:
             raise ValueError("the deep model needs at least one track or tabular input")
         if not len(self.filters) == len(self.kernel_sizes) == len(self.dilations):
             raise ValueError("filters, kernel_sizes and dilations must have the same length")
+        if self.groups is not None and self.groups < 1:
+            raise ValueError(f"groups must be at least 1 (or None: one per channel), got {self.groups}")
         for f in self.filters:
-            if f % self.groups:
+            if self.groups is not None and f % self.groups:
                 raise ValueError(f"filters ({f}) must be a multiple of groups ({self.groups}) for GroupNorm")
 
     def to_dict(self) -> dict[str, Any]:
@@ -98,7 +104,7 @@ class ConvTower(nn.Module):
         c_in = track.channels
         for i, (f, k, d) in enumerate(zip(cfg.filters, cfg.kernel_sizes, cfg.dilations)):
             layers += [nn.Conv1d(c_in, f, k, dilation=d, padding=d * (k - 1) // 2),
-                       nn.GroupNorm(cfg.groups, f), nn.ReLU()]
+                       nn.GroupNorm(cfg.groups or f, f), nn.ReLU()]
             if cfg.pool > 1 and i < len(cfg.filters) - 1:
                 layers.append(nn.MaxPool1d(cfg.pool, ceil_mode=True))
             c_in = f
