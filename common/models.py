@@ -50,11 +50,10 @@ class DeepModelConfig:
     pool: int = 2
     positional_max_length: int = 100
     positional_bins: int = 64
-    # GroupNorm groups in each conv layer; None: one group per channel, so each filter is normalized
-    # alone and a filter that has found its motif does not rescale the filters still searching
-    # (with 8 groups FedAvg learned only the stronger of the synthetic cohort's two motifs:
-    # docs/learning.md, "One group per channel").
-    groups: int | None = None
+    # GroupNorm groups in each conv layer; None: one group per channel (each filter normalized alone).
+    # Per channel, FedAvg without DP learned more of the synthetic cohort, but pooled training and the
+    # DP demo's pretrained model lost: docs/learning.md, "One GroupNorm group per channel".
+    groups: int | None = 8
     lstm_hidden: int = 32
     dense_hidden: int = 64
     head_hidden: int = 32

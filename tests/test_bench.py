@@ -142,3 +142,22 @@ def test_explanation_recovery_refuses_fewer_than_one_run(monkeypatch: pytest.Mon
         explanation_recovery.main()
     assert exc.value.code == 2
     assert "--runs must be at least 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("text", "message"), [('{"grups": 1}', "unknown deep-model field(s) grups"),
+                                               ("[1]", "give a JSON object"), ("{groups", "not JSON")])
+def test_fedavg_gap_model_overrides_are_checked_in_one_line(text: str, message: str, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    from simulations.benchmarks import fedavg_gap
+
+    with pytest.raises(SystemExit) as exc:
+        fedavg_gap.main([str(tmp_path), "--model", text])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1] and "Traceback" not in "\n".join(err)
+
+
+def test_fedavg_gap_model_overrides_parse_as_a_json_object() -> None:
+    from simulations.benchmarks.fedavg_gap import _model_fields
+
+    assert _model_fields('{"groups": null, "filters": [8, 8]}') == {"groups": None, "filters": [8, 8]}

@@ -28,7 +28,7 @@ CONFIGS = {
                                groups=4),
     "cnn-dna-pooled": DeepModelConfig(n_classes=2, tracks=(DNA,), positional_max_length=10, groups=4),
     "cnn-dna-per-channel-norm": DeepModelConfig(n_classes=2, tracks=(DNA,), filters=(8, 12), kernel_sizes=(5, 3),
-                                                dilations=(1, 1)),
+                                                dilations=(1, 1), groups=None),
     "cnn-two-tracks-dense": DeepModelConfig(n_classes=2, tracks=(DNA, DOSAGE), n_tabular=5, filters=(8, 16),
                                             kernel_sizes=(7, 3), dilations=(1, 1), groups=4),
     "dosage-binned": DeepModelConfig(n_classes=2, tracks=(TrackShape("dosage", 2, 300, positional=True),),
@@ -66,9 +66,8 @@ def test_long_positional_track_is_binned() -> None:
     assert not pooled.towers[0].positional
 
 
-def test_by_default_each_filter_is_normalized_alone() -> None:
+def test_groups_none_normalizes_each_filter_alone() -> None:
     cfg = CONFIGS["cnn-dna-per-channel-norm"]
-    assert cfg.groups is None
     norms = [m for m in build_model(cfg, seed=0).modules() if isinstance(m, torch.nn.GroupNorm)]
     assert [(m.num_groups, m.num_channels) for m in norms] == [(8, 8), (12, 12)]
     assert DeepModelConfig.from_dict(cfg.to_dict()).groups is None

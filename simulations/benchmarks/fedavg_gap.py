@@ -28,7 +28,10 @@ Usage::
 
     python -m simulations.benchmarks.fedavg_gap SITES_DIR [--rounds 10] [--local-epochs 2]
         [--variants pooled fedavg ...] [--strategy fedavg|fedadam] [--server-lr S]
-        [--server-momentum M] [--init-seed N] [--json OUT]
+        [--server-momentum M] [--init-seed N] [--model JSON] [--json OUT]
+
+``--model`` overrides fields of the deep model's layout for every variant, e.g. ``'{"groups": null}'``
+(one GroupNorm group per channel).
 """
 
 from __future__ import annotations
@@ -164,7 +167,7 @@ def _pooled(pooled: Any, *, cfg: Any, scaler: Any, rounds: int, train: Any, init
 
 def run(*, sites_dir: Path, rounds: int, local_epochs: int, variants: list[str], batch_size: int | None = None,
         lr: float | None = None, seed: int = 0, strategy: str = "fedavg", server_lr: float | None = None,
-        server_momentum: float = 0.0, init_seed: int = 0) -> dict[str, Any]:
+        server_momentum: float = 0.0, init_seed: int = 0, model: dict[str, Any] | None = None) -> dict[str, Any]:
     from client.dp_training import TrainConfig
     from client.pipeline import deep_config, fit_shared_scaler
     from common.settings import RunSettings
@@ -172,7 +175,8 @@ def run(*, sites_dir: Path, rounds: int, local_epochs: int, variants: list[str],
     base = RunSettings()
     sites, pooled = _sites(sites_dir)
     scaler = fit_shared_scaler(pooled, max_glm_columns=base.glm_max_features)
-    cfg = deep_config(pooled)
+    cfg = dataclasses.replace(deep_config(pooled), **{k: tuple(v) if isinstance(v, list) else v
+                                                       for k, v in (model or {}).items()})
     train = TrainConfig(epochs=local_epochs, batch_size=batch_size or base.batch_size, lr=lr or base.lr,
                         weight_decay=base.weight_decay, seed=0, select_best=False)
     sizes = [int(s.masks["train"].sum()) for s in sites]
@@ -193,9 +197,29 @@ def run(*, sites_dir: Path, rounds: int, local_epochs: int, variants: list[str],
     best = {name: max(c, key=lambda r: r["validation"]) for name, c in curves.items()}
     return {"sites_dir": str(sites_dir), "site_train_records": sizes, "rounds": rounds, "local_epochs": local_epochs,
             "batch_size": train.batch_size, "lr": train.lr, "strategy": strategy, "server_lr": server_lr,
-            "server_momentum": server_momentum, "init_seed": init_seed,
+            "server_momentum": server_momentum, "init_seed": init_seed, "model": model or {},
             "final": {name: c[-1] for name, c in curves.items()},
             "best_by_validation": best, "curves": curves}
+
+
+def _model_fields(text: str) -> dict[str, Any]:
+    """``--model``: a JSON object whose keys are fields of the deep model's layout."""
+    import json
+
+    from common.models import DeepModelConfig
+
+    try:
+        fields = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON ({exc.msg}): {text!r}") from None
+    if not isinstance(fields, dict):
+        raise argparse.ArgumentTypeError(f"give a JSON object, e.g. '{{\"groups\": null}}', not {text!r}")
+    known = {f.name for f in dataclasses.fields(DeepModelConfig)} - {"n_classes", "tracks", "n_tabular"}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown deep-model field(s) {', '.join(unknown)}; "
+                                         f"known: {', '.join(sorted(known))}")
+    return fields
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -221,11 +245,13 @@ def main(argv: list[str] | None = None) -> None:
                              f"fedadam: its server-lr (default {defaults.server_lr})")
     parser.add_argument("--server-momentum", type=float, default=0.0,
                         help="server momentum on the averaged update (0: plain FedAvg)")
+    parser.add_argument("--model", type=_model_fields, default={},
+                        help='deep-model layout fields to override, as a JSON object, e.g. \'{"groups": null}\'')
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     emit(run(sites_dir=args.sites_dir, rounds=args.rounds, local_epochs=args.local_epochs, variants=args.variants,
              batch_size=args.batch_size, lr=args.lr, seed=args.seed, strategy=args.strategy,
-             server_lr=args.server_lr, server_momentum=args.server_momentum, init_seed=args.init_seed), args.json)
+             server_lr=args.server_lr, server_momentum=args.server_momentum, init_seed=args.init_seed, model=args.model), args.json)
 
 
 if __name__ == "__main__":
