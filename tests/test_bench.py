@@ -157,7 +157,26 @@ def test_fedavg_gap_model_overrides_are_checked_in_one_line(text: str, message: 
     assert message in err[-1] and "Traceback" not in "\n".join(err)
 
 
-def test_fedavg_gap_model_overrides_parse_as_a_json_object() -> None:
-    from simulations.benchmarks.fedavg_gap import _model_fields
+def test_fedavg_gap_model_override_reaches_the_replayed_network(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    import common.models
+    from simulations.benchmarks import fedavg_gap, run_main
+    from simulations.site_layout import split_cohort
+    from simulations.synthetic import write_synthetic_cohort
 
-    assert _model_fields('{"groups": null, "filters": [8, 8]}') == {"groups": None, "filters": [8, 8]}
+    write_synthetic_cohort(out=tmp_path / "cohort", patients=200, seed=5)
+    split_cohort(spec_path=tmp_path / "cohort" / "spec.toml", sites=2, by="iid", out=tmp_path / "sites", seed=0,
+                 vaults=True, show_progress=False)
+    built = []
+    real_build = common.models.build_model
+    monkeypatch.setattr(common.models, "build_model", lambda cfg, **kw: built.append(cfg) or real_build(cfg, **kw))
+    out = fedavg_gap.run(sites_dir=tmp_path / "sites", rounds=1, local_epochs=1, variants=["fedavg"],
+                         model={"groups": None, "filters": [8, 8]})
+    assert out["model"] == {"groups": None, "filters": [8, 8]} and len(out["curves"]["fedavg"]) == 1
+    assert built and all(cfg.groups is None and cfg.filters == (8, 8) for cfg in built)
+    with pytest.raises(SystemExit) as exc:
+        run_main(lambda: fedavg_gap.main([str(tmp_path / "sites"), "--rounds", "1", "--model", '{"groups": 3}']),
+                 "fedavg_gap")
+    assert exc.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "must be a multiple of groups (3)" in err

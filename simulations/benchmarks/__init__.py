@@ -15,6 +15,11 @@ class BenchmarkInputError(GenofedError):
     """A benchmark was pointed at something it cannot read (a missing layout, a layout without sites)."""
 
 
+def layout_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """Deep-model layout fields read from JSON, as ``deep_config(data, **fields)`` takes them (lists as tuples)."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()}
+
+
 def emit(result: dict[str, Any], json_path: str | Path | None) -> None:
     """Print a benchmark's result as JSON, and also write it to ``json_path`` when given."""
     text = json.dumps(result, indent=2)

@@ -38,12 +38,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from simulations.benchmarks import emit, layout_cohorts, run_main
+from simulations.benchmarks import BenchmarkInputError, emit, layout_cohorts, layout_fields, run_main
 
 VARIANTS = ("pooled", "one-site-rounds", "fedavg", "fedavg-iid", "cyclic")
 
@@ -175,8 +176,12 @@ def run(*, sites_dir: Path, rounds: int, local_epochs: int, variants: list[str],
     base = RunSettings()
     sites, pooled = _sites(sites_dir)
     scaler = fit_shared_scaler(pooled, max_glm_columns=base.glm_max_features)
-    cfg = dataclasses.replace(deep_config(pooled), **{k: tuple(v) if isinstance(v, list) else v
-                                                       for k, v in (model or {}).items()})
+    try:
+        cfg = deep_config(pooled, **layout_fields(model or {}))
+    except ValueError as exc:
+        if not model:
+            raise
+        raise BenchmarkInputError(f"--model {json.dumps(model)}: {exc}") from None
     train = TrainConfig(epochs=local_epochs, batch_size=batch_size or base.batch_size, lr=lr or base.lr,
                         weight_decay=base.weight_decay, seed=0, select_best=False)
     sizes = [int(s.masks["train"].sum()) for s in sites]
@@ -204,8 +209,6 @@ def run(*, sites_dir: Path, rounds: int, local_epochs: int, variants: list[str],
 
 def _model_fields(text: str) -> dict[str, Any]:
     """``--model``: a JSON object whose keys are fields of the deep model's layout."""
-    import json
-
     from common.models import DeepModelConfig
 
     try:
@@ -251,7 +254,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     emit(run(sites_dir=args.sites_dir, rounds=args.rounds, local_epochs=args.local_epochs, variants=args.variants,
              batch_size=args.batch_size, lr=args.lr, seed=args.seed, strategy=args.strategy,
-             server_lr=args.server_lr, server_momentum=args.server_momentum, init_seed=args.init_seed, model=args.model), args.json)
+             server_lr=args.server_lr, server_momentum=args.server_momentum, init_seed=args.init_seed,
+             model=args.model), args.json)
 
 
 if __name__ == "__main__":

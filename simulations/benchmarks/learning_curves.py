@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from simulations.benchmarks import emit, run_main
+from simulations.benchmarks import emit, layout_fields, run_main
 
 SCHEDULE_KEYS = ("lr", "weight_decay", "batch_size", "epsilon")
 
@@ -44,8 +44,7 @@ def curve(data: Any, variant: dict[str, Any], *, epochs: int, seed: int) -> list
     from client.pipeline import deep_config, deep_data, fit_shared_scaler
     from common.models import build_model
 
-    arch = {k: tuple(v) if isinstance(v, list) else v for k, v in variant.items() if k not in SCHEDULE_KEYS}
-    cfg = deep_config(data, **arch)
+    cfg = deep_config(data, **layout_fields({k: v for k, v in variant.items() if k not in SCHEDULE_KEYS}))
     scaler = fit_shared_scaler(data, max_glm_columns=256)
     train, val = deep_data(data, "train", cfg, scaler), deep_data(data, "validation", cfg, scaler)
     model = build_model(cfg, seed=seed)
